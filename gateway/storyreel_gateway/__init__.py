@@ -1,0 +1,1 @@
+"""storyreel gateway: the public API that runs each job through the services."""

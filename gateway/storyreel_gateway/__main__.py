@@ -1,0 +1,22 @@
+"""python -m storyreel_gateway: serve the public StoryReelService."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from storyreel.logs import configure_logging
+from storyreel.serving import serve
+from storyreel_gateway.settings import GatewaySettings
+
+
+def main() -> int:
+    settings = GatewaySettings()
+    configure_logging("gateway", settings.log_level)
+    from storyreel_gateway.service import GatewayService
+
+    return asyncio.run(serve(settings, GatewayService(settings)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""gRPC clients of the story, render and compose services.
+
+Each implements one stage protocol of :mod:`storyreel_gateway.pipeline`,
+converting messages to the gateway's records and every RPC error to
+:class:`~storyreel_gateway.pipeline.StageFailed`. Every call has a deadline;
+the channels retry UNAVAILABLE and RESOURCE_EXHAUSTED with backoff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from storyreel.channels import open_channel
+from storyreel.compose.v1 import compose_pb2, compose_pb2_grpc
+from storyreel.render.v1 import render_pb2, render_pb2_grpc
+from storyreel.story.v1 import story_pb2, story_pb2_grpc
+from storyreel_gateway.jobs import Character, SceneImage, Storyboard, StoryScene
+from storyreel_gateway.pipeline import ComposedVideo, RenderSettings, StageFailed
+
+
+def _failed(service: str, address: str, error: grpc.aio.AioRpcError) -> StageFailed:
+    code = error.code().name if error.code() else "UNKNOWN"
+    detail = error.details() or "no details"
+    if error.code() == grpc.StatusCode.UNAVAILABLE:
+        detail = f"{service} service at {address} is unavailable: {detail}"
+    return StageFailed(code, detail)
+
+
+def storyboard_from_proto(message: story_pb2.Storyboard) -> Storyboard:
+    return Storyboard(
+        title=message.title,
+        characters=[Character(name=c.name, appearance=c.appearance) for c in message.characters],
+        scenes=[
+            StoryScene(
+                index=s.index,
+                narration=s.narration,
+                image_prompt=s.image_prompt,
+                characters=list(s.characters),
+            )
+            for s in message.scenes
+        ],
+        style=message.style,
+        degraded=message.degraded,
+    )
+
+
+class StoryClient:
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.channel = open_channel(address)
+        self.stub = story_pb2_grpc.StoryServiceStub(self.channel)
+
+    async def write_storyboard(
+        self, job_id: str, prompt: str, scene_count: int, style: str, seed: int
+    ) -> Storyboard:
+        request = story_pb2.WriteStoryboardRequest(
+            prompt=prompt, scene_count=scene_count, style=style, job_id=job_id, seed=seed
+        )
+        try:
+            response = await self.stub.WriteStoryboard(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise _failed("story", self.address, error) from None
+        return storyboard_from_proto(response.storyboard)
+
+
+class RenderClient:
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.channel = open_channel(address)
+        self.stub = render_pb2_grpc.RenderServiceStub(self.channel)
+
+    async def render(
+        self, job_id: str, scenes: list[tuple[int, str, int]], settings: RenderSettings
+    ) -> AsyncIterator[SceneImage]:
+        request = render_pb2.RenderScenesRequest(
+            job_id=job_id,
+            scenes=[
+                render_pb2.SceneToRender(index=index, prompt=prompt, seed=seed)
+                for index, prompt, seed in scenes
+            ],
+            width=settings.width,
+            height=settings.height,
+            steps=settings.steps,
+            guidance=settings.guidance,
+        )
+        call = self.stub.RenderScenes(request, timeout=self.timeout_s)
+        try:
+            async for response in call:
+                image = response.image
+                yield SceneImage(index=image.index, uri=image.uri, seed=image.seed)
+        except grpc.aio.AioRpcError as error:
+            raise _failed("render", self.address, error) from None
+        finally:
+            call.cancel()
+
+
+class ComposeClient:
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.channel = open_channel(address)
+        self.stub = compose_pb2_grpc.ComposeServiceStub(self.channel)
+
+    async def compose(
+        self,
+        job_id: str,
+        scenes: list[tuple[str, str]],
+        audio_uri: str,
+        fps: int,
+        width: int,
+        height: int,
+    ) -> ComposedVideo:
+        request = compose_pb2.ComposeRequest(
+            job_id=job_id,
+            scenes=[
+                compose_pb2.SceneClip(image_uri=uri, narration=narration)
+                for uri, narration in scenes
+            ],
+            audio_uri=audio_uri,
+            fps=fps,
+            width=width,
+            height=height,
+        )
+        try:
+            response = await self.stub.Compose(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise _failed("compose", self.address, error) from None
+        return ComposedVideo(uri=response.video_uri, duration_s=response.duration_s)

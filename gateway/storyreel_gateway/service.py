@@ -1,0 +1,219 @@
+"""The public StoryReelService: converts messages and calls the JobRunner."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from storyreel.errors import InvalidInput
+from storyreel.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from storyreel.serving import Service
+from storyreel.settings import StorageSettings
+from storyreel.storage import ArtifactStore, open_store
+from storyreel.story.v1 import story_pb2
+from storyreel_gateway.clients import ComposeClient, RenderClient, StoryClient
+from storyreel_gateway.jobs import (
+    EventKind,
+    JobEvent,
+    JobRecord,
+    JobSpec,
+    JobState,
+    JobStore,
+    Stage,
+)
+from storyreel_gateway.pipeline import JobPipeline, RenderSettings
+from storyreel_gateway.runner import JobRunner
+from storyreel_gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+_STATES = {
+    JobState.QUEUED: gateway_pb2.JOB_STATE_QUEUED,
+    JobState.RUNNING: gateway_pb2.JOB_STATE_RUNNING,
+    JobState.DONE: gateway_pb2.JOB_STATE_DONE,
+    JobState.FAILED: gateway_pb2.JOB_STATE_FAILED,
+    JobState.CANCELLED: gateway_pb2.JOB_STATE_CANCELLED,
+}
+_STAGES = {
+    None: gateway_pb2.STAGE_UNSPECIFIED,
+    Stage.STORYBOARD: gateway_pb2.STAGE_STORYBOARD,
+    Stage.RENDER: gateway_pb2.STAGE_RENDER,
+    Stage.COMPOSE: gateway_pb2.STAGE_COMPOSE,
+}
+_EVENTS = {
+    EventKind.SNAPSHOT: gateway_pb2.EVENT_KIND_SNAPSHOT,
+    EventKind.STAGE_STARTED: gateway_pb2.EVENT_KIND_STAGE_STARTED,
+    EventKind.STAGE_FINISHED: gateway_pb2.EVENT_KIND_STAGE_FINISHED,
+    EventKind.SCENE_RENDERED: gateway_pb2.EVENT_KIND_SCENE_RENDERED,
+    EventKind.JOB_FINISHED: gateway_pb2.EVENT_KIND_JOB_FINISHED,
+}
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def job_to_proto(record: JobRecord, video_url: str = "") -> gateway_pb2.Job:
+    spec = record.spec
+    job = gateway_pb2.Job(
+        job_id=record.job_id,
+        state=_STATES[record.state],
+        stage=_STAGES[record.stage],
+        progress=record.progress,
+        prompt=spec.prompt,
+        seed=spec.seed,
+        scene_count=spec.scene_count,
+        style=spec.style,
+        audio_uri=spec.audio_uri,
+        video_uri=record.video_uri,
+        video_url=video_url,
+        duration_s=record.duration_s,
+        created_at=_timestamp(record.created_at),
+        updated_at=_timestamp(record.updated_at),
+    )
+    for stage in record.stages:
+        job.stages.add(
+            stage=_STAGES[stage.stage],
+            state=_STATES[stage.state],
+            started_at=_timestamp(stage.started_at),
+            finished_at=_timestamp(stage.finished_at),
+            duration_s=stage.duration_s or 0.0,
+        )
+    if record.error:
+        job.error.CopyFrom(
+            gateway_pb2.JobError(
+                stage=_STAGES[record.error.stage],
+                code=record.error.code,
+                message=record.error.message,
+            )
+        )
+    if record.storyboard:
+        board = record.storyboard
+        job.storyboard.CopyFrom(
+            story_pb2.Storyboard(
+                title=board.title,
+                characters=[
+                    story_pb2.Character(name=c.name, appearance=c.appearance)
+                    for c in board.characters
+                ],
+                scenes=[
+                    story_pb2.Scene(
+                        index=s.index,
+                        narration=s.narration,
+                        image_prompt=s.image_prompt,
+                        characters=s.characters,
+                    )
+                    for s in board.scenes
+                ],
+                style=board.style,
+                degraded=board.degraded,
+            )
+        )
+    for image in record.images:
+        job.images.add(index=image.index, uri=image.uri, seed=image.seed)
+    return job
+
+
+class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
+    def __init__(self, runner: JobRunner) -> None:
+        self.runner = runner
+
+    def _job(self, record: JobRecord) -> gateway_pb2.Job:
+        url = self.runner.public_url(record.video_uri) if record.state is JobState.DONE else ""
+        return job_to_proto(record, url)
+
+    async def CreateVideo(self, request, context):
+        """Starts a job and returns its id; the work runs in the background."""
+        record = await self.runner.create(
+            JobSpec(
+                prompt=request.prompt,
+                scene_count=request.scene_count,
+                style=request.style,
+                seed=request.seed,
+                audio_uri=request.audio_uri,
+                width=request.width,
+                height=request.height,
+                fps=request.fps,
+            )
+        )
+        return gateway_pb2.CreateVideoResponse(job_id=record.job_id)
+
+    async def GetJob(self, request, context):
+        """The job's current record."""
+        return gateway_pb2.GetJobResponse(job=self._job(self.runner.get(request.job_id)))
+
+    async def WatchJob(self, request, context) -> AsyncIterator[gateway_pb2.WatchJobResponse]:
+        """A snapshot of the job, then its events until it finishes."""
+        event: JobEvent
+        async for event in self.runner.watch(request.job_id):
+            yield gateway_pb2.WatchJobResponse(
+                kind=_EVENTS[event.kind],
+                stage=_STAGES[event.stage],
+                scene_index=event.scene_index,
+                job=self._job(event.job),
+            )
+
+    async def UploadAudio(self, request_iterator, context):
+        """Stores a client-streamed audio file after checking its size and format."""
+
+        async def chunks():
+            first = True
+            async for message in request_iterator:
+                kind = message.WhichOneof("payload")
+                if first and kind != "filename":
+                    raise InvalidInput("the first UploadAudio message must carry the filename")
+                if not first and kind != "chunk":
+                    raise InvalidInput("only the first UploadAudio message may carry a filename")
+                first = False
+                if kind == "chunk":
+                    yield message.chunk
+
+        uri, size = await self.runner.upload_audio(chunks())
+        return gateway_pb2.UploadAudioResponse(audio_uri=uri, size_bytes=size)
+
+
+class GatewayService(Service):
+    service_names = (gateway_pb2.DESCRIPTOR.services_by_name["StoryReelService"].full_name,)
+
+    def __init__(self, settings: GatewaySettings, store: ArtifactStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or open_store(StorageSettings())
+        self.jobs = JobStore(self.store)
+        self.clients = (
+            StoryClient(settings.story_address, settings.storyboard_timeout_s),
+            RenderClient(settings.render_address, settings.render_timeout_s),
+            ComposeClient(settings.compose_address, settings.compose_timeout_s),
+        )
+        pipeline = JobPipeline(
+            self.jobs,
+            *self.clients,
+            RenderSettings(
+                width=settings.render_width,
+                height=settings.render_height,
+                steps=settings.render_steps,
+                guidance=settings.render_guidance,
+            ),
+        )
+        self.runner = JobRunner(settings, self.store, self.jobs, pipeline)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        gateway_pb2_grpc.add_StoryReelServiceServicer_to_server(
+            StoryReelServicer(self.runner), server
+        )
+
+    async def load(self) -> None:
+        await asyncio.to_thread(self.store.check_ready)
+
+    async def close(self) -> None:
+        await self.runner.close()
+        for client in self.clients:
+            await client.channel.close()

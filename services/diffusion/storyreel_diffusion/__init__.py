@@ -1,0 +1,1 @@
+"""storyreel render service: draws scene images with a diffusion model."""

@@ -1,0 +1,190 @@
+"""Runs the whole storyreel stack on one machine: every service its own process.
+
+Used by ``storyreel serve`` and ``storyreel generate --serve``. Artifacts go to
+a local folder (file:// storage) unless STORYREEL_STORAGE_URL says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from storyreel.errors import UpstreamFailed
+
+
+@dataclass
+class ServiceSpec:
+    name: str
+    module: str
+    env_prefix: str
+    port: int
+
+
+#: Start order: the gateway last, once it knows where the others listen.
+DEFAULT_SERVICES = (
+    ServiceSpec("llm", "storyreel_llm", "STORYREEL_LLM_", 50051),
+    ServiceSpec("diffusion", "storyreel_diffusion", "STORYREEL_DIFFUSION_", 50052),
+    ServiceSpec("composer", "storyreel_composer", "STORYREEL_COMPOSER_", 50053),
+    ServiceSpec("gateway", "storyreel_gateway", "STORYREEL_GATEWAY_", 50050),
+)
+
+
+@dataclass
+class RunningProcess:
+    spec: ServiceSpec
+    process: subprocess.Popen
+    log_path: Path
+    port_file: Path
+    port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class LocalStack:
+    """The four services as child processes on 127.0.0.1.
+
+    ``fixed_ports=False`` lets every service bind a free port (tests); the
+    default binds the well-known ports so clients find the gateway at 50050.
+    """
+
+    data_dir: Path
+    fixed_ports: bool = True
+    env: dict[str, str] = field(default_factory=dict)
+    services: tuple[ServiceSpec, ...] = DEFAULT_SERVICES
+    processes: dict[str, RunningProcess] = field(default_factory=dict)
+
+    @property
+    def gateway_address(self) -> str:
+        return self.processes["gateway"].address
+
+    def _base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("STORYREEL_STORAGE_URL", (self.data_dir / "artifacts").resolve().as_uri())
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(self.env)
+        return env
+
+    def _launch(self, spec: ServiceSpec, extra: dict[str, str]) -> RunningProcess:
+        run_dir = self.data_dir / "run"
+        log_dir = self.data_dir / "logs"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        port_file = run_dir / f"{spec.name}.port"
+        port_file.unlink(missing_ok=True)
+        env = self._base_env()
+        env.update(
+            {
+                f"{spec.env_prefix}HOST": "127.0.0.1",
+                f"{spec.env_prefix}PORT": str(spec.port if self.fixed_ports else 0),
+                f"{spec.env_prefix}PORT_FILE": str(port_file),
+                **extra,
+            }
+        )
+        log_path = log_dir / f"{spec.name}.log"
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", spec.module],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches us, and we stop children in order
+            )
+        running = RunningProcess(spec, process, log_path, port_file)
+        self.processes[spec.name] = running
+        return running
+
+    def _wait_port(self, running: RunningProcess, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if running.process.poll() is not None:
+                raise UpstreamFailed(
+                    f"{running.spec.name} exited with code {running.process.returncode} "
+                    f"during start-up; last log lines:\n{running.log_tail()}"
+                )
+            if running.port_file.exists():
+                running.port = int(running.port_file.read_text())
+                return
+            time.sleep(0.05)
+        raise UpstreamFailed(f"{running.spec.name} did not bind a port in time")
+
+    def _wait_serving(self, running: RunningProcess, deadline: float) -> None:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if running.process.poll() is not None:
+                    raise UpstreamFailed(
+                        f"{running.spec.name} exited with code {running.process.returncode} "
+                        f"while loading; last log lines:\n{running.log_tail()}"
+                    )
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise UpstreamFailed(
+            f"{running.spec.name} was not SERVING in time; last log lines:\n{running.log_tail()}"
+        )
+
+    def start(self, timeout_s: float = 300.0, on_ready=None) -> str:
+        """Start every service, wait until all are SERVING; returns the gateway address."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            workers = [s for s in self.services if s.name != "gateway"]
+            for spec in workers:
+                self._launch(spec, {})
+            for spec in workers:
+                self._wait_port(self.processes[spec.name], deadline)
+            gateway_spec = next(s for s in self.services if s.name == "gateway")
+            upstream = {
+                "STORYREEL_GATEWAY_STORY_ADDRESS": self.processes["llm"].address,
+                "STORYREEL_GATEWAY_RENDER_ADDRESS": self.processes["diffusion"].address,
+                "STORYREEL_GATEWAY_COMPOSE_ADDRESS": self.processes["composer"].address,
+            }
+            gateway = self._launch(gateway_spec, upstream)
+            self._wait_port(gateway, deadline)
+            for running in self.processes.values():
+                self._wait_serving(running, deadline)
+                if on_ready:
+                    on_ready(running)
+        except BaseException:
+            self.stop()
+            raise
+        return self.gateway_address
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM every service (gateway first), then SIGKILL what is left after grace_s."""
+        order = sorted(self.processes.values(), key=lambda p: p.spec.name != "gateway")
+        for running in order:
+            if running.process.poll() is None:
+                running.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for running in order:
+            try:
+                running.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                running.process.kill()
+                running.process.wait()
+
+    def __enter__(self) -> LocalStack:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,290 @@
+"""Artifact storage: one interface, a backend chosen by URL.
+
+* ``file:///abs/dir`` keeps artifacts in a local folder (single machine).
+* ``s3://bucket[/prefix]`` keeps them in MinIO or any S3 server.
+
+Artifacts are addressed by URI (``file:///abs/dir/jobs/x/scene-001.png`` or
+``s3://bucket/prefix/jobs/x/scene-001.png``); that URI is what travels in
+protobuf messages. Writes are atomic: a reader sees the whole object or none.
+A store only reads URIs under its own root, so a caller cannot make a service
+read arbitrary files.
+"""
+
+from __future__ import annotations
+
+import abc
+import mimetypes
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from storyreel.errors import InvalidInput, NotFound, UpstreamFailed
+from storyreel.settings import StorageSettings
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative object key, else raise InvalidInput.
+
+    Keys are built by storyreel from ids it generated, never from user text;
+    this check is the backstop that keeps ``..`` and absolute paths out.
+    """
+    if not _KEY_RE.match(key) or any(part in {".", ".."} for part in key.split("/")):
+        raise InvalidInput(f"invalid object key {key!r}")
+    return key
+
+
+def guess_content_type(key: str) -> str:
+    return mimetypes.guess_type(key)[0] or "application/octet-stream"
+
+
+class ArtifactStore(abc.ABC):
+    """Where images, audio, video and job manifests are kept."""
+
+    #: URI prefix every artifact of this store starts with, ending in "/".
+    root_uri: str
+
+    def uri_for(self, key: str) -> str:
+        return self.root_uri + check_key(key)
+
+    def key_of(self, uri: str) -> str:
+        """Object key of ``uri``; InvalidInput if the URI is not in this store."""
+        if not isinstance(uri, str) or not uri.startswith(self.root_uri):
+            raise InvalidInput(f"URI {uri!r} is not in the artifact store {self.root_uri!r}")
+        return check_key(unquote(uri[len(self.root_uri) :]))
+
+    @abc.abstractmethod
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        """Store ``data`` under ``key`` and return its URI."""
+
+    @abc.abstractmethod
+    def put_file(self, key: str, path: Path, content_type: str | None = None) -> str:
+        """Store the file at ``path`` under ``key`` and return its URI."""
+
+    @abc.abstractmethod
+    def get_bytes(self, uri: str) -> bytes:
+        """Return the whole object; NotFound if it does not exist."""
+
+    @abc.abstractmethod
+    def download(self, uri: str, path: Path) -> Path:
+        """Copy the object to ``path`` and return ``path``; NotFound if missing."""
+
+    @abc.abstractmethod
+    def exists(self, uri: str) -> bool: ...
+
+    @abc.abstractmethod
+    def delete(self, uri: str) -> None:
+        """Remove the object; removing a missing object is not an error."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """URIs of every object whose key starts with ``prefix``."""
+
+    @abc.abstractmethod
+    def public_url(self, uri: str) -> str:
+        """Where a caller outside the cluster can fetch the object."""
+
+    def check_ready(self) -> None:  # noqa: B027 - optional hook
+        """Raise UpstreamFailed if the store cannot be used (checked at start-up)."""
+
+
+class FileStore(ArtifactStore):
+    """Artifacts in a local directory, for one machine."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root_uri = self.root.as_uri().rstrip("/") + "/"
+
+    def path_of(self, uri: str) -> Path:
+        return self.root / self.key_of(uri)
+
+    def _write(self, key: str, writer) -> str:
+        target = self.root / check_key(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                writer(fh)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self.uri_for(key)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        return self._write(key, lambda fh: fh.write(data))
+
+    def put_file(self, key: str, path: Path, content_type: str | None = None) -> str:
+        def copy(fh):
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, fh, 1024 * 1024)
+
+        return self._write(key, copy)
+
+    def get_bytes(self, uri: str) -> bytes:
+        try:
+            return self.path_of(uri).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"artifact {uri} does not exist") from None
+
+    def download(self, uri: str, path: Path) -> Path:
+        try:
+            shutil.copyfile(self.path_of(uri), path)
+        except FileNotFoundError:
+            raise NotFound(f"artifact {uri} does not exist") from None
+        return Path(path)
+
+    def exists(self, uri: str) -> bool:
+        return self.path_of(uri).is_file()
+
+    def delete(self, uri: str) -> None:
+        self.path_of(uri).unlink(missing_ok=True)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        for path in sorted(self.root.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield self.root_uri + key
+
+    def public_url(self, uri: str) -> str:
+        return str(self.path_of(uri))
+
+
+class S3Store(ArtifactStore):
+    """Artifacts in a bucket of MinIO or any S3-compatible server."""
+
+    def __init__(self, bucket: str, prefix: str, settings: StorageSettings) -> None:
+        from minio import Minio
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.root_uri = f"s3://{bucket}/{self.prefix}"
+        self.presign_expiry = timedelta(seconds=settings.presign_expiry_s)
+        self.client = Minio(
+            settings.s3_endpoint,
+            access_key=settings.s3_access_key or None,
+            secret_key=settings.s3_secret_key.get_secret_value() or None,
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+        )
+
+    def _object(self, uri: str) -> str:
+        return self.prefix + self.key_of(uri)
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        from minio.error import S3Error
+
+        try:
+            return fn(*args, **kwargs)
+        except S3Error as exc:
+            if exc.code in {"NoSuchKey", "NoSuchObject", "NotFound"}:
+                raise NotFound(f"artifact {what} does not exist") from None
+            raise UpstreamFailed(f"object store refused {what}: {exc.code}: {exc.message}") from exc
+        except (OSError, ValueError) as exc:
+            # urllib3 connection errors are OSErrors; bad endpoints are ValueErrors.
+            raise UpstreamFailed(f"object store unreachable for {what}: {exc}") from exc
+
+    def check_ready(self) -> None:
+        if not self._call(f"bucket {self.bucket}", self.client.bucket_exists, self.bucket):
+            raise UpstreamFailed(f"bucket {self.bucket!r} does not exist")
+
+    def ensure_bucket(self) -> None:
+        if not self._call(f"bucket {self.bucket}", self.client.bucket_exists, self.bucket):
+            self._call(f"bucket {self.bucket}", self.client.make_bucket, self.bucket)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        import io
+
+        uri = self.uri_for(key)
+        self._call(
+            uri,
+            self.client.put_object,
+            self.bucket,
+            self.prefix + key,
+            io.BytesIO(data),
+            len(data),
+            content_type=content_type or guess_content_type(key),
+        )
+        return uri
+
+    def put_file(self, key: str, path: Path, content_type: str | None = None) -> str:
+        uri = self.uri_for(key)
+        self._call(
+            uri,
+            self.client.fput_object,
+            self.bucket,
+            self.prefix + key,
+            str(path),
+            content_type=content_type or guess_content_type(key),
+        )
+        return uri
+
+    def get_bytes(self, uri: str) -> bytes:
+        def read() -> bytes:
+            response = self.client.get_object(self.bucket, self._object(uri))
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._call(uri, read)
+
+    def download(self, uri: str, path: Path) -> Path:
+        self._call(uri, self.client.fget_object, self.bucket, self._object(uri), str(path))
+        return Path(path)
+
+    def exists(self, uri: str) -> bool:
+        try:
+            self._call(uri, self.client.stat_object, self.bucket, self._object(uri))
+        except NotFound:
+            return False
+        return True
+
+    def delete(self, uri: str) -> None:
+        self._call(uri, self.client.remove_object, self.bucket, self._object(uri))
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        objects = self._call(
+            prefix,
+            self.client.list_objects,
+            self.bucket,
+            prefix=self.prefix + prefix,
+            recursive=True,
+        )
+        for obj in objects:
+            yield f"s3://{self.bucket}/{obj.object_name}"
+
+    def public_url(self, uri: str) -> str:
+        return self._call(
+            uri,
+            self.client.presigned_get_object,
+            self.bucket,
+            self._object(uri),
+            expires=self.presign_expiry,
+        )
+
+
+def open_store(settings: StorageSettings | None = None) -> ArtifactStore:
+    """Build the store that ``settings.url`` names."""
+    settings = settings or StorageSettings()
+    parsed = urlparse(settings.url)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise InvalidInput(
+                f"file storage URL must be file:///absolute/path, got {settings.url}"
+            )
+        return FileStore(Path(unquote(parsed.path)))
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise InvalidInput(f"s3 storage URL must be s3://bucket[/prefix], got {settings.url}")
+        return S3Store(parsed.netloc, parsed.path, settings)
+    raise InvalidInput(f"unsupported storage URL {settings.url!r}: use file:///dir or s3://bucket")
