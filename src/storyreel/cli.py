@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from storyreel.errors import UpstreamFailed
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_GATEWAY = os.environ.get("STORYREEL_GATEWAY", "127.0.0.1:50050")
 DEFAULT_DATA_DIR = Path(os.environ.get("STORYREEL_HOME", "data"))

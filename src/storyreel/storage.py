@@ -165,6 +165,7 @@ class S3Store(ArtifactStore):
         from minio import Minio
 
         self.bucket = bucket
+        self.endpoint = settings.s3_endpoint
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.root_uri = f"s3://{bucket}/{self.prefix}"
         self.presign_expiry = timedelta(seconds=settings.presign_expiry_s)
@@ -181,6 +182,7 @@ class S3Store(ArtifactStore):
 
     def _call(self, what: str, fn, *args, **kwargs):
         from minio.error import S3Error
+        from urllib3.exceptions import HTTPError
 
         try:
             return fn(*args, **kwargs)
@@ -188,9 +190,10 @@ class S3Store(ArtifactStore):
             if exc.code in {"NoSuchKey", "NoSuchObject", "NotFound"}:
                 raise NotFound(f"artifact {what} does not exist") from None
             raise UpstreamFailed(f"object store refused {what}: {exc.code}: {exc.message}") from exc
-        except (OSError, ValueError) as exc:
-            # urllib3 connection errors are OSErrors; bad endpoints are ValueErrors.
-            raise UpstreamFailed(f"object store unreachable for {what}: {exc}") from exc
+        except (OSError, ValueError, HTTPError) as exc:
+            raise UpstreamFailed(
+                f"object store at {self.endpoint} unreachable for {what}: {exc}"
+            ) from exc
 
     def check_ready(self) -> None:
         if not self._call(f"bucket {self.bucket}", self.client.bucket_exists, self.bucket):

@@ -1,0 +1,106 @@
+"""Gateway fixtures: upstream services replaced by gRPC test doubles.
+
+The doubles are real gRPC servers on real ports that answer with canned
+storyboards, images and videos (or canned errors), so gateway tests exercise
+the gateway's own behaviour. The real services run together in tests/e2e.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from storyreel_gateway.service import GatewayService
+from storyreel_gateway.settings import GatewaySettings
+
+from storyreel.compose.v1 import compose_pb2, compose_pb2_grpc
+from storyreel.gateway.v1 import gateway_pb2_grpc
+from storyreel.render.v1 import render_pb2, render_pb2_grpc
+from storyreel.serving import start_and_load
+from storyreel.story.v1 import story_pb2, story_pb2_grpc
+
+
+@dataclass
+class UpstreamDoubles:
+    """Story, render and compose test doubles sharing one gRPC server."""
+
+    store: object
+    render_error: grpc.StatusCode | None = None
+    story_requests: list = field(default_factory=list)
+    compose_requests: list = field(default_factory=list)
+
+
+class StoryDouble(story_pb2_grpc.StoryServiceServicer):
+    def __init__(self, state: UpstreamDoubles) -> None:
+        self.state = state
+
+    async def WriteStoryboard(self, request, context):
+        self.state.story_requests.append(request)
+        return story_pb2.WriteStoryboardResponse(
+            storyboard=story_pb2.Storyboard(
+                title="Test title",
+                characters=[story_pb2.Character(name="Ada", appearance="red coat")],
+                scenes=[
+                    story_pb2.Scene(index=i, narration=f"line {i}", image_prompt=f"prompt {i}")
+                    for i in range(1, request.scene_count + 1)
+                ],
+            )
+        )
+
+
+class RenderDouble(render_pb2_grpc.RenderServiceServicer):
+    def __init__(self, state: UpstreamDoubles) -> None:
+        self.state = state
+
+    async def RenderScenes(self, request, context):
+        if self.state.render_error is not None:
+            await context.abort(self.state.render_error, "render double refuses")
+        for scene in request.scenes:
+            key = f"jobs/{request.job_id}/images/scene-{scene.index:03d}.png"
+            uri = self.state.store.put_bytes(key, b"png")
+            yield render_pb2.RenderScenesResponse(
+                image=render_pb2.RenderedImage(index=scene.index, uri=uri, seed=scene.seed)
+            )
+
+
+class ComposeDouble(compose_pb2_grpc.ComposeServiceServicer):
+    def __init__(self, state: UpstreamDoubles) -> None:
+        self.state = state
+
+    async def Compose(self, request, context):
+        self.state.compose_requests.append(request)
+        uri = self.state.store.put_bytes(f"jobs/{request.job_id}/video/video.mp4", b"mp4")
+        return compose_pb2.ComposeResponse(video_uri=uri, duration_s=4.5)
+
+
+@pytest.fixture
+async def upstream(file_store):
+    state = UpstreamDoubles(store=file_store)
+    server = grpc.aio.server()
+    story_pb2_grpc.add_StoryServiceServicer_to_server(StoryDouble(state), server)
+    render_pb2_grpc.add_RenderServiceServicer_to_server(RenderDouble(state), server)
+    compose_pb2_grpc.add_ComposeServiceServicer_to_server(ComposeDouble(state), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    state.address = f"127.0.0.1:{port}"
+    yield state
+    await server.stop(0)
+
+
+@pytest.fixture
+async def gateway(upstream, file_store):
+    settings = GatewaySettings(
+        port=0,
+        story_address=upstream.address,
+        render_address=upstream.address,
+        compose_address=upstream.address,
+        max_upload_bytes=64 * 1024,
+    )
+    running = await start_and_load(settings, GatewayService(settings, file_store))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    stub = gateway_pb2_grpc.StoryReelServiceStub(channel)
+    stub.address = f"127.0.0.1:{running.port}"
+    yield stub
+    await channel.close()
+    await running.stop(0)

@@ -1,0 +1,78 @@
+"""`storyreel generate` as a user runs it: a real process talking to a real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+STORYREEL = [sys.executable, "-m", "storyreel.cli"]
+
+
+async def _run(*args: str, timeout: float = 120) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *STORYREEL, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_generate_writes_the_video_and_prints_its_path(gateway, tmp_path: Path):
+    output = tmp_path / "clip.mp4"
+    code, stdout, stderr = await _run(
+        "generate", "a fox", "--scenes", "2", "--gateway", gateway.address, "-o", str(output)
+    )
+    assert code == 0, stderr
+    assert stdout.strip() == str(output.resolve())
+    assert output.read_bytes() == b"mp4"  # what the compose double stored
+    assert "done" in stderr
+
+
+async def test_generate_uploads_the_audio_file(gateway, upstream, tmp_path: Path):
+    audio = tmp_path / "voice.wav"
+    audio.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 64)
+    code, _, stderr = await _run(
+        "generate",
+        "a fox",
+        "--audio",
+        str(audio),
+        "--gateway",
+        gateway.address,
+        "-o",
+        str(tmp_path / "out.mp4"),
+    )
+    assert code == 0, stderr
+    assert upstream.compose_requests[-1].audio_uri.endswith("/audio.wav")
+
+
+async def test_generate_refused_request_exits_2_with_the_reason(gateway, tmp_path: Path):
+    code, stdout, stderr = await _run(
+        "generate", "a fox", "--scenes", "99", "--gateway", gateway.address
+    )
+    assert code == 2
+    assert "INVALID_ARGUMENT" in stderr and "between 1 and 24" in stderr
+    assert stdout == ""
+
+
+async def test_generate_failed_job_exits_1_naming_the_stage(gateway, upstream, tmp_path: Path):
+    import grpc
+
+    upstream.render_error = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code, _, stderr = await _run(
+        "generate", "a fox", "--gateway", gateway.address, "-o", str(tmp_path / "x.mp4")
+    )
+    assert code == 1
+    assert "failed at the render stage" in stderr and "RESOURCE_EXHAUSTED" in stderr
+    assert not (tmp_path / "x.mp4").exists()
+
+
+async def test_generate_without_a_gateway_exits_3(tmp_path: Path):
+    code, _, stderr = await _run("generate", "a fox", "--gateway", "127.0.0.1:1")
+    assert code == 3
+    assert "unreachable" in stderr
+
+
+async def test_generate_with_missing_audio_file_exits_2(tmp_path: Path):
+    code, _, stderr = await _run("generate", "a fox", "--audio", str(tmp_path / "none.wav"))
+    assert code == 2
+    assert "does not exist" in stderr

@@ -1,0 +1,224 @@
+"""The gateway over real gRPC, with upstream test doubles (see conftest.py).
+
+Covers validation, job records, stage events, failures and audio uploads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import wave
+
+import grpc
+import pytest
+from storyreel_gateway.service import GatewayService
+from storyreel_gateway.settings import GatewaySettings
+from support import health_status, stored_uris
+
+from storyreel.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from storyreel.serving import start_and_load
+
+
+async def _finish(stub, job_id: str) -> tuple[list, gateway_pb2.Job]:
+    events = []
+    async for event in stub.WatchJob(gateway_pb2.WatchJobRequest(job_id=job_id), timeout=30):
+        events.append(event)
+    return events, events[-1].job
+
+
+def _wav_bytes(seconds: float = 0.5) -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16000)
+        wav.writeframes(b"\x00\x00" * int(16000 * seconds))
+    return buffer.getvalue()
+
+
+async def test_health_is_serving_once_started(gateway):
+    assert await health_status(gateway.address) == "SERVING"
+    assert (
+        await health_status(gateway.address, "storyreel.gateway.v1.StoryReelService") == "SERVING"
+    )
+
+
+async def test_job_runs_every_stage_and_records_it(gateway, upstream, file_store):
+    response = await gateway.CreateVideo(
+        gateway_pb2.CreateVideoRequest(prompt="a fox", scene_count=3, seed=7, width=320, height=240)
+    )
+    events, job = await _finish(gateway, response.job_id)
+
+    assert job.state == gateway_pb2.JOB_STATE_DONE
+    assert job.progress == 100
+    assert [s.stage for s in job.stages] == [
+        gateway_pb2.STAGE_STORYBOARD,
+        gateway_pb2.STAGE_RENDER,
+        gateway_pb2.STAGE_COMPOSE,
+    ]
+    assert all(s.state == gateway_pb2.JOB_STATE_DONE and s.duration_s >= 0 for s in job.stages)
+    assert [image.index for image in job.images] == [1, 2, 3]
+    assert job.video_uri.endswith("video.mp4") and job.duration_s == 4.5
+    assert file_store.exists(job.video_uri)
+    assert job.video_url == str(file_store.path_of(job.video_uri))
+
+    kinds = [e.kind for e in events]
+    assert kinds[0] == gateway_pb2.EVENT_KIND_SNAPSHOT
+    assert kinds.count(gateway_pb2.EVENT_KIND_SCENE_RENDERED) == 3
+    assert kinds[-1] == gateway_pb2.EVENT_KIND_JOB_FINISHED
+    progress = [e.job.progress for e in events]
+    assert progress == sorted(progress)
+
+    # The composer got each image with its scene's narration, in order, at the requested size.
+    compose = upstream.compose_requests[0]
+    assert [s.narration for s in compose.scenes] == ["line 1", "line 2", "line 3"]
+    assert (compose.width, compose.height) == (320, 240)
+    # The manifest in the store holds the final state.
+    manifest = file_store.get_bytes(file_store.uri_for(f"jobs/{response.job_id}/manifest.json"))
+    assert b'"state": "done"' in manifest
+
+
+async def test_same_seed_gives_same_scene_seeds(gateway):
+    seeds = []
+    for _ in range(2):
+        job_id = (
+            await gateway.CreateVideo(
+                gateway_pb2.CreateVideoRequest(prompt="a fox", scene_count=2, seed=99)
+            )
+        ).job_id
+        _, job = await _finish(gateway, job_id)
+        seeds.append([image.seed for image in job.images])
+    assert seeds[0] == seeds[1]
+    assert seeds[0][0] != seeds[0][1]
+
+
+async def test_upstream_failure_marks_job_failed_with_stage_and_code(gateway, upstream):
+    upstream.render_error = grpc.StatusCode.INVALID_ARGUMENT
+    job_id = (
+        await gateway.CreateVideo(gateway_pb2.CreateVideoRequest(prompt="a fox", scene_count=2))
+    ).job_id
+    _, job = await _finish(gateway, job_id)
+    assert job.state == gateway_pb2.JOB_STATE_FAILED
+    assert job.error.stage == gateway_pb2.STAGE_RENDER
+    assert job.error.code == "INVALID_ARGUMENT"
+    assert "render double refuses" in job.error.message
+    assert job.stages[-1].state == gateway_pb2.JOB_STATE_FAILED
+
+
+async def test_unreachable_upstream_fails_the_job_and_names_the_service(file_store):
+    settings = GatewaySettings(port=0, story_address="127.0.0.1:1", storyboard_timeout_s=5)
+    running = await start_and_load(settings, GatewayService(settings, file_store))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = gateway_pb2_grpc.StoryReelServiceStub(channel)
+            job_id = (await stub.CreateVideo(gateway_pb2.CreateVideoRequest(prompt="x"))).job_id
+            _, job = await _finish(stub, job_id)
+    finally:
+        await running.stop(0)
+    assert job.state == gateway_pb2.JOB_STATE_FAILED
+    assert job.error.stage == gateway_pb2.STAGE_STORYBOARD
+    assert job.error.code in {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+    assert "story" in job.error.message
+
+
+async def test_watch_of_a_finished_job_gets_its_final_snapshot(gateway):
+    job_id = (await gateway.CreateVideo(gateway_pb2.CreateVideoRequest(prompt="x"))).job_id
+    await _finish(gateway, job_id)
+    events, job = await _finish(gateway, job_id)
+    assert len(events) == 1 and events[0].kind == gateway_pb2.EVENT_KIND_SNAPSHOT
+    assert job.state == gateway_pb2.JOB_STATE_DONE
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "message"),
+    [
+        ({"prompt": ""}, "prompt must not be empty"),
+        ({"prompt": "   "}, "prompt must not be empty"),
+        ({"prompt": "x" * 2001}, "limit is 2000"),
+        ({"prompt": "x", "scene_count": 25}, "between 1 and 24"),
+        ({"prompt": "x", "scene_count": -1}, "between 1 and 24"),
+        ({"prompt": "x", "style": "s" * 201}, "style"),
+        ({"prompt": "x", "width": 321}, "width must be a multiple of 8"),
+        ({"prompt": "x", "height": 9000}, "height must be a multiple of 8"),
+        ({"prompt": "x", "fps": 500}, "fps"),
+        ({"prompt": "x", "audio_uri": "file:///etc/passwd"}, "not in the artifact store"),
+    ],
+)
+async def test_bad_create_requests_are_invalid_and_store_nothing(
+    gateway, file_store, request_fields, message
+):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.CreateVideo(gateway_pb2.CreateVideoRequest(**request_fields))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details()
+    assert stored_uris(file_store) == []
+
+
+async def test_unknown_job_is_not_found(gateway):
+    for call in (
+        gateway.GetJob(gateway_pb2.GetJobRequest(job_id="nope")),
+        _finish(gateway, "nope"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _upload(chunks: list[bytes], filename: str = "track.wav"):
+    async def requests():
+        yield gateway_pb2.UploadAudioRequest(filename=filename)
+        for chunk in chunks:
+            yield gateway_pb2.UploadAudioRequest(chunk=chunk)
+
+    return requests()
+
+
+async def test_upload_audio_stores_the_file_and_returns_its_uri(gateway, file_store):
+    data = _wav_bytes()
+    response = await gateway.UploadAudio(_upload([data[:1000], data[1000:]], "my song.WAV"))
+    assert response.size_bytes == len(data)
+    assert response.audio_uri.endswith("/audio.wav")
+    assert "my song" not in response.audio_uri  # keys never come from user text
+    assert file_store.get_bytes(response.audio_uri) == data
+
+
+@pytest.mark.parametrize(
+    ("chunks", "message"),
+    [
+        ([b"this is plain text, not audio at all"], "not audio"),
+        ([], "empty"),
+        ([_wav_bytes(3.0)], "larger than"),
+    ],
+)
+async def test_bad_uploads_are_invalid_and_store_nothing(gateway, file_store, chunks, message):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.UploadAudio(_upload(chunks))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details()
+    assert stored_uris(file_store) == []
+
+
+async def test_uploaded_audio_is_passed_to_the_composer(gateway, upstream):
+    audio_uri = (await gateway.UploadAudio(_upload([_wav_bytes()]))).audio_uri
+    job_id = (
+        await gateway.CreateVideo(
+            gateway_pb2.CreateVideoRequest(prompt="x", scene_count=1, audio_uri=audio_uri)
+        )
+    ).job_id
+    _, job = await _finish(gateway, job_id)
+    assert job.state == gateway_pb2.JOB_STATE_DONE
+    assert upstream.compose_requests[-1].audio_uri == audio_uri
+
+
+async def test_many_jobs_at_once_all_complete_once(gateway, upstream):
+    job_ids = await asyncio.gather(
+        *(
+            gateway.CreateVideo(gateway_pb2.CreateVideoRequest(prompt=f"job {i}", scene_count=1))
+            for i in range(10)
+        )
+    )
+    ids = [r.job_id for r in job_ids]
+    assert len(set(ids)) == 10
+    results = await asyncio.gather(*(_finish(gateway, job_id) for job_id in ids))
+    assert all(job.state == gateway_pb2.JOB_STATE_DONE for _, job in results)
+    assert len(upstream.story_requests) == 10
