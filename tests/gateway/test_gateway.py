@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import logging
 import wave
 
 import grpc
@@ -16,6 +18,7 @@ from storyreel_gateway.settings import GatewaySettings
 from support import health_status, stored_uris
 
 from storyreel.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from storyreel.logs import JsonFormatter
 from storyreel.serving import start_and_load
 
 
@@ -222,3 +225,23 @@ async def test_many_jobs_at_once_all_complete_once(gateway, upstream):
     results = await asyncio.gather(*(_finish(gateway, job_id) for job_id in ids))
     assert all(job.state == gateway_pb2.JOB_STATE_DONE for _, job in results)
     assert len(upstream.story_requests) == 10
+
+
+async def test_job_logs_are_json_and_carry_the_job_id(gateway):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("gateway"))
+    logger = logging.getLogger("storyreel_gateway")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        job_id = (await gateway.CreateVideo(gateway_pb2.CreateVideoRequest(prompt="x"))).job_id
+        await _finish(gateway, job_id)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    stage_logs = [r for r in records if r["msg"] in ("stage started", "stage finished")]
+    assert len(stage_logs) == 6
+    assert {r["job_id"] for r in stage_logs} == {job_id}
