@@ -129,4 +129,8 @@ class ComposeClient:
             response = await self.stub.Compose(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as error:
             raise _failed("compose", self.address, error) from None
-        return ComposedVideo(uri=response.video_uri, duration_s=response.duration_s)
+        return ComposedVideo(
+            uri=response.video_uri,
+            duration_s=response.duration_s,
+            scene_starts_s=tuple(response.scene_starts_s),
+        )

@@ -114,6 +114,7 @@ class JobRecord(BaseModel):
     images: list[SceneImage] = Field(default_factory=list)
     video_uri: str = ""
     duration_s: float = 0.0
+    scene_starts_s: list[float] = Field(default_factory=list)
     created_at: datetime = Field(default_factory=now)
     updated_at: datetime = Field(default_factory=now)
 

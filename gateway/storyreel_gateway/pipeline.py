@@ -54,6 +54,7 @@ class RenderSettings:
 class ComposedVideo:
     uri: str
     duration_s: float
+    scene_starts_s: tuple[float, ...] = ()
 
 
 class StoryStage(Protocol):
@@ -233,3 +234,4 @@ class JobPipeline:
         )
         record.video_uri = video.uri
         record.duration_s = video.duration_s
+        record.scene_starts_s = list(video.scene_starts_s)

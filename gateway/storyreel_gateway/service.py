@@ -77,6 +77,7 @@ def job_to_proto(record: JobRecord, video_url: str = "") -> gateway_pb2.Job:
         video_uri=record.video_uri,
         video_url=video_url,
         duration_s=record.duration_s,
+        scene_starts_s=record.scene_starts_s,
         created_at=_timestamp(record.created_at),
         updated_at=_timestamp(record.updated_at),
     )

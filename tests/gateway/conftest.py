@@ -71,7 +71,8 @@ class ComposeDouble(compose_pb2_grpc.ComposeServiceServicer):
     async def Compose(self, request, context):
         self.state.compose_requests.append(request)
         uri = self.state.store.put_bytes(f"jobs/{request.job_id}/video/video.mp4", b"mp4")
-        return compose_pb2.ComposeResponse(video_uri=uri, duration_s=4.5)
+        starts = [1.5 * i for i in range(len(request.scenes))]
+        return compose_pb2.ComposeResponse(video_uri=uri, duration_s=4.5, scene_starts_s=starts)
 
 
 @pytest.fixture

@@ -62,6 +62,7 @@ async def test_job_runs_every_stage_and_records_it(gateway, upstream, file_store
     assert all(s.state == gateway_pb2.JOB_STATE_DONE and s.duration_s >= 0 for s in job.stages)
     assert [image.index for image in job.images] == [1, 2, 3]
     assert job.video_uri.endswith("video.mp4") and job.duration_s == 4.5
+    assert list(job.scene_starts_s) == [0.0, 1.5, 3.0]
     assert file_store.exists(job.video_uri)
     assert job.video_url == str(file_store.path_of(job.video_uri))
 

@@ -1,0 +1,188 @@
+"""The whole stack as real processes on localhost, driven through the CLI.
+
+Real SmolLM2 writes the storyboard, the tiny Stable Diffusion pipeline renders
+through `from_pretrained`, piper narrates and ffmpeg encodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+from PIL import Image
+from support import probe_media
+
+from storyreel.settings import StorageSettings
+from storyreel.stack import LocalStack
+from storyreel.storage import FileStore, open_store
+
+pytestmark = [pytest.mark.e2e, pytest.mark.model]
+
+WIDTH, HEIGHT, FPS = 320, 240, 12
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, request) -> LocalStack:
+    from conftest import MODELS
+
+    data = tmp_path_factory.mktemp("stack")
+    local = LocalStack(
+        data,
+        fixed_ports=False,
+        env={
+            "STORYREEL_STORAGE_URL": (data / "artifacts").as_uri(),
+            "STORYREEL_LLM_MODEL": str(MODELS / "smollm2-135m-instruct"),
+            "STORYREEL_DIFFUSION_MODEL": str(MODELS / "tiny-sd"),
+            "STORYREEL_GATEWAY_RENDER_WIDTH": "128",
+            "STORYREEL_GATEWAY_RENDER_HEIGHT": "128",
+            "STORYREEL_GATEWAY_RENDER_STEPS": "2",
+        },
+    )
+    local.start(timeout_s=300)
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="module")
+def store(stack: LocalStack) -> FileStore:
+    url = stack.env["STORYREEL_STORAGE_URL"]
+    return open_store(StorageSettings(url=url))
+
+
+def generate(stack: LocalStack, output: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "storyreel.cli",
+            "generate",
+            *args,
+            "--gateway",
+            stack.gateway_address,
+            "--width",
+            str(WIDTH),
+            "--height",
+            str(HEIGHT),
+            "--fps",
+            str(FPS),
+            "-o",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def manifest_of(store: FileStore, stderr: str) -> dict:
+    job_id = next(line.split()[1] for line in stderr.splitlines() if line.startswith("job "))
+    return json.loads(store.get_bytes(store.uri_for(f"jobs/{job_id}/manifest.json")))
+
+
+def frame_at(video: Path, t: float) -> np.ndarray:
+    raw = subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-v",
+            "error",
+            "-ss",
+            f"{t:.3f}",
+            "-i",
+            str(video),
+            "-frames:v",
+            "1",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
+    return np.frombuffer(raw, np.uint8).reshape(HEIGHT, WIDTH, 3).astype(np.float32)
+
+
+def scene_image(store: FileStore, uri: str) -> np.ndarray:
+    """The scene image cover-fitted to the video size (it is square, the video 4:3)."""
+    image = Image.open(store.path_of(uri)).convert("RGB")
+    scale = max(WIDTH / image.width, HEIGHT / image.height)
+    image = image.resize((round(image.width * scale), round(image.height * scale)))
+    left, top = (image.width - WIDTH) // 2, (image.height - HEIGHT) // 2
+    return np.asarray(image.crop((left, top, left + WIDTH, top + HEIGHT)), np.float32)
+
+
+def test_generate_makes_a_narrated_video_with_one_image_per_scene(stack, store, tmp_path):
+    output = tmp_path / "story.mp4"
+    result = generate(
+        stack, output, "A lighthouse keeper befriends a lost whale", "--scenes", "3", "--seed", "11"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(output.resolve())
+
+    media = probe_media(output)
+    assert (media.video_codec, media.pix_fmt, media.audio_codec) == ("h264", "yuv420p", "aac")
+    assert (media.width, media.height) == (WIDTH, HEIGHT)
+
+    job = manifest_of(store, result.stderr)
+    assert job["state"] == "done"
+    assert [(s["stage"], s["state"]) for s in job["stages"]] == [
+        ("storyboard", "done"),
+        ("render", "done"),
+        ("compose", "done"),
+    ]
+    assert len(job["storyboard"]["scenes"]) == 3
+    assert [image["index"] for image in job["images"]] == [1, 2, 3]
+    assert abs(media.duration_s - job["duration_s"]) <= 2 / FPS
+
+    # Each scene lasts as long as its narration (a second or more of speech), and on screen in
+    # each scene's time span is that scene's own image, not another one.
+    starts = job["scene_starts_s"] + [job["duration_s"]]
+    assert all(b - a >= 1.0 for a, b in itertools.pairwise(starts))
+    images = [scene_image(store, image["uri"]) for image in job["images"]]
+    for scene, (start, end) in enumerate(itertools.pairwise(starts)):
+        frame = frame_at(output, (start + end) / 2)
+        errors = [np.abs(frame - image).mean() for image in images]
+        assert int(np.argmin(errors)) == scene, errors
+
+
+def test_generate_with_user_audio_lasts_as_long_as_the_audio(stack, store, tmp_path):
+    audio = tmp_path / "music.mp3"
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=330:duration=5",
+            "-c:a",
+            "libmp3lame",
+            str(audio),
+        ],
+        check=True,
+    )
+    output = tmp_path / "music.mp4"
+    result = generate(
+        stack,
+        output,
+        "A paper boat sails down a rainy street",
+        "--scenes",
+        "2",
+        "--audio",
+        str(audio),
+    )
+    assert result.returncode == 0, result.stderr
+    media = probe_media(output)
+    assert abs(media.duration_s - 5.0) <= 1 / FPS
+    job = manifest_of(store, result.stderr)
+    assert job["spec"]["audio_uri"].endswith("/audio.mp3")
+    assert len(job["images"]) == 2
