@@ -54,6 +54,12 @@ $(STAMPS)/models: $(STAMPS)/venv
 	$(PY) -m storyreel_llm.weights $(MODELS)/smollm2-135m-instruct
 	@touch $@
 
+# The offline tiny model draws noise at any step count: keep local runs quick. Setting
+# STORYREEL_DIFFUSION_MODEL to a real checkpoint keeps the render service's own default.
+ifeq ($(STORYREEL_DIFFUSION_MODEL),)
+run serve: export STORYREEL_GATEWAY_RENDER_STEPS ?= 4
+endif
+
 run: proto models
 	@mkdir -p $(dir $(OUTPUT))
 	$(BIN)/storyreel generate --serve --scenes $(SCENES) -o $(OUTPUT) "$(PROMPT)"
