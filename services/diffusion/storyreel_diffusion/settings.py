@@ -19,7 +19,7 @@ class DiffusionSettings(ServiceSettings):
 
     # A diffusers text-to-image checkpoint: a local folder (as `make models`
     # builds) or a model hub id (needs network access or a filled hub cache).
-    model: str = "models/tiny-sd"
+    model: str = Field(default="models/tiny-sd", min_length=1)
     # "auto" picks cuda when a GPU is visible, else cpu; any torch device name forces one.
     device: str = "auto"
     # "auto" is float16 on cuda and float32 elsewhere (CPU kernels are slow or missing in fp16).

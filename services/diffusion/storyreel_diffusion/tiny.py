@@ -21,8 +21,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from storyreel.clip_vocab import END_TOKEN, MAX_TOKENS, START_TOKEN, VOCAB_SIZE
-from storyreel.clip_vocab import write_clip_tokenizer_files
+from storyreel.clip_vocab import (
+    END_TOKEN,
+    MAX_TOKENS,
+    START_TOKEN,
+    VOCAB_SIZE,
+    write_clip_tokenizer_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +152,19 @@ def build_tiny_pipeline(out_dir: Path | str, seed: int = 0) -> Path:
             requires_safety_checker=False,
         )
         pipe.save_pretrained(staging / "pipeline", safe_serialization=True)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging / "pipeline", out)
+        # The weight writers create owner-only files; a service running as
+        # another user (a container's non-root user) must still read them.
+        for path in (staging / "pipeline").rglob("*"):
+            if path.is_file():
+                path.chmod(0o644)
+        try:
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            os.replace(staging / "pipeline", out)
+        except OSError:
+            # Another build finished first: its pipeline is as good as this one.
+            if not is_complete_pipeline(out):
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("tiny pipeline built at %s", out)
