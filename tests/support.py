@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -19,3 +24,58 @@ async def health_status(address: str, service: str = "") -> str:
         stub = health_pb2_grpc.HealthStub(channel)
         response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+@dataclass(frozen=True)
+class MediaFacts:
+    """What a test needs to know about a media file (first video and audio streams)."""
+
+    duration_s: float  # exact: from decoding every frame and sample
+    frames: int | None
+    video_codec: str | None
+    pix_fmt: str | None
+    width: int | None
+    height: int | None
+    fps: float | None
+    audio_codec: str | None
+    sample_rate: int | None
+
+
+def probe_media(path: Path | str) -> MediaFacts:
+    """Describe a media file with the bundled ffmpeg (there is no ffprobe).
+
+    Written apart from the composer's own probe so that tests of the composer
+    do not check its output with its own code.
+    """
+    import imageio_ffmpeg
+
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    header = subprocess.run(
+        [ffmpeg, "-hide_banner", "-nostdin", "-i", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stderr
+    if "Input #0" not in header:
+        raise ValueError(f"ffmpeg cannot read {path}: {header.strip()[-300:]}")
+    video = re.search(r"Video: (\w+).*?, (\w+)(?:\([^)]*\))?, (\d+)x(\d+).*?, ([\d.]+) fps", header)
+    audio = re.search(r"Audio: (\w+).*?, (\d+) Hz", header)
+    decode = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-f", "null", "-"]
+    decoded = subprocess.run(
+        [*decode, "-nostats", "-progress", "pipe:1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    progress = dict(line.split("=", 1) for line in decoded.splitlines() if "=" in line)
+    return MediaFacts(
+        duration_s=int(progress["out_time_us"]) / 1e6,
+        frames=int(progress["frame"]) if video and "frame" in progress else None,
+        video_codec=video.group(1) if video else None,
+        pix_fmt=video.group(2) if video else None,
+        width=int(video.group(3)) if video else None,
+        height=int(video.group(4)) if video else None,
+        fps=float(video.group(5)) if video else None,
+        audio_codec=audio.group(1) if audio else None,
+        sample_rate=int(audio.group(2)) if audio else None,
+    )

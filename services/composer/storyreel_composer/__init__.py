@@ -1,0 +1,1 @@
+"""storyreel composer service: scene images plus narration or audio become an MP4."""

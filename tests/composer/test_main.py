@@ -1,0 +1,52 @@
+"""`python -m storyreel_composer` as a process: settings from the environment, SIGTERM stops it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from support import health_status
+
+
+@pytest.mark.model
+async def test_module_serves_with_env_settings_and_exits_cleanly_on_sigterm(tmp_path: Path):
+    port_file = tmp_path / "port"
+    env = os.environ | {
+        "STORYREEL_COMPOSER_PORT": "0",
+        "STORYREEL_COMPOSER_PORT_FILE": str(port_file),
+        "STORYREEL_STORAGE_URL": (tmp_path / "artifacts").as_uri(),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "storyreel_composer"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        status = None
+        while status != "SERVING":
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, f"not serving; last health status {status}"
+            if port_file.exists():
+                try:
+                    status = await health_status(f"127.0.0.1:{port_file.read_text()}")
+                except grpc.aio.AioRpcError:
+                    status = None
+            await asyncio.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        logs = process.stderr.read()
+        assert '"service": "composer"' in logs and '"msg": "stopped"' in logs
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
