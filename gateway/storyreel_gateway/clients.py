@@ -17,7 +17,7 @@ from storyreel.compose.v1 import compose_pb2, compose_pb2_grpc
 from storyreel.render.v1 import render_pb2, render_pb2_grpc
 from storyreel.story.v1 import story_pb2, story_pb2_grpc
 from storyreel_gateway.jobs import Character, SceneImage, Storyboard, StoryScene
-from storyreel_gateway.pipeline import ComposedVideo, RenderSettings, StageFailed
+from storyreel_gateway.pipeline import ComposedVideo, RenderSettings, SceneRequest, StageFailed
 
 
 def _failed(service: str, address: str, error: grpc.aio.AioRpcError) -> StageFailed:
@@ -65,29 +65,46 @@ class StoryClient:
             raise _failed("story", self.address, error) from None
         return storyboard_from_proto(response.storyboard)
 
+    async def close(self) -> None:
+        await self.channel.close()
+
 
 class RenderClient:
-    def __init__(self, address: str, timeout_s: float) -> None:
+    """Render calls, spread over every replica.
+
+    ``address`` is one target (``host:port``, or ``dns:///name:port`` whose
+    replicas the channel balances round-robin) or a comma-separated list of
+    targets, each with its own channel, used in turn. A job's scenes are split
+    into ``parallelism`` calls that run at once, so they land on different
+    replicas.
+    """
+
+    def __init__(self, address: str, timeout_s: float, parallelism: int = 0) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = open_channel(address)
-        self.stub = render_pb2_grpc.RenderServiceStub(self.channel)
+        targets = [a.strip() for a in address.split(",") if a.strip()]
+        self.channels = [open_channel(target) for target in targets]
+        self.stubs = [render_pb2_grpc.RenderServiceStub(c) for c in self.channels]
+        self.parallelism = parallelism or len(self.stubs)
+        self._next = 0
 
     async def render(
-        self, job_id: str, scenes: list[tuple[int, str, int]], settings: RenderSettings
+        self, job_id: str, scenes: list[SceneRequest], settings: RenderSettings
     ) -> AsyncIterator[SceneImage]:
         request = render_pb2.RenderScenesRequest(
             job_id=job_id,
             scenes=[
-                render_pb2.SceneToRender(index=index, prompt=prompt, seed=seed)
-                for index, prompt, seed in scenes
+                render_pb2.SceneToRender(index=s.index, prompt=s.prompt, seed=s.seed)
+                for s in scenes
             ],
             width=settings.width,
             height=settings.height,
             steps=settings.steps,
             guidance=settings.guidance,
         )
-        call = self.stub.RenderScenes(request, timeout=self.timeout_s)
+        stub = self.stubs[self._next % len(self.stubs)]
+        self._next += 1
+        call = stub.RenderScenes(request, timeout=self.timeout_s)
         try:
             async for response in call:
                 image = response.image
@@ -96,6 +113,10 @@ class RenderClient:
             raise _failed("render", self.address, error) from None
         finally:
             call.cancel()
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
 
 
 class ComposeClient:
@@ -134,3 +155,6 @@ class ComposeClient:
             duration_s=response.duration_s,
             scene_starts_s=tuple(response.scene_starts_s),
         )
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -105,6 +105,11 @@ class JobSpec(BaseModel):
 class JobRecord(BaseModel):
     job_id: str
     spec: JobSpec
+    # Who owns the job; every read and action is checked against it.
+    tenant: str = ""
+    idempotency_key: str = ""
+    # Fingerprint of the original request, to tell a retry from a different request.
+    request_hash: str = ""
     state: JobState = JobState.QUEUED
     stage: Stage | None = None
     progress: float = 0.0
@@ -115,8 +120,23 @@ class JobRecord(BaseModel):
     video_uri: str = ""
     duration_s: float = 0.0
     scene_starts_s: list[float] = Field(default_factory=list)
+    # Seeds chosen for single scenes by RegenerateScene (scene index -> seed).
+    seed_overrides: dict[int, int] = Field(default_factory=dict)
+    # Set by CancelJob: a job interrupted without it (the gateway stopping) resumes later.
+    cancel_requested: bool = False
     created_at: datetime = Field(default_factory=now)
     updated_at: datetime = Field(default_factory=now)
+    # When the current run began (a resumed or regenerated job runs again).
+    run_started_at: datetime | None = None
+    eta_s: float = 0.0
+
+    def estimate_eta(self) -> None:
+        """Extrapolate the time left from the progress made since this run began."""
+        if self.state.finished or not self.run_started_at or self.progress <= 0:
+            self.eta_s = 0.0
+            return
+        elapsed = (now() - self.run_started_at).total_seconds()
+        self.eta_s = round(elapsed * (100.0 - self.progress) / self.progress, 1)
 
 
 class EventKind(StrEnum):
@@ -125,6 +145,7 @@ class EventKind(StrEnum):
     STAGE_FINISHED = "stage_finished"
     SCENE_RENDERED = "scene_rendered"
     JOB_FINISHED = "job_finished"
+    RETRYING = "retrying"
 
 
 @dataclass(frozen=True)
@@ -133,6 +154,7 @@ class JobEvent:
     job: JobRecord
     stage: Stage | None = None
     scene_index: int = 0
+    message: str = ""
 
 
 class JobStore:
@@ -156,17 +178,41 @@ class JobStore:
         except KeyError:
             raise NotFound(f"job {job_id!r} does not exist") from None
 
+    def all(self) -> list[JobRecord]:
+        return list(self._jobs.values())
+
+    async def load_manifests(self) -> list[JobRecord]:
+        """Read every job manifest in the store (at start-up); returns the records read."""
+
+        def read() -> list[JobRecord]:
+            records = []
+            for uri in self.store.list("jobs/"):
+                if not uri.endswith("/manifest.json"):
+                    continue
+                try:
+                    records.append(JobRecord.model_validate_json(self.store.get_bytes(uri)))
+                except (ValueError, NotFound) as exc:
+                    log.error("unreadable job manifest %s: %s", uri, exc)
+            return records
+
+        records = await asyncio.to_thread(read)
+        for record in records:
+            self._jobs[record.job_id] = record
+        return records
+
     async def update(
         self,
         record: JobRecord,
         kind: EventKind,
         stage: Stage | None = None,
         scene_index: int = 0,
+        message: str = "",
     ) -> None:
         """Persist ``record`` and tell every watcher what happened."""
         record.updated_at = now()
+        record.estimate_eta()
         await self._persist(record)
-        event = JobEvent(kind, record.model_copy(deep=True), stage, scene_index)
+        event = JobEvent(kind, record.model_copy(deep=True), stage, scene_index, message)
         for queue in self._watchers.get(record.job_id, ()):
             queue.put_nowait(event)
 

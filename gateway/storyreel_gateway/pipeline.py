@@ -3,6 +3,13 @@
 The stages are reached through the small protocols below; the gRPC clients
 that implement them live in :mod:`storyreel_gateway.clients`, so this module
 has no gRPC types and can be driven by any implementation.
+
+A run picks up where the record says the job is: a job whose storyboard is
+stored skips writing it, only scenes without an image are rendered, and the
+video is composed once every image exists. That is how a gateway restart
+resumes a job and how one scene is regenerated. Transient upstream failures
+(a service restarting, a full queue) are retried with backoff; anything else
+fails the job with the stage, the status code and the message.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,10 +34,14 @@ from storyreel_gateway.jobs import (
     Stage,
     StageRecord,
     Storyboard,
+    StoryScene,
     now,
 )
 
 log = logging.getLogger(__name__)
+
+#: Status codes worth retrying: the service is restarting, or its queue is full.
+TRANSIENT_CODES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 
 
 class StageFailed(Exception):
@@ -40,6 +51,10 @@ class StageFailed(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+    @property
+    def transient(self) -> bool:
+        return self.code in TRANSIENT_CODES
 
 
 @dataclass(frozen=True)
@@ -51,10 +66,30 @@ class RenderSettings:
 
 
 @dataclass(frozen=True)
+class SceneRequest:
+    """One scene to draw, with the characters in it (scenes sharing one stay together)."""
+
+    index: int
+    prompt: str
+    seed: int
+    characters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ComposedVideo:
     uri: str
     duration_s: float
     scene_starts_s: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for transient stage failures, bounded by time rather than attempts."""
+
+    initial_s: float = 0.5
+    max_backoff_s: float = 8.0
+    # Give up once a stage has kept failing this long.
+    give_up_after_s: float = 300.0
 
 
 class StoryStage(Protocol):
@@ -65,9 +100,14 @@ class StoryStage(Protocol):
 
 class RenderStage(Protocol):
     def render(
-        self, job_id: str, scenes: list[tuple[int, str, int]], settings: RenderSettings
+        self, job_id: str, scenes: list[SceneRequest], settings: RenderSettings
     ) -> AsyncIterator[SceneImage]:
-        """Yield each (index, prompt, seed) scene's image as soon as it is stored."""
+        """Yield each scene's image as soon as it is stored."""
+        ...
+
+    @property
+    def parallelism(self) -> int:
+        """How many render calls one job may spread its scenes over."""
         ...
 
 
@@ -89,6 +129,38 @@ def scene_seed(job_seed: int, index: int) -> int:
     return int.from_bytes(digest, "big") >> 1  # fits a signed 64-bit generator seed
 
 
+def split_scenes(scenes: list[SceneRequest], parts: int) -> list[list[SceneRequest]]:
+    """Spread scenes over at most ``parts`` render calls, balancing their sizes.
+
+    Scenes that share a character stay in one call, so that a consistency mode
+    that draws a character from shared identity images sees all of its scenes.
+    """
+    # Union scenes that share a character into groups, keeping scene order.
+    groups: list[list[SceneRequest]] = []
+    owner: dict[str, int] = {}
+    for scene in scenes:
+        joined = sorted({owner[name] for name in scene.characters if name in owner})
+        if joined:
+            target = joined[0]
+            for other in reversed(joined[1:]):
+                groups[target].extend(groups[other])
+                groups[other] = []
+            groups[target].append(scene)
+        else:
+            target = len(groups)
+            groups.append([scene])
+        for group_index, group in enumerate(groups):
+            for member in group:
+                for name in member.characters:
+                    owner[name] = group_index
+    groups = [sorted(group, key=lambda s: s.index) for group in groups if group]
+    parts = max(1, min(parts, len(groups)))
+    bins: list[list[SceneRequest]] = [[] for _ in range(parts)]
+    for group in sorted(groups, key=len, reverse=True):
+        min(bins, key=len).extend(group)
+    return [sorted(b, key=lambda s: s.index) for b in bins if b]
+
+
 class JobPipeline:
     """Moves a job through its stages and records every transition."""
 
@@ -99,74 +171,117 @@ class JobPipeline:
         render: RenderStage,
         compose: ComposeStage,
         render_settings: RenderSettings,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.jobs = jobs
         self.story = story
         self.render = render
         self.compose = compose
         self.render_settings = render_settings
+        self.retry = retry or RetryPolicy()
 
     async def run(self, record: JobRecord) -> None:
-        """Run the job to DONE or FAILED; never raises for an upstream failure."""
+        """Run the job to DONE, FAILED or CANCELLED.
+
+        Upstream failures end the job FAILED; they are never raised. A
+        cancellation without ``cancel_requested`` (the gateway stopping) leaves
+        the record as it is, to be resumed by the next gateway.
+        """
         token = job_id_var.set(record.job_id)
         current: Stage | None = None
         try:
             record.state = JobState.RUNNING
-            for stage, step in (
-                (Stage.STORYBOARD, self._storyboard),
-                (Stage.RENDER, self._render),
-                (Stage.COMPOSE, self._compose),
-            ):
+            record.error = None
+            record.run_started_at = now()
+            self._close_dangling_stage(record)
+            steps: list[tuple[Stage, Callable[[JobRecord], Awaitable[None]]]] = []
+            if record.storyboard is None:
+                steps.append((Stage.STORYBOARD, self._storyboard))
+            if self._missing_scenes(record) or record.storyboard is None:
+                steps.append((Stage.RENDER, self._render))
+            steps.append((Stage.COMPOSE, self._compose))
+            record.progress = self._progress_before(steps[0][0])
+            for stage, step in steps:
                 current = stage
                 await self._start_stage(record, stage)
-                await step(record)
-                await self._finish_stage(record, stage, JobState.DONE)
+                await self._with_retries(record, stage, step)
+                await self._finish_stage(record, stage)
             record.state = JobState.DONE
+            record.stage = Stage.COMPOSE
             record.progress = 100.0
             log.info("job done", extra={"video_uri": record.video_uri})
             await self.jobs.update(record, EventKind.JOB_FINISHED)
         except asyncio.CancelledError:
-            await self._end(record, current, JobState.CANCELLED, None)
+            if record.cancel_requested:
+                await self.end(record, JobState.CANCELLED, None)
             raise
         except StageFailed as exc:
-            await self._end(
+            await self.end(
                 record,
-                current,
                 JobState.FAILED,
                 JobError(stage=current, code=exc.code, message=exc.message),
             )
         except StoryreelError as exc:
-            await self._end(
+            await self.end(
                 record,
-                current,
                 JobState.FAILED,
                 JobError(stage=current, code=exc.status, message=exc.message),
             )
         except Exception as exc:
             log.exception("job crashed")
-            await self._end(
+            await self.end(
                 record,
-                current,
                 JobState.FAILED,
                 JobError(
-                    stage=current, code="INTERNAL", message=f"internal error: {type(exc).__name__}"
+                    stage=current,
+                    code="INTERNAL",
+                    message=f"internal error: {type(exc).__name__}",
                 ),
             )
         finally:
             job_id_var.reset(token)
 
-    async def _end(
-        self, record: JobRecord, stage: Stage | None, state: JobState, error: JobError | None
-    ) -> None:
-        if stage is not None and record.stages and record.stages[-1].finished_at is None:
+    async def end(self, record: JobRecord, state: JobState, error: JobError | None) -> None:
+        """Finish the job in ``state`` (closing the stage in progress) and tell watchers."""
+        if record.stages and record.stages[-1].finished_at is None:
             self._close_stage_record(record, state)
         record.state = state
         record.error = error
         if error:
             log.warning(
-                "job failed", extra={"stage": stage, "code": error.code, "error": error.message}
+                "job failed",
+                extra={"stage": error.stage, "code": error.code, "error": error.message},
             )
-        await self.jobs.update(record, EventKind.JOB_FINISHED, stage)
+        else:
+            log.info("job %s", state.value)
+        await self.jobs.update(record, EventKind.JOB_FINISHED, record.stage)
+
+    async def _with_retries(
+        self, record: JobRecord, stage: Stage, step: Callable[[JobRecord], Awaitable[None]]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.retry.give_up_after_s
+        backoff = self.retry.initial_s
+        while True:
+            try:
+                return await step(record)
+            except StageFailed as exc:
+                if not exc.transient or loop.time() + backoff > give_up_at:
+                    raise
+                log.warning(
+                    "stage failed, retrying",
+                    extra={"stage": stage.value, "code": exc.code, "retry_in_s": backoff},
+                )
+                await self.jobs.update(
+                    record, EventKind.RETRYING, stage, message=f"{exc.code}: {exc.message}"
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.retry.max_backoff_s)
+
+    def _close_dangling_stage(self, record: JobRecord) -> None:
+        # A stage left open by an earlier run that was interrupted (the gateway stopped).
+        if record.stages and record.stages[-1].finished_at is None:
+            self._close_stage_record(record, JobState.FAILED)
 
     async def _start_stage(self, record: JobRecord, stage: Stage) -> None:
         record.stage = stage
@@ -174,7 +289,8 @@ class JobPipeline:
         log.info("stage started", extra={"stage": stage.value})
         await self.jobs.update(record, EventKind.STAGE_STARTED, stage)
 
-    def _close_stage_record(self, record: JobRecord, state: JobState) -> None:
+    @staticmethod
+    def _close_stage_record(record: JobRecord, state: JobState) -> None:
         stage_record = record.stages[-1]
         stage_record.state = state
         stage_record.finished_at = now()
@@ -182,8 +298,8 @@ class JobPipeline:
             stage_record.finished_at - stage_record.started_at
         ).total_seconds()
 
-    async def _finish_stage(self, record: JobRecord, stage: Stage, state: JobState) -> None:
-        self._close_stage_record(record, state)
+    async def _finish_stage(self, record: JobRecord, stage: Stage) -> None:
+        self._close_stage_record(record, JobState.DONE)
         record.progress = self._progress_before(stage) + STAGE_WEIGHTS[stage]
         log.info(
             "stage finished",
@@ -200,29 +316,67 @@ class JobPipeline:
             total += weight
         return total
 
+    @staticmethod
+    def _missing_scenes(record: JobRecord) -> list[StoryScene]:
+        if record.storyboard is None:
+            return []
+        done = {image.index for image in record.images}
+        return [scene for scene in record.storyboard.scenes if scene.index not in done]
+
     async def _storyboard(self, record: JobRecord) -> None:
         spec = record.spec
-        record.storyboard = await self.story.write_storyboard(
+        storyboard = await self.story.write_storyboard(
             record.job_id, spec.prompt, spec.scene_count, spec.style, spec.seed
         )
+        if len(storyboard.scenes) != spec.scene_count:
+            raise StageFailed(
+                "INTERNAL",
+                f"story service wrote {len(storyboard.scenes)} scenes, "
+                f"{spec.scene_count} were asked for",
+            )
+        record.storyboard = storyboard
 
     async def _render(self, record: JobRecord) -> None:
-        assert record.storyboard is not None
-        scenes = [
-            (scene.index, scene.image_prompt, scene_seed(record.spec.seed, scene.index))
-            for scene in record.storyboard.scenes
+        missing = self._missing_scenes(record)
+        total = len(record.storyboard.scenes) if record.storyboard else 0
+        requests = [
+            SceneRequest(
+                index=scene.index,
+                prompt=scene.image_prompt,
+                seed=record.seed_overrides.get(
+                    scene.index, scene_seed(record.spec.seed, scene.index)
+                ),
+                characters=tuple(scene.characters),
+            )
+            for scene in missing
         ]
         start = self._progress_before(Stage.RENDER)
-        record.images = []
-        async for image in self.render.render(record.job_id, scenes, self.render_settings):
-            record.images.append(image)
-            record.progress = start + STAGE_WEIGHTS[Stage.RENDER] * len(record.images) / len(scenes)
-            await self.jobs.update(record, EventKind.SCENE_RENDERED, Stage.RENDER, image.index)
-        if len(record.images) != len(scenes):
+
+        async def draw(part: list[SceneRequest]) -> None:
+            async for image in self.render.render(record.job_id, part, self.render_settings):
+                record.images = [i for i in record.images if i.index != image.index] + [image]
+                record.images.sort(key=lambda i: i.index)
+                record.progress = start + STAGE_WEIGHTS[Stage.RENDER] * len(record.images) / total
+                await self.jobs.update(record, EventKind.SCENE_RENDERED, Stage.RENDER, image.index)
+
+        tasks = [
+            asyncio.create_task(draw(part))
+            for part in split_scenes(requests, self.render.parallelism)
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            # One call failed (or the job was cancelled): stop the others before retrying.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        still_missing = self._missing_scenes(record)
+        if still_missing:
             raise StageFailed(
-                "INTERNAL", f"render returned {len(record.images)} of {len(scenes)} images"
+                "INTERNAL",
+                "render finished without scenes " + ", ".join(str(s.index) for s in still_missing),
             )
-        record.images.sort(key=lambda image: image.index)
 
     async def _compose(self, record: JobRecord) -> None:
         assert record.storyboard is not None

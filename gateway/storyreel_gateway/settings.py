@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from storyreel.settings import ServiceSettings
@@ -47,3 +50,65 @@ class GatewaySettings(ServiceSettings):
 
     # Audio uploads: largest accepted file, in bytes.
     max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
+
+    # Render calls one job's scenes are split over; 0 means one per render address.
+    # Set it to the number of render replicas behind a dns:/// address.
+    render_parallelism: int = Field(default=0, ge=0)
+    # Transient upstream failures (UNAVAILABLE, RESOURCE_EXHAUSTED) are retried with
+    # exponential backoff until a stage has failed for this long.
+    retry_initial_s: float = Field(default=0.5, gt=0)
+    retry_max_backoff_s: float = Field(default=8.0, gt=0)
+    retry_give_up_after_s: float = Field(default=300.0, ge=0)
+
+    # ListJobs page size when the request leaves it 0, and the largest allowed.
+    default_page_size: int = Field(default=20, ge=1)
+    max_page_size: int = Field(default=100, ge=1)
+    max_idempotency_key_chars: int = 128
+
+    # API keys: tenant name -> its bearer tokens, as JSON, e.g. {"acme": ["k1", "k2"]}.
+    # Empty (with no api_keys_file) is the single-machine default: no authentication,
+    # and the gateway refuses to listen anywhere but on a loopback address.
+    api_keys: dict[str, list[SecretStr]] = Field(default_factory=dict)
+    # The same mapping in a JSON file (a mounted Secret); merged with api_keys.
+    api_keys_file: Path | None = None
+    # TLS on the public port: PEM certificate chain and private key. Both or neither.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    def tenant_keys(self) -> dict[str, list[str]]:
+        """Every configured tenant with its keys (from api_keys and api_keys_file)."""
+        import json
+
+        keys = {
+            tenant: [k.get_secret_value() for k in values]
+            for tenant, values in self.api_keys.items()
+        }
+        if self.api_keys_file:
+            loaded = json.loads(self.api_keys_file.read_text())
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{self.api_keys_file} must hold a JSON object of tenant -> keys")
+            for tenant, values in loaded.items():
+                values = [values] if isinstance(values, str) else list(values)
+                keys.setdefault(tenant, []).extend(str(v) for v in values)
+        return keys
+
+    @model_validator(mode="after")
+    def _safe_defaults(self) -> GatewaySettings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("set both tls_cert_file and tls_key_file, or neither")
+        if not self.api_keys and not self.api_keys_file and not _is_loopback(self.host):
+            raise ValueError(
+                f"the gateway has no API keys configured, so it listens only on a loopback "
+                f"address; host={self.host!r} needs STORYREEL_GATEWAY_API_KEYS or "
+                "STORYREEL_GATEWAY_API_KEYS_FILE"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

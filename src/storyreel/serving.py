@@ -39,6 +39,14 @@ class Service(abc.ABC):
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Add the servicer(s) to ``server``."""
 
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Extra interceptors, run after the error interceptor (e.g. authentication)."""
+        return []
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials for the port; None serves plaintext."""
+        return None
+
     async def load(self) -> None:  # noqa: B027 - optional hook
         """Load models and check dependencies. Health is SERVING once this returns."""
 
@@ -163,14 +171,21 @@ async def create_server(settings: ServiceSettings, service: Service) -> RunningS
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(), *service.interceptors()], options=options
+    )
     service.add_to_server(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    credentials = service.server_credentials()
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     await server.start()

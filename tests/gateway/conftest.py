@@ -27,6 +27,9 @@ class UpstreamDoubles:
 
     store: object
     render_error: grpc.StatusCode | None = None
+    # Fail this many render calls with render_error, then succeed (None: fail every call).
+    render_failures: int | None = None
+    render_calls: int = 0
     story_requests: list = field(default_factory=list)
     compose_requests: list = field(default_factory=list)
 
@@ -54,7 +57,11 @@ class RenderDouble(render_pb2_grpc.RenderServiceServicer):
         self.state = state
 
     async def RenderScenes(self, request, context):
-        if self.state.render_error is not None:
+        self.state.render_calls += 1
+        failures = self.state.render_failures
+        if self.state.render_error is not None and (
+            failures is None or self.state.render_calls <= failures
+        ):
             await context.abort(self.state.render_error, "render double refuses")
         for scene in request.scenes:
             key = f"jobs/{request.job_id}/images/scene-{scene.index:03d}.png"
@@ -97,6 +104,8 @@ async def gateway(upstream, file_store):
         render_address=upstream.address,
         compose_address=upstream.address,
         max_upload_bytes=64 * 1024,
+        retry_initial_s=0.05,
+        retry_give_up_after_s=4.0,
     )
     running = await start_and_load(settings, GatewayService(settings, file_store))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")

@@ -57,12 +57,12 @@ async def test_generate_refused_request_exits_2_with_the_reason(gateway, tmp_pat
 async def test_generate_failed_job_exits_1_naming_the_stage(gateway, upstream, tmp_path: Path):
     import grpc
 
-    upstream.render_error = grpc.StatusCode.RESOURCE_EXHAUSTED
+    upstream.render_error = grpc.StatusCode.FAILED_PRECONDITION
     code, _, stderr = await _run(
         "generate", "a fox", "--gateway", gateway.address, "-o", str(tmp_path / "x.mp4")
     )
     assert code == 1
-    assert "failed at the render stage" in stderr and "RESOURCE_EXHAUSTED" in stderr
+    assert "failed at the render stage" in stderr and "FAILED_PRECONDITION" in stderr
     assert not (tmp_path / "x.mp4").exists()
 
 

@@ -109,8 +109,36 @@ async def test_upstream_failure_marks_job_failed_with_stage_and_code(gateway, up
     assert job.stages[-1].state == gateway_pb2.JOB_STATE_FAILED
 
 
+async def test_transient_render_failures_are_retried_until_the_job_completes(gateway, upstream):
+    # More failures than the channel's own retry policy absorbs (4 attempts a call),
+    # so the gateway's stage-level retry has to step in as well.
+    upstream.render_error = grpc.StatusCode.UNAVAILABLE
+    upstream.render_failures = 5
+    job_id = (
+        await gateway.CreateVideo(gateway_pb2.CreateVideoRequest(prompt="a fox", scene_count=2))
+    ).job_id
+    events, job = await _finish(gateway, job_id)
+    assert job.state == gateway_pb2.JOB_STATE_DONE
+    retries = [e for e in events if e.kind == gateway_pb2.EVENT_KIND_RETRYING]
+    assert len(retries) >= 1 and "UNAVAILABLE" in retries[0].message
+    assert upstream.render_calls == 6
+
+
+async def test_a_transient_failure_that_persists_fails_the_job_in_the_end(gateway, upstream):
+    upstream.render_error = grpc.StatusCode.RESOURCE_EXHAUSTED
+    job_id = (
+        await gateway.CreateVideo(gateway_pb2.CreateVideoRequest(prompt="a fox", scene_count=1))
+    ).job_id
+    _, job = await _finish(gateway, job_id)
+    assert job.state == gateway_pb2.JOB_STATE_FAILED
+    assert (job.error.stage, job.error.code) == (gateway_pb2.STAGE_RENDER, "RESOURCE_EXHAUSTED")
+    assert upstream.render_calls > 1
+
+
 async def test_unreachable_upstream_fails_the_job_and_names_the_service(file_store):
-    settings = GatewaySettings(port=0, story_address="127.0.0.1:1", storyboard_timeout_s=5)
+    settings = GatewaySettings(
+        port=0, story_address="127.0.0.1:1", storyboard_timeout_s=5, retry_give_up_after_s=1
+    )
     running = await start_and_load(settings, GatewayService(settings, file_store))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
