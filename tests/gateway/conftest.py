@@ -7,6 +7,7 @@ the gateway's own behaviour. The real services run together in tests/e2e.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import grpc
@@ -30,6 +31,11 @@ class UpstreamDoubles:
     # Fail this many render calls with render_error, then succeed (None: fail every call).
     render_failures: int | None = None
     render_calls: int = 0
+    # Seconds each scene takes to "render" (to catch a job mid-render).
+    render_delay_s: float = 0.0
+    # Scene indices of every render call, and how many calls were cancelled by the caller.
+    render_requests: list = field(default_factory=list)
+    render_cancelled: int = 0
     story_requests: list = field(default_factory=list)
     compose_requests: list = field(default_factory=list)
 
@@ -63,12 +69,18 @@ class RenderDouble(render_pb2_grpc.RenderServiceServicer):
             failures is None or self.state.render_calls <= failures
         ):
             await context.abort(self.state.render_error, "render double refuses")
-        for scene in request.scenes:
-            key = f"jobs/{request.job_id}/images/scene-{scene.index:03d}.png"
-            uri = self.state.store.put_bytes(key, b"png")
-            yield render_pb2.RenderScenesResponse(
-                image=render_pb2.RenderedImage(index=scene.index, uri=uri, seed=scene.seed)
-            )
+        self.state.render_requests.append([scene.index for scene in request.scenes])
+        try:
+            for scene in request.scenes:
+                await asyncio.sleep(self.state.render_delay_s)
+                key = f"jobs/{request.job_id}/images/scene-{scene.index:03d}.png"
+                uri = self.state.store.put_bytes(key, f"png {scene.seed}".encode())
+                yield render_pb2.RenderScenesResponse(
+                    image=render_pb2.RenderedImage(index=scene.index, uri=uri, seed=scene.seed)
+                )
+        except (asyncio.CancelledError, GeneratorExit):
+            self.state.render_cancelled += 1
+            raise
 
 
 class ComposeDouble(compose_pb2_grpc.ComposeServiceServicer):
@@ -96,21 +108,52 @@ async def upstream(file_store):
     await server.stop(0)
 
 
+@dataclass
+class GatewayUnderTest:
+    stub: gateway_pb2_grpc.StoryReelServiceStub
+    running: object
+    channel: grpc.aio.Channel
+    address: str
+
+    async def stop(self) -> None:
+        await self.channel.close()
+        await self.running.stop(0)
+
+
 @pytest.fixture
-async def gateway(upstream, file_store):
-    settings = GatewaySettings(
-        port=0,
-        story_address=upstream.address,
-        render_address=upstream.address,
-        compose_address=upstream.address,
-        max_upload_bytes=64 * 1024,
-        retry_initial_s=0.05,
-        retry_give_up_after_s=4.0,
-    )
-    running = await start_and_load(settings, GatewayService(settings, file_store))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-    stub = gateway_pb2_grpc.StoryReelServiceStub(channel)
-    stub.address = f"127.0.0.1:{running.port}"
-    yield stub
-    await channel.close()
-    await running.stop(0)
+async def start_gateway(upstream, file_store):
+    """Start gateways wired to the upstream doubles; every one is stopped at the end."""
+    started: list[GatewayUnderTest] = []
+
+    async def start(store=None, **overrides) -> GatewayUnderTest:
+        fields = {
+            "port": 0,
+            "story_address": upstream.address,
+            "render_address": upstream.address,
+            "compose_address": upstream.address,
+            "max_upload_bytes": 64 * 1024,
+            "retry_initial_s": 0.05,
+            "retry_give_up_after_s": 4.0,
+            **overrides,
+        }
+        settings = GatewaySettings(**fields)
+        running = await start_and_load(settings, GatewayService(settings, store or file_store))
+        address = f"127.0.0.1:{running.port}"
+        channel = grpc.aio.insecure_channel(address)
+        under_test = GatewayUnderTest(
+            gateway_pb2_grpc.StoryReelServiceStub(channel), running, channel, address
+        )
+        started.append(under_test)
+        return under_test
+
+    yield start
+    for under_test in started:
+        await under_test.stop()
+
+
+@pytest.fixture
+async def gateway(start_gateway):
+    under_test = await start_gateway()
+    stub = under_test.stub
+    stub.address = under_test.address
+    return stub
