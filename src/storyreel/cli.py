@@ -1,7 +1,13 @@
 """The ``storyreel`` command line.
 
-storyreel generate "PROMPT" [--audio FILE] [--scenes N] [--seed S] [-o out.mp4]
-storyreel serve
+    storyreel generate "PROMPT" [--audio FILE] [--scenes N] [--seed S] [-o out.mp4]
+    storyreel serve
+    storyreel status|watch|cancel|download JOB
+    storyreel regenerate JOB INDEX [--prompt P] [--seed S]
+    storyreel list
+
+Exit codes: 0 success, 1 the job failed or was cancelled, 2 the request was
+refused (bad input, unknown job, missing key), 3 the gateway is unreachable.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -20,6 +27,7 @@ from pathlib import Path
 import grpc
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from storyreel.errors import UpstreamFailed
 
@@ -28,8 +36,9 @@ console = Console(stderr=True, soft_wrap=True)
 DEFAULT_GATEWAY = os.environ.get("STORYREEL_GATEWAY", "127.0.0.1:50050")
 DEFAULT_DATA_DIR = Path(os.environ.get("STORYREEL_HOME", "data"))
 UPLOAD_CHUNK_BYTES = 256 * 1024
+#: How long `watch` keeps trying to reach a gateway that went away (it may be restarting).
+RECONNECT_FOR_S = 60.0
 
-#: Exit codes: 1 the job failed, 2 the request was refused, 3 the stack or gateway is unreachable.
 EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 1, 2, 3
 
 
@@ -46,13 +55,48 @@ def _rpc_error(error: grpc.RpcError, what: str) -> CliError:
     return CliError(f"{what}: {code.name}: {error.details()}", EXIT_REFUSED)
 
 
-def _upload_requests(path: Path) -> Iterator:
+def _pb():
     from storyreel.gateway.v1 import gateway_pb2
 
-    yield gateway_pb2.UploadAudioRequest(filename=path.name)
+    return gateway_pb2
+
+
+class GatewayClient:
+    """The public API with the caller's key attached to every call."""
+
+    def __init__(self, address: str, api_key: str = "", tls_ca: Path | None = None) -> None:
+        from storyreel.gateway.v1 import gateway_pb2_grpc
+
+        if tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca.read_bytes())
+            self.channel = grpc.secure_channel(address, credentials)
+        else:
+            self.channel = grpc.insecure_channel(address)
+        self.stub = gateway_pb2_grpc.StoryReelServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    def call(self, method: str, request, what: str, timeout: float = 60):
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as error:
+            raise _rpc_error(error, what) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _client(args: argparse.Namespace, stack: ExitStack, address: str | None = None):
+    client = GatewayClient(address or args.gateway, args.api_key, args.tls_ca)
+    stack.callback(client.close)
+    return client
+
+
+def _upload_requests(path: Path) -> Iterator:
+    pb = _pb()
+    yield pb.UploadAudioRequest(filename=path.name)
     with path.open("rb") as fh:
         while chunk := fh.read(UPLOAD_CHUNK_BYTES):
-            yield gateway_pb2.UploadAudioRequest(chunk=chunk)
+            yield pb.UploadAudioRequest(chunk=chunk)
 
 
 def _fetch(url: str, output: Path) -> None:
@@ -64,90 +108,222 @@ def _fetch(url: str, output: Path) -> None:
         shutil.copyfile(url, output)
 
 
-def _watch(stub, job_id: str):
-    """Follow the job with a progress bar; returns the final Job message."""
-    from storyreel.gateway.v1 import gateway_pb2
+def _name(enum, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix).lower()
 
-    stage_names = {
-        gateway_pb2.STAGE_STORYBOARD: "writing storyboard",
-        gateway_pb2.STAGE_RENDER: "rendering scenes",
-        gateway_pb2.STAGE_COMPOSE: "composing video",
+
+def _describe(job) -> str:
+    pb = _pb()
+    stages = {
+        pb.STAGE_STORYBOARD: "writing storyboard",
+        pb.STAGE_RENDER: "rendering scenes",
+        pb.STAGE_COMPOSE: "composing video",
     }
+    if job.state == pb.JOB_STATE_QUEUED:
+        return "queued"
+    if job.state == pb.JOB_STATE_RUNNING:
+        return stages.get(job.stage, "running")
+    return _name(pb.JobState, job.state, "JOB_STATE_")
+
+
+def _watch(client: GatewayClient, job_id: str):
+    """Follow the job with a progress bar; reconnects if the gateway restarts."""
+    pb = _pb()
     job = None
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[eta]}"),
         TimeElapsedColumn(),
     )
+    finished = (pb.JOB_STATE_DONE, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("queued", total=100)
-        for event in stub.WatchJob(gateway_pb2.WatchJobRequest(job_id=job_id)):
-            job = event.job
-            description = stage_names.get(job.stage, "queued")
-            if event.kind == gateway_pb2.EVENT_KIND_SCENE_RENDERED:
-                description = f"rendered scene {event.scene_index}/{job.scene_count}"
-            if job.state == gateway_pb2.JOB_STATE_DONE:
-                description = "done"
-            elif job.state in (gateway_pb2.JOB_STATE_FAILED, gateway_pb2.JOB_STATE_CANCELLED):
-                description = (
-                    gateway_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+        task = progress.add_task("queued", total=100, eta="")
+        lost_since = None
+        while job is None or job.state not in finished:
+            try:
+                stream = client.stub.WatchJob(
+                    pb.WatchJobRequest(job_id=job_id), metadata=client.metadata
                 )
-            progress.update(task, completed=job.progress, description=description)
+                for event in stream:
+                    lost_since = None
+                    job = event.job
+                    description = _describe(job)
+                    if event.kind == pb.EVENT_KIND_SCENE_RENDERED:
+                        description = f"rendered scene {event.scene_index}/{job.scene_count}"
+                    elif event.kind == pb.EVENT_KIND_RETRYING:
+                        description = f"retrying: {event.message}"[:80]
+                    eta = f"~{job.eta_s:.0f}s left" if job.eta_s > 0 else ""
+                    progress.update(task, completed=job.progress, description=description, eta=eta)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise _rpc_error(error, f"cannot watch job {job_id}") from None
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > RECONNECT_FOR_S:
+                    raise _rpc_error(error, f"lost track of job {job_id}") from None
+                progress.update(task, description="gateway unreachable, reconnecting")
+                time.sleep(1.0)
     return job
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from storyreel.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+def _final(job, job_id: str) -> None:
+    """Raise CliError unless the job is DONE."""
+    pb = _pb()
+    if job.state == pb.JOB_STATE_DONE:
+        return
+    if job.state == pb.JOB_STATE_FAILED:
+        stage = _name(pb.Stage, job.error.stage, "STAGE_")
+        raise CliError(
+            f"job {job_id} failed at the {stage} stage: {job.error.code}: {job.error.message}",
+            EXIT_JOB_FAILED,
+        )
+    raise CliError(f"job {job_id} ended {_describe(job)}", EXIT_JOB_FAILED)
 
+
+def _download(job, output: Path) -> Path:
+    _fetch(job.video_url, output)
+    return output.resolve()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    pb = _pb()
     if args.audio and not args.audio.is_file():
         raise CliError(f"audio file {args.audio} does not exist", EXIT_REFUSED)
     with ExitStack() as stack:
-        address = args.gateway
-        if args.serve:
-            _, address = _start_stack(stack, args.data_dir)
-        channel = stack.enter_context(grpc.insecure_channel(address))
-        stub = gateway_pb2_grpc.StoryReelServiceStub(channel)
+        address = _start_stack(stack, args.data_dir)[1] if args.serve else None
+        client = _client(args, stack, address)
         audio_uri = ""
-        try:
-            if args.audio:
-                audio_uri = stub.UploadAudio(_upload_requests(args.audio), timeout=300).audio_uri
-            job_id = stub.CreateVideo(
-                gateway_pb2.CreateVideoRequest(
-                    prompt=args.prompt,
-                    scene_count=args.scenes,
-                    style=args.style,
-                    seed=args.seed,
-                    audio_uri=audio_uri,
-                    width=args.width,
-                    height=args.height,
-                    fps=args.fps,
-                ),
-                timeout=60,
-            ).job_id
-        except grpc.RpcError as error:
-            raise _rpc_error(error, "request refused") from None
+        if args.audio:
+            audio_uri = client.call(
+                "UploadAudio", _upload_requests(args.audio), "upload refused", timeout=300
+            ).audio_uri
+        job_id = client.call(
+            "CreateVideo",
+            pb.CreateVideoRequest(
+                prompt=args.prompt,
+                scene_count=args.scenes,
+                style=args.style,
+                seed=args.seed,
+                audio_uri=audio_uri,
+                width=args.width,
+                height=args.height,
+                fps=args.fps,
+                idempotency_key=args.idempotency_key,
+            ),
+            "request refused",
+        ).job_id
         console.print(f"job [bold]{job_id}[/bold]")
-        try:
-            job = _watch(stub, job_id)
-        except grpc.RpcError as error:
-            raise _rpc_error(error, f"lost track of job {job_id}") from None
-        if job is None or job.state != gateway_pb2.JOB_STATE_DONE:
-            if job is not None and job.state == gateway_pb2.JOB_STATE_FAILED:
-                stage = gateway_pb2.Stage.Name(job.error.stage).removeprefix("STAGE_").lower()
-                raise CliError(
-                    f"job {job_id} failed at the {stage} stage: {job.error.code}: "
-                    f"{job.error.message}",
-                    EXIT_JOB_FAILED,
-                )
-            raise CliError(f"job {job_id} did not finish", EXIT_JOB_FAILED)
-        output = args.output
-        _fetch(job.video_url, output)
+        job = _watch(client, job_id)
+        _final(job, job_id)
+        output = _download(job, args.output)
         console.print(
             f"[green]video[/green] {job.storyboard.title!r}: {len(job.images)} scenes, "
             f"{job.duration_s:.1f} s"
         )
-        print(output.resolve())
+        print(output)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    pb = _pb()
+    with ExitStack() as stack:
+        job = (
+            _client(args, stack)
+            .call("GetJob", pb.GetJobRequest(job_id=args.job), f"job {args.job}")
+            .job
+        )
+    table = Table(title=f"job {job.job_id}", show_header=False)
+    table.add_row("state", _describe(job))
+    table.add_row("progress", f"{job.progress:.0f}%")
+    table.add_row("prompt", job.prompt)
+    if job.storyboard.title:
+        table.add_row("title", job.storyboard.title)
+    for stage in job.stages:
+        name = _name(pb.Stage, stage.stage, "STAGE_")
+        state = _name(pb.JobState, stage.state, "JOB_STATE_")
+        table.add_row(f"stage {name}", f"{state} {stage.duration_s:.1f} s")
+    if job.state == pb.JOB_STATE_FAILED:
+        table.add_row("error", f"{job.error.code}: {job.error.message}")
+    if job.video_url:
+        table.add_row("video", job.video_url)
+    console.print(table)
+    print(_name(pb.JobState, job.state, "JOB_STATE_"))
+    return 0 if job.state != pb.JOB_STATE_FAILED else EXIT_JOB_FAILED
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    with ExitStack() as stack:
+        job = _watch(_client(args, stack), args.job)
+    _final(job, args.job)
+    print(job.video_url)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    pb = _pb()
+    with ExitStack() as stack:
+        response = _client(args, stack).call(
+            "ListJobs",
+            pb.ListJobsRequest(page_size=args.limit, page_token=args.page_token),
+            "list refused",
+        )
+    table = Table("job", "state", "progress", "created", "prompt")
+    for job in response.jobs:
+        created = job.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(job.job_id, _describe(job), f"{job.progress:.0f}%", created, job.prompt[:50])
+    console.print(table)
+    for job in response.jobs:
+        print(job.job_id, _name(pb.JobState, job.state, "JOB_STATE_"))
+    if response.next_page_token:
+        console.print(f"more: --page-token {response.next_page_token}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    pb = _pb()
+    with ExitStack() as stack:
+        job = (
+            _client(args, stack)
+            .call("CancelJob", pb.CancelJobRequest(job_id=args.job), f"cannot cancel {args.job}")
+            .job
+        )
+    print(_name(pb.JobState, job.state, "JOB_STATE_"))
+    return 0
+
+
+def cmd_regenerate(args: argparse.Namespace) -> int:
+    pb = _pb()
+    request = pb.RegenerateSceneRequest(job_id=args.job, index=args.index)
+    if args.prompt is not None:
+        request.prompt = args.prompt
+    if args.seed is not None:
+        request.seed = args.seed
+    with ExitStack() as stack:
+        client = _client(args, stack)
+        client.call("RegenerateScene", request, f"cannot regenerate scene {args.index}")
+        if args.no_wait:
+            print(args.job)
+            return 0
+        job = _watch(client, args.job)
+        _final(job, args.job)
+        if args.output:
+            print(_download(job, args.output))
+        else:
+            print(job.video_url)
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    pb = _pb()
+    with ExitStack() as stack:
+        job = (
+            _client(args, stack)
+            .call("GetJob", pb.GetJobRequest(job_id=args.job), f"job {args.job}")
+            .job
+        )
+    _final(job, args.job)
+    print(_download(job, args.output or Path(f"{args.job}.mp4")))
     return 0
 
 
@@ -193,24 +369,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="make a video from a prompt")
+    def client_command(name: str, help: str, func) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help)
+        command.add_argument(
+            "--gateway", default=DEFAULT_GATEWAY, help="gateway address (host:port)"
+        )
+        command.add_argument(
+            "--api-key",
+            default=os.environ.get("STORYREEL_API_KEY", ""),
+            help="API key (default: $STORYREEL_API_KEY)",
+        )
+        command.add_argument("--tls-ca", type=Path, help="CA certificate of a TLS gateway")
+        command.set_defaults(func=func)
+        return command
+
+    gen = client_command("generate", "make a video from a prompt", cmd_generate)
     gen.add_argument("prompt")
     gen.add_argument("--audio", type=Path, help="your own audio track (wav, mp3, ogg, flac, m4a)")
     gen.add_argument("--scenes", type=int, default=0, help="number of scenes (1-24)")
-    gen.add_argument(
-        "--seed", type=int, default=0, help="seed; the same seed gives the same images"
-    )
+    gen.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
     gen.add_argument("--style", default="", help="style preset or free text")
     gen.add_argument("--width", type=int, default=0)
     gen.add_argument("--height", type=int, default=0)
     gen.add_argument("--fps", type=int, default=0)
+    gen.add_argument("--idempotency-key", default="", help="retry-safe key for this request")
     gen.add_argument("-o", "--output", type=Path, default=Path("storyreel.mp4"))
-    gen.add_argument("--gateway", default=DEFAULT_GATEWAY, help="gateway address (host:port)")
     gen.add_argument(
         "--serve", action="store_true", help="start the whole stack locally for this one video"
     )
     gen.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    gen.set_defaults(func=cmd_generate)
+
+    for name, help, func in (
+        ("status", "show a job", cmd_status),
+        ("watch", "follow a job until it ends", cmd_watch),
+        ("cancel", "cancel a job", cmd_cancel),
+    ):
+        client_command(name, help, func).add_argument("job")
+    download = client_command("download", "save a finished job's video", cmd_download)
+    download.add_argument("job")
+    download.add_argument("-o", "--output", type=Path)
+
+    listing = client_command("list", "list your jobs, newest first", cmd_list)
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--page-token", default="")
+
+    regen = client_command("regenerate", "draw one scene again and recompose", cmd_regenerate)
+    regen.add_argument("job")
+    regen.add_argument("index", type=int, help="scene number (1-based)")
+    regen.add_argument("--prompt", help="new image prompt for the scene")
+    regen.add_argument("--seed", type=int, help="new seed for the scene")
+    regen.add_argument("-o", "--output", type=Path, help="also save the new video here")
+    regen.add_argument("--no-wait", action="store_true", help="return at once")
 
     serve = sub.add_parser("serve", help="run every service on localhost until interrupted")
     serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)

@@ -76,3 +76,75 @@ async def test_generate_with_missing_audio_file_exits_2(tmp_path: Path):
     code, _, stderr = await _run("generate", "a fox", "--audio", str(tmp_path / "none.wav"))
     assert code == 2
     assert "does not exist" in stderr
+
+
+async def _job(gateway, **fields) -> str:
+    from storyreel.gateway.v1 import gateway_pb2 as pb
+
+    job_id = (await gateway.CreateVideo(pb.CreateVideoRequest(prompt="a fox", **fields))).job_id
+    async for _ in gateway.WatchJob(pb.WatchJobRequest(job_id=job_id)):
+        pass
+    return job_id
+
+
+async def test_status_list_and_download_of_a_finished_job(gateway, tmp_path: Path):
+    job_id = await _job(gateway, scene_count=2)
+    code, stdout, stderr = await _run("status", job_id, "--gateway", gateway.address)
+    assert code == 0, stderr
+    assert stdout.strip() == "done" and "Test title" in stderr
+
+    code, stdout, _ = await _run("list", "--gateway", gateway.address)
+    assert code == 0 and f"{job_id} done" in stdout
+
+    target = tmp_path / "saved.mp4"
+    code, stdout, _ = await _run(
+        "download", job_id, "-o", str(target), "--gateway", gateway.address
+    )
+    assert code == 0 and stdout.strip() == str(target.resolve())
+    assert target.read_bytes() == b"mp4"
+
+    code, stdout, _ = await _run("watch", job_id, "--gateway", gateway.address)
+    assert code == 0 and stdout.strip().endswith("video.mp4")
+
+
+async def test_regenerate_redraws_a_scene_from_the_command_line(gateway, upstream):
+    job_id = await _job(gateway, scene_count=2)
+    code, stdout, stderr = await _run(
+        "regenerate", job_id, "2", "--seed", "77", "--gateway", gateway.address
+    )
+    assert code == 0, stderr
+    assert upstream.render_requests[-1] == [2]
+    assert len(upstream.compose_requests) == 2
+
+    code, _, stderr = await _run("regenerate", job_id, "9", "--gateway", gateway.address)
+    assert code == 2 and "index must be between 1 and 2" in stderr
+
+
+async def test_cancel_from_the_command_line(gateway, upstream):
+    from storyreel.gateway.v1 import gateway_pb2 as pb
+
+    upstream.render_delay_s = 5.0
+    job_id = (await gateway.CreateVideo(pb.CreateVideoRequest(prompt="x"))).job_id
+    code, stdout, stderr = await _run("cancel", job_id, "--gateway", gateway.address)
+    assert code == 0, stderr
+    assert stdout.strip() == "cancelled"
+    code, stdout, stderr = await _run("status", job_id, "--gateway", gateway.address)
+    assert stdout.strip() == "cancelled"
+    code, _, stderr = await _run("watch", job_id, "--gateway", gateway.address)
+    assert code == 1 and "cancelled" in stderr
+
+
+async def test_unknown_job_exits_2(gateway):
+    for command in ("status", "watch", "cancel", "download"):
+        code, _, stderr = await _run(command, "no-such-job", "--gateway", gateway.address)
+        assert code == 2, command
+        assert "NOT_FOUND" in stderr
+
+
+async def test_api_key_is_sent_from_the_environment(start_gateway, monkeypatch):
+    under_test = await start_gateway(api_keys={"acme": ["secret-key"]})
+    code, _, stderr = await _run("list", "--gateway", under_test.address)
+    assert code == 2 and "UNAUTHENTICATED" in stderr
+    monkeypatch.setenv("STORYREEL_API_KEY", "secret-key")
+    code, _, stderr = await _run("list", "--gateway", under_test.address)
+    assert code == 0, stderr
