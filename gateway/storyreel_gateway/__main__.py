@@ -15,7 +15,11 @@ def main() -> int:
     configure_logging("gateway", settings.log_level)
     from storyreel_gateway.service import GatewayService
 
-    return asyncio.run(serve(settings, GatewayService(settings)))
+    async def run() -> int:
+        # The service opens its upstream channels, which belong to the running event loop.
+        return await serve(settings, GatewayService(settings))
+
+    return asyncio.run(run())
 
 
 if __name__ == "__main__":
