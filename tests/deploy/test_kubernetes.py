@@ -1,0 +1,569 @@
+"""The Kubernetes manifests: each overlay renders, validates, and keeps the project's policy.
+
+Built-in kinds are validated strictly (unknown fields rejected) against the schemas that
+kubernetes-validate bundles, for the oldest and the newest Kubernetes the manifests
+support. Custom resources (KEDA's ScaledObject, the Prometheus Operator's PodMonitor)
+have no bundled schema; they are validated against the schemas in ``schemas/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+
+OVERLAYS = ("cpu-dev", "gpu")
+#: Oldest and newest Kubernetes minor versions the manifests are checked against.
+KUBERNETES_VERSIONS = ("1.29", "1.37")
+#: The storyreel services and their gRPC ports (each service's settings.py default).
+SERVICES = {"gateway": 50050, "llm": 50051, "diffusion": 50052, "composer": 50053}
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
+SCHEMAS = Path(__file__).parent / "schemas"
+CUSTOM_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): SCHEMAS / "keda-scaledobject-v1alpha1.json",
+    ("monitoring.coreos.com/v1", "PodMonitor"): SCHEMAS / "prometheus-podmonitor-v1.json",
+}
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
+
+overlays = pytest.mark.parametrize("overlay", OVERLAYS)
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def find(objects: list[dict], kind: str, name: str) -> dict:
+    """The one object of ``kind`` named ``name``."""
+    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
+
+
+def of_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def workloads(objects: list[dict]) -> list[dict]:
+    return [o for o in objects if o["kind"] in WORKLOAD_KINDS]
+
+
+def pod_spec(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def containers(workload: dict) -> Iterator[dict]:
+    """Every container of a workload, init containers included."""
+    spec = pod_spec(workload)
+    yield from spec.get("initContainers", [])
+    yield from spec["containers"]
+
+
+def template_labels(workload: dict) -> dict[str, str]:
+    """The labels of a workload's pods."""
+    return workload["spec"]["template"]["metadata"]["labels"]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    """A container's env entries by name."""
+    return {entry["name"]: entry for entry in container.get("env", [])}
+
+
+def label(obj: dict) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels and In/NotIn/Exists expressions) matches."""
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and labels.get(key) in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def validate_builtin(obj: dict, version: str) -> None:
+    kubernetes_validate.validate(obj, version, strict=True)
+
+
+def validate_custom(obj: dict) -> None:
+    schema = json.loads(CUSTOM_SCHEMAS[(obj["apiVersion"], obj["kind"])].read_text())
+    jsonschema.Draft202012Validator(schema).validate(obj)
+
+
+# --- rendering and schemas -----------------------------------------------------------------
+
+
+def test_both_overlays_render(rendered):
+    assert set(OVERLAYS) <= set(rendered)
+    for name in OVERLAYS:
+        assert rendered[name], f"overlay {name} rendered nothing"
+
+
+@overlays
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_builtin_object_validates_strictly_against_kubernetes_schemas(
+    rendered, overlay, version
+):
+    failures = []
+    for obj in rendered[overlay]:
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_SCHEMAS:
+            continue
+        try:
+            validate_builtin(obj, version)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            failures.append(f"{label(obj)}: {path}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            failures.append(f"{label(obj)}: {exc.message}; add a schema to CUSTOM_SCHEMAS")
+    assert not failures, "\n".join(failures)
+
+
+@overlays
+def test_custom_resources_validate_against_their_schemas(rendered, overlay):
+    custom = [o for o in rendered[overlay] if (o["apiVersion"], o["kind"]) in CUSTOM_SCHEMAS]
+    for obj in custom:
+        validate_custom(obj)
+
+
+def test_strict_validation_rejects_a_misspelled_field(rendered):
+    gateway = copy.deepcopy(find(rendered["gpu"], "Deployment", "gateway"))
+    container = pod_spec(gateway)["containers"][0]
+    container["livenesProbe"] = container.pop("livenessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_builtin(gateway, KUBERNETES_VERSIONS[-1])
+
+
+def test_scaledobject_schema_rejects_a_numeric_threshold(rendered):
+    scaler = copy.deepcopy(find(rendered["gpu"], "ScaledObject", "diffusion"))
+    scaler["spec"]["triggers"][0]["metadata"]["threshold"] = 4
+    with pytest.raises(jsonschema.ValidationError):
+        validate_custom(scaler)
+
+
+def test_podmonitor_schema_rejects_an_unknown_field(rendered):
+    monitor = copy.deepcopy(find(rendered["gpu"], "PodMonitor", "diffusion"))
+    monitor["spec"]["podMetricEndpoints"] = monitor["spec"].pop("podMetricsEndpoints")
+    with pytest.raises(jsonschema.ValidationError):
+        validate_custom(monitor)
+
+
+# --- per service ---------------------------------------------------------------------------
+
+
+@overlays
+def test_every_service_has_a_deployment_a_service_and_its_own_service_account(rendered, overlay):
+    objects = rendered[overlay]
+    for name in SERVICES:
+        deployment = find(objects, "Deployment", name)
+        find(objects, "Service", name)
+        account = find(objects, "ServiceAccount", name)
+        assert pod_spec(deployment)["serviceAccountName"] == name
+        assert account.get("automountServiceAccountToken") is False
+        assert pod_spec(deployment).get("automountServiceAccountToken") is False
+
+
+@overlays
+def test_services_listen_on_all_interfaces_on_their_grpc_port(rendered, overlay):
+    for name, port in SERVICES.items():
+        container = pod_spec(find(rendered[overlay], "Deployment", name))["containers"][0]
+        env = env_of(container)
+        prefix = f"STORYREEL_{name.upper()}_"
+        assert env[prefix + "HOST"]["value"] == "0.0.0.0"
+        assert env[prefix + "PORT"]["value"] == str(port)
+        assert {"name": "grpc", "containerPort": port} in container["ports"]
+        service = find(rendered[overlay], "Service", name)
+        ports = service["spec"]["ports"]
+        assert any(p["port"] == port and p["targetPort"] == "grpc" for p in ports)
+
+
+@overlays
+def test_gateway_upstream_addresses_name_services_that_exist(rendered, overlay):
+    objects = rendered[overlay]
+    env = env_of(pod_spec(find(objects, "Deployment", "gateway"))["containers"][0])
+    upstreams = {"STORY": "llm", "RENDER": "diffusion", "COMPOSE": "composer"}
+    for setting, service_name in upstreams.items():
+        address = env[f"STORYREEL_GATEWAY_{setting}_ADDRESS"]["value"]
+        match = re.fullmatch(r"dns:///([a-z0-9-]+):(\d+)", address)
+        assert match, f"{setting}: {address!r} is not dns:///name:port"
+        assert match.group(1) == service_name
+        service = find(objects, "Service", service_name)
+        assert int(match.group(2)) in [p["port"] for p in service["spec"]["ports"]]
+
+
+# --- probes, resources, security ----------------------------------------------------------
+
+
+@overlays
+def test_every_long_running_container_has_startup_readiness_and_liveness_probes(rendered, overlay):
+    for workload in workloads(rendered[overlay]):
+        if workload["kind"] == "Job":
+            continue
+        for container in pod_spec(workload)["containers"]:
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert probe in container, f"{label(workload)}/{container['name']} lacks {probe}"
+
+
+@overlays
+def test_storyreel_services_use_native_grpc_probes_with_room_to_load_models(rendered, overlay):
+    for name, port in SERVICES.items():
+        container = pod_spec(find(rendered[overlay], "Deployment", name))["containers"][0]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": port}, f"{name} {probe}"
+        startup = container["startupProbe"]
+        budget_s = startup["periodSeconds"] * startup["failureThreshold"]
+        if name in ("llm", "diffusion"):
+            # Model services get at least 15 minutes to download and load their model.
+            assert budget_s >= 15 * 60, f"{name} startup budget is only {budget_s} s"
+
+
+@overlays
+def test_every_container_has_cpu_and_memory_requests_and_limits(rendered, overlay):
+    for workload in workloads(rendered[overlay]):
+        for container in containers(workload):
+            resources = container.get("resources", {})
+            for part in ("requests", "limits"):
+                for resource in ("cpu", "memory"):
+                    assert resource in resources.get(part, {}), (
+                        f"{label(workload)}/{container['name']} lacks {part}.{resource}"
+                    )
+
+
+@overlays
+def test_every_pod_runs_as_non_root_with_a_read_only_root_and_no_capabilities(rendered, overlay):
+    for workload in workloads(rendered[overlay]):
+        pod = pod_spec(workload)
+        pod_security = pod.get("securityContext", {})
+        assert pod_security.get("seccompProfile", {}).get("type") == "RuntimeDefault"
+        for container in containers(workload):
+            where = f"{label(workload)}/{container['name']}"
+            security = {**pod_security, **container.get("securityContext", {})}
+            assert security.get("runAsNonRoot") is True, where
+            assert security.get("runAsUser", 0) != 0, where
+            assert security.get("allowPrivilegeEscalation") is False, where
+            assert security.get("readOnlyRootFilesystem") is True, where
+            assert security.get("capabilities", {}).get("drop") == ["ALL"], where
+
+
+@overlays
+def test_namespace_enforces_the_restricted_pod_security_standard(rendered, overlay):
+    namespace = find(rendered[overlay], "Namespace", "storyreel")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for obj in rendered[overlay]:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == "storyreel", label(obj)
+
+
+@overlays
+def test_every_object_is_labelled_as_part_of_storyreel(rendered, overlay):
+    for obj in rendered[overlay]:
+        labels = obj["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/part-of") == "storyreel", label(obj)
+
+
+@overlays
+def test_every_image_names_an_exact_version(rendered, overlay):
+    for workload in workloads(rendered[overlay]):
+        for container in containers(workload):
+            image = container["image"]
+            name_tag = image.split("@")[0]
+            tag = name_tag.rsplit(":", 1)[1] if ":" in name_tag.rsplit("/", 1)[-1] else ""
+            assert tag and tag != "latest", f"{label(workload)}: {image} has no exact tag"
+
+
+# --- the render tier ------------------------------------------------------------------------
+
+
+def gpu_limit(container: dict) -> int:
+    return int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+def test_diffusion_and_tgi_get_a_gpu_each_in_the_gpu_overlay(rendered):
+    for name in ("diffusion", "tgi"):
+        deployment = find(rendered["gpu"], "Deployment", name)
+        container = pod_spec(deployment)["containers"][0]
+        assert gpu_limit(container) == 1, f"{name} has no nvidia.com/gpu limit"
+        tolerations = pod_spec(deployment).get("tolerations", [])
+        assert any(t.get("key") == "nvidia.com/gpu" for t in tolerations), name
+    diffusion = pod_spec(find(rendered["gpu"], "Deployment", "diffusion"))["containers"][0]
+    assert env_of(diffusion)["STORYREEL_DIFFUSION_DEVICE"]["value"] == "cuda"
+
+
+def test_gpu_overlay_runs_only_the_gpu_tier_on_gpus(rendered):
+    for workload in workloads(rendered["gpu"]):
+        if workload["metadata"]["name"] in ("diffusion", "tgi"):
+            continue
+        for container in containers(workload):
+            assert gpu_limit(container) == 0, f"{label(workload)} asks for a GPU"
+
+
+def test_cpu_dev_overlay_needs_no_gpu(rendered):
+    for workload in workloads(rendered["cpu-dev"]):
+        for container in containers(workload):
+            assert gpu_limit(container) == 0, f"{label(workload)} asks for a GPU"
+    assert not of_kind(rendered["cpu-dev"], "ScaledObject")
+    diffusion = pod_spec(find(rendered["cpu-dev"], "Deployment", "diffusion"))["containers"][0]
+    assert env_of(diffusion)["STORYREEL_DIFFUSION_DEVICE"]["value"] == "cpu"
+
+
+@overlays
+def test_render_tier_has_a_headless_service_shared_memory_and_the_model_cache(rendered, overlay):
+    objects = rendered[overlay]
+    assert find(objects, "Service", "diffusion")["spec"]["clusterIP"] == "None"
+    for name in ("diffusion", "tgi"):
+        if name == "tgi" and overlay != "gpu":
+            continue
+        pod = pod_spec(find(objects, "Deployment", name))
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", name
+        claim = volumes[mounts["/cache"]]["persistentVolumeClaim"]["claimName"]
+        find(objects, "PersistentVolumeClaim", claim)
+        env = env_of(pod["containers"][0])
+        assert env["HF_HOME"]["value"].startswith("/cache/"), name
+
+
+def test_gpu_model_cache_can_be_shared_by_replicas_on_many_nodes(rendered):
+    claim = find(rendered["gpu"], "PersistentVolumeClaim", "model-cache")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_render_tier_scales_on_render_queue_depth_within_bounds(rendered):
+    objects = rendered["gpu"]
+    scaler = find(objects, "ScaledObject", "diffusion")
+    spec = scaler["spec"]
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "diffusion"}
+    assert spec["scaleTargetRef"] == target
+    assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert "storyreel_render_queue_depth" in trigger["metadata"]["query"]
+    assert float(trigger["metadata"]["threshold"]) > 0
+    # Prometheus can only see the metric if it scrapes the port the service exports it on.
+    container = pod_spec(find(objects, "Deployment", "diffusion"))["containers"][0]
+    env = env_of(container)
+    metrics_port = int(env["STORYREEL_DIFFUSION_METRICS_PORT"]["value"])
+    assert env["STORYREEL_DIFFUSION_METRICS_HOST"]["value"] == "0.0.0.0"
+    assert {"name": "metrics", "containerPort": metrics_port} in container["ports"]
+    monitor = find(objects, "PodMonitor", "diffusion")
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    assert selects(
+        monitor["spec"]["selector"], template_labels(find(objects, "Deployment", "diffusion"))
+    )
+
+
+# --- autoscaling and availability -------------------------------------------------------------
+
+
+@overlays
+def test_gateway_and_composer_scale_on_cpu(rendered, overlay):
+    for name in ("gateway", "composer"):
+        hpa = find(rendered[overlay], "HorizontalPodAutoscaler", name)
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        assert hpa["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": name,
+        }
+        assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+        assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+
+
+@overlays
+def test_autoscaled_deployments_leave_the_replica_count_to_the_autoscaler(rendered, overlay):
+    objects = rendered[overlay]
+    scalers = of_kind(objects, "HorizontalPodAutoscaler") + of_kind(objects, "ScaledObject")
+    scaled = {scaler["spec"]["scaleTargetRef"]["name"] for scaler in scalers}
+    assert scaled, "nothing is autoscaled"
+    for name in scaled:
+        assert "replicas" not in find(objects, "Deployment", name)["spec"], name
+
+
+@overlays
+def test_every_deployment_has_a_disruption_budget(rendered, overlay):
+    objects = rendered[overlay]
+    budgets = of_kind(objects, "PodDisruptionBudget")
+    for deployment in of_kind(objects, "Deployment"):
+        labels = template_labels(deployment)
+        assert any(selects(b["spec"]["selector"], labels) for b in budgets), label(deployment)
+
+
+# --- exposure and traffic ---------------------------------------------------------------------
+
+
+@overlays
+def test_only_the_gateway_is_exposed_outside_the_cluster(rendered, overlay):
+    objects = rendered[overlay]
+    for service in of_kind(objects, "Service"):
+        spec = service["spec"]
+        exposed = spec.get("type", "ClusterIP") in ("NodePort", "LoadBalancer") or spec.get(
+            "externalIPs"
+        )
+        if service["metadata"]["name"] != "gateway":
+            assert not exposed, f"{label(service)} is reachable from outside"
+    for kind in ("Ingress", "Gateway", "HTTPRoute", "GRPCRoute", "Route"):
+        assert not of_kind(objects, kind), f"{overlay} renders an {kind}"
+    for workload in workloads(objects):
+        pod = pod_spec(workload)
+        assert not pod.get("hostNetwork"), label(workload)
+        for container in containers(workload):
+            assert all("hostPort" not in p for p in container.get("ports", [])), label(workload)
+
+
+def test_gpu_overlay_gives_the_gateway_a_load_balancer(rendered):
+    assert find(rendered["gpu"], "Service", "gateway")["spec"]["type"] == "LoadBalancer"
+
+
+@overlays
+def test_gateway_service_keeps_each_client_on_one_replica(rendered, overlay):
+    # Jobs live in the memory of the gateway replica that accepted them.
+    assert find(rendered[overlay], "Service", "gateway")["spec"]["sessionAffinity"] == "ClientIP"
+
+
+def ingress_rules_for(objects: list[dict], pod_labels: dict[str, str]) -> list[dict]:
+    rules = []
+    for policy in of_kind(objects, "NetworkPolicy"):
+        if selects(policy["spec"]["podSelector"], pod_labels):
+            rules.extend(policy["spec"].get("ingress", []))
+    return rules
+
+
+@overlays
+def test_network_policies_deny_ingress_unless_allowed(rendered, overlay):
+    policy = find(rendered[overlay], "NetworkPolicy", "default-deny-ingress")
+    assert policy["spec"]["podSelector"] == {}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert "ingress" not in policy["spec"]
+
+
+@overlays
+def test_internal_services_accept_traffic_only_from_the_gateway(rendered, overlay):
+    objects = rendered[overlay]
+    gateway_labels = template_labels(find(objects, "Deployment", "gateway"))
+    for name, port in SERVICES.items():
+        if name == "gateway":
+            continue
+        labels = template_labels(find(objects, "Deployment", name))
+        rules = ingress_rules_for(objects, labels)
+        grpc_rules = [r for r in rules if any(p.get("port") == port for p in r.get("ports", []))]
+        assert grpc_rules, f"nothing may call {name}"
+        for rule in rules:
+            ports = [p.get("port") for p in rule.get("ports", [])]
+            assert ports, f"{name} has a rule open on every port"
+            if port in ports:
+                peers = rule.get("from")
+                assert peers, f"{name} accepts gRPC from anywhere"
+                for peer in peers:
+                    assert set(peer) == {"podSelector"}, f"{name}: {peer}"
+                    assert selects(peer["podSelector"], gateway_labels)
+                    assert peer["podSelector"] == {
+                        "matchLabels": {"app.kubernetes.io/name": "gateway"}
+                    }, f"{name} accepts gRPC from more than the gateway: {peer}"
+
+
+@overlays
+def test_the_gateway_accepts_clients_on_its_grpc_port_only(rendered, overlay):
+    objects = rendered[overlay]
+    labels = template_labels(find(objects, "Deployment", "gateway"))
+    rules = ingress_rules_for(objects, labels)
+    assert rules
+    for rule in rules:
+        assert [p["port"] for p in rule["ports"]] == [SERVICES["gateway"]]
+
+
+def test_tgi_accepts_traffic_only_from_the_llm_service(rendered):
+    objects = rendered["gpu"]
+    labels = template_labels(find(objects, "Deployment", "tgi"))
+    rules = ingress_rules_for(objects, labels)
+    assert rules
+    for rule in rules:
+        assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "llm"}}}]
+
+
+# --- configuration and secrets ----------------------------------------------------------------
+
+
+def secret_refs(objects: list[dict]) -> dict[str, set[str]]:
+    """Secret name -> keys that non-optional env entries read from it."""
+    refs: dict[str, set[str]] = {}
+    for workload in workloads(objects):
+        for container in containers(workload):
+            for entry in container.get("env", []):
+                ref = entry.get("valueFrom", {}).get("secretKeyRef")
+                if ref and not ref.get("optional"):
+                    refs.setdefault(ref["name"], set()).add(ref["key"])
+    return refs
+
+
+def test_cpu_dev_renders_every_secret_and_key_its_pods_read(rendered):
+    objects = rendered["cpu-dev"]
+    for name, keys in secret_refs(objects).items():
+        secret = find(objects, "Secret", name)
+        assert keys <= set(secret.get("data", {})), f"{name} lacks {keys}"
+
+
+def test_gpu_overlay_ships_no_credentials_and_the_docs_say_how_to_create_them(rendered):
+    objects = rendered["gpu"]
+    assert not of_kind(objects, "Secret")
+    docs = DOCS.read_text()
+    referenced = {}
+    for workload in workloads(objects):
+        for container in containers(workload):
+            for entry in container.get("env", []):
+                ref = entry.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    referenced.setdefault(ref["name"], set()).add(ref["key"])
+    assert referenced.keys() == {"storyreel-minio", "storyreel-api-keys"}
+    for name, keys in referenced.items():
+        command = re.search(
+            rf"kubectl -n storyreel create secret generic {name}((?:\s+\\?\s*--from-literal=\S+)+)",
+            docs,
+        )
+        assert command, f"docs/deploy.md does not show how to create {name}"
+        for key in keys:
+            assert f"--from-literal={key}=" in command.group(1), f"{name}: key {key}"
+
+
+@overlays
+def test_every_referenced_config_map_and_claim_exists(rendered, overlay):
+    objects = rendered[overlay]
+    for workload in workloads(objects):
+        pod = pod_spec(workload)
+        for container in containers(workload):
+            for source in container.get("envFrom", []):
+                find(objects, "ConfigMap", source["configMapRef"]["name"])
+        for volume in pod.get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                find(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+            if "configMap" in volume:
+                find(objects, "ConfigMap", volume["configMap"]["name"])
+
+
+@overlays
+def test_services_that_store_artifacts_can_reach_minio(rendered, overlay):
+    objects = rendered[overlay]
+    minio_labels = template_labels(find(objects, "StatefulSet", "minio"))
+    peers = [
+        peer["podSelector"]
+        for rule in ingress_rules_for(objects, minio_labels)
+        for peer in rule.get("from", [])
+    ]
+    for workload in workloads(objects):
+        for container in containers(workload):
+            sources = [s.get("configMapRef", {}).get("name") for s in container.get("envFrom", [])]
+            if "storyreel-storage" in sources:
+                labels = template_labels(workload)
+                assert any(selects(p, labels) for p in peers), f"{label(workload)}: no MinIO"
