@@ -363,6 +363,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compose(args: argparse.Namespace) -> int:
+    """Compose a video from local images and audio, without the other services."""
+    # Imported here: the composer (moviepy, piper, PIL) is needed by this command only.
+    from storyreel_composer.composer import ComposeOptions
+    from storyreel_composer.local import compose_files
+
+    from storyreel.errors import StoryreelError
+
+    options = ComposeOptions(
+        aspect=args.aspect,
+        resolution=args.resolution,
+        fit=args.fit,
+        transition=args.transition,
+        crossfade_s=args.crossfade,
+        motion=args.motion,
+        seed=args.seed,
+        captions=args.captions,
+        audio_mode="music" if args.music else None,
+        voice=args.voice,
+        speaking_rate=args.rate,
+    )
+    try:
+        with console.status("composing video..."):
+            made = compose_files(
+                args.images,
+                args.output,
+                audio=args.audio,
+                narration=args.narration,
+                options=options,
+                fps=args.fps,
+            )
+    except StoryreelError as exc:
+        raise CliError(exc.message, EXIT_REFUSED) from None
+    except RuntimeError as exc:
+        raise CliError(str(exc), EXIT_JOB_FAILED) from None
+    result = made.result
+    console.print(
+        f"[green]video[/green] {len(result.scene_starts_s)} scenes, {result.duration_s:.2f} s, "
+        f"{result.width}x{result.height} at {result.fps} fps"
+    )
+    for extra in (made.captions_srt, made.captions_vtt, made.poster, made.contact_sheet):
+        if extra is not None:
+            console.print(f"  {extra}")
+    print(made.video.resolve())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="storyreel", description="One prompt in, a narrated video out."
@@ -424,6 +471,39 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run every service on localhost until interrupted")
     serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     serve.set_defaults(func=cmd_serve)
+
+    comp = sub.add_parser(
+        "compose",
+        help="make a video from your own images and audio (no other service needed)",
+        description="Images (in name order) plus your audio and/or narration become an MP4 "
+        "with Ken Burns motion, crossfades and captions. The narration file has one line per "
+        "image. Beside the video go its captions (.srt, .vtt), a poster and a contact sheet.",
+    )
+    comp.add_argument("--images", type=Path, required=True, help="folder of scene images")
+    comp.add_argument(
+        "--audio", type=Path, help="your audio (wav, mp3, ogg, flac, m4a, aac): the sound track"
+    )
+    comp.add_argument(
+        "--narration", type=Path, help="text file, one line per image: captions and narration"
+    )
+    comp.add_argument(
+        "--music",
+        action="store_true",
+        help="speak the narration and play --audio under it as music (ducked, faded out)",
+    )
+    comp.add_argument("--aspect", choices=["16:9", "9:16", "1:1"])
+    comp.add_argument("--resolution", choices=["480p", "720p", "1080p"])
+    comp.add_argument("--fps", type=int, default=0)
+    comp.add_argument("--fit", choices=["cover", "blur"])
+    comp.add_argument("--transition", choices=["crossfade", "cut"])
+    comp.add_argument("--crossfade", type=float, default=0.0, help="crossfade length in seconds")
+    comp.add_argument("--motion", choices=["ken_burns", "none"])
+    comp.add_argument("--seed", type=int, default=0, help="seed of the Ken Burns moves")
+    comp.add_argument("--captions", choices=["burned", "sidecar", "off"])
+    comp.add_argument("--voice", default="", help="narration voice name")
+    comp.add_argument("--rate", type=float, default=0.0, help="speaking rate (1 = normal)")
+    comp.add_argument("-o", "--output", type=Path, default=Path("storyreel.mp4"))
+    comp.set_defaults(func=cmd_compose)
     return parser
 
 

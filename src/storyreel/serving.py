@@ -170,6 +170,7 @@ async def create_server(settings: ServiceSettings, service: Service) -> RunningS
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
     ]
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(), *service.interceptors()], options=options

@@ -27,6 +27,10 @@ class StorageSettings(BaseSettings):
     s3_secret_key: SecretStr = SecretStr("")
     s3_secure: bool = False
     s3_region: str | None = None
+    # host:port callers outside the cluster use to reach S3, for presigned URLs (the
+    # signature covers the host). Empty: the same as s3_endpoint.
+    s3_public_endpoint: str = ""
+    s3_public_secure: bool | None = None
     # Lifetime of presigned download URLs handed to callers.
     presign_expiry_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
 
@@ -46,3 +50,6 @@ class ServiceSettings(BaseSettings):
     grace_period_s: float = Field(default=10.0, ge=0)
     # Largest message accepted or sent, in bytes.
     max_message_bytes: int = 4 * 1024 * 1024
+    # Clients are asked to reconnect after this long (calls in flight finish first), so
+    # that clients balancing over a DNS name spread onto replicas added since.
+    max_connection_age_s: float = Field(default=300.0, gt=0)

@@ -169,12 +169,24 @@ class S3Store(ArtifactStore):
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.root_uri = f"s3://{bucket}/{self.prefix}"
         self.presign_expiry = timedelta(seconds=settings.presign_expiry_s)
-        self.client = Minio(
-            settings.s3_endpoint,
-            access_key=settings.s3_access_key or None,
-            secret_key=settings.s3_secret_key.get_secret_value() or None,
-            secure=settings.s3_secure,
-            region=settings.s3_region,
+        def client(endpoint: str, secure: bool) -> Minio:
+            return Minio(
+                endpoint,
+                access_key=settings.s3_access_key or None,
+                secret_key=settings.s3_secret_key.get_secret_value() or None,
+                secure=secure,
+                # A fixed region lets presigning work without asking the server.
+                region=settings.s3_region or "us-east-1",
+            )
+
+        self.client = client(settings.s3_endpoint, settings.s3_secure)
+        public_secure = (
+            settings.s3_secure if settings.s3_public_secure is None else settings.s3_public_secure
+        )
+        self.public_client = (
+            client(settings.s3_public_endpoint, public_secure)
+            if settings.s3_public_endpoint
+            else self.client
         )
 
     def _object(self, uri: str) -> str:
@@ -269,7 +281,7 @@ class S3Store(ArtifactStore):
     def public_url(self, uri: str) -> str:
         return self._call(
             uri,
-            self.client.presigned_get_object,
+            self.public_client.presigned_get_object,
             self.bucket,
             self._object(uri),
             expires=self.presign_expiry,

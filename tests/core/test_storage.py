@@ -113,3 +113,13 @@ def test_s3_unreachable_endpoint_names_the_problem():
 def test_unsupported_storage_urls_are_refused(url):
     with pytest.raises(InvalidInput):
         open_store(StorageSettings(url=url))
+
+
+def test_presigned_urls_name_the_public_endpoint(s3_settings: StorageSettings):
+    public = s3_settings.model_copy(update={"s3_public_endpoint": "localhost:8333"})
+    store = open_store(public)
+    uri = store.put_bytes("jobs/p/video/video.mp4", b"movie")
+    url = store.public_url(uri)
+    assert url.startswith("http://localhost:8333/")
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.read() == b"movie"
