@@ -81,7 +81,9 @@ class LocalStack:
         env.update(self.env)
         return env
 
-    def _launch(self, spec: ServiceSpec, extra: dict[str, str]) -> RunningProcess:
+    def _launch(
+        self, spec: ServiceSpec, extra: dict[str, str], port: int | None = None
+    ) -> RunningProcess:
         run_dir = self.data_dir / "run"
         log_dir = self.data_dir / "logs"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,9 @@ class LocalStack:
         env.update(
             {
                 f"{spec.env_prefix}HOST": "127.0.0.1",
-                f"{spec.env_prefix}PORT": str(spec.port if self.fixed_ports else 0),
+                f"{spec.env_prefix}PORT": str(
+                    port if port is not None else spec.port if self.fixed_ports else 0
+                ),
                 f"{spec.env_prefix}PORT_FILE": str(port_file),
                 **extra,
             }
@@ -153,12 +157,7 @@ class LocalStack:
             for spec in workers:
                 self._wait_port(self.processes[spec.name], deadline)
             gateway_spec = next(s for s in self.services if s.name == "gateway")
-            upstream = {
-                "STORYREEL_GATEWAY_STORY_ADDRESS": self.processes["llm"].address,
-                "STORYREEL_GATEWAY_RENDER_ADDRESS": self.processes["diffusion"].address,
-                "STORYREEL_GATEWAY_COMPOSE_ADDRESS": self.processes["composer"].address,
-            }
-            gateway = self._launch(gateway_spec, upstream)
+            gateway = self._launch(gateway_spec, self._upstream_env())
             self._wait_port(gateway, deadline)
             for running in self.processes.values():
                 self._wait_serving(running, deadline)
@@ -168,6 +167,32 @@ class LocalStack:
             self.stop()
             raise
         return self.gateway_address
+
+    def _upstream_env(self) -> dict[str, str]:
+        return {
+            "STORYREEL_GATEWAY_STORY_ADDRESS": self.processes["llm"].address,
+            "STORYREEL_GATEWAY_RENDER_ADDRESS": self.processes["diffusion"].address,
+            "STORYREEL_GATEWAY_COMPOSE_ADDRESS": self.processes["composer"].address,
+        }
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one service and wait for it to exit (a crash, with SIGKILL)."""
+        running = self.processes[name]
+        running.process.send_signal(sig)
+        running.process.wait(timeout=30)
+
+    def restart(self, name: str, env: dict[str, str] | None = None, timeout_s: float = 300) -> None:
+        """Start one service again on the port it had, and wait until it is SERVING."""
+        old = self.processes[name]
+        if old.process.poll() is None:
+            self.kill(name, signal.SIGTERM)
+        extra = dict(env or {})
+        if name == "gateway":
+            extra = {**self._upstream_env(), **extra}
+        running = self._launch(old.spec, extra, port=old.port)
+        deadline = time.monotonic() + timeout_s
+        self._wait_port(running, deadline)
+        self._wait_serving(running, deadline)
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM every service (gateway first), then SIGKILL what is left after grace_s."""
