@@ -1,0 +1,1 @@
+"""storyreel story service: writes storyboards (title, characters, scenes) with an LLM."""

@@ -62,6 +62,10 @@ def load_from_gguf():
     # The GGUF quantizer marks the model as quantized, which blocks
     # save_pretrained; the weights are already plain fp32 tensors.
     model.hf_quantizer = None
+    # Nor should the saved config claim GGUF quantization: from_pretrained(dir)
+    # would then attach the GGUF quantizer again.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return model, tokenizer
 
 

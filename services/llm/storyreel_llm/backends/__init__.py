@@ -1,0 +1,27 @@
+"""Model backends of the story service.
+
+Only :mod:`.local` needs torch and transformers, and it imports them when it
+loads, so the tgi image runs without them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from storyreel_llm.backends.base import Backend, ChatMessage
+
+if TYPE_CHECKING:
+    from storyreel_llm.settings import LLMSettings
+
+__all__ = ["Backend", "ChatMessage", "create_backend"]
+
+
+def create_backend(settings: LLMSettings) -> Backend:
+    """The backend ``settings.backend`` names, not loaded yet."""
+    if settings.backend == "tgi":
+        from storyreel_llm.backends.tgi import TGIBackend
+
+        return TGIBackend(settings)
+    from storyreel_llm.backends.local import LocalBackend
+
+    return LocalBackend(settings)

@@ -1,0 +1,131 @@
+"""gRPC face of the story service: proto <-> domain, one generation at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from storyreel.errors import NotReady, Overloaded
+from storyreel.serving import Service
+from storyreel.story.v1 import story_pb2, story_pb2_grpc
+from storyreel_llm.backends import Backend, create_backend
+from storyreel_llm.settings import LLMSettings
+from storyreel_llm.storyboard import Storyboard
+from storyreel_llm.writer import StoryboardWriter
+
+log = logging.getLogger(__name__)
+
+
+def storyboard_to_proto(storyboard: Storyboard) -> story_pb2.Storyboard:
+    """The domain storyboard as the contract's message."""
+    return story_pb2.Storyboard(
+        title=storyboard.title,
+        characters=[
+            story_pb2.Character(name=c.name, appearance=c.appearance) for c in storyboard.characters
+        ],
+        scenes=[
+            story_pb2.Scene(
+                index=s.index,
+                narration=s.narration,
+                image_prompt=s.image_prompt,
+                characters=list(s.characters),
+            )
+            for s in storyboard.scenes
+        ],
+        style=storyboard.style,
+        degraded=storyboard.degraded,
+    )
+
+
+class GenerationSlot:
+    """Runs blocking model work on one dedicated thread, so one generation runs at a time.
+
+    The model loads on the same thread it generates on. Callers beyond
+    ``max_waiting`` are turned away with :class:`Overloaded` instead of queueing
+    for minutes.
+    """
+
+    def __init__(self, max_waiting: int) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._max_waiting = max_waiting
+        self._pending = 0  # running + waiting
+
+    async def run(self, fn, /, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)`` on the generation thread and return its result."""
+        if self._pending > self._max_waiting:
+            raise Overloaded(f"{self._pending} storyboard requests are already queued; retry later")
+        self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._executor, functools.partial(fn, *args, **kwargs)
+            )
+        finally:
+            self._pending -= 1
+
+    def shutdown(self) -> None:
+        """Stop the thread once queued work is done."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class StoryServicer(story_pb2_grpc.StoryServiceServicer):
+    """storyreel.story.v1.StoryService: validates, then hands the request to the writer."""
+
+    def __init__(self, writer: StoryboardWriter, slot: GenerationSlot) -> None:
+        self._writer = writer
+        self._slot = slot
+        self.ready = False
+
+    async def WriteStoryboard(
+        self, request: story_pb2.WriteStoryboardRequest, context: grpc.aio.ServicerContext
+    ) -> story_pb2.WriteStoryboardResponse:
+        """Writes a storyboard with exactly ``scene_count`` scenes for ``prompt``.
+
+        INVALID_ARGUMENT for a bad prompt, scene_count or style (checked before the
+        model is touched); UNAVAILABLE while the model loads or when it fails;
+        RESOURCE_EXHAUSTED when too many requests wait.
+        """
+        self._writer.check_request(request.prompt, request.scene_count, request.style)
+        if not self.ready:
+            raise NotReady("the story model is still loading; retry shortly")
+        storyboard = await self._slot.run(
+            self._writer.write,
+            request.prompt,
+            request.scene_count,
+            request.style,
+            request.seed,
+        )
+        return story_pb2.WriteStoryboardResponse(storyboard=storyboard_to_proto(storyboard))
+
+
+class StoryService(Service):
+    """The story service: the servicer plus the model backend it loads."""
+
+    service_names = (story_pb2.DESCRIPTOR.services_by_name["StoryService"].full_name,)
+
+    def __init__(self, settings: LLMSettings, backend: Backend | None = None) -> None:
+        self.settings = settings
+        self.backend = backend if backend is not None else create_backend(settings)
+        self._slot = GenerationSlot(settings.max_waiting_requests)
+        self.writer = StoryboardWriter(self.backend, settings)
+        self.servicer = StoryServicer(self.writer, self._slot)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register StoryService on ``server``."""
+        story_pb2_grpc.add_StoryServiceServicer_to_server(self.servicer, server)
+
+    async def load(self) -> None:
+        """Load the model on the generation thread; requests are served after this."""
+        log.info("loading model", extra={"backend": self.backend.name})
+        await self._slot.run(self.backend.load)
+        self.servicer.ready = True
+
+    async def close(self) -> None:
+        """Stop serving, finish queued work and release the model."""
+        self.servicer.ready = False
+        await asyncio.to_thread(self._slot.shutdown)
+        self.backend.close()
