@@ -1,13 +1,15 @@
-"""Fixtures of the render service tests: one tiny model and one loaded renderer per session."""
+"""Fixtures of the render service tests: tiny models and loaded renderers, built once."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from storyreel_diffusion.renderer import SceneRenderer
 from storyreel_diffusion.settings import DiffusionSettings
-from storyreel_diffusion.tiny import build_tiny_pipeline
+from storyreel_diffusion.tiny import IP_ADAPTER_WEIGHTS, build_tiny_ip_adapter, build_tiny_pipeline
 
 from storyreel.settings import StorageSettings
 from storyreel.storage import ArtifactStore, open_store
@@ -20,8 +22,18 @@ def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ip_adapter(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny IP-Adapter (weights and CLIP image encoder) matching ``tiny_sd``."""
+    return build_tiny_ip_adapter(tiny_sd, tmp_path_factory.mktemp("adapters") / "tiny-ip")
+
+
+@pytest.fixture(scope="session")
 def diffusion_settings(tiny_sd: Path) -> DiffusionSettings:
-    """Service settings with small defaults, so tests render 64-128 px images in 2 steps."""
+    """Service settings with small defaults, so tests render 64-128 px images in 2 steps.
+
+    No cache and batches of one: tests that compare two renders see two real
+    renders, byte for byte. Tests of the cache and of batching turn them on.
+    """
     return DiffusionSettings(
         model=str(tiny_sd),
         device="cpu",
@@ -31,20 +43,105 @@ def diffusion_settings(tiny_sd: Path) -> DiffusionSettings:
         default_height=80,
         default_steps=2,
         max_scenes=4,
+        max_batch_size=1,
+        cache_enabled=False,
+        metrics_port=0,
     )
 
 
 @pytest.fixture(scope="session")
+def ip_adapter_settings(diffusion_settings: DiffusionSettings, tiny_ip_adapter: Path) -> dict:
+    """Setting overrides that load the tiny IP-Adapter."""
+    return {
+        "ip_adapter": str(tiny_ip_adapter),
+        "ip_adapter_subfolder": "",
+        "ip_adapter_weight_name": IP_ADAPTER_WEIGHTS,
+    }
+
+
+@pytest.fixture(scope="session")
 def shared_store(tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:
-    """A file store shared by the session's loaded renderer and server."""
+    """A file store shared by the session's loaded renderers and servers."""
     url = tmp_path_factory.mktemp("artifacts").as_uri()
     return open_store(StorageSettings(url=url))
 
 
 @pytest.fixture(scope="session")
 async def renderer(diffusion_settings: DiffusionSettings, shared_store: ArtifactStore):
-    """A loaded renderer (loading includes the warm-up render)."""
+    """A loaded renderer without cache, drawing one image per pipeline call."""
     renderer = SceneRenderer(diffusion_settings, shared_store)
     await renderer.load()
     yield renderer
     await renderer.close()
+
+
+@pytest.fixture(scope="session")
+async def cached_renderer(diffusion_settings: DiffusionSettings, shared_store: ArtifactStore):
+    """A loaded renderer with the content-addressed cache and batches of up to 3 images."""
+    settings = diffusion_settings.model_copy(update={"cache_enabled": True, "max_batch_size": 3})
+    renderer = SceneRenderer(settings, shared_store)
+    await renderer.load()
+    yield renderer
+    await renderer.close()
+
+
+class RecordingPipeline:
+    """Test double around a real loaded pipeline: passes every call through to it.
+
+    Records each call's prompts, and raises ``fail_with`` instead of calling
+    through while it is set (to stand in for a GPU running out of memory, which
+    cannot happen on demand here). Every other attribute is the real pipeline's.
+    """
+
+    _own = ("inner", "calls", "fail_with")
+
+    def __init__(self, inner: Any) -> None:
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "calls", [])
+        object.__setattr__(self, "fail_with", None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._own:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        self.calls.append(list(kwargs["prompt"]))
+        if self.fail_with is not None:
+            raise self.fail_with
+        return self.inner(**kwargs)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [len(prompts) for prompts in self.calls]
+
+
+@pytest.fixture
+def record_calls():
+    """``record_calls(renderer)`` puts a RecordingPipeline around the renderer's pipeline.
+
+    The real pipeline is put back after the test.
+    """
+    swapped: list[tuple[SceneRenderer, Any]] = []
+
+    def wrap(renderer: SceneRenderer) -> RecordingPipeline:
+        recorder = RecordingPipeline(renderer.pipeline)
+        swapped.append((renderer, renderer.swap_pipeline(recorder)))
+        return recorder
+
+    yield wrap
+    for renderer, real in reversed(swapped):
+        if renderer.loaded:
+            renderer.swap_pipeline(real)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for endpoints that cannot bind port 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -49,6 +49,7 @@ async def test_module_serves_renders_and_exits_cleanly_on_sigterm(tiny_sd, tmp_p
         "STORYREEL_DIFFUSION_PORT": "0",
         "STORYREEL_DIFFUSION_PORT_FILE": str(port_file),
         "STORYREEL_DIFFUSION_DEFAULT_STEPS": "2",
+        "STORYREEL_DIFFUSION_METRICS_PORT": "0",
         "STORYREEL_STORAGE_URL": artifacts.as_uri(),
     }
     process = await asyncio.create_subprocess_exec(
@@ -71,7 +72,10 @@ async def test_module_serves_renders_and_exits_cleanly_on_sigterm(tiny_sd, tmp_p
             )
             images = [r.image async for r in stub.RenderScenes(req, timeout=120)]
         store = open_store(StorageSettings(url=artifacts.as_uri()))
-        assert [image.uri for image in images] == list(store.list())
+        assert [image.uri for image in images] == list(store.list("jobs/"))
+        # The same PNG is kept in the content-addressed cache.
+        [cached] = store.list("cache/")
+        assert store.get_bytes(cached) == store.get_bytes(images[0].uri)
 
         process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(process.communicate(), STOP_TIMEOUT_S)

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 from PIL import Image
+from storyreel_diffusion.planning import derive_seed
 from storyreel_diffusion.renderer import (
     RenderedImage,
     SceneRenderer,
@@ -137,6 +138,39 @@ async def test_concurrent_requests_match_sequential_ones(renderer, shared_store)
     assert [[png(shared_store, i) for i in images] for images in together] == sequential
 
 
+async def test_job_seed_renders_what_the_derived_scene_seeds_render(renderer, shared_store):
+    scenes = [SceneToRender(1, "a bay", 0), SceneToRender(2, "a pier", 0)]
+    by_job_seed = await render_all(renderer, new_job(), scenes, job_seed=99, steps=1)
+    derived = [SceneToRender(s.index, s.prompt, derive_seed(99, s.index)) for s in scenes]
+    by_scene_seeds = await render_all(renderer, new_job(), derived, steps=1)
+    assert [i.seed for i in by_job_seed] == [s.seed for s in derived]
+    assert [png(shared_store, i) for i in by_job_seed] == [
+        png(shared_store, i) for i in by_scene_seeds
+    ]
+
+
+async def test_scheduler_is_chosen_per_request(renderer, shared_store):
+    scene = [SceneToRender(1, "a comet", 8)]
+    [default] = await render_all(renderer, new_job(), scene, steps=3)
+    [ddim] = await render_all(renderer, new_job(), scene, steps=3, scheduler="ddim")
+    [euler_a] = await render_all(renderer, new_job(), scene, steps=3, scheduler="euler_a")
+    # The tiny checkpoint's own scheduler is DDIM: the same pixels under either name.
+    assert Image.open(io.BytesIO(png(shared_store, ddim))).tobytes() == (
+        Image.open(io.BytesIO(png(shared_store, default))).tobytes()
+    )
+    assert png(shared_store, euler_a) != png(shared_store, default)
+    # The next request without a scheduler is back on the default.
+    [again] = await render_all(renderer, new_job(), scene, steps=3)
+    assert png(shared_store, again) == png(shared_store, default)
+
+
+async def test_aspect_ratio_gives_a_frame_of_that_shape(renderer, shared_store):
+    [image] = await render_all(renderer, new_job(), [SceneToRender(1, "a road", 2)], aspect="9:16")
+    picture = Image.open(io.BytesIO(png(shared_store, image)))
+    # About the area of the 64x80 default, on multiples of 8, at least 64 px a side.
+    assert picture.size == (64, 112)
+
+
 def _scenes(count: int) -> list[SceneToRender]:
     return [SceneToRender(i, f"scene {i}", i) for i in range(1, count + 1)]
 
@@ -167,6 +201,8 @@ INVALID_REQUESTS = {
     "guidance above the maximum": (dict(guidance=30.5), "guidance must be above 0 and at most 30"),
     "guidance not a number": (dict(guidance=float("nan")), "guidance must be"),
     "oversized negative prompt": (dict(negative_prompt="x" * 2001), "negative_prompt"),
+    "unknown consistency mode": (dict(consistency="magic"), "consistency must be one of"),
+    "unknown scheduler": (dict(scheduler="magic"), "scheduler must be one of"),
 }
 
 

@@ -8,6 +8,7 @@ import uuid
 import grpc
 import pytest
 from PIL import Image
+from storyreel_diffusion.planning import derive_seed
 from storyreel_diffusion.service import DiffusionService
 from support import health_status, stored_uris
 
@@ -36,9 +37,8 @@ def request(**fields) -> render_pb2.RenderScenesRequest:
 
 @pytest.fixture(scope="module")
 async def server(diffusion_settings, shared_store):
-    running = await start_and_load(
-        diffusion_settings, DiffusionService(diffusion_settings, shared_store)
-    )
+    settings = diffusion_settings.model_copy(update={"cache_enabled": True, "max_batch_size": 2})
+    running = await start_and_load(settings, DiffusionService(settings, shared_store))
     yield running
     await running.stop(0)
 
@@ -86,11 +86,67 @@ async def test_stream_returns_one_stored_image_per_scene(stub, shared_store):
         assert Image.open(io.BytesIO(shared_store.get_bytes(image.uri))).size == (96, 64)
 
 
-async def test_repeated_request_gives_identical_images(stub, shared_store):
-    req = request()
-    first = [shared_store.get_bytes(image.uri) for image in await collect(stub, req)]
-    second = [shared_store.get_bytes(image.uri) for image in await collect(stub, req)]
-    assert first == second
+async def test_repeated_request_gives_identical_images_from_the_cache(stub, shared_store):
+    req = request(scenes=[render_pb2.SceneToRender(index=1, prompt=f"a tide {new_job()}", seed=4)])
+    first = await collect(stub, req)
+    second = await collect(stub, req)
+    assert [image.cached for image in first + second] == [False, True]
+    assert shared_store.get_bytes(first[0].uri) == shared_store.get_bytes(second[0].uri)
+    assert first[0].content_key == second[0].content_key != ""
+
+
+MIRA = render_pb2.CharacterToRender(name="Mira", appearance="a girl with red braids", seed=77)
+
+
+async def test_characters_and_seed_lock_travel_through_grpc(stub):
+    scenes = [
+        render_pb2.SceneToRender(index=1, prompt="Mira on a cliff", characters=["Mira"]),
+        render_pb2.SceneToRender(index=2, prompt="Mira at sea", characters=["Mira"]),
+        render_pb2.SceneToRender(index=3, prompt="an empty beach"),
+    ]
+    locked = await collect(
+        stub,
+        request(
+            scenes=scenes,
+            characters=[MIRA],
+            consistency=render_pb2.CONSISTENCY_MODE_SEED_LOCK,
+            job_seed=5,
+        ),
+    )
+    assert [image.seed for image in locked] == [77, 77, derive_seed(5, 3)]
+    plain = await collect(
+        stub,
+        request(
+            scenes=scenes,
+            characters=[MIRA],
+            consistency=render_pb2.CONSISTENCY_MODE_NONE,
+            job_seed=5,
+        ),
+    )
+    assert [image.seed for image in plain] == [derive_seed(5, i) for i in (1, 2, 3)]
+
+
+async def test_aspect_ratio_sets_the_frame(stub, shared_store):
+    [image] = await collect(
+        stub,
+        request(
+            width=0,
+            height=0,
+            aspect_ratio=render_pb2.ASPECT_RATIO_LANDSCAPE_16_9,
+            scenes=[render_pb2.SceneToRender(index=1, prompt="a road", seed=1)],
+        ),
+    )
+    picture = Image.open(io.BytesIO(shared_store.get_bytes(image.uri)))
+    assert picture.size == (112, 64)  # about the 64x80 default area, at least 64 px a side
+
+
+async def test_reference_images_without_an_adapter_is_failed_precondition(stub, shared_store):
+    before = stored_uris(shared_store)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(stub, request(consistency=render_pb2.CONSISTENCY_MODE_REFERENCE_IMAGES))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "IP-Adapter" in raised.value.details()
+    assert stored_uris(shared_store) == before
 
 
 async def test_zero_size_and_steps_select_the_service_defaults(
@@ -126,6 +182,16 @@ INVALID = {
     "no scenes": (dict(scenes=[]), "scenes must hold 1 to"),
     "bad job id": (dict(job_id="../../etc"), "job_id must be"),
     "guidance above the maximum": (dict(guidance=31.0), "guidance must be above 0 and at most 30"),
+    "unknown consistency mode": (
+        dict(consistency=99),
+        "consistency has unknown value 99; use one of CONSISTENCY_MODE_UNSPECIFIED",
+    ),
+    "unknown aspect ratio": (dict(aspect_ratio=7), "aspect_ratio has unknown value 7"),
+    "unknown scene character": (
+        dict(scenes=[render_pb2.SceneToRender(index=1, prompt="a", seed=1, characters=["Bob"])]),
+        "character 'Bob' is not in the request's characters",
+    ),
+    "unknown scheduler": (dict(scheduler="magic"), "scheduler must be one of"),
 }
 
 

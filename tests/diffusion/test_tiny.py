@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from storyreel_diffusion.tiny import build_tiny_pipeline, is_complete_pipeline, main
+from storyreel_diffusion.tiny import (
+    IP_ADAPTER_WEIGHTS,
+    build_tiny_ip_adapter,
+    build_tiny_pipeline,
+    is_complete_pipeline,
+    main,
+)
 from transformers import CLIPTokenizer
 
 
@@ -52,3 +58,22 @@ def test_same_seed_builds_identical_weights(tiny_sd, tmp_path):
     ):
         assert (again / part).read_bytes() == (tiny_sd / part).read_bytes(), part
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # no staging folder left
+
+
+def test_tiny_ip_adapter_has_a_projection_and_one_pair_per_cross_attention(tiny_ip_adapter):
+    from safetensors import safe_open
+
+    with safe_open(tiny_ip_adapter / IP_ADAPTER_WEIGHTS, framework="pt") as weights:
+        keys = set(weights.keys())
+    assert {"image_proj.proj.weight", "image_proj.norm.weight"} <= keys
+    pairs = sorted(int(k.split(".")[1]) for k in keys if k.endswith("to_k_ip.weight"))
+    assert pairs == list(range(1, 2 * len(pairs), 2))  # numbered as the loader counts them
+    config = json.loads((tiny_ip_adapter / "image_encoder" / "config.json").read_text())
+    assert config["architectures"] == ["CLIPVisionModelWithProjection"]
+
+
+def test_ip_adapter_build_refuses_a_folder_that_is_not_one(tiny_sd, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a complete IP-Adapter"):
+        build_tiny_ip_adapter(tiny_sd, tmp_path)
+    assert build_tiny_ip_adapter(tiny_sd, tmp_path / "fresh") == tmp_path / "fresh"

@@ -1,46 +1,82 @@
 """Scene rendering: prompts in, PNGs in the artifact store out.
 
 The core of the render service, with no gRPC in it. :class:`SceneRenderer`
-loads a diffusers text-to-image pipeline once, checks every request against
-the limits in :class:`~storyreel_diffusion.settings.DiffusionSettings` before
-doing any work, then draws the scenes one at a time and stores each PNG as
-soon as it is drawn. Each image's noise comes from a generator seeded with the
-scene's seed, so a repeated request gives byte-identical PNGs.
+loads one diffusers pipeline at start, checks every request before doing any
+work (:func:`~storyreel_diffusion.planning.plan_render`), serves what it can
+from the content-addressed cache, and draws the rest in micro-batches on a
+single render thread. Each image is stored as soon as its batch is decoded and
+handed back in request order while the next batch is being drawn.
+
+Each image's noise comes from its own generator seeded with the image's seed,
+so a repeated request gives byte-identical PNGs on the same device, and a
+scene's image does not depend on the scenes drawn before it. (Drawn in a batch
+of another size, an image may differ from the one drawn alone by one level in
+a few pixels: batched kernels round differently.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
+import json
 import logging
-import math
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
-from storyreel.errors import InvalidInput, NotReady, Overloaded
-from storyreel.ids import check_job_id, job_key
+from storyreel.errors import NotFound, NotReady, Overloaded
 from storyreel.storage import ArtifactStore
+from storyreel_diffusion.metrics import RenderMetrics
+from storyreel_diffusion.models import (
+    LoadedModel,
+    load_pipeline,
+    names_local_folder,
+    resolve_device,
+    resolve_dtype,
+)
+from storyreel_diffusion.planning import (
+    AspectRatio,
+    Character,
+    ConsistencyMode,
+    ImagePlan,
+    ModelFacts,
+    RenderPlan,
+    SceneToRender,
+    cache_key,
+    derive_seed,
+    image_key,
+    plan_batches,
+    plan_render,
+    portrait_key,
+)
 from storyreel_diffusion.settings import DiffusionSettings
+
+__all__ = [
+    "AspectRatio",
+    "Character",
+    "ConsistencyMode",
+    "RenderedImage",
+    "SceneRenderer",
+    "SceneToRender",
+    "image_key",
+    "names_local_folder",
+    "plan_render",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 log = logging.getLogger(__name__)
 
-_MAX_SEED = 2**64 - 1
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class SceneToRender:
-    """One image to draw: ``index`` is the scene's 1-based position."""
-
-    index: int
-    prompt: str
-    seed: int
+#: PNG text chunk holding what a cached image's caller must be told (seed used, safety).
+PNG_META = "storyreel"
 
 
 @dataclass(frozen=True)
@@ -49,164 +85,123 @@ class RenderedImage:
 
     index: int
     uri: str
+    #: The seed the image was drawn from (a safety retry's seed when there was one).
     seed: int
+    #: Served from the content-addressed cache without the model.
+    cached: bool = False
+    #: Hash of everything that decides the pixels; the image is cached under it.
+    content_key: str = ""
+    #: Every attempt was flagged by the safety checker; the stored image is blacked out.
+    safety_flagged: bool = False
+    #: Times the image was drawn again with a new seed because it was flagged.
+    safety_retries: int = 0
+    #: URIs of the reference portraits that conditioned the image.
+    reference_uris: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class RenderPlan:
-    """A checked request with every default filled in."""
-
-    job_id: str
-    scenes: tuple[SceneToRender, ...]
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    negative_prompt: str
+@dataclass
+class _Drawn:
+    image: Image.Image
+    seed: int
+    retries: int
+    flagged: bool
 
 
-def image_key(job_id: str, index: int) -> str:
-    """Object key of scene ``index``'s image: ``jobs/<job_id>/images/scene-NNN.png``."""
-    return job_key(job_id, "images", f"scene-{index:03d}.png")
+class _RenderCancelled(Exception):
+    """Raised from the step callback to stop a pipeline call whose caller went away."""
 
 
-def plan_render(
-    settings: DiffusionSettings,
-    job_id: str,
-    scenes: Sequence[SceneToRender],
-    *,
-    width: int = 0,
-    height: int = 0,
-    steps: int = 0,
-    guidance: float = 0.0,
-    negative_prompt: str = "",
-) -> RenderPlan:
-    """Check a request against the limits and fill in defaults (0 or "" selects one).
-
-    Raises InvalidInput naming the field and its bounds. Does no work and
-    touches no storage, so a rejected request leaves nothing behind.
-    """
-    check_job_id(job_id)
-    if not 1 <= len(scenes) <= settings.max_scenes:
-        raise InvalidInput(f"scenes must hold 1 to {settings.max_scenes} scenes, got {len(scenes)}")
-    seen: set[int] = set()
-    for position, scene in enumerate(scenes):
-        where = f"scenes[{position}] (index {scene.index})"
-        if scene.index < 1:
-            raise InvalidInput(f"{where}: index must be 1 or more")
-        if scene.index in seen:
-            raise InvalidInput(f"{where}: index {scene.index} appears more than once")
-        seen.add(scene.index)
-        if not scene.prompt.strip():
-            raise InvalidInput(f"{where}: prompt must not be empty")
-        if len(scene.prompt) > settings.max_prompt_chars:
-            raise InvalidInput(
-                f"{where}: prompt is {len(scene.prompt)} characters, "
-                f"the maximum is {settings.max_prompt_chars}"
-            )
-        if not 0 <= scene.seed <= _MAX_SEED:
-            raise InvalidInput(f"{where}: seed must be between 0 and 2**64-1, got {scene.seed}")
-    if len(negative_prompt) > settings.max_prompt_chars:
-        raise InvalidInput(
-            f"negative_prompt is {len(negative_prompt)} characters, "
-            f"the maximum is {settings.max_prompt_chars}"
-        )
-
-    sides = {}
-    for name, value, default in (
-        ("width", width, settings.default_width),
-        ("height", height, settings.default_height),
-    ):
-        side = sides[name] = value or default
-        if not settings.min_side <= side <= settings.max_side or side % settings.side_multiple:
-            raise InvalidInput(
-                f"{name} must be a multiple of {settings.side_multiple} between "
-                f"{settings.min_side} and {settings.max_side} pixels "
-                f"(0 selects the default {default}), got {side}"
-            )
-    steps = steps or settings.default_steps
-    if not 1 <= steps <= settings.max_steps:
-        raise InvalidInput(
-            f"steps must be between 1 and {settings.max_steps} "
-            f"(0 selects the default {settings.default_steps}), got {steps}"
-        )
-    guidance = guidance or settings.default_guidance
-    if not (math.isfinite(guidance) and 0 < guidance <= settings.max_guidance):
-        raise InvalidInput(
-            f"guidance must be above 0 and at most {settings.max_guidance} "
-            f"(0 selects the default {settings.default_guidance}), got {guidance}"
-        )
-    return RenderPlan(
-        job_id=job_id,
-        scenes=tuple(scenes),
-        width=sides["width"],
-        height=sides["height"],
-        steps=steps,
-        guidance=float(guidance),
-        negative_prompt=negative_prompt,
-    )
+def _out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def _names_local_folder(model: str) -> bool:
-    """Whether ``model`` means a folder here rather than a model hub id.
-
-    A hub id (``org/name``) also looks like a relative path, so a relative
-    name counts as local only when its first folder exists here
-    (``models/tiny-sd`` beside a ``models`` folder).
-    """
-    path = Path(model).expanduser()
-    return (
-        path.is_absolute() or model.startswith(".") or path.exists() or Path(path.parts[0]).is_dir()
-    )
+def _png_meta(png: bytes) -> dict:
+    try:
+        return json.loads(Image.open(io.BytesIO(png)).info.get(PNG_META, "{}"))
+    except (OSError, ValueError):
+        return {}
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` is cuda when a GPU is visible, else cpu; anything else is taken as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def _reference_uris(image: ImagePlan, references: dict[str, str]) -> tuple[str, ...]:
+    return tuple(references[name] for name in image.conditioned_on if name in references)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``"auto"`` is float16 on cuda, float32 elsewhere."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+def _settle(future: asyncio.Future | None) -> None:
+    """Cancel ``future`` or consume its outcome, so nothing is logged as never retrieved."""
+    if future is None:
+        return
+    if future.done():
+        if not future.cancelled():
+            future.exception()
+    else:
+        future.cancel()
 
 
 class SceneRenderer:
     """Draws scene images with one diffusers pipeline and stores them as PNGs.
 
-    Inference runs on a single worker thread: one image at a time per process,
-    never on the event loop. Call :meth:`load` before :meth:`render`.
+    Inference runs on a single worker thread, never on the event loop; requests
+    interleave batch by batch. Call :meth:`load` before :meth:`render`.
     """
 
-    def __init__(self, settings: DiffusionSettings, store: ArtifactStore) -> None:
+    def __init__(
+        self,
+        settings: DiffusionSettings,
+        store: ArtifactStore,
+        metrics: RenderMetrics | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
+        self.metrics = metrics or RenderMetrics()
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
-        self._pipe: Any = None
+        self._model: LoadedModel | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._admitted = 0
 
     @property
     def loaded(self) -> bool:
         """Whether the pipeline is loaded and passed its warm-up render."""
-        return self._pipe is not None
+        return self._model is not None
+
+    @property
+    def facts(self) -> ModelFacts | None:
+        """What the loaded model fixes about requests; None before :meth:`load`."""
+        return self._model.facts if self._model is not None else None
+
+    @property
+    def pipeline(self) -> Any:
+        """The loaded diffusers pipeline; None before :meth:`load`."""
+        return self._model.pipe if self._model is not None else None
+
+    def swap_pipeline(self, pipe: Any) -> Any:
+        """Replace the loaded pipeline with ``pipe`` and return the one it replaces.
+
+        For instrumentation and tests: ``pipe`` is normally a wrapper of the
+        loaded pipeline that observes (or fails) its calls and passes every
+        other attribute through. Takes effect from the next pipeline call.
+        """
+        if self._model is None:
+            raise NotReady("the render model is not loaded")
+        previous, self._model.pipe = self._model.pipe, pipe
+        return previous
 
     async def load(self) -> None:
         """Load the pipeline and render one small image; raises if either fails."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load_pipeline)
+        await loop.run_in_executor(self._executor, self._load)
 
     async def close(self) -> None:
-        """Wait for the image being drawn, then release the pipeline."""
+        """Wait for the batch being drawn, then release the pipeline."""
         executor, self._executor = self._executor, None
         if executor is not None:
-            await asyncio.to_thread(executor.shutdown, wait=True)
-        self._pipe = None
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        self._model = None
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -217,125 +212,425 @@ class SceneRenderer:
         *,
         width: int = 0,
         height: int = 0,
+        aspect: AspectRatio | str | None = None,
         steps: int = 0,
         guidance: float = 0.0,
         negative_prompt: str = "",
+        scheduler: str = "",
+        characters: Sequence[Character] = (),
+        consistency: ConsistencyMode | str | None = None,
+        consistency_strength: float = 0.0,
+        job_seed: int | None = None,
     ) -> AsyncIterator[RenderedImage]:
-        """Draw every scene in order, yielding each image once it is stored.
+        """Render every scene, yielding each image in request order once it is stored.
 
-        0 (or "") selects a field's default. Raises InvalidInput before any
-        work for a request outside the limits (see :func:`plan_render`),
-        NotReady before :meth:`load`, Overloaded when the device runs out of memory.
+        0 (or "" or None) selects a field's default. Raises InvalidInput (or
+        FailedPrecondition) before any work for a request outside the limits (see
+        :func:`~storyreel_diffusion.planning.plan_render`), NotReady before
+        :meth:`load`, Overloaded when the queue is full or the device runs out of
+        memory. Closing the iterator early (the caller cancelled) stops the
+        drawing at the next denoising step.
         """
+        model, executor = self._model, self._executor
+        if model is None or executor is None:
+            raise NotReady("the render model is not loaded")
         plan = plan_render(
             self.settings,
+            model.facts,
             job_id,
             scenes,
             width=width,
             height=height,
+            aspect=aspect,
             steps=steps,
             guidance=guidance,
             negative_prompt=negative_prompt,
+            scheduler=scheduler,
+            characters=characters,
+            consistency=consistency,
+            consistency_strength=consistency_strength,
+            job_seed=job_seed,
         )
+        cached = await self._lookup(plan)
+        wanted = [*plan.images, *plan.portraits.values()]
+        if all(image.key in cached for image in wanted):
+            async for image in self._produce(plan, cached):
+                yield image
+            return
+        if self._admitted >= self.settings.max_queue:
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            raise Overloaded(
+                f"the render queue is full ({self.settings.max_queue} requests); retry later"
+            )
+        self._admitted += 1
+        self.metrics.queue_depth.set(self._admitted)
+        try:
+            async for image in self._produce(plan, cached):
+                yield image
+        finally:
+            self._admitted -= 1
+            self.metrics.queue_depth.set(self._admitted)
+
+    async def _produce(
+        self, plan: RenderPlan, cached: dict[str, bytes]
+    ) -> AsyncIterator[RenderedImage]:
+        """Copy the hits, draw the misses batch by batch, yield in request order."""
         loop = asyncio.get_running_loop()
-        for scene in plan.scenes:
-            pipe, executor = self._pipe, self._executor
-            if pipe is None or executor is None:
-                raise NotReady("the render model is not loaded")
-            started = time.perf_counter()
-            png = await loop.run_in_executor(executor, self._draw_png, pipe, plan, scene)
-            uri = await asyncio.to_thread(
-                self.store.put_bytes, image_key(plan.job_id, scene.index), png, "image/png"
+        cancel = threading.Event()
+        stores: dict[int, asyncio.Future[RenderedImage]] = {}
+        drawing: asyncio.Future | None = None
+        started = time.perf_counter()
+
+        def submit(images: list[ImagePlan], kind: str, references: dict) -> asyncio.Future:
+            executor = self._executor
+            if executor is None:
+                raise NotReady("the render service is stopping")
+            try:
+                return loop.run_in_executor(
+                    executor, self._draw_batch, plan, images, kind, references, cancel
+                )
+            except RuntimeError:  # executor shut down
+                raise NotReady("the render service is stopping") from None
+
+        try:
+            references, reference_uris = await self._references(plan, cached, submit)
+            for position, image in enumerate(plan.images):
+                if image.key in cached:
+                    stores[position] = asyncio.ensure_future(
+                        asyncio.to_thread(
+                            self._store_hit, plan, image, cached[image.key], reference_uris
+                        )
+                    )
+            misses = [p for p in range(len(plan.images)) if p not in stores]
+            batches = iter(plan_batches(plan, misses, self.settings.max_batch_size))
+            batch = next(batches, None)
+            if batch is not None:
+                drawing = submit([plan.images[p] for p in batch], "scene", references)
+            for position in range(len(plan.images)):
+                while position not in stores:
+                    assert drawing is not None and batch is not None
+                    drawn = await drawing
+                    for p, outcome in zip(batch, drawn, strict=True):
+                        stores[p] = asyncio.ensure_future(
+                            asyncio.to_thread(
+                                self._store_drawn, plan, plan.images[p], outcome, reference_uris
+                            )
+                        )
+                    # Start the next batch before waiting on storage: the model keeps busy.
+                    batch = next(batches, None)
+                    drawing = (
+                        submit([plan.images[p] for p in batch], "scene", references)
+                        if batch is not None
+                        else None
+                    )
+                image = await stores[position]
+                log.info(
+                    "scene rendered",
+                    extra={
+                        "scene": image.index,
+                        "seed": image.seed,
+                        "size": f"{plan.width}x{plan.height}",
+                        "steps": plan.steps,
+                        "consistency": plan.mode.value,
+                        "cached": image.cached,
+                        "seconds": round(time.perf_counter() - started, 3),
+                    },
+                )
+                yield image
+        finally:
+            cancel.set()
+            _settle(drawing)
+            for future in stores.values():
+                _settle(future)
+
+    async def _lookup(self, plan: RenderPlan) -> dict[str, bytes]:
+        """Cached PNGs of the plan's images and portraits, by content key."""
+        if not self.settings.cache_enabled:
+            return {}
+        keys = list(dict.fromkeys(i.key for i in (*plan.images, *plan.portraits.values())))
+        found = await asyncio.gather(*(asyncio.to_thread(self._read_cached, k) for k in keys))
+        hits = {key: png for key, png in zip(keys, found, strict=True) if png is not None}
+        self.metrics.cache_hits.inc(len(hits))
+        self.metrics.cache_misses.inc(len(keys) - len(hits))
+        return hits
+
+    def _read_cached(self, key: str) -> bytes | None:
+        try:
+            return self.store.get_bytes(
+                self.store.uri_for(cache_key(self.settings.cache_prefix, key))
             )
-            log.info(
-                "scene rendered",
-                extra={
-                    "scene": scene.index,
-                    "seed": scene.seed,
-                    "size": f"{plan.width}x{plan.height}",
-                    "steps": plan.steps,
-                    "seconds": round(time.perf_counter() - started, 3),
-                },
-            )
-            yield RenderedImage(index=scene.index, uri=uri, seed=scene.seed)
+        except NotFound:
+            return None
+
+    async def _references(
+        self, plan: RenderPlan, cached: dict[str, bytes], submit
+    ) -> tuple[dict[str, Image.Image], dict[str, str]]:
+        """Reference portraits of the plan's characters: drawn or cached, stored under the job."""
+        if not plan.portraits:
+            return {}, {}
+        missing = [name for name, p in plan.portraits.items() if p.key not in cached]
+        drawn: dict[str, _Drawn] = {}
+        size = self.settings.max_batch_size
+        for start in range(0, len(missing), size):
+            names = missing[start : start + size]
+            outcomes = await submit([plan.portraits[n] for n in names], "reference", {})
+            drawn.update(zip(names, outcomes, strict=True))
+
+        def store(name: str) -> tuple[Image.Image, str]:
+            portrait = plan.portraits[name]
+            character = plan.characters[name]
+            key = portrait_key(plan.job_id, character.slot, name)
+            if name in drawn:
+                png = self._encode(portrait, drawn[name])
+                self._put_cached(portrait.key, png)
+                image = drawn[name].image
+            else:
+                png = cached[portrait.key]
+                image = Image.open(io.BytesIO(png)).convert("RGB")
+            return image, self.store.put_bytes(key, png, "image/png")
+
+        names = list(plan.portraits)
+        stored = await asyncio.gather(*(asyncio.to_thread(store, n) for n in names))
+        images = {name: image for name, (image, _) in zip(names, stored, strict=True)}
+        uris = {name: uri for name, (_, uri) in zip(names, stored, strict=True)}
+        return images, uris
+
+    # Storage helpers: run on worker threads (asyncio.to_thread).
+
+    def _encode(self, image: ImagePlan, drawn: _Drawn) -> bytes:
+        info = PngInfo()
+        meta = {
+            "content_key": image.key,
+            "seed": drawn.seed,
+            "safety_retries": drawn.retries,
+            "safety_flagged": drawn.flagged,
+        }
+        info.add_text(PNG_META, json.dumps(meta, sort_keys=True))
+        buffer = io.BytesIO()
+        drawn.image.save(
+            buffer, format="PNG", pnginfo=info, compress_level=self.settings.png_compress_level
+        )
+        return buffer.getvalue()
+
+    def _put_cached(self, key: str, png: bytes) -> None:
+        if self.settings.cache_enabled:
+            self.store.put_bytes(cache_key(self.settings.cache_prefix, key), png, "image/png")
+
+    def _store_drawn(
+        self, plan: RenderPlan, image: ImagePlan, drawn: _Drawn, references: dict[str, str]
+    ) -> RenderedImage:
+        png = self._encode(image, drawn)
+        self._put_cached(image.key, png)
+        uri = self.store.put_bytes(image_key(plan.job_id, image.index), png, "image/png")
+        return RenderedImage(
+            index=image.index,
+            uri=uri,
+            seed=drawn.seed,
+            cached=False,
+            content_key=image.key,
+            safety_flagged=drawn.flagged,
+            safety_retries=drawn.retries,
+            reference_uris=_reference_uris(image, references),
+        )
+
+    def _store_hit(
+        self, plan: RenderPlan, image: ImagePlan, png: bytes, references: dict[str, str]
+    ) -> RenderedImage:
+        meta = _png_meta(png)
+        # A copy under the job: the job's images stay whole when cache entries are evicted.
+        uri = self.store.put_bytes(image_key(plan.job_id, image.index), png, "image/png")
+        return RenderedImage(
+            index=image.index,
+            uri=uri,
+            seed=int(meta.get("seed", image.seed)),
+            cached=True,
+            content_key=image.key,
+            safety_flagged=bool(meta.get("safety_flagged", False)),
+            safety_retries=int(meta.get("safety_retries", 0)),
+            reference_uris=_reference_uris(image, references),
+        )
 
     # Everything below runs on the render thread.
 
-    def _load_pipeline(self) -> None:
-        from diffusers import AutoPipelineForText2Image
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        # Progress bars would interleave with the service's JSON log lines.
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
-        model = self.settings.model
+    def _load(self) -> None:
         started = time.perf_counter()
-        source: str | Path = model
-        if _names_local_folder(model):
-            source = Path(model).expanduser()
-            if not source.is_dir():
-                # Fail at once: asking the hub for a folder's name only retries, then times out.
-                raise FileNotFoundError(
-                    f"model folder {model!r} does not exist (for the offline tiny model "
-                    "run `make models`)"
-                )
-        try:
-            pipe = AutoPipelineForText2Image.from_pretrained(
-                source,
-                dtype=self.dtype,
-                local_files_only=self.settings.local_files_only,
-            )
-        except OSError as exc:
-            raise FileNotFoundError(f"could not load model {model!r}: {exc}") from exc
-        pipe.to(self.device)
-        pipe.set_progress_bar_config(disable=True)
-        side = self.settings.warmup_side
-        scene = SceneToRender(index=1, prompt="warm-up", seed=0)
-        warmup = RenderPlan(
-            job_id="warmup",
-            scenes=(scene,),
-            width=side,
-            height=side,
+        model = load_pipeline(self.settings)
+        warmup = plan_render(
+            self.settings,
+            model.facts,
+            "warmup",
+            [SceneToRender(index=1, prompt="warm-up", seed=0)],
+            width=self.settings.warmup_side,
+            height=self.settings.warmup_side,
             steps=self.settings.warmup_steps,
-            guidance=self.settings.default_guidance,
-            negative_prompt="",
+            consistency=ConsistencyMode.NONE,
         )
-        self._draw_png(pipe, warmup, scene)
-        self._pipe = pipe
+        self._draw_batch(warmup, list(warmup.images), "warmup", {}, threading.Event(), model)
+        self._model = model
         log.info(
             "model loaded",
             extra={
-                "model": model,
-                "pipeline": type(pipe).__name__,
+                "model": self.settings.model,
+                "pipeline": model.facts.pipeline,
                 "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."),
+                "dtype": model.facts.dtype,
+                "side_multiple": model.facts.side_multiple,
+                "native_size": model.facts.native_width,
+                "ip_adapter": model.facts.ip_adapter is not None,
+                "safety_checker": model.facts.safety_retries is not None,
                 "seconds": round(time.perf_counter() - started, 3),
             },
         )
 
-    def _draw_png(self, pipe: Any, plan: RenderPlan, scene: SceneToRender) -> bytes:
-        # A fresh generator per image: the image depends on its own seed only,
-        # not on which scenes were drawn before it.
-        generator = torch.Generator(device=self.device).manual_seed(scene.seed)
+    def _draw_batch(
+        self,
+        plan: RenderPlan,
+        images: list[ImagePlan],
+        kind: str,
+        references: dict[str, Image.Image],
+        cancel: threading.Event,
+        model: LoadedModel | None = None,
+    ) -> list[_Drawn]:
+        """Draw ``images`` in one pipeline call, redrawing safety-flagged ones with new seeds."""
+        model = model or self._model
+        if model is None:
+            raise NotReady("the render model is not loaded")
+        retries = model.facts.safety_retries or 0
+        seeds = [image.seed for image in images]
+        outcomes: list[_Drawn | None] = [None] * len(images)
+        todo = list(range(len(images)))
+        attempt = 0
+        out_of_memory = False
+        try:
+            while todo:
+                pictures, flags = self._call_pipeline(
+                    model,
+                    plan,
+                    [images[i] for i in todo],
+                    [seeds[i] for i in todo],
+                    kind,
+                    references,
+                    cancel,
+                )
+                again = []
+                for i, picture, flagged in zip(todo, pictures, flags, strict=True):
+                    if flagged and attempt < retries:
+                        seeds[i] = derive_seed(images[i].seed, "safety", attempt + 1)
+                        again.append(i)
+                    else:
+                        outcomes[i] = _Drawn(picture, seeds[i], attempt, flagged)
+                todo, attempt = again, attempt + 1
+        except _RenderCancelled:
+            self.metrics.cancelled.inc()
+            raise
+        except Exception as exc:
+            if not _out_of_memory(exc):
+                raise
+            out_of_memory = True
+        if out_of_memory:
+            # Out of the except block, the failed call's tensors are unreferenced: free them.
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.metrics.rejected.labels(reason="out_of_memory").inc()
+            raise Overloaded(
+                f"out of {self.device.type} memory drawing {len(images)} image(s) at "
+                f"{plan.width}x{plan.height}; retry later or ask for a smaller size"
+            )
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _call_pipeline(
+        self,
+        model: LoadedModel,
+        plan: RenderPlan,
+        images: list[ImagePlan],
+        seeds: list[int],
+        kind: str,
+        references: dict[str, Image.Image],
+        cancel: threading.Event,
+    ) -> tuple[list[Image.Image], list[bool]]:
+        if cancel.is_set():
+            raise _RenderCancelled
+        pipe = model.pipe
+        prompts = [image.prompt for image in images]
+        identities = 0
+        if plan.mode is ConsistencyMode.CONSISTENT_SELF_ATTENTION and any(
+            image.conditioned_on for image in images
+        ):
+            # Identity images first, then the scenes, each linked to its characters'.
+            positions: dict[str, list[int]] = {}
+            id_prompts: list[str] = []
+            id_seeds: list[int] = []
+            for name in dict.fromkeys(n for image in images for n in image.conditioned_on):
+                character = plan.characters[name]
+                for seed in character.identity_seeds(plan.identity_images):
+                    positions.setdefault(name, []).append(len(id_prompts))
+                    id_prompts.append(character.portrait_prompt)
+                    id_seeds.append(seed)
+            identities = len(id_prompts)
+            links = [()] * identities + [
+                tuple(p for name in image.conditioned_on for p in positions[name])
+                for image in images
+            ]
+            prompts = id_prompts + prompts
+            seeds = id_seeds + seeds
+            model.identity_links.links = tuple(links)
+            model.identity_links.strength = plan.strength
+
+        options: dict[str, Any] = {}
+        if model.idle_ip_embeds is not None:
+            refs = images[0].conditioned_on if plan.mode is ConsistencyMode.REFERENCE_IMAGES else ()
+            if refs:
+                pipe.set_ip_adapter_scale(plan.strength)
+                options["ip_adapter_image"] = [[references[name] for name in refs]]
+            else:
+                # The adapter stays loaded; scale 0 makes its layers skip their image branch.
+                pipe.set_ip_adapter_scale(0.0)
+                guided = plan.guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+                options["ip_adapter_image_embeds"] = [
+                    torch.cat([e, e]) if guided else e for e in model.idle_ip_embeds
+                ]
+        scheduler = model.scheduler(plan.scheduler)
+        if pipe.scheduler is not scheduler:
+            pipe.scheduler = scheduler
+
+        def on_step_end(_pipe: Any, _step: int, _timestep: Any, tensors: dict) -> dict:
+            self.metrics.steps.inc()
+            if cancel.is_set():
+                raise _RenderCancelled
+            return tensors
+
+        # One CPU generator per image: the image depends on its own seed only, and the
+        # starting noise is the same on every device.
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        started = time.perf_counter()
         try:
             with torch.inference_mode():
-                image = pipe(
-                    prompt=scene.prompt,
-                    negative_prompt=plan.negative_prompt or None,
+                result = pipe(
+                    prompt=prompts,
+                    negative_prompt=[plan.negative_prompt] * len(prompts)
+                    if plan.negative_prompt
+                    else None,
                     width=plan.width,
                     height=plan.height,
                     num_inference_steps=plan.steps,
                     guidance_scale=plan.guidance,
-                    generator=generator,
+                    generator=generators,
                     output_type="pil",
-                ).images[0]
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            raise Overloaded(
-                f"out of GPU memory drawing scene {scene.index} at {plan.width}x{plan.height}; "
-                "retry later or ask for a smaller size"
-            ) from None
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
+                    callback_on_step_end=on_step_end,
+                    callback_on_step_end_tensor_inputs=[],
+                    **options,
+                )
+        finally:
+            model.identity_links.clear()
+        seconds = time.perf_counter() - started
+        drawn = len(result.images)
+        for _ in range(drawn):
+            self.metrics.image_seconds.observe(seconds / drawn)
+        self.metrics.images.labels(kind=kind).inc(drawn - identities)
+        if identities:
+            self.metrics.images.labels(kind="identity").inc(identities)
+        flags = getattr(result, "nsfw_content_detected", None) or [False] * drawn
+        flagged = [bool(flag) for flag in flags[identities:]]
+        self.metrics.safety_flagged.inc(sum(flagged))
+        return list(result.images[identities:]), flagged

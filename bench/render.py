@@ -1,0 +1,290 @@
+"""Benchmark of the render service: throughput by batch size, and its overhead.
+
+    .venv/bin/python bench/render.py                   # tiny model, CPU: about a minute
+    .venv/bin/python bench/render.py --threads 1       # on a CPU shared with other work
+    .venv/bin/python bench/render.py --full-size       # SD 1.5 architecture, fp16, on CUDA
+
+For each batch size it draws the same images twice: with a plain diffusers
+pipeline call (batches of that size, PIL output, nothing stored) and through
+the render service, a real gRPC server started in this process with
+``max_batch_size`` set to that size, one request for all the images, cache
+misses only, every PNG encoded and stored (job copy and cache entry) in a
+file store. It prints images per second for both, and on its last line
+``service/plain ratio: X``: the service's time per image divided by the plain
+pipeline's, over all batch sizes. Both run in the same process and
+conditions; timings on a shared machine are noisy, so compare ratios and use
+``--repeat``.
+
+``--full-size`` builds random weights with the real Stable Diffusion 1.5
+architecture (UNet 860M parameters, the 4-block 128-512 channel VAE, the
+12-layer CLIP ViT-L/14 text encoder with the real CLIP vocabulary), saves them
+in float16 and loads them through ``from_pretrained`` like a real checkpoint:
+the pictures are noise, the compute is real. Defaults: CUDA, float16, 512x512,
+25 steps, batches of 1, 4 and 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_full_size(out: Path) -> Path:
+    """Save a random-weight pipeline with the SD 1.5 architecture to ``out`` (float16)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import UNet2DConditionModel as UNet
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from storyreel.clip_vocab import (
+        END_TOKEN,
+        MAX_TOKENS,
+        START_TOKEN,
+        VOCAB_SIZE,
+        write_clip_tokenizer_files,
+    )
+
+    if (out / "model_index.json").is_file():
+        return out
+    torch.manual_seed(0)
+    unet = UNet(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=MAX_TOKENS,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    )
+    write_clip_tokenizer_files(out.parent / "tokenizer-source")
+    tokenizer = CLIPTokenizer.from_pretrained(
+        out.parent / "tokenizer-source",
+        model_max_length=MAX_TOKENS,
+        bos_token=START_TOKEN,
+        eos_token=END_TOKEN,
+        pad_token=END_TOKEN,
+        unk_token=END_TOKEN,
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def plain_run(pipe, prompts: list[str], batch: int, args) -> float:
+    """Seconds for the plain pipeline to draw ``prompts`` in batches of ``batch``."""
+    import torch
+
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
+        with torch.inference_mode():
+            pipe(
+                prompt=chunk,
+                width=args.size,
+                height=args.size,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                generator=generators,
+                output_type="pil",
+            )
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+async def service_run(stub, prompts: list[str], args) -> float:
+    """Seconds for the service to draw, store and return ``prompts`` (one request)."""
+    from storyreel.render.v1 import render_pb2
+
+    request = render_pb2.RenderScenesRequest(
+        job_id=f"bench-{uuid.uuid4().hex[:12]}",
+        scenes=[
+            render_pb2.SceneToRender(index=i, prompt=prompt, seed=i - 1)
+            for i, prompt in enumerate(prompts, start=1)
+        ],
+        width=args.size,
+        height=args.size,
+        steps=args.steps,
+        guidance=args.guidance,
+        consistency=render_pb2.CONSISTENCY_MODE_NONE,
+    )
+    started = time.perf_counter()
+    images = [r.image async for r in stub.RenderScenes(request, timeout=3600)]
+    elapsed = time.perf_counter() - started
+    assert len(images) == len(prompts) and not any(image.cached for image in images)
+    return elapsed
+
+
+async def run(args) -> int:
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="storyreel-bench-render-"))
+    try:
+        return await measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def measure(args, work: Path) -> int:
+    import torch
+    from diffusers import AutoPipelineForText2Image
+    from storyreel_diffusion.models import resolve_dtype
+    from storyreel_diffusion.service import DiffusionService
+    from storyreel_diffusion.settings import DiffusionSettings
+    from storyreel_diffusion.tiny import build_tiny_pipeline
+
+    from storyreel.channels import open_channel
+    from storyreel.render.v1 import render_pb2_grpc
+    from storyreel.serving import start_and_load
+    from storyreel.settings import StorageSettings
+    from storyreel.storage import open_store
+
+    if args.model:
+        model, kind = Path(args.model), "given checkpoint"
+    elif args.full_size:
+        print("building random SD 1.5-size weights (once per run) ...", flush=True)
+        model, kind = build_full_size(work / "sd15-random"), "SD 1.5 architecture, random weights"
+    else:
+        tiny = REPO / "models" / "tiny-sd"
+        model = tiny if tiny.is_dir() else build_tiny_pipeline(work / "tiny-sd")
+        kind = "tiny SD (random weights)"
+    dtype = resolve_dtype(args.dtype, torch.device(args.device))
+    print(
+        f"model: {kind}; device {args.device}, {str(dtype).removeprefix('torch.')}, "
+        f"{args.size}x{args.size}, {args.steps} steps, guidance {args.guidance}, "
+        f"{args.images} images per batch size, best of {args.repeat}, "
+        f"torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
+    plain = AutoPipelineForText2Image.from_pretrained(model, dtype=dtype).to(args.device)
+    plain.set_progress_bar_config(disable=True)
+    store = open_store(StorageSettings(url=(work / "artifacts").as_uri()))
+
+    totals = {"plain": 0.0, "service": 0.0}
+    for batch in args.batches:
+        settings = DiffusionSettings(
+            model=str(model),
+            device=args.device,
+            dtype=args.dtype,
+            port=0,
+            local_files_only=True,
+            max_batch_size=batch,
+            max_scenes=max(24, args.images),
+            metrics_port=0,
+            # Cache keys need a fingerprint; hashing gigabytes of weights per load is not
+            # what is being measured.
+            model_fingerprint=f"bench:{model}",
+        )
+        service = DiffusionService(settings, store)
+        running = await start_and_load(settings, service)
+        try:
+            async with open_channel(f"127.0.0.1:{running.port}", retries=False) as channel:
+                stub = render_pb2_grpc.RenderServiceStub(channel)
+                # One untimed round each: first-call allocations and kernel choices.
+                salt = uuid.uuid4().hex[:8]
+                plain_run(plain, [f"warm {salt}"] * batch, batch, args)
+                await service_run(stub, [f"warm {salt} {i}" for i in range(batch)], args)
+                best = {"plain": float("inf"), "service": float("inf")}
+                for _ in range(args.repeat):
+                    salt = uuid.uuid4().hex[:8]  # fresh prompts: never a cache hit
+                    prompts = [f"scene {i} of a story, {salt}" for i in range(args.images)]
+                    best["plain"] = min(best["plain"], plain_run(plain, prompts, batch, args))
+                    best["service"] = min(best["service"], await service_run(stub, prompts, args))
+        finally:
+            await running.stop(0)
+        for name in totals:
+            totals[name] += best[name]
+        print(
+            f"batch {batch}: plain {args.images / best['plain']:.2f} images/s, "
+            f"service {args.images / best['service']:.2f} images/s "
+            f"(service/plain {best['service'] / best['plain']:.3f})",
+            flush=True,
+        )
+    print(f"service/plain ratio: {totals['service'] / totals['plain']:.3f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full-size", action="store_true", help="SD 1.5-size random weights")
+    parser.add_argument("--model", help="benchmark this checkpoint folder instead")
+    parser.add_argument("--device", help="default: cuda with --full-size, else cpu")
+    parser.add_argument("--dtype", default="auto", help="auto: float16 on cuda, else float32")
+    parser.add_argument("--size", type=int, help="square image side (default 512 / 192)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default 25 / 4)")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (1 4 8 / 1 2 4 8)")
+    parser.add_argument("--images", type=int, help="images per batch size (default 16 / 8)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per batch size; best kept")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = parser.parse_args(argv)
+    full = args.full_size
+    args.device = args.device or ("cuda" if full else "cpu")
+    args.size = args.size or (512 if full else 192)
+    args.steps = args.steps or (25 if full else 4)
+    args.batches = args.batches or ([1, 4, 8] if full else [1, 2, 4, 8])
+    args.images = args.images or (16 if full else 8)
+    os.environ.setdefault("STORYREEL_DIFFUSION_LOG_LEVEL", "WARNING")
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,539 @@
+"""Request checks, seeds, prompts and cache keys: everything decided before drawing.
+
+No torch and no gRPC here. :func:`plan_render` turns a request into a
+:class:`RenderPlan`: every field checked against the limits in
+:class:`~storyreel_diffusion.settings.DiffusionSettings` and the loaded
+model's :class:`ModelFacts`, every default filled in, each image's final
+prompt and seed chosen, and each image's content key computed, so that a
+rejected request has done no work and stored nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from storyreel.errors import FailedPrecondition, InvalidInput
+from storyreel.ids import check_job_id, job_key
+from storyreel_diffusion.settings import DiffusionSettings
+
+MAX_SEED = 2**64 - 1
+#: Bumped when the way pixels follow from a key's fields changes, so old cache entries miss.
+CACHE_FORMAT = 1
+
+
+class ConsistencyMode(StrEnum):
+    """How the images of one request keep their characters looking the same."""
+
+    #: Prompts and seeds as given; characters are ignored.
+    NONE = "none"
+    #: A scene with characters starts from its first character's seed, and every
+    #: character's appearance is in the prompt.
+    SEED_LOCK = "seed_lock"
+    #: As seed lock for prompts; the scene's self-attention also attends to the keys and
+    #: values of its characters' identity images, drawn in the same batch.
+    CONSISTENT_SELF_ATTENTION = "consistent_self_attention"
+    #: A reference portrait per character, then every scene conditioned on the portraits of
+    #: its characters through an IP-Adapter.
+    REFERENCE_IMAGES = "reference_images"
+
+
+class AspectRatio(StrEnum):
+    """Frame shapes a request may ask for instead of a width and height."""
+
+    SQUARE = "1:1"
+    LANDSCAPE = "16:9"
+    PORTRAIT = "9:16"
+
+
+@dataclass(frozen=True)
+class Character:
+    """A character of the story with a fixed look. ``seed`` 0 derives one from the name."""
+
+    name: str
+    appearance: str
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SceneToRender:
+    """One image to draw: ``index`` is the scene's 1-based position.
+
+    ``seed`` is used as given when the request has no job seed; with a job seed,
+    0 derives the scene's seed from it and any other value overrides that.
+    ``characters`` names the request's characters present in the scene.
+    """
+
+    index: int
+    prompt: str
+    seed: int = 0
+    characters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the loaded model fixes about every request (known once it is loaded)."""
+
+    #: Identifies the weights in cache keys.
+    fingerprint: str
+    #: Pipeline class name, e.g. StableDiffusionXLPipeline.
+    pipeline: str
+    #: Width and height must be multiples of this.
+    side_multiple: int
+    #: The model's native image size, used when neither request nor settings give one.
+    native_width: int
+    native_height: int
+    device_type: str
+    dtype: str
+    #: Scheduler names a request may ask for ("default" is the checkpoint's own).
+    schedulers: tuple[str, ...]
+    #: Prefixes of the self-attention layers the consistent self-attention acts on.
+    attention_layers: tuple[str, ...] = ()
+    #: Fingerprint of the loaded IP-Adapter; None when none is loaded.
+    ip_adapter: str | None = None
+    #: Retries a flagged image gets; None when no safety checker is loaded.
+    safety_retries: int | None = None
+
+
+@dataclass(frozen=True)
+class CharacterPlan:
+    """A character as the render uses it."""
+
+    name: str
+    appearance: str
+    #: 1-based position in the request's character list.
+    slot: int
+    #: Seed of its identity images and reference portrait, and of seed-locked scenes.
+    seed: int
+    #: Prompt of its reference portrait and identity images.
+    portrait_prompt: str
+    #: Content key of its reference portrait.
+    portrait_key: str
+
+    def identity_seeds(self, count: int) -> tuple[int, ...]:
+        """Seeds of its ``count`` identity images: its own seed, then derived ones."""
+        return (self.seed, *(derive_seed(self.seed, "identity", n) for n in range(1, count)))
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """One image with everything that decides its pixels."""
+
+    #: Scene index (0 for a reference portrait).
+    index: int
+    prompt: str
+    seed: int
+    #: Characters whose identity images or reference portraits condition this image.
+    conditioned_on: tuple[str, ...]
+    #: Content key: a hash of everything that affects the pixels.
+    key: str
+
+
+@dataclass(frozen=True)
+class RenderPlan:
+    """A checked request with every default filled in and every image planned."""
+
+    job_id: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    negative_prompt: str
+    scheduler: str
+    mode: ConsistencyMode
+    #: Identity-token weight (consistent self-attention) or IP-Adapter scale (reference images).
+    strength: float
+    #: Characters by name, in request order.
+    characters: dict[str, CharacterPlan]
+    images: tuple[ImagePlan, ...]
+    #: Identity images per character (consistent self-attention).
+    identity_images: int = 1
+    #: Reference portraits the scenes need, by character name (reference images only).
+    portraits: dict[str, ImagePlan] = field(default_factory=dict)
+
+
+def derive_seed(root: int, *parts: object) -> int:
+    """A 63-bit seed from ``root`` and ``parts``: stable across runs, machines and versions.
+
+    ``derive_seed(job_seed, index)`` equals the gateway's per-scene seed, so a request
+    that sends its job seed renders what one that sends the derived scene seeds does.
+    """
+    text = ":".join(str(part) for part in (root, *parts))
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def image_key(job_id: str, index: int) -> str:
+    """Object key of scene ``index``'s image: ``jobs/<job_id>/images/scene-NNN.png``."""
+    return job_key(job_id, "images", f"scene-{index:03d}.png")
+
+
+def portrait_key(job_id: str, slot: int, name: str) -> str:
+    """Object key of a character's reference portrait: ``jobs/<id>/characters/NN-<slug>.png``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40].strip("-") or "character"
+    return job_key(job_id, "characters", f"{slot:02d}-{slug}.png")
+
+
+def cache_key(prefix: str, content_key: str) -> str:
+    """Object key of a cached image: ``<prefix>/<content key>.png``."""
+    return f"{prefix}/{content_key}.png"
+
+
+def with_appearances(prompt: str, characters: Sequence[CharacterPlan | Character]) -> str:
+    """``prompt`` plus each character's name and appearance that it does not already hold."""
+    parts = [prompt]
+    for character in characters:
+        if character.appearance.strip().lower() not in prompt.lower():
+            parts.append(f"{character.name}, {character.appearance.strip()}")
+    return ", ".join(parts)
+
+
+def frame_size(
+    aspect: AspectRatio, width: int, height: int, multiple: int, low: int, high: int
+) -> tuple[int, int]:
+    """The size of ``aspect`` with about the area of ``width`` x ``height``, on ``multiple``.
+
+    Both sides stay within ``low..high``; when one would not, the frame is scaled
+    as a whole, so the shape is kept.
+    """
+    across, down = (int(n) for n in aspect.value.split(":"))
+    ideal_h = math.sqrt(width * height * down / across)
+    ideal_w = ideal_h * across / down
+    scale = max(1.0, low / min(ideal_w, ideal_h))
+    scale = min(scale, high / max(ideal_w, ideal_h))
+
+    def snap(value: float) -> int:
+        return max(low, min(high, multiple * max(1, round(value / multiple))))
+
+    return snap(ideal_w * scale), snap(ideal_h * scale)
+
+
+def _content_key(facts: ModelFacts, fields: dict) -> str:
+    payload = {
+        "format": CACHE_FORMAT,
+        "model": facts.fingerprint,
+        "pipeline": facts.pipeline,
+        "device": facts.device_type,
+        "dtype": facts.dtype,
+        "safety_retries": facts.safety_retries,
+        **fields,
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_scenes(settings: DiffusionSettings, scenes: Sequence[SceneToRender], names) -> None:
+    if not 1 <= len(scenes) <= settings.max_scenes:
+        raise InvalidInput(f"scenes must hold 1 to {settings.max_scenes} scenes, got {len(scenes)}")
+    seen: set[int] = set()
+    for position, scene in enumerate(scenes):
+        where = f"scenes[{position}] (index {scene.index})"
+        if scene.index < 1:
+            raise InvalidInput(f"{where}: index must be 1 or more")
+        if scene.index in seen:
+            raise InvalidInput(f"{where}: index {scene.index} appears more than once")
+        seen.add(scene.index)
+        if not scene.prompt.strip():
+            raise InvalidInput(f"{where}: prompt must not be empty")
+        if len(scene.prompt) > settings.max_prompt_chars:
+            raise InvalidInput(
+                f"{where}: prompt is {len(scene.prompt)} characters, "
+                f"the maximum is {settings.max_prompt_chars}"
+            )
+        if not 0 <= scene.seed <= MAX_SEED:
+            raise InvalidInput(f"{where}: seed must be between 0 and 2**64-1, got {scene.seed}")
+        if len(scene.characters) > settings.max_characters_per_scene:
+            raise InvalidInput(
+                f"{where}: characters lists {len(scene.characters)} names, "
+                f"the maximum is {settings.max_characters_per_scene}"
+            )
+        if len(set(scene.characters)) != len(scene.characters):
+            raise InvalidInput(f"{where}: characters names a character more than once")
+        for name in scene.characters:
+            if name not in names:
+                raise InvalidInput(
+                    f"{where}: character {name!r} is not in the request's characters"
+                )
+
+
+def _check_characters(settings: DiffusionSettings, characters: Sequence[Character]) -> None:
+    if len(characters) > settings.max_characters:
+        raise InvalidInput(
+            f"characters must hold at most {settings.max_characters}, got {len(characters)}"
+        )
+    seen: set[str] = set()
+    for position, character in enumerate(characters):
+        where = f"characters[{position}]"
+        if not character.name.strip():
+            raise InvalidInput(f"{where}: name must not be empty")
+        if len(character.name) > settings.max_character_name_chars:
+            raise InvalidInput(
+                f"{where}: name is {len(character.name)} characters, "
+                f"the maximum is {settings.max_character_name_chars}"
+            )
+        if character.name in seen:
+            raise InvalidInput(f"{where}: name {character.name!r} appears more than once")
+        seen.add(character.name)
+        if not character.appearance.strip():
+            raise InvalidInput(f"{where} ({character.name}): appearance must not be empty")
+        if len(character.appearance) > settings.max_prompt_chars:
+            raise InvalidInput(
+                f"{where} ({character.name}): appearance is {len(character.appearance)} "
+                f"characters, the maximum is {settings.max_prompt_chars}"
+            )
+        if not 0 <= character.seed <= MAX_SEED:
+            raise InvalidInput(f"{where} ({character.name}): seed must be between 0 and 2**64-1")
+
+
+def _size(
+    settings: DiffusionSettings,
+    facts: ModelFacts,
+    width: int,
+    height: int,
+    aspect: AspectRatio | None,
+) -> tuple[int, int]:
+    multiple = facts.side_multiple
+    defaults = {
+        "width": settings.default_width or facts.native_width,
+        "height": settings.default_height or facts.native_height,
+    }
+    if aspect is not None:
+        if width or height:
+            raise InvalidInput(
+                f"aspect_ratio {aspect.value} and width/height exclude each other: "
+                "leave width and height 0 to use an aspect ratio"
+            )
+        width, height = frame_size(
+            aspect,
+            defaults["width"],
+            defaults["height"],
+            multiple,
+            math.ceil(settings.min_side / multiple) * multiple,
+            settings.max_side // multiple * multiple,
+        )
+    sides = {}
+    for name, value in (("width", width), ("height", height)):
+        side = sides[name] = value or defaults[name]
+        if not settings.min_side <= side <= settings.max_side or side % multiple:
+            raise InvalidInput(
+                f"{name} must be a multiple of {multiple} between "
+                f"{settings.min_side} and {settings.max_side} pixels "
+                f"(0 selects the default {defaults[name]}), got {side}"
+            )
+    return sides["width"], sides["height"]
+
+
+def plan_render(
+    settings: DiffusionSettings,
+    facts: ModelFacts,
+    job_id: str,
+    scenes: Sequence[SceneToRender],
+    *,
+    width: int = 0,
+    height: int = 0,
+    aspect: AspectRatio | str | None = None,
+    steps: int = 0,
+    guidance: float = 0.0,
+    negative_prompt: str = "",
+    scheduler: str = "",
+    characters: Sequence[Character] = (),
+    consistency: ConsistencyMode | str | None = None,
+    consistency_strength: float = 0.0,
+    job_seed: int | None = None,
+) -> RenderPlan:
+    """Check a request against the limits and plan every image (0 or "" selects a default).
+
+    Raises InvalidInput naming the field and its bounds, or FailedPrecondition when
+    the request needs something this service was not started with (an IP-Adapter).
+    Does no work and touches no storage, so a rejected request leaves nothing behind.
+    """
+    check_job_id(job_id)
+    _check_characters(settings, characters)
+    _check_scenes(settings, scenes, {character.name for character in characters})
+    if len(negative_prompt) > settings.max_prompt_chars:
+        raise InvalidInput(
+            f"negative_prompt is {len(negative_prompt)} characters, "
+            f"the maximum is {settings.max_prompt_chars}"
+        )
+    if job_seed is not None and not 0 <= job_seed <= MAX_SEED:
+        raise InvalidInput(f"job_seed must be between 0 and 2**64-1, got {job_seed}")
+
+    try:
+        mode = ConsistencyMode(consistency or settings.consistency)
+    except ValueError:
+        choices = ", ".join(mode.value for mode in ConsistencyMode)
+        raise InvalidInput(f"consistency must be one of {choices}; got {consistency!r}") from None
+    try:
+        aspect = AspectRatio(aspect) if aspect else None
+    except ValueError:
+        choices = ", ".join(ratio.value for ratio in AspectRatio)
+        raise InvalidInput(f"aspect_ratio must be one of {choices}; got {aspect!r}") from None
+    width, height = _size(settings, facts, width, height, aspect)
+    steps = steps or settings.default_steps
+    if not 1 <= steps <= settings.max_steps:
+        raise InvalidInput(
+            f"steps must be between 1 and {settings.max_steps} "
+            f"(0 selects the default {settings.default_steps}), got {steps}"
+        )
+    guidance = guidance or settings.default_guidance
+    if not (math.isfinite(guidance) and 0 < guidance <= settings.max_guidance):
+        raise InvalidInput(
+            f"guidance must be above 0 and at most {settings.max_guidance} "
+            f"(0 selects the default {settings.default_guidance}), got {guidance}"
+        )
+    scheduler = scheduler or settings.scheduler
+    if scheduler not in facts.schedulers:
+        raise InvalidInput(
+            f"scheduler must be one of {', '.join(facts.schedulers)}; got {scheduler!r}"
+        )
+
+    strength = 0.0
+    if mode is ConsistencyMode.CONSISTENT_SELF_ATTENTION:
+        strength = consistency_strength or settings.attention_strength
+    elif mode is ConsistencyMode.REFERENCE_IMAGES:
+        if facts.ip_adapter is None:
+            raise FailedPrecondition(
+                "consistency reference_images needs an IP-Adapter, and this render service "
+                "has none (set STORYREEL_DIFFUSION_IP_ADAPTER)"
+            )
+        strength = consistency_strength or settings.ip_adapter_scale
+    if consistency_strength and not (
+        math.isfinite(consistency_strength)
+        and 0 < consistency_strength <= settings.max_consistency_strength
+    ):
+        raise InvalidInput(
+            f"consistency_strength must be above 0 and at most "
+            f"{settings.max_consistency_strength} (0 selects the mode's default), "
+            f"got {consistency_strength}"
+        )
+
+    common = {
+        "negative_prompt": negative_prompt,
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "guidance": float(guidance),
+        "scheduler": scheduler,
+    }
+    root = job_seed or 0
+    cast: dict[str, CharacterPlan] = {}
+    for slot, character in enumerate(characters, start=1):
+        seed = character.seed or derive_seed(root, "character", character.name)
+        prompt = settings.portrait_prompt.format(
+            name=character.name, appearance=character.appearance.strip()
+        )
+        cast[character.name] = CharacterPlan(
+            name=character.name,
+            appearance=character.appearance,
+            slot=slot,
+            seed=seed,
+            portrait_prompt=prompt,
+            portrait_key=_content_key(facts, {**common, "prompt": prompt, "seed": seed}),
+        )
+
+    images = []
+    for scene in scenes:
+        present = [cast[name] for name in scene.characters]
+        if job_seed is not None and scene.seed == 0:
+            seed = derive_seed(job_seed, scene.index)
+        else:
+            seed = scene.seed
+        prompt = scene.prompt
+        conditioned_on: tuple[str, ...] = ()
+        conditioning = None
+        if mode is not ConsistencyMode.NONE and present:
+            prompt = with_appearances(prompt, present)
+        if mode is ConsistencyMode.SEED_LOCK and present:
+            seed = present[0].seed
+        elif mode is ConsistencyMode.CONSISTENT_SELF_ATTENTION and present:
+            conditioned_on = scene.characters
+            conditioning = {
+                "mode": mode.value,
+                "strength": strength,
+                "layers": list(facts.attention_layers),
+                "identities": [
+                    {
+                        "prompt": c.portrait_prompt,
+                        "seeds": list(c.identity_seeds(settings.identity_images)),
+                    }
+                    for c in present
+                ],
+            }
+        elif mode is ConsistencyMode.REFERENCE_IMAGES and present:
+            conditioned_on = scene.characters
+            conditioning = {
+                "mode": mode.value,
+                "adapter": facts.ip_adapter,
+                "scale": strength,
+                "references": [c.portrait_key for c in present],
+            }
+        fields = {**common, "prompt": prompt, "seed": seed, "conditioning": conditioning}
+        images.append(
+            ImagePlan(
+                index=scene.index,
+                prompt=prompt,
+                seed=seed,
+                conditioned_on=conditioned_on,
+                key=_content_key(facts, fields),
+            )
+        )
+
+    portraits: dict[str, ImagePlan] = {}
+    if mode is ConsistencyMode.REFERENCE_IMAGES:
+        for image in images:
+            for name in image.conditioned_on:
+                character = cast[name]
+                portraits.setdefault(
+                    name,
+                    ImagePlan(
+                        index=0,
+                        prompt=character.portrait_prompt,
+                        seed=character.seed,
+                        conditioned_on=(),
+                        key=character.portrait_key,
+                    ),
+                )
+    return RenderPlan(
+        job_id=job_id,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=float(guidance),
+        negative_prompt=negative_prompt,
+        scheduler=scheduler,
+        mode=mode,
+        strength=float(strength),
+        characters=cast,
+        images=tuple(images),
+        identity_images=settings.identity_images,
+        portraits=portraits,
+    )
+
+
+def plan_batches(plan: RenderPlan, positions: Sequence[int], max_batch: int) -> list[list[int]]:
+    """Split the images at ``positions`` (in order) into batches of at most ``max_batch``.
+
+    Consecutive images stay together, so images stream back in request order. With
+    reference images, one batch shares one set of reference portraits (the pipeline
+    conditions a whole call on the same images), so a new batch starts where the set
+    of characters changes.
+    """
+    batches: list[list[int]] = []
+    for position in positions:
+        image = plan.images[position]
+        if batches:
+            last = batches[-1]
+            same_refs = (
+                plan.mode is not ConsistencyMode.REFERENCE_IMAGES
+                or plan.images[last[-1]].conditioned_on == image.conditioned_on
+            )
+            if len(last) < max_batch and same_refs:
+                last.append(position)
+                continue
+        batches.append([position])
+    return batches
