@@ -14,12 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import MODELS, S3_ACCESS_KEY, S3_ENDPOINT, S3_SECRET_KEY
 
 from storyreel.settings import StorageSettings
 from storyreel.storage import FileStore, open_store
-
-REPO = Path(__file__).resolve().parents[1]
-MODELS = Path(os.environ.get("STORYREEL_MODELS_DIR", REPO / "models"))
 
 
 @pytest.fixture
@@ -40,11 +38,6 @@ def file_store(storage_settings: StorageSettings) -> FileStore:
     store = open_store(storage_settings)
     assert isinstance(store, FileStore)
     return store
-
-
-S3_ACCESS_KEY = "storyreel-test"
-S3_SECRET_KEY = "storyreel-test-secret"
-S3_ENDPOINT = "127.0.0.1:8333"
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -11,6 +12,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from storyreel.storage import ArtifactStore
+
+# Facts shared by fixtures and tests. They live here, not in conftest.py: several test
+# folders have a conftest.py, so `from conftest import ...` can reach the wrong one.
+REPO = Path(__file__).resolve().parents[1]
+MODELS = Path(os.environ.get("STORYREEL_MODELS_DIR", REPO / "models"))
+S3_ACCESS_KEY = "storyreel-test"
+S3_SECRET_KEY = "storyreel-test-secret"
+S3_ENDPOINT = "127.0.0.1:8333"
 
 
 def stored_uris(store: ArtifactStore) -> list[str]:

@@ -29,7 +29,7 @@ WIDTH, HEIGHT, FPS = 320, 240, 12
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, request) -> LocalStack:
-    from conftest import MODELS
+    from support import MODELS
 
     data = tmp_path_factory.mktemp("stack")
     local = LocalStack(

@@ -33,7 +33,7 @@ def tgi():
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, s3_server, tgi):
-    from conftest import MODELS, S3_ACCESS_KEY, S3_SECRET_KEY
+    from support import MODELS, S3_ACCESS_KEY, S3_SECRET_KEY
 
     from storyreel.settings import StorageSettings
 
