@@ -23,7 +23,10 @@ COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230)]
 
 @pytest.fixture
 def composer_settings(tmp_path: Path) -> ComposerSettings:
-    """Small frames and a private work directory, so tests are quick and can see leftovers."""
+    """Small frames and a private work directory, so tests are quick and can see leftovers.
+
+    Motion and captions stay on (the defaults), so every test renders the full filtergraph.
+    """
     return ComposerSettings(
         port=0, default_width=128, default_height=128, default_fps=24, work_dir=tmp_path / "work"
     )
@@ -32,8 +35,7 @@ def composer_settings(tmp_path: Path) -> ComposerSettings:
 @pytest.fixture(scope="session")
 def voice() -> Iterator[NarrationSynthesizer]:
     """The real piper voice, loaded once per session (tests using it are marked `model`)."""
-    settings = ComposerSettings()
-    synthesizer = NarrationSynthesizer(settings.voice_model_path, settings.voice_config_path)
+    synthesizer = NarrationSynthesizer.from_settings(ComposerSettings())
     synthesizer.load()
     yield synthesizer
     synthesizer.close()
@@ -42,10 +44,9 @@ def voice() -> Iterator[NarrationSynthesizer]:
 @pytest.fixture
 def unvoiced_composer(file_store: FileStore, composer_settings: ComposerSettings) -> VideoComposer:
     """A composer whose voice is not loaded: enough for user audio and for rejections."""
-    synthesizer = NarrationSynthesizer(
-        composer_settings.voice_model_path, composer_settings.voice_config_path
+    return VideoComposer(
+        file_store, NarrationSynthesizer.from_settings(composer_settings), composer_settings
     )
-    return VideoComposer(file_store, synthesizer, composer_settings)
 
 
 @pytest.fixture

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import grpc
+import imageio_ffmpeg
 import pytest
 from storyreel_composer.service import ComposerService
 from storyreel_composer.settings import ComposerSettings
@@ -102,3 +105,57 @@ async def test_bad_audio_is_invalid_argument_and_nothing_is_stored(stub, images,
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"audio_uri {audio_uri} is not usable audio" in raised.value.details()
     assert sorted(stored_uris(file_store)) == sorted([*images, audio_uri])
+
+
+async def test_look_and_sound_options_travel_through_the_stub(stub, images, file_store, tmp_path):
+    audio = tmp_path / "music.flac"
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=d=1.5"]
+    subprocess.run([*cmd, str(audio)], check=True)
+    audio_uri = file_store.put_file("jobs/inputs/audio/music.flac", audio)
+    request = compose_pb2.ComposeRequest(
+        job_id="job-grpc-options",
+        scenes=[
+            compose_pb2.SceneClip(image_uri=images[0], narration="The sea was calm."),
+            compose_pb2.SceneClip(image_uri=images[1], narration="Then the whale came."),
+        ],
+        audio_uri=audio_uri,
+        fps=12,
+        aspect=compose_pb2.ASPECT_9_16,
+        resolution=compose_pb2.RESOLUTION_480P,
+        fit=compose_pb2.FIT_BLUR,
+        transition=compose_pb2.TRANSITION_CUT,
+        motion=compose_pb2.MOTION_NONE,
+        captions=compose_pb2.CAPTIONS_SIDECAR,
+        audio_mode=compose_pb2.AUDIO_MODE_MUSIC,
+        speaking_rate=1.25,
+        seed=7,
+    )
+    response = await stub.Compose(request, timeout=120)
+
+    assert (response.width, response.height, response.fps) == (480, 854, 12)
+    media = probe_media(file_store.path_of(response.video_uri))
+    assert (media.width, media.height, media.video_codec, media.pix_fmt) == (
+        480,
+        854,
+        "h264",
+        "yuv420p",
+    )
+    # Music mode: the narration sets the length, not the 1.5 s track.
+    assert response.duration_s > 2.0
+    prefix = "jobs/job-grpc-options/video/"
+    assert response.captions_srt_uri == file_store.uri_for(prefix + "captions.srt")
+    assert response.captions_vtt_uri == file_store.uri_for(prefix + "captions.vtt")
+    assert response.poster_uri == file_store.uri_for(prefix + "poster.png")
+    assert response.contact_sheet_uri == file_store.uri_for(prefix + "contact-sheet.png")
+
+
+async def test_unknown_voice_is_invalid_argument(stub, images):
+    request = compose_pb2.ComposeRequest(
+        job_id="job-grpc-voice",
+        scenes=[compose_pb2.SceneClip(image_uri=images[0], narration="Hello.")],
+        voice="amy",
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.Compose(request, timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details() == "voice 'amy' is not one of joe"

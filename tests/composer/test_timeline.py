@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import bisect
-
-import numpy as np
 import pytest
 from storyreel_composer.timeline import (
+    Shot,
     Timeline,
     narrated_timeline,
     narration_weights,
     shared_timeline,
+    shots,
 )
-from storyreel_composer.video import clip_durations
 
 from storyreel.errors import InvalidInput
 
@@ -56,24 +54,33 @@ def test_audio_too_short_for_one_frame_per_scene_is_invalid_input():
         shared_timeline(0.05, [1.0, 1.0, 1.0], 24)
 
 
-@pytest.mark.parametrize(
-    ("fps", "frames"),
-    [
-        (1, (1, 7, 13, 2, 29, 1)),
-        (25, (1, 7, 13, 2, 29, 1)),
-        (60, (1, 7, 13, 2, 29, 1)),
-        # Frame counts whose plain sum of durations falls just short of a whole frame.
-        (30, (5, 4, 41)),
-        (24, (25, 66, 50, 67, 47)),
-    ],
-)
-def test_clip_durations_make_moviepy_show_each_scene_on_exactly_its_frames(fps, frames):
-    timeline = Timeline(fps, frames)
-    # What moviepy does: cumulative clip starts, int(duration * fps) frames written,
-    # frame k taken from the last clip starting at or before k / fps.
-    edges = np.cumsum([0.0, *clip_durations(timeline)])
-    assert int(edges[-1] * fps) == timeline.total_frames
+def test_without_crossfades_every_shot_is_exactly_its_scene():
+    timeline = Timeline(24, (10, 3, 20))
+    assert shots(timeline, 0) == [Shot(0, 10, 0), Shot(10, 3, 0), Shot(13, 20, 0)]
+
+
+def test_crossfades_are_centred_on_each_boundary_and_the_video_keeps_its_length():
+    timeline = Timeline(24, (30, 30, 30))
+    result = shots(timeline, 12)
+    # Each fade runs 6 frames before and 6 after the boundary.
+    assert result == [Shot(0, 36, 0), Shot(24, 42, 12), Shot(54, 36, 12)]
+    # Overlapping shots, minus the overlaps, add up to the timeline exactly.
+    assert sum(s.frames for s in result) - sum(s.fade_in for s in result) == 90
+    for shot in result:
+        assert shot.first_frame + shot.frames <= timeline.total_frames
+
+
+@pytest.mark.parametrize("frames", [(10, 3, 20, 1, 5), (2, 2, 2), (1, 40), (25, 66, 50, 67, 47)])
+def test_crossfades_shorten_around_short_scenes_and_never_overlap(frames):
+    timeline = Timeline(24, frames)
+    result = shots(timeline, 12)
     starts = timeline.start_frames
-    for k in range(timeline.total_frames):
-        shown = max(i for i, edge in enumerate(edges) if edge <= k / fps)
-        assert shown == bisect.bisect_right(starts, k) - 1, f"frame {k}"
+    for i in range(1, len(result)):
+        fade_start, fade = result[i].first_frame, result[i].fade_in
+        # The fade lies within the two scenes it joins and ends as the previous shot ends.
+        assert starts[i - 1] <= fade_start <= starts[i] <= fade_start + fade
+        assert fade_start + fade == result[i - 1].first_frame + result[i - 1].frames
+        assert fade == 0 or fade >= 2  # a one-frame fade would be a late cut
+        if i + 1 < len(result):
+            assert fade_start + fade <= result[i + 1].first_frame
+    assert result[-1].first_frame + result[-1].frames == timeline.total_frames

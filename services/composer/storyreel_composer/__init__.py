@@ -1,1 +1,2 @@
-"""storyreel composer service: scene images plus narration or audio become an MP4."""
+"""storyreel composer service: scene images plus narration or audio become a moving,
+captioned MP4."""

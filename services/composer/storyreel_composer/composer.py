@@ -1,42 +1,81 @@
 """The composer core: scene images plus narration or a user's audio become an MP4.
 
 No gRPC here. :class:`VideoComposer` validates a request before doing any
-work, works in a temporary directory that is always removed, and stores only
-the finished, checked MP4. Scenes are numbered from 1 in messages, as in the
-storyboard.
+work, works in a temporary directory that is always removed, and stores the
+finished, checked MP4 with its captions, poster and contact sheet, or nothing.
+Scenes are numbered from 1 in messages, as in the storyboard.
+
+The composition is planned in Python, frame-exact (:mod:`.timeline`,
+:mod:`.motion`, :mod:`.captions`, :mod:`.audio`) and drawn by one ffmpeg
+filtergraph (:mod:`.render`); :mod:`.reference` builds the same plan as a
+moviepy clip, the slow per-frame reference the filtergraph is checked against.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from storyreel.errors import InvalidInput, NotFound, NotReady, Overloaded
 from storyreel.ids import check_job_id, job_key
 from storyreel.storage import ArtifactStore
-from storyreel_composer.audio import fit_audio_track, write_narration_track
-from storyreel_composer.images import cover_frame
+from storyreel_composer.audio import (
+    LoudnessTarget,
+    mix_music,
+    normalise_track,
+    speech_spans,
+    write_narration_track,
+)
+from storyreel_composer.captions import (
+    Cue,
+    caption_style,
+    chunk,
+    drawtext_filters,
+    spread,
+    to_srt,
+    to_vtt,
+)
+from storyreel_composer.formats import ASPECTS, RESOLUTIONS, even, frame_size
+from storyreel_composer.images import decode_image, fit_image
+from storyreel_composer.motion import choose_moves
 from storyreel_composer.probe import MediaError, MediaInfo, probe
+from storyreel_composer.render import Encoding, RenderPlan, render
 from storyreel_composer.settings import ComposerSettings
+from storyreel_composer.stills import (
+    contact_sheet,
+    middle_frames,
+    read_canvas,
+    scene_still,
+    thumbnail,
+)
 from storyreel_composer.timeline import (
     Timeline,
     narrated_timeline,
     narration_weights,
     shared_timeline,
+    shots,
 )
-from storyreel_composer.tts import NarrationSynthesizer
-from storyreel_composer.video import encode_slideshow
+from storyreel_composer.tts import NarrationSynthesizer, Speech
 
 log = logging.getLogger(__name__)
 
 VIDEO_NAME = "video.mp4"
+SRT_NAME = "captions.srt"
+VTT_NAME = "captions.vtt"
+POSTER_NAME = "poster.png"
+CONTACT_SHEET_NAME = "contact-sheet.png"
+
+FITS = ("cover", "blur")
+TRANSITIONS = ("crossfade", "cut")
+MOTIONS = ("ken_burns", "none")
+CAPTION_MODES = ("burned", "sidecar", "off")
+AUDIO_MODES = ("narration", "soundtrack", "music")
 
 
 @dataclass(frozen=True)
@@ -48,12 +87,42 @@ class SceneInput:
 
 
 @dataclass(frozen=True)
+class ComposeOptions:
+    """How the video looks and sounds; None, "" and 0 select the service defaults.
+
+    ``audio_mode`` is "narration" (synthesized), "soundtrack" (the user's
+    audio is the whole sound track and sets the length) or "music" (the
+    user's audio plays, ducked, under synthesized narration); unset, it is
+    "soundtrack" with an audio URI and "narration" without.
+    """
+
+    aspect: str | None = None
+    resolution: str | None = None
+    fit: str | None = None
+    transition: str | None = None
+    crossfade_s: float = 0.0
+    motion: str | None = None
+    seed: int = 0
+    captions: str | None = None
+    audio_mode: str | None = None
+    voice: str = ""
+    speaking_rate: float = 0.0
+
+
+@dataclass(frozen=True)
 class ComposeResult:
-    """The stored video, its exact length and when each scene starts (seconds)."""
+    """What was stored, the video's exact length and when each scene starts (seconds)."""
 
     video_uri: str
     duration_s: float
     scene_starts_s: list[float]
+    captions_srt_uri: str = ""
+    captions_vtt_uri: str = ""
+    poster_uri: str = ""
+    contact_sheet_uri: str = ""
+    width: int = 0
+    height: int = 0
+    fps: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +135,31 @@ class ComposePlan:
     fps: int
     width: int
     height: int
+    fit: str = "cover"
+    transition: str = "crossfade"
+    crossfade_s: float = 0.5
+    motion: str = "ken_burns"
+    seed: int = 0
+    captions: str = "burned"
+    audio_mode: str = "narration"
+    voice: str = "joe"
+    speaking_rate: float = 1.0
+
+    @property
+    def speaks(self) -> bool:
+        """Whether narration is synthesized (narration and music modes)."""
+        return self.audio_mode in ("narration", "music")
+
+
+@dataclass
+class _Artifacts:
+    """Files of one composition in its work directory."""
+
+    video: Path
+    timeline: Timeline
+    cues: list[Cue] = field(default_factory=list)
+    poster: Path | None = None
+    contact_sheet: Path | None = None
 
 
 class VideoComposer:
@@ -89,13 +183,20 @@ class VideoComposer:
         fps: int = 0,
         width: int = 0,
         height: int = 0,
+        options: ComposeOptions | None = None,
     ) -> ComposeResult:
-        """Compose the video of ``scenes`` and store it at ``jobs/<job_id>/video/video.mp4``.
+        """Compose the video of ``scenes`` and store it under ``jobs/<job_id>/video/``.
 
         Without ``audio_uri`` each scene's narration is spoken by the voice and
         the scene lasts as long as it (plus padding); with ``audio_uri`` the
         video lasts as long as that audio and the scenes share it by narration
-        length. ``fps``, ``width`` and ``height`` of 0 select the defaults.
+        length (or, in "music" mode, the audio plays under the narration).
+        ``fps``, ``width`` and ``height`` of 0 select the defaults; ``options``
+        chooses the look and sound (:class:`ComposeOptions`).
+
+        Stored: ``video.mp4``, ``captions.srt`` and ``captions.vtt`` (unless
+        captions are off or nothing is narrated), ``poster.png`` and
+        ``contact-sheet.png``.
 
         Raises InvalidInput for a malformed request or an unusable image or
         audio file, NotFound for an image or audio URI that does not exist,
@@ -103,8 +204,10 @@ class VideoComposer:
         Overloaded when too many compositions are already waiting. Nothing
         is stored unless the whole video was made.
         """
-        plan = self.check_request(job_id, scenes, audio_uri, fps=fps, width=width, height=height)
-        if plan.audio_uri is None and not self.synthesizer.loaded:
+        plan = self.check_request(
+            job_id, scenes, audio_uri, fps=fps, width=width, height=height, options=options
+        )
+        if plan.speaks and _narrated(plan) and not self.synthesizer.loaded:
             raise NotReady("the narration voice is not loaded yet")
         if self._slots.locked() and self._waiting >= self.settings.max_waiting_compositions:
             raise Overloaded(
@@ -137,9 +240,11 @@ class VideoComposer:
         fps: int = 0,
         width: int = 0,
         height: int = 0,
+        options: ComposeOptions | None = None,
     ) -> ComposePlan:
         """Validate a request without any I/O; InvalidInput names the first problem."""
         s = self.settings
+        o = options or ComposeOptions()
         check_job_id(job_id)
         if not 1 <= len(scenes) <= s.max_scenes:
             raise InvalidInput(f"scenes must hold 1 to {s.max_scenes} scenes, got {len(scenes)}")
@@ -160,24 +265,80 @@ class VideoComposer:
                 self.store.key_of(audio_uri)
             except InvalidInput as exc:
                 raise InvalidInput(f"audio_uri: {exc.message}") from None
+
+        audio_mode = _choice("audio_mode", o.audio_mode, AUDIO_MODES, None)
+        if audio_mode is None:
+            audio_mode = "soundtrack" if audio_uri else "narration"
+        if audio_mode == "narration" and audio_uri:
+            raise InvalidInput("audio_mode narration takes no audio_uri (use soundtrack or music)")
+        if audio_mode != "narration" and not audio_uri:
+            raise InvalidInput(f"audio_mode {audio_mode} needs an audio_uri")
+
         fps = fps or s.default_fps
-        width = width or s.default_width
-        height = height or s.default_height
         if not s.min_fps <= fps <= s.max_fps:
             raise InvalidInput(f"fps must be between {s.min_fps} and {s.max_fps}, got {fps}")
+        width, height = self._frame_size(width, height, o)
+
+        transition = _choice("transition", o.transition, TRANSITIONS, s.default_transition)
+        crossfade_s = o.crossfade_s or s.crossfade_s
+        if not s.min_crossfade_s <= crossfade_s <= s.max_crossfade_s:
+            raise InvalidInput(
+                f"crossfade_s must be between {s.min_crossfade_s:g} and {s.max_crossfade_s:g} s, "
+                f"got {crossfade_s:g}"
+            )
+        rate = o.speaking_rate or 1.0
+        if not s.min_speaking_rate <= rate <= s.max_speaking_rate:
+            raise InvalidInput(
+                f"speaking_rate must be between {s.min_speaking_rate:g} and "
+                f"{s.max_speaking_rate:g}, got {rate:g}"
+            )
+        if o.seed < 0:
+            raise InvalidInput(f"seed must not be negative, got {o.seed}")
+        return ComposePlan(
+            job_id,
+            tuple(scenes),
+            audio_uri or None,
+            fps,
+            width,
+            height,
+            fit=_choice("fit", o.fit, FITS, s.default_fit),
+            transition=transition,
+            crossfade_s=crossfade_s,
+            motion=_choice("motion", o.motion, MOTIONS, s.default_motion),
+            seed=o.seed,
+            captions=_choice("captions", o.captions, CAPTION_MODES, s.default_captions),
+            audio_mode=audio_mode,
+            voice=self.synthesizer.check_voice(o.voice or None),
+            speaking_rate=rate,
+        )
+
+    def _frame_size(self, width: int, height: int, o: ComposeOptions) -> tuple[int, int]:
+        s = self.settings
+        if (width or height) and (o.aspect or o.resolution):
+            raise InvalidInput("set either width and height or aspect and resolution, not both")
+        if o.aspect or o.resolution:
+            aspect = _choice("aspect", o.aspect, tuple(ASPECTS), s.default_aspect)
+            resolution = _choice(
+                "resolution", o.resolution, tuple(RESOLUTIONS), s.default_resolution
+            )
+            return frame_size(aspect, resolution)
+        width = width or s.default_width
+        height = height or s.default_height
         for name, value in (("width", width), ("height", height)):
             if value % 2 or not s.min_side <= value <= s.max_side:
                 raise InvalidInput(
                     f"{name} must be an even number between {s.min_side} and {s.max_side}, "
                     f"got {value}"
                 )
-        return ComposePlan(job_id, tuple(scenes), audio_uri or None, fps, width, height)
+        return width, height
+
+    # --- the work -----------------------------------------------------------------------------
 
     def _compose_blocking(self, plan: ComposePlan) -> ComposeResult:
         s = self.settings
         started = time.perf_counter()
         # Everything that can reject the request runs before narration and
-        # encoding: existence, then the audio, then the images.
+        # rendering: existence, then the audio, then the images.
         for number, scene in enumerate(plan.scenes, start=1):
             if not self.store.exists(scene.image_uri):
                 raise NotFound(f"scene {number} image_uri {scene.image_uri} does not exist")
@@ -189,44 +350,16 @@ class VideoComposer:
         with tempfile.TemporaryDirectory(prefix="storyreel-compose-", dir=s.work_dir) as tmp:
             work = Path(tmp)
             audio = self._checked_audio(plan.audio_uri, work) if plan.audio_uri else None
-            frames = self._frames(plan)
+            canvas_size = self._write_canvases(plan, work)
             checked = time.perf_counter()
 
-            track = work / "track.wav"
-            if audio is not None:
-                source, info = audio
-                timeline = shared_timeline(
-                    info.duration_s,
-                    narration_weights([scene.narration for scene in plan.scenes]),
-                    plan.fps,
-                )
-                fit_audio_track(
-                    source,
-                    timeline.duration_s,
-                    track,
-                    s.audio_sample_rate,
-                    channels=min(info.channels or 2, 2),
-                    timeout_s=s.ffmpeg_timeout_s,
-                )
-            else:
-                timeline = self._narrate(plan, work, track)
+            timeline, cues = self._sound_track(plan, audio, work)
             voiced = time.perf_counter()
 
-            video = work / VIDEO_NAME
-            encode_slideshow(
-                frames,
-                timeline,
-                track,
-                video,
-                preset=s.x264_preset,
-                crf=s.x264_crf,
-                audio_bitrate=s.audio_bitrate,
-                sample_rate=s.audio_sample_rate,
-                threads=s.encode_threads,
-            )
-            self._check_output(video, plan)
-            encoded = time.perf_counter()
-            uri = self.store.put_file(job_key(plan.job_id, "video", VIDEO_NAME), video, "video/mp4")
+            made = self._render(plan, timeline, cues, canvas_size, work)
+            self._check_output(made.video, plan)
+            rendered = time.perf_counter()
+            result = self._store(plan, made, work)
 
         log.info(
             "composed",
@@ -235,14 +368,15 @@ class VideoComposer:
                 "size": f"{plan.width}x{plan.height}",
                 "fps": plan.fps,
                 "duration_s": round(timeline.duration_s, 3),
-                "user_audio": plan.audio_uri is not None,
+                "audio_mode": plan.audio_mode,
+                "captions": plan.captions,
                 "check_s": round(checked - started, 2),
                 "audio_s": round(voiced - checked, 2),
-                "encode_s": round(encoded - voiced, 2),
+                "render_s": round(rendered - voiced, 2),
                 "total_s": round(time.perf_counter() - started, 2),
             },
         )
-        return ComposeResult(uri, timeline.duration_s, timeline.scene_starts_s)
+        return result
 
     def _checked_audio(self, audio_uri: str, work: Path) -> tuple[Path, MediaInfo]:
         """Download the user's audio and reject it unless it is readable audio within limits."""
@@ -274,47 +408,209 @@ class VideoComposer:
             )
         return path, info
 
-    def _frames(self, plan: ComposePlan) -> list[np.ndarray]:
-        """Every scene image, decoded once and cropped to the output size."""
-        frames = []
-        for number, scene in enumerate(plan.scenes, start=1):
-            frames.append(
-                cover_frame(
-                    self.store.get_bytes(scene.image_uri),
-                    plan.width,
-                    plan.height,
-                    max_pixels=self.settings.max_image_pixels,
-                    label=f"scene {number} image {scene.image_uri}",
-                )
-            )
-        return frames
+    def _write_canvases(self, plan: ComposePlan, work: Path) -> tuple[int, int]:
+        """Decode every scene image, fit it to the frame and write it raw for the renderer.
 
-    def _narrate(self, plan: ComposePlan, work: Path, track: Path) -> Timeline:
-        """Speak every scene's narration and lay it out; returns the timeline."""
+        Moving pictures are fitted larger than the frame (``motion_supersample``)
+        so that slow moves glide instead of stepping a pixel at a time. One
+        image is held in memory at a time.
+        """
         s = self.settings
-        wavs: list[Path | None] = []
-        seconds: list[float] = []
+        scale = s.motion_supersample if plan.motion == "ken_burns" else 1.0
+        size = (even(plan.width * scale), even(plan.height * scale))
         for number, scene in enumerate(plan.scenes, start=1):
-            if not scene.narration.strip():
-                wavs.append(None)
-                seconds.append(0.0)
-                continue
-            wav = work / f"narration-{number:03d}.wav"
-            duration = self.synthesizer.synthesize(scene.narration, wav)
-            # Text with nothing to pronounce gives no samples: a silent scene.
-            wavs.append(wav if duration > 0 else None)
-            seconds.append(duration)
+            image = decode_image(
+                self.store.get_bytes(scene.image_uri),
+                max_pixels=s.max_image_pixels,
+                label=f"scene {number} image {scene.image_uri}",
+            )
+            fitted = fit_image(
+                image,
+                *size,
+                fit=plan.fit,
+                blur_radius=s.blur_radius,
+                blur_brightness=s.blur_brightness,
+            )
+            (work / _canvas_name(number)).write_bytes(fitted.tobytes())
+        return size
+
+    def _sound_track(
+        self, plan: ComposePlan, audio: tuple[Path, MediaInfo] | None, work: Path
+    ) -> tuple[Timeline, list[Cue]]:
+        """Write ``track.wav`` (normalised, exactly as long as the video); returns the
+        timeline and the caption cues."""
+        s = self.settings
+        target = LoudnessTarget(s.loudness_lufs, s.true_peak_db, s.loudness_range_lu)
+        style = self._caption_style(plan)
+        track = work / "track.wav"
+        if plan.audio_mode == "soundtrack":
+            assert audio is not None
+            source, info = audio
+            timeline = shared_timeline(
+                info.duration_s,
+                narration_weights([scene.narration for scene in plan.scenes]),
+                plan.fps,
+            )
+            normalise_track(
+                source,
+                track,
+                timeline.duration_s,
+                target=target,
+                sample_rate=s.audio_sample_rate,
+                timeout_s=s.ffmpeg_timeout_s,
+            )
+            # No speech to follow: each scene's text is shown across its scene.
+            cues: list[Cue] = []
+            ends = [*timeline.scene_starts_s[1:], timeline.duration_s]
+            for scene, start, end in zip(plan.scenes, timeline.scene_starts_s, ends, strict=True):
+                cues += spread(chunk(scene.narration, style), start, end)
+            return timeline, cues
+
+        speeches = self._narrate(plan, work)
         timeline = narrated_timeline(
-            seconds, plan.fps, padding_s=s.narration_padding_s, silent_scene_s=s.silent_scene_s
+            [speech.duration_s for speech in speeches],
+            plan.fps,
+            padding_s=s.narration_padding_s,
+            silent_scene_s=s.silent_scene_s,
         )
-        write_narration_track(
-            wavs,
+        # With nothing narrated the voice may not be loaded: the track is silence.
+        narrated = any(speech.duration_s for speech in speeches)
+        narration = write_narration_track(
+            [
+                work / _narration_name(number) if speech.duration_s else None
+                for number, speech in enumerate(speeches, start=1)
+            ],
             timeline.scene_starts_s,
             timeline.duration_s,
-            track,
-            self.synthesizer.sample_rate,
+            work / "narration.wav",
+            self.synthesizer.sample_rate_of(plan.voice) if narrated else s.audio_sample_rate,
         )
-        return timeline
+        cues = []
+        for speech, start in zip(speeches, timeline.scene_starts_s, strict=True):
+            for text, begin, end in speech.sentences:
+                cues += spread(chunk(text, style), start + begin, start + end)
+        mix = narration
+        if plan.audio_mode == "music":
+            assert audio is not None
+            spans = [
+                (start, start + speech.duration_s)
+                for speech, start in zip(speeches, timeline.scene_starts_s, strict=True)
+            ]
+            mix = mix_music(
+                narration,
+                audio[0],
+                work / "mix.wav",
+                timeline.duration_s,
+                spans=speech_spans(spans, s.duck_hold_s),
+                target=target,
+                music_level_lu=s.music_level_lu,
+                duck_db=s.music_duck_db,
+                ramp_s=s.duck_ramp_s,
+                fade_out_s=s.music_fade_out_s,
+                sample_rate=s.audio_sample_rate,
+                timeout_s=s.ffmpeg_timeout_s,
+            )
+        normalise_track(
+            mix,
+            track,
+            timeline.duration_s,
+            target=target,
+            sample_rate=s.audio_sample_rate,
+            timeout_s=s.ffmpeg_timeout_s,
+        )
+        return timeline, cues
+
+    def _narrate(self, plan: ComposePlan, work: Path) -> list[Speech]:
+        """Speak every scene's narration into its own WAV file."""
+        speeches = []
+        for number, scene in enumerate(plan.scenes, start=1):
+            if not scene.narration.strip():
+                speeches.append(Speech(0.0))
+                continue
+            speeches.append(
+                self.synthesizer.speak(
+                    scene.narration,
+                    work / _narration_name(number),
+                    voice=plan.voice,
+                    rate=plan.speaking_rate,
+                )
+            )
+        return speeches
+
+    def _caption_style(self, plan: ComposePlan):
+        s = self.settings
+        return caption_style(
+            plan.width,
+            plan.height,
+            font_path=s.caption_font_path,
+            font_scale=s.caption_font_scale,
+            outline_scale=s.caption_outline_scale,
+            max_lines=s.caption_max_lines,
+            max_chars=s.caption_max_chars,
+            margin=s.caption_margin,
+            portrait_bottom_margin=s.caption_portrait_bottom_margin,
+        )
+
+    def _render(
+        self,
+        plan: ComposePlan,
+        timeline: Timeline,
+        cues: list[Cue],
+        canvas_size: tuple[int, int],
+        work: Path,
+    ) -> _Artifacts:
+        s = self.settings
+        count = len(plan.scenes)
+        moves = (
+            choose_moves(plan.seed, count, s.motion_zoom)
+            if plan.motion == "ken_burns"
+            else [None] * count
+        )
+        fade = round(plan.crossfade_s * plan.fps) if plan.transition == "crossfade" else 0
+        drawtext: list[str] = []
+        if plan.captions == "burned" and cues:
+            font = "caption-font" + s.caption_font_path.suffix
+            shutil.copyfile(s.caption_font_path, work / font)
+            names = [f"cue-{n:04d}.txt" for n in range(1, len(cues) + 1)]
+            for cue, name in zip(cues, names, strict=True):
+                (work / name).write_text(cue.text, encoding="utf-8")
+            drawtext = drawtext_filters(cues, self._caption_style(plan), font, names)
+        render_plan = RenderPlan(
+            width=plan.width,
+            height=plan.height,
+            fps=plan.fps,
+            canvases=tuple(_canvas_name(n) for n in range(1, count + 1)),
+            canvas_size=canvas_size,
+            shots=tuple(shots(timeline, fade)),
+            moves=tuple(moves),
+            total_frames=timeline.total_frames,
+            audio="track.wav",
+            video=VIDEO_NAME,
+            captions=tuple(drawtext),
+            encoding=Encoding(
+                s.x264_preset, s.x264_crf, s.audio_bitrate, s.audio_sample_rate, s.encode_threads
+            ),
+        )
+        video = render(render_plan, work, timeout_s=s.render_timeout_s)
+        poster, sheet = self._stills(render_plan, timeline, work)
+        return _Artifacts(video, timeline, cues if plan.captions != "off" else [], poster, sheet)
+
+    def _stills(self, plan: RenderPlan, timeline: Timeline, work: Path) -> tuple[Path, Path]:
+        """The poster (scene 1) and contact sheet (every scene): mid-scene, no captions."""
+        s = self.settings
+        poster, sheet = work / POSTER_NAME, work / CONTACT_SHEET_NAME
+        frames = middle_frames(timeline.start_frames, timeline.scene_frames)
+        thumbs = []
+        for number, (shot, move, frame) in enumerate(
+            zip(plan.shots, plan.moves, frames, strict=True), start=1
+        ):
+            canvas = read_canvas(work / _canvas_name(number), plan.canvas_size)
+            still = scene_still(canvas, shot, move, frame, (plan.width, plan.height))
+            if number == 1:
+                still.save(poster)
+            thumbs.append(thumbnail(still, s.contact_sheet_thumb_width))
+        contact_sheet(thumbs, s.contact_sheet_columns).save(sheet)
+        return poster, sheet
 
     def _check_output(self, video: Path, plan: ComposePlan) -> None:
         """Refuse to store a file players would reject (wrong codec, pixel format or size)."""
@@ -323,3 +619,63 @@ class VideoComposer:
         actual = (info.video_codec, info.pix_fmt, info.width, info.height, info.audio_codec)
         if actual != expected:
             raise RuntimeError(f"encoder wrote {actual}, expected {expected}")
+
+    def _store(self, plan: ComposePlan, made: _Artifacts, work: Path) -> ComposeResult:
+        """Store every artifact, or none: a failed upload removes what was stored."""
+        stored: list[str] = []
+
+        def put(name: str, path: Path, content_type: str) -> str:
+            uri = self.store.put_file(job_key(plan.job_id, "video", name), path, content_type)
+            stored.append(uri)
+            return uri
+
+        try:
+            srt = vtt = ""
+            if made.cues:
+                (work / SRT_NAME).write_text(to_srt(made.cues), encoding="utf-8")
+                (work / VTT_NAME).write_text(to_vtt(made.cues), encoding="utf-8")
+                srt = put(SRT_NAME, work / SRT_NAME, "application/x-subrip")
+                vtt = put(VTT_NAME, work / VTT_NAME, "text/vtt")
+            poster = put(POSTER_NAME, made.poster, "image/png") if made.poster else ""
+            sheet = (
+                put(CONTACT_SHEET_NAME, made.contact_sheet, "image/png")
+                if made.contact_sheet
+                else ""
+            )
+            video = put(VIDEO_NAME, made.video, "video/mp4")
+        except BaseException:
+            for uri in stored:
+                self.store.delete(uri)
+            raise
+        return ComposeResult(
+            video,
+            made.timeline.duration_s,
+            made.timeline.scene_starts_s,
+            captions_srt_uri=srt,
+            captions_vtt_uri=vtt,
+            poster_uri=poster,
+            contact_sheet_uri=sheet,
+            width=plan.width,
+            height=plan.height,
+            fps=plan.fps,
+        )
+
+
+def _choice(name: str, value: str | None, allowed: Sequence[str], default: str | None):
+    if not value:
+        return default
+    if value not in allowed:
+        raise InvalidInput(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _narrated(plan: ComposePlan) -> bool:
+    return any(scene.narration.strip() for scene in plan.scenes)
+
+
+def _canvas_name(number: int) -> str:
+    return f"canvas-{number:03d}.rgb"
+
+
+def _narration_name(number: int) -> str:
+    return f"narration-{number:03d}.wav"

@@ -1,7 +1,7 @@
 """gRPC side of the composer: storyreel.compose.v1.ComposeService.
 
 The servicer only converts messages to and from the core's domain objects;
-validation, narration, encoding and storage live in
+validation, narration, rendering and storage live in
 :mod:`storyreel_composer.composer`. Domain errors it raises become status codes
 in the shared interceptor.
 """
@@ -15,9 +15,55 @@ import grpc
 from storyreel.compose.v1 import compose_pb2, compose_pb2_grpc
 from storyreel.serving import Service
 from storyreel.storage import ArtifactStore
-from storyreel_composer.composer import SceneInput, VideoComposer
+from storyreel_composer.composer import ComposeOptions, SceneInput, VideoComposer
 from storyreel_composer.settings import ComposerSettings
 from storyreel_composer.tts import NarrationSynthesizer
+
+# Proto enum values to the core's names; the zero (UNSPECIFIED) value maps to
+# None, which selects the service default.
+_ASPECTS = {
+    compose_pb2.ASPECT_16_9: "16:9",
+    compose_pb2.ASPECT_9_16: "9:16",
+    compose_pb2.ASPECT_1_1: "1:1",
+}
+_RESOLUTIONS = {
+    compose_pb2.RESOLUTION_480P: "480p",
+    compose_pb2.RESOLUTION_720P: "720p",
+    compose_pb2.RESOLUTION_1080P: "1080p",
+}
+_FITS = {compose_pb2.FIT_COVER: "cover", compose_pb2.FIT_BLUR: "blur"}
+_TRANSITIONS = {
+    compose_pb2.TRANSITION_CROSSFADE: "crossfade",
+    compose_pb2.TRANSITION_CUT: "cut",
+}
+_MOTIONS = {compose_pb2.MOTION_KEN_BURNS: "ken_burns", compose_pb2.MOTION_NONE: "none"}
+_CAPTIONS = {
+    compose_pb2.CAPTIONS_BURNED: "burned",
+    compose_pb2.CAPTIONS_SIDECAR: "sidecar",
+    compose_pb2.CAPTIONS_OFF: "off",
+}
+_AUDIO_MODES = {
+    compose_pb2.AUDIO_MODE_NARRATION: "narration",
+    compose_pb2.AUDIO_MODE_SOUNDTRACK: "soundtrack",
+    compose_pb2.AUDIO_MODE_MUSIC: "music",
+}
+
+
+def options_of(request: compose_pb2.ComposeRequest) -> ComposeOptions:
+    """The core's options of a request (unknown enum numbers select the default)."""
+    return ComposeOptions(
+        aspect=_ASPECTS.get(request.aspect),
+        resolution=_RESOLUTIONS.get(request.resolution),
+        fit=_FITS.get(request.fit),
+        transition=_TRANSITIONS.get(request.transition),
+        crossfade_s=request.crossfade_s,
+        motion=_MOTIONS.get(request.motion),
+        seed=request.seed,
+        captions=_CAPTIONS.get(request.captions),
+        audio_mode=_AUDIO_MODES.get(request.audio_mode),
+        voice=request.voice,
+        speaking_rate=request.speaking_rate,
+    )
 
 
 class ComposeServicer(compose_pb2_grpc.ComposeServiceServicer):
@@ -37,24 +83,30 @@ class ComposeServicer(compose_pb2_grpc.ComposeServiceServicer):
             fps=request.fps,
             width=request.width,
             height=request.height,
+            options=options_of(request),
         )
         return compose_pb2.ComposeResponse(
             video_uri=result.video_uri,
             duration_s=result.duration_s,
             scene_starts_s=result.scene_starts_s,
+            captions_srt_uri=result.captions_srt_uri,
+            captions_vtt_uri=result.captions_vtt_uri,
+            poster_uri=result.poster_uri,
+            contact_sheet_uri=result.contact_sheet_uri,
+            width=result.width,
+            height=result.height,
+            fps=result.fps,
         )
 
 
 class ComposerService(Service):
-    """The composer service: its servicer plus the narration voice it loads."""
+    """The composer service: its servicer plus the narration voices it loads."""
 
     service_names = (compose_pb2.DESCRIPTOR.services_by_name["ComposeService"].full_name,)
 
     def __init__(self, settings: ComposerSettings, store: ArtifactStore) -> None:
         self.store = store
-        self.synthesizer = NarrationSynthesizer(
-            settings.voice_model_path, settings.voice_config_path
-        )
+        self.synthesizer = NarrationSynthesizer.from_settings(settings)
         self.composer = VideoComposer(store, self.synthesizer, settings)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -64,10 +116,10 @@ class ComposerService(Service):
         )
 
     async def load(self) -> None:
-        """Check the artifact store, then load the piper voice."""
+        """Check the artifact store, then load the piper voices."""
         await asyncio.to_thread(self.store.check_ready)
         await asyncio.to_thread(self.synthesizer.load)
 
     async def close(self) -> None:
-        """Drop the voice once in-flight compositions have finished."""
+        """Drop the voices once in-flight compositions have finished."""
         self.synthesizer.close()

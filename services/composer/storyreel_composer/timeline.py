@@ -106,3 +106,39 @@ def shared_timeline(total_s: float, weights: Sequence[float], fps: int) -> Timel
         frames.append(1 + edge - previous_edge)
         previous_edge = edge
     return Timeline(fps, tuple(frames))
+
+
+@dataclass(frozen=True)
+class Shot:
+    """The frames on which one scene's picture is drawn, transitions included.
+
+    ``first_frame`` and ``frames`` count output frames. A crossfade centred
+    on a scene boundary makes neighbouring shots overlap: ``fade_in`` frames
+    at the start of a shot blend in over the previous one.
+    """
+
+    first_frame: int
+    frames: int
+    fade_in: int
+
+
+def shots(timeline: Timeline, crossfade_frames: int) -> list[Shot]:
+    """The shot of every scene when each boundary is crossfaded over ``crossfade_frames``.
+
+    Each crossfade is centred on its boundary (half before, half after), and
+    shortened where a neighbouring scene is shorter than it, so that no two
+    crossfades overlap; a crossfade shorter than two frames becomes a cut.
+    With 0 frames every boundary is a cut and each shot is exactly its scene.
+    """
+    starts = timeline.start_frames
+    lengths = timeline.scene_frames
+    fades = [min(crossfade_frames, lengths[i], lengths[i + 1]) for i in range(len(lengths) - 1)]
+    # A one-frame crossfade would show only the outgoing picture: cut instead.
+    fades = [fade if fade >= 2 else 0 for fade in fades]
+    result = []
+    for i, (start, length) in enumerate(zip(starts, lengths, strict=True)):
+        before = fades[i - 1] // 2 if i > 0 else 0  # the fade into this scene starts early
+        after = fades[i] - fades[i] // 2 if i < len(fades) else 0  # and the next one ends late
+        fade_in = fades[i - 1] if i > 0 else 0
+        result.append(Shot(start - before, length + before + after, fade_in))
+    return result

@@ -1,4 +1,4 @@
-"""Offline narration with a piper voice."""
+"""Offline narration with piper voices, timed sentence by sentence."""
 
 from __future__ import annotations
 
@@ -6,75 +6,166 @@ import logging
 import threading
 import time
 import wave
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from storyreel.errors import NotReady
+import numpy as np
+
+from storyreel.errors import InvalidInput, NotReady
+from storyreel_composer.captions import split_sentences
 
 log = logging.getLogger(__name__)
 
 
-class NarrationSynthesizer:
-    """Speaks text into 16-bit mono WAV files with one piper voice.
+@dataclass(frozen=True)
+class Speech:
+    """A narration written to a WAV file: its length and when each sentence is heard.
 
-    The voice is loaded by :meth:`load` (at service start), not in the
-    constructor, so a server can report NOT_SERVING while it loads.
+    ``sentences`` holds (text, start_s, end_s) in the file's time; the pauses
+    between sentences belong to no sentence.
     """
 
-    def __init__(self, model_path: Path, config_path: Path | None = None) -> None:
-        self.model_path = Path(model_path)
-        self.config_path = Path(config_path) if config_path else None
-        self._voice = None
+    duration_s: float
+    sentences: tuple[tuple[str, float, float], ...] = ()
+
+
+class NarrationSynthesizer:
+    """Speaks text into 16-bit mono WAV files with piper voices.
+
+    The default voice is ``model_path`` under the name ``name``; ``more_voices``
+    adds others by name (each config is the model path plus ``.json``).
+    Voices are loaded by :meth:`load` (at service start), not in the
+    constructor, so a server can report NOT_SERVING while they load.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        config_path: Path | None = None,
+        *,
+        name: str = "joe",
+        more_voices: Mapping[str, Path] | None = None,
+        sentence_pause_s: float = 0.0,
+    ) -> None:
+        self.default_voice = name
+        self._files: dict[str, tuple[Path, Path | None]] = {
+            name: (Path(model_path), Path(config_path) if config_path else None)
+        }
+        for other, path in (more_voices or {}).items():
+            if other != name:
+                self._files[other] = (Path(path), None)
+        self.sentence_pause_s = sentence_pause_s
+        self._voices: dict[str, object] = {}
         # piper phonemizes through espeak-ng, a C library with global state:
         # one synthesis at a time.
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_settings(cls, settings) -> NarrationSynthesizer:
+        """The voices a :class:`~storyreel_composer.settings.ComposerSettings` names."""
+        synthesizer = cls(
+            settings.voice_model_path,
+            settings.voice_config_path,
+            name="joe",
+            more_voices=settings.voices,
+            sentence_pause_s=settings.sentence_pause_s,
+        )
+        synthesizer.default_voice = settings.default_voice
+        return synthesizer
+
+    @property
+    def voice_names(self) -> list[str]:
+        return sorted(self._files)
+
     @property
     def loaded(self) -> bool:
-        return self._voice is not None
+        return bool(self._voices)
 
     @property
     def sample_rate(self) -> int:
-        """Sample rate of the voice, in Hz."""
-        return self._require_voice().config.sample_rate
+        """Sample rate of the default voice, in Hz."""
+        return self.sample_rate_of(None)
+
+    def sample_rate_of(self, voice: str | None) -> int:
+        """Sample rate of ``voice`` (None: the default), in Hz."""
+        return self._require_voice(voice).config.sample_rate
+
+    def check_voice(self, voice: str | None) -> str:
+        """The name of ``voice`` (None or empty: the default); InvalidInput if unknown."""
+        name = voice or self.default_voice
+        if name not in self._files:
+            raise InvalidInput(f"voice {name!r} is not one of {', '.join(self.voice_names)}")
+        return name
 
     def load(self) -> None:
-        """Load the voice model (blocking; about a second on CPU)."""
+        """Load every voice model (blocking; about a second each on CPU)."""
         from piper import PiperVoice
 
-        started = time.perf_counter()
-        voice = PiperVoice.load(self.model_path, config_path=self.config_path)
-        self._voice = voice
-        log.info(
-            "voice loaded",
-            extra={
-                "model": str(self.model_path),
-                "sample_rate": voice.config.sample_rate,
-                "load_s": round(time.perf_counter() - started, 2),
-            },
-        )
+        for name, (model, config) in self._files.items():
+            started = time.perf_counter()
+            voice = PiperVoice.load(model, config_path=config)
+            self._voices[name] = voice
+            log.info(
+                "voice loaded",
+                extra={
+                    "voice": name,
+                    "model": str(model),
+                    "sample_rate": voice.config.sample_rate,
+                    "load_s": round(time.perf_counter() - started, 2),
+                },
+            )
 
     def close(self) -> None:
-        """Drop the voice."""
-        self._voice = None
+        """Drop the voices."""
+        self._voices = {}
 
-    def synthesize(self, text: str, wav_path: Path) -> float:
-        """Speak ``text`` into a WAV file at ``wav_path``; returns its duration in seconds.
+    def speak(
+        self, text: str, wav_path: Path, *, voice: str | None = None, rate: float = 1.0
+    ) -> Speech:
+        """Speak ``text`` into a WAV file at ``wav_path``, one sentence at a time.
 
-        Text with nothing to pronounce (empty, only punctuation) gives a valid
-        WAV file with no samples and a duration of 0.
+        ``rate`` scales the pace (1 is the voice's own, 2 twice as fast).
+        Sentences are separated by ``sentence_pause_s`` of silence. Text with
+        nothing to pronounce (empty, only punctuation) gives a valid WAV file
+        with no samples and a duration of 0.
         """
-        voice = self._require_voice()
+        from piper import SynthesisConfig
+
+        piper_voice = self._require_voice(voice)
+        sample_rate = piper_voice.config.sample_rate
+        config = SynthesisConfig(length_scale=piper_voice.config.length_scale / rate)
+        pause = np.zeros(round(self.sentence_pause_s * sample_rate), dtype=np.int16)
+        sentences: list[tuple[str, float, float]] = []
+        written = 0
         with self._lock, wave.open(str(wav_path), "wb") as wav:
-            # Set the format up front: piper only sets it on its first chunk,
-            # and a WAV without a format cannot be closed.
-            wav.setframerate(voice.config.sample_rate)
+            # Set the format up front: a WAV without a format cannot be closed.
+            wav.setframerate(sample_rate)
             wav.setsampwidth(2)
             wav.setnchannels(1)
-            voice.synthesize_wav(text, wav, set_wav_format=False)
-            frames = wav.getnframes()
-        return frames / voice.config.sample_rate
+            for sentence in split_sentences(text):
+                chunks = piper_voice.synthesize(sentence, config)
+                audio = [chunk.audio_int16_array for chunk in chunks]
+                samples = np.concatenate(audio) if audio else np.zeros(0, np.int16)
+                if not len(samples):
+                    continue  # nothing to pronounce
+                if sentences and len(pause):
+                    wav.writeframes(pause.tobytes())
+                    written += len(pause)
+                wav.writeframes(samples.tobytes())
+                sentences.append(
+                    (sentence, written / sample_rate, (written + len(samples)) / sample_rate)
+                )
+                written += len(samples)
+        return Speech(written / sample_rate, tuple(sentences))
 
-    def _require_voice(self):
-        if self._voice is None:
+    def synthesize(
+        self, text: str, wav_path: Path, *, voice: str | None = None, rate: float = 1.0
+    ) -> float:
+        """Speak ``text`` into a WAV file at ``wav_path``; returns its duration in seconds."""
+        return self.speak(text, wav_path, voice=voice, rate=rate).duration_s
+
+    def _require_voice(self, voice: str | None):
+        if not self._voices:
             raise NotReady("the narration voice is not loaded yet")
-        return self._voice
+        return self._voices[self.check_voice(voice)]

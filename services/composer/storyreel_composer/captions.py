@@ -1,0 +1,263 @@
+"""Captions: narration split into short, word-wrapped cues, timed to the speech.
+
+The same cues are burned into the picture (ffmpeg ``drawtext`` with the
+packaged font and an outline) and written as SubRip and WebVTT sidecars.
+Lines are wrapped with the font's real glyph widths, so a burned caption never
+leaves the safe area.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import cache
+from pathlib import Path
+
+from PIL import ImageFont
+
+# Whitespace after . ! ? or …, or after one of them and a closing quote or bracket.
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?…])|(?<=[.!?…][\"'”’)\]]))\s+")
+
+
+@dataclass(frozen=True)
+class Cue:
+    """One caption: its lines, shown from ``start_s`` until ``end_s`` (seconds)."""
+
+    start_s: float
+    end_s: float
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@dataclass(frozen=True)
+class CaptionStyle:
+    """How captions look in a frame of a given size (all sizes in pixels)."""
+
+    font_path: Path
+    font_size: int
+    outline: int
+    max_width: int
+    max_lines: int
+    #: Characters per line, for reading speed, whatever the frame's width.
+    max_chars: int
+    bottom: int
+    line_spacing: int
+
+    @property
+    def font(self) -> ImageFont.FreeTypeFont:
+        return _font(self.font_path, self.font_size)
+
+    def width_of(self, text: str) -> float:
+        return self.font.getlength(text) + 2 * self.outline
+
+
+@cache
+def _font(path: Path, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(path), size)
+
+
+def caption_style(
+    width: int,
+    height: int,
+    *,
+    font_path: Path,
+    font_scale: float,
+    outline_scale: float,
+    max_lines: int,
+    max_chars: int,
+    margin: float,
+    portrait_bottom_margin: float,
+) -> CaptionStyle:
+    """The caption style of a ``width`` x ``height`` frame.
+
+    Sizes scale with the frame's short side; captions keep inside the safe
+    area (``margin`` of the frame on every side, ``portrait_bottom_margin`` at
+    the bottom of portrait frames, where apps draw their controls).
+    """
+    short = min(width, height)
+    font_size = max(8, round(short * font_scale))
+    bottom = portrait_bottom_margin if height > width else margin
+    return CaptionStyle(
+        font_path=Path(font_path),
+        font_size=font_size,
+        outline=max(1, round(font_size * outline_scale)) if outline_scale > 0 else 0,
+        max_width=max(1, round(width * (1 - 2 * margin))),
+        max_lines=max_lines,
+        max_chars=max_chars,
+        bottom=round(height * bottom),
+        line_spacing=round(font_size * 0.15),
+    )
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of ``text`` (split after . ! ? or …), whitespace normalised."""
+    text = " ".join(text.split())
+    return [part.strip() for part in _SENTENCE_END.split(text) if part.strip()]
+
+
+def wrap(text: str, style: CaptionStyle) -> list[str]:
+    """Lines of ``text`` no wider than the style allows (a longer word is split)."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        for piece in _split_long_word(word, style):
+            candidate = f"{current} {piece}" if current else piece
+            too_long = (
+                style.width_of(candidate) > style.max_width or len(candidate) > style.max_chars
+            )
+            if current and too_long:
+                lines.append(current)
+                current = piece
+            else:
+                current = candidate
+    if current:
+        lines.append(current)
+    return lines
+
+
+def _split_long_word(word: str, style: CaptionStyle) -> list[str]:
+    pieces, current = [], ""
+    for char in word:
+        candidate = current + char
+        if current and (
+            style.width_of(candidate) > style.max_width or len(candidate) > style.max_chars
+        ):
+            pieces.append(current)
+            current = ""
+        current += char
+    return [*pieces, current] if current else pieces
+
+
+def chunk(text: str, style: CaptionStyle) -> list[tuple[str, ...]]:
+    """``text`` as cues of at most ``style.max_lines`` wrapped lines, never across sentences.
+
+    A sentence that needs several cues is split into cues of similar length
+    (no cue left holding a single word), and each cue's lines are balanced.
+    """
+    cues: list[tuple[str, ...]] = []
+    for sentence in split_sentences(text):
+        words = sentence.split()
+        count = -(-len(wrap(sentence, style)) // style.max_lines)
+        while True:
+            groups = [_balance(" ".join(g), style) for g in _even_groups(words, count)]
+            if all(len(lines) <= style.max_lines for lines in groups) or count >= len(words):
+                break
+            count += 1
+        cues.extend(tuple(lines) for lines in groups)
+    return cues
+
+
+def _even_groups(words: list[str], count: int) -> list[list[str]]:
+    """``words`` cut into ``count`` runs of similar character length."""
+    total = sum(len(word) + 1 for word in words)
+    groups: list[list[str]] = [[]]
+    done = 0
+    for index, word in enumerate(words):
+        remaining_groups = count - len(groups)
+        remaining_words = len(words) - index
+        boundary = total * len(groups) / count
+        if (
+            groups[-1]
+            and remaining_groups > 0
+            and (done + (len(word) + 1) / 2 > boundary or remaining_words <= remaining_groups)
+        ):
+            groups.append([])
+        groups[-1].append(word)
+        done += len(word) + 1
+    return groups
+
+
+def _balance(text: str, style: CaptionStyle) -> list[str]:
+    """Wrap ``text`` in as few lines as fit, of similar widths rather than full-then-short."""
+    lines = wrap(text, style)
+    if len(lines) < 2:
+        return lines
+    step = max(1, style.font_size // 4)
+    width = int(style.width_of(text) / len(lines))
+    while width < style.max_width:
+        trial = wrap(text, replace(style, max_width=width))
+        if len(trial) <= len(lines):
+            return trial
+        width += step
+    return lines
+
+
+def spread(chunks: Sequence[tuple[str, ...]], start_s: float, end_s: float) -> list[Cue]:
+    """Cues for ``chunks`` sharing ``start_s``..``end_s`` in proportion to their length."""
+    if not chunks or end_s <= start_s:
+        return []
+    weights = [max(1, len(" ".join(lines))) for lines in chunks]
+    total = sum(weights)
+    cues, elapsed = [], 0
+    for lines, weight in zip(chunks, weights, strict=True):
+        cue_start = start_s + (end_s - start_s) * elapsed / total
+        elapsed += weight
+        cue_end = start_s + (end_s - start_s) * elapsed / total
+        cues.append(Cue(cue_start, cue_end, lines))
+    return cues
+
+
+def _timestamp(seconds: float, separator: str) -> str:
+    ms = max(0, round(seconds * 1000))
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{ms:03d}"
+
+
+def _rounded(cues: Sequence[Cue]) -> list[tuple[int, int, str]]:
+    """Cues in whole milliseconds, each at least 1 ms long and none overlapping the next."""
+    result = []
+    for cue in cues:
+        start, end = round(cue.start_s * 1000), round(cue.end_s * 1000)
+        if result and start < result[-1][1]:
+            start = result[-1][1]
+        if end > start:
+            result.append((start, end, cue.text))
+    return result
+
+
+def to_srt(cues: Sequence[Cue]) -> str:
+    """SubRip text: numbered cues, ``HH:MM:SS,mmm --> HH:MM:SS,mmm`` times."""
+    blocks = []
+    for number, (start, end, text) in enumerate(_rounded(cues), start=1):
+        times = f"{_timestamp(start / 1000, ',')} --> {_timestamp(end / 1000, ',')}"
+        blocks.append(f"{number}\n{times}\n{text}\n")
+    return "\n".join(blocks)
+
+
+def to_vtt(cues: Sequence[Cue]) -> str:
+    """WebVTT text: the ``WEBVTT`` header, then ``HH:MM:SS.mmm --> HH:MM:SS.mmm`` cues."""
+    blocks = ["WEBVTT\n"]
+    for start, end, text in _rounded(cues):
+        # "-->" may not appear in a WebVTT cue's text.
+        safe = text.replace("-->", "->")
+        times = f"{_timestamp(start / 1000, '.')} --> {_timestamp(end / 1000, '.')}"
+        blocks.append(f"{times}\n{safe}\n")
+    return "\n".join(blocks)
+
+
+def drawtext_filters(
+    cues: Sequence[Cue], style: CaptionStyle, font_name: str, text_names: Sequence[str]
+) -> list[str]:
+    """One ``drawtext`` filter per cue, shown on the frames of its time span.
+
+    ``font_name`` and ``text_names`` are plain file names (the render runs in
+    the directory holding them), so nothing in the filter needs escaping; the
+    text is read from the files verbatim (no ``%{...}`` expansion).
+    """
+    filters = []
+    for cue, name in zip(cues, text_names, strict=True):
+        filters.append(
+            f"drawtext=fontfile={font_name}:textfile={name}:expansion=none"
+            f":fontsize={style.font_size}:fontcolor=white"
+            f":borderw={style.outline}:bordercolor=black"
+            f":text_align=C:line_spacing={style.line_spacing}"
+            f":x=(w-text_w)/2:y=h-{style.bottom}-text_h"
+            f":enable='gte(t,{cue.start_s:.6f})*lt(t,{cue.end_s:.6f})'"
+        )
+    return filters

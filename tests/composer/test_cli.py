@@ -1,0 +1,122 @@
+"""`storyreel compose`: the user's own images and audio become a video, no other service."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+from PIL import Image
+from support import probe_media
+
+# Named so that plain string order would differ from number order.
+PICTURES = {
+    "scene-1.png": (230, 20, 20),
+    "scene-2.png": (20, 230, 20),
+    "scene-10.png": (20, 20, 230),
+}
+
+
+def compose(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "storyreel.cli", "compose", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    images = tmp_path / "pictures"
+    images.mkdir()
+    for name, colour in PICTURES.items():
+        Image.new("RGB", (320, 240), colour).save(images / name)
+    (images / "notes.txt").write_text("not an image")
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=d=3",
+            "-c:a",
+            "libmp3lame",
+            str(tmp_path / "song.mp3"),
+        ],
+        check=True,
+    )
+    (tmp_path / "lines.txt").write_text("The red one.\nThe green one.\n\n")
+    return tmp_path
+
+
+def test_compose_makes_a_captioned_video_from_local_files_in_name_order(folder: Path):
+    (folder / "lines.txt").write_text("The red one.\nThe green one.\nThe blue one.\n")
+    result = compose(
+        *("--images", "pictures", "--audio", "song.mp3", "--narration", "lines.txt"),
+        *("--aspect", "1:1", "--resolution", "480p", "--fps", "12", "--transition", "cut"),
+        *("--motion", "none", "-o", "out/story.mp4"),
+        cwd=folder,
+    )
+    assert result.returncode == 0, result.stderr
+    video = folder / "out" / "story.mp4"
+    assert result.stdout.strip() == str(video)
+    media = probe_media(video)
+    assert (media.width, media.height, media.video_codec, media.audio_codec) == (
+        480,
+        480,
+        "h264",
+        "aac",
+    )
+    assert media.duration_s == pytest.approx(3.0, abs=1 / 12)
+    for name in ("story.srt", "story.vtt", "story-poster.png", "story-contact-sheet.png"):
+        assert (folder / "out" / name).is_file(), name
+    srt = (folder / "out" / "story.srt").read_text()
+    assert "The red one." in srt and "The blue one." in srt
+
+    # Scenes in number order: red, green, then blue (scene-10), each a third of the song.
+    raw = subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-v",
+            "error",
+            "-i",
+            str(video),
+            "-vf",
+            "scale=8:8",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
+    shown = np.frombuffer(raw, np.uint8).reshape(-1, 64, 3).mean(axis=1).argmax(axis=1)
+    assert shown[[6, 18, 30]].tolist() == [0, 1, 2]
+
+
+def test_narration_with_the_wrong_number_of_lines_is_refused_naming_both_counts(folder: Path):
+    result = compose(
+        *("--images", "pictures", "--audio", "song.mp3", "--narration", "lines.txt"),
+        cwd=folder,
+    )
+    assert result.returncode == 2
+    assert "has 2 lines for 3 images" in result.stderr
+    assert not (folder / "storyreel.mp4").exists()
+
+
+def test_bad_audio_is_refused_and_nothing_is_written(folder: Path):
+    (folder / "song.mp3").write_bytes(b"ID3 but nothing else")
+    result = compose("--images", "pictures", "--audio", "song.mp3", "-o", "x.mp4", cwd=folder)
+    assert result.returncode == 2
+    assert "is not usable audio" in result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["lines.txt", "pictures", "song.mp3"]
