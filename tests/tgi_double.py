@@ -3,9 +3,11 @@
 TGI needs a GPU and hub weights, so it cannot run here. This real HTTP server
 on 127.0.0.1 speaks enough of TGI's API for the story service: ``/health``,
 ``/info``, and ``POST /`` or ``/generate``. A request with a JSON grammar gets
-the smallest document that satisfies the schema (so every story service
-request is answered validly and instantly); one without gets a short story.
-It lets tests run the real story service many times over in seconds.
+the smallest document that satisfies the schema, taking a field's first
+``examples`` value where the schema gives one that fits (so every story service
+request is answered validly and instantly); one without gets a short story, as
+many sentences long as its ``max_new_tokens`` allows (about four characters a
+token). It lets tests run the real story service many times over in seconds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,26 @@ STORY = (
     "The tide rises and the whale swims free, waving its tail. "
     "Every spring it comes back to the lighthouse."
 )
+#: Sentences a longer story goes on with, in turn.
+MORE_STORY = (
+    "Ada waves from the rocks.",
+    "The whale sings back.",
+    "Gulls circle the lighthouse.",
+    "The sea turns gold at dusk.",
+)
+
+
+def story(max_new_tokens: int | None) -> str:
+    """:data:`STORY`, continued with :data:`MORE_STORY` until about ``max_new_tokens`` tokens."""
+    text = STORY
+    budget = 3 * (max_new_tokens or 0)  # characters, at a conservative 3 per token
+    more = 0
+    while len(text) < budget:
+        text += " " + MORE_STORY[more % len(MORE_STORY)]
+        more += 1
+    return text
+
+
 _WORDS = ["Ada", "the", "lighthouse", "keeper", "watches", "a", "whale", "at", "dawn"]
 
 
@@ -29,6 +51,9 @@ def instance(schema: dict[str, Any], path: str = "") -> Any:
     """The smallest value valid under ``schema`` (refs must be inlined)."""
     if "const" in schema:
         return schema["const"]
+    for example in schema.get("examples", [])[:1]:
+        if _fits(example, schema):
+            return example
     if "enum" in schema:
         return schema["enum"][0]
     for key in ("anyOf", "oneOf", "allOf"):
@@ -52,6 +77,21 @@ def instance(schema: dict[str, Any], path: str = "") -> Any:
     if kind == "boolean":
         return False
     return _string(schema, path)
+
+
+def _fits(value: Any, schema: dict[str, Any]) -> bool:
+    """True when ``value`` obviously satisfies ``schema`` (strings, enums, arrays of strings)."""
+    if "enum" in schema:
+        return value in schema["enum"]
+    if isinstance(value, str):
+        low, high = schema.get("minLength", 0), schema.get("maxLength", len(value))
+        pattern = schema.get("pattern")
+        return low <= len(value) <= high and (not pattern or re.search(pattern, value) is not None)
+    if isinstance(value, list):
+        low, high = schema.get("minItems", 0), schema.get("maxItems", len(value))
+        items = schema.get("items", {})
+        return low <= len(value) <= high and all(_fits(v, items) for v in value)
+    return False
 
 
 def _string(schema: dict[str, Any], path: str) -> str:
@@ -101,11 +141,12 @@ class TGISchemaDouble:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 double.requests += 1
-                grammar = (body.get("parameters") or {}).get("grammar")
+                parameters = body.get("parameters") or {}
+                grammar = parameters.get("grammar")
                 if grammar and grammar.get("type") == "json":
                     text = json.dumps(instance(grammar["value"]))
                 else:
-                    text = STORY
+                    text = story(parameters.get("max_new_tokens"))
                 self._send(200, [{"generated_text": text}])
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

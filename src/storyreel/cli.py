@@ -5,6 +5,8 @@
     storyreel status|watch|cancel|download JOB
     storyreel regenerate JOB INDEX [--prompt P] [--seed S]
     storyreel list
+    storyreel storyboard "PROMPT" [--scenes N] [--style S] [--json] [--local]
+    storyreel parse-storyboard [--scenes N] < raw.txt
 
 Exit codes: 0 success, 1 the job failed or was cancelled, 2 the request was
 refused (bad input, unknown job, missing key), 3 the gateway is unreachable.
@@ -410,6 +412,138 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_STORY_ADDRESS = os.environ.get("STORYREEL_STORY_ADDRESS", "127.0.0.1:50051")
+
+
+def _scene_count(text: str) -> int:
+    """argparse type: a scene count of 1 to 24 (the story contract's bounds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= value <= 24:
+        raise argparse.ArgumentTypeError(f"scene count must be between 1 and 24 (got {value})")
+    return value
+
+
+def _storyboard_json(board) -> dict:
+    """A story.v1 Storyboard message as the JSON `storyreel storyboard --json` prints."""
+    return {
+        "title": board.title,
+        "logline": board.logline,
+        "characters": [{"name": c.name, "appearance": c.appearance} for c in board.characters],
+        "scenes": [
+            {
+                "index": s.index,
+                "narration": s.narration,
+                "image_prompt": s.image_prompt,
+                "characters": list(s.characters),
+                "setting": s.setting,
+                "action": s.action,
+                "camera": s.camera,
+            }
+            for s in board.scenes
+        ],
+        "style": board.style,
+        "degraded": board.degraded,
+    }
+
+
+def _print_storyboard(board: dict) -> None:
+    """The storyboard as readable text on stdout."""
+    print(board["title"])
+    if board.get("logline"):
+        print(board["logline"])
+    if board["characters"]:
+        print("\nCharacters:")
+        for character in board["characters"]:
+            print(f"  {character['name']}: {character['appearance']}")
+    for scene in board["scenes"]:
+        present = ", ".join(scene.get("characters") or [])
+        print(f"\nScene {scene['index']}" + (f" ({present})" if present else ""))
+        print(f"  narration:    {scene['narration']}")
+        print(f"  image prompt: {scene['image_prompt']}")
+    if board.get("degraded"):
+        print("\n(degraded: part of this storyboard was rebuilt from the story's sentences)")
+
+
+def _storyboard_remote(args: argparse.Namespace) -> dict:
+    from storyreel.story.v1 import story_pb2, story_pb2_grpc
+
+    request = story_pb2.WriteStoryboardRequest(
+        prompt=args.prompt, scene_count=args.scenes, style=args.style, seed=args.seed
+    )
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            response = story_pb2_grpc.StoryServiceStub(channel).WriteStoryboard(
+                request, timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            code, details = error.code(), error.details()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise CliError(f"request refused: {details}", EXIT_REFUSED) from None
+            if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
+                raise CliError(
+                    f"story service at {args.address} unreachable ({details})", EXIT_UNREACHABLE
+                ) from None
+            raise CliError(f"no storyboard: {code.name}: {details}", EXIT_JOB_FAILED) from None
+    return _storyboard_json(response.storyboard)
+
+
+def _storyboard_local(args: argparse.Namespace) -> dict:
+    # Imported here: the story service (and the model it loads) is needed by --local only.
+    from storyreel_llm.backends import create_backend
+    from storyreel_llm.settings import LLMSettings
+    from storyreel_llm.writer import StoryboardWriter
+
+    from storyreel.errors import InvalidInput, StoryreelError
+
+    settings = LLMSettings()
+    backend = create_backend(settings)
+    writer = StoryboardWriter(backend, settings)
+    try:
+        writer.check_request(args.prompt, args.scenes, args.style)
+        with console.status(f"loading the {backend.name} model..."):
+            backend.load()
+        with console.status("writing the storyboard..."):
+            board = writer.write(args.prompt, args.scenes, args.style, args.seed)
+    except InvalidInput as exc:
+        raise CliError(f"request refused: {exc.message}", EXIT_REFUSED) from None
+    except StoryreelError as exc:
+        raise CliError(f"no storyboard: {exc.message}", EXIT_JOB_FAILED) from None
+    finally:
+        backend.close()
+    return board.to_dict()
+
+
+def cmd_storyboard(args: argparse.Namespace) -> int:
+    """Write a storyboard with the story service (or, with --local, in this process)."""
+    board = _storyboard_local(args) if args.local else _storyboard_remote(args)
+    if args.json:
+        import json
+
+        print(json.dumps(board, indent=2, ensure_ascii=False))
+    else:
+        _print_storyboard(board)
+    return 0
+
+
+def cmd_parse_storyboard(args: argparse.Namespace) -> int:
+    """Read a model's raw answer on stdin; print the storyboard it holds as JSON."""
+    import json
+
+    # Imported here: the parser lives in the story service's package.
+    from storyreel_llm.parsing import UnusableAnswer, parse_storyboard
+
+    text = sys.stdin.read()
+    try:
+        board = parse_storyboard(text, args.scenes)
+    except UnusableAnswer as exc:
+        raise CliError(f"no usable storyboard: {exc}", EXIT_JOB_FAILED) from None
+    print(json.dumps(board.to_dict(), indent=2, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="storyreel", description="One prompt in, a narrated video out."
@@ -504,6 +638,39 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--rate", type=float, default=0.0, help="speaking rate (1 = normal)")
     comp.add_argument("-o", "--output", type=Path, default=Path("storyreel.mp4"))
     comp.set_defaults(func=cmd_compose)
+
+    board = sub.add_parser(
+        "storyboard",
+        help="write a storyboard (title, characters, scenes) without making a video",
+        description="Asks the story service (STORYREEL_STORY_ADDRESS, default 127.0.0.1:50051) "
+        "for a storyboard and prints it. With --local the story writer runs in this process "
+        "instead, configured by the same STORYREEL_LLM_* settings as the service.",
+    )
+    board.add_argument("prompt")
+    board.add_argument("--scenes", type=_scene_count, default=3, help="number of scenes (1-24)")
+    board.add_argument("--style", default="", help="style preset or free text")
+    board.add_argument("--seed", type=int, default=0, help="the same seed gives the same story")
+    board.add_argument("--json", action="store_true", help="print the storyboard as JSON")
+    board.add_argument(
+        "--address", default=DEFAULT_STORY_ADDRESS, help="story service address (host:port)"
+    )
+    board.add_argument(
+        "--local", action="store_true", help="run the story writer in this process (no service)"
+    )
+    board.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    board.set_defaults(func=cmd_storyboard)
+
+    parse = sub.add_parser(
+        "parse-storyboard",
+        help="read a storyboard out of a model's raw answer on stdin",
+        description="Reads an LLM's raw answer (JSON, fenced or cut off, labels, lists, "
+        "delimited prompts, or plain prose) on stdin and prints the storyboard as JSON. "
+        "Exits 1, saying why, when nothing usable is found.",
+    )
+    parse.add_argument(
+        "--scenes", type=_scene_count, default=None, help="require exactly this many scenes"
+    )
+    parse.set_defaults(func=cmd_parse_storyboard)
     return parser
 
 

@@ -109,7 +109,7 @@ async def test_status_list_and_download_of_a_finished_job(gateway, tmp_path: Pat
 
 async def test_regenerate_redraws_a_scene_from_the_command_line(gateway, upstream):
     job_id = await _job(gateway, scene_count=2)
-    code, stdout, stderr = await _run(
+    code, _stdout, stderr = await _run(
         "regenerate", job_id, "2", "--seed", "77", "--gateway", gateway.address
     )
     assert code == 0, stderr

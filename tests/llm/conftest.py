@@ -1,11 +1,18 @@
-"""Fixtures of the story service tests: settings, the shared SmolLM2, a TGI test double."""
+"""Fixtures of the story service tests: settings, the shared SmolLM2, model-server doubles.
+
+The doubles are real HTTP servers on 127.0.0.1:0 standing in for servers that
+cannot run here (TGI and OpenAI-compatible servers need GPUs and hub weights).
+They answer from a script and record every request, so tests can check the
+exact payload the backends send.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +37,9 @@ def make_settings(**overrides: Any) -> LLMSettings:
         # Test runs share the CPU with other work; two torch threads on two busy
         # cores decoded 10x slower than one.
         "torch_threads": 1,
+        # Retries wait a moment only, so retry tests stay quick.
+        "retry_backoff_s": 0.01,
+        "retry_max_backoff_s": 0.05,
     }
     values.update(overrides)
     return LLMSettings(**values)
@@ -55,31 +65,36 @@ def smollm2():
     torch.set_num_threads(threads)  # other suites in this process get their cores back
 
 
-# --- A stand-in for a text-generation-inference server -----------------------------------
+# --- HTTP doubles ----------------------------------------------------------------------------
 
 
 @dataclass
-class TGIReply:
-    """What the double answers to one POST: HTTP status and a JSON body."""
+class Reply:
+    """What a double answers to one POST: HTTP status, JSON body, headers, delay."""
 
     status: int
     body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+    drop: bool = False  # close the connection without answering
 
 
 @dataclass
-class TGITestDouble:
-    """A real HTTP server on 127.0.0.1:0 that answers like TGI, from a script.
+class ServerDouble:
+    """A real HTTP server on 127.0.0.1:0 that answers POSTs from a script.
 
-    TGI itself cannot run here (no GPU image, no hub). It records every generate
-    request body and answers each with the next scripted reply.
+    It records every POST (path, headers, JSON body). GETs of ``health_path``
+    answer the next of ``health_statuses`` (200 once they run out).
     """
 
     server: ThreadingHTTPServer
-    replies: list[TGIReply] = field(default_factory=list)
+    health_path: str
+    replies: list[Reply] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     health_statuses: list[int] = field(default_factory=list)
     health_checks: int = 0
-    # Generate calls wait for this before answering; clear it to hold them.
+    get_bodies: dict[str, Any] = field(default_factory=dict)
+    # POSTs wait for this before answering; clear it to hold them.
     gate: threading.Event = field(default_factory=lambda: _opened(threading.Event()))
 
     @property
@@ -87,13 +102,17 @@ class TGITestDouble:
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def answer(self, generated_text: str) -> None:
-        """Queue a successful generation (TGI's `/` route answers a one-element list)."""
-        self.replies.append(TGIReply(200, [{"generated_text": generated_text}]))
+    def fail(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        """Queue an error answer."""
+        self.replies.append(Reply(status, body, headers or {}))
 
-    def fail(self, status: int, error: str, error_type: str) -> None:
-        """Queue a TGI error answer."""
-        self.replies.append(TGIReply(status, {"error": error, "error_type": error_type}))
+    def drop(self) -> None:
+        """Queue a dropped connection (closed without an answer)."""
+        self.replies.append(Reply(0, None, drop=True))
+
+    def slow(self, delay_s: float, body: Any) -> None:
+        """Queue an answer that comes after ``delay_s``."""
+        self.replies.append(Reply(200, body, delay_s=delay_s))
 
 
 def _opened(event: threading.Event) -> threading.Event:
@@ -101,57 +120,146 @@ def _opened(event: threading.Event) -> threading.Event:
     return event
 
 
-def _handler_for(double_ref: list[TGITestDouble]) -> type[BaseHTTPRequestHandler]:
+def _handler_for(ref: list[ServerDouble]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:  # keep pytest output clean
             pass
 
-        def _send(self, status: int, body: Any) -> None:
+        def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
             self.end_headers()
             self.wfile.write(data)
 
         def do_GET(self) -> None:
-            double = double_ref[0]
-            if self.path != "/health":
+            double = ref[0]
+            if self.path == double.health_path:
+                double.health_checks += 1
+                status = double.health_statuses.pop(0) if double.health_statuses else 200
+                self._send(status, {} if status == 200 else {"error": "loading"})
+            elif self.path in double.get_bodies:
+                self._send(200, double.get_bodies[self.path])
+            else:
                 self._send(404, {"error": "not found"})
-                return
-            double.health_checks += 1
-            status = double.health_statuses.pop(0) if double.health_statuses else 200
-            self._send(status, {} if status == 200 else {"error": "loading"})
 
         def do_POST(self) -> None:
-            double = double_ref[0]
+            double = ref[0]
             length = int(self.headers.get("Content-Length", "0"))
             double.requests.append(
-                {"path": self.path, "body": json.loads(self.rfile.read(length) or b"null")}
+                {
+                    "path": self.path,
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "body": json.loads(self.rfile.read(length) or b"null"),
+                }
             )
             double.gate.wait(timeout=60)
             if not double.replies:
                 self._send(500, {"error": "the test scripted no reply", "error_type": "test"})
                 return
             reply = double.replies.pop(0)
-            self._send(reply.status, reply.body)
+            if reply.drop:
+                self.close_connection = True
+                self.connection.close()
+                return
+            if reply.delay_s:
+                time.sleep(reply.delay_s)
+            self._send(reply.status, reply.body, reply.headers)
 
     return Handler
 
 
 @pytest.fixture
-def tgi_double() -> Iterator[TGITestDouble]:
-    """A running :class:`TGITestDouble`; stopped after the test."""
-    ref: list[TGITestDouble] = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(ref))
-    double = TGITestDouble(server)
-    ref.append(double)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    yield double
-    double.gate.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+def start_double() -> Iterator[Any]:
+    """``start_double(health_path)`` starts a :class:`ServerDouble`; all stop after the test."""
+    started: list[tuple[ServerDouble, threading.Thread]] = []
+
+    def start(health_path: str) -> ServerDouble:
+        ref: list[ServerDouble] = []
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(ref))
+        server.daemon_threads = True
+        double = ServerDouble(server, health_path)
+        ref.append(double)
+        thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        thread.start()
+        started.append((double, thread))
+        return double
+
+    yield start
+    for double, thread in started:
+        double.gate.set()
+        double.server.shutdown()
+        double.server.server_close()
+        thread.join(timeout=5)
+
+
+class TGITestDouble:
+    """Script helpers for a :class:`ServerDouble` speaking TGI's ``/generate``."""
+
+    def __init__(self, double: ServerDouble) -> None:
+        self.double = double
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.double, name)
+
+    def answer(self, generated_text: str) -> None:
+        """Queue a successful generation (TGI's `/` route answers a one-element list)."""
+        self.double.replies.append(Reply(200, [{"generated_text": generated_text}]))
+
+    def answer_all(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            self.answer(text)
+
+    def error(self, status: int, error: str, error_type: str, **headers: str) -> None:
+        """Queue a TGI error answer."""
+        self.double.fail(status, {"error": error, "error_type": error_type}, headers)
+
+
+@pytest.fixture
+def tgi_double(start_double) -> TGITestDouble:
+    """A running TGI double; ``/info`` reports a model that is in no cache."""
+    double = start_double("/health")
+    double.get_bodies["/info"] = {"model_id": "storyreel-tests/tgi-double"}
+    return TGITestDouble(double)
+
+
+class OpenAITestDouble:
+    """Script helpers for a :class:`ServerDouble` speaking ``/v1/chat/completions``."""
+
+    def __init__(self, double: ServerDouble) -> None:
+        self.double = double
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.double, name)
+
+    @staticmethod
+    def completion(content: str, finish_reason: str = "stop") -> dict[str, Any]:
+        return {
+            "id": "chatcmpl-test",
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": finish_reason,
+                }
+            ],
+        }
+
+    def answer(self, content: str) -> None:
+        self.double.replies.append(Reply(200, self.completion(content)))
+
+    def answer_all(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            self.answer(text)
+
+
+@pytest.fixture
+def openai_double(start_double) -> OpenAITestDouble:
+    """A running OpenAI-compatible double (``/v1/models`` is its readiness check)."""
+    return OpenAITestDouble(start_double("/v1/models"))

@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
+from llm.story_doubles import CAST, answers_for
 from storyreel_llm.service import StoryService
 from support import health_status
 
 from storyreel.serving import start_and_load
 from storyreel.story.v1 import story_pb2, story_pb2_grpc
-
-
-def storyboard_json(scene_count: int) -> str:
-    return json.dumps(
-        {
-            "title": "The Fox",
-            "characters": [{"name": "Rin", "appearance": "a red fox"}],
-            "scenes": [
-                {"narration": "Rin ran.", "image_prompt": "a fox running", "characters": ["Rin"]}
-            ]
-            * scene_count,
-        }
-    )
 
 
 async def write(port: int, **fields) -> story_pb2.WriteStoryboardResponse:
@@ -50,23 +40,50 @@ async def test_tgi_service_serves_once_tgi_is_healthy(settings_for, tgi_double):
     try:
         assert tgi_double.health_checks == 2
         assert await health_status(f"127.0.0.1:{running.port}") == "SERVING"
-        tgi_double.answer(storyboard_json(2))
-        response = await write(running.port, prompt="a fox", scene_count=2, seed=3)
-        assert [s.index for s in response.storyboard.scenes] == [1, 2]
+        tgi_double.answer_all(answers_for(2))
+        response = await write(running.port, prompt="a fox", scene_count=2, seed=3, style="anime")
+        board = response.storyboard
+        assert [s.index for s in board.scenes] == [1, 2]
+        assert board.title == CAST["title"] and board.logline == CAST["logline"]
+        assert [c.name for c in board.characters] == ["Ada", "Moby"]
+        first = board.scenes[0]
+        assert first.image_prompt.startswith(settings.style_presets["anime"])
+        assert CAST["characters"][0]["appearance"] in first.image_prompt
+        assert (first.setting, first.camera) == ("on a rocky beach at dawn", "wide shot")
+        assert first.action == "Ada rows a small boat toward the whale"
+        assert list(first.characters) == ["Ada"]
+        assert board.degraded is False
     finally:
         await running.stop(0)
 
 
-async def test_unusable_model_answers_give_unavailable_with_the_reason(settings_for, tgi_double):
+async def test_no_usable_story_gives_unavailable_with_the_reason(settings_for, tgi_double):
     settings = settings_for(backend="tgi", tgi_url=tgi_double.url, repair_attempts=1)
     running = await start_and_load(settings, StoryService(settings))
     try:
-        tgi_double.answer('{"title": "cut off')
-        tgi_double.answer('{"title": "cut off again')
+        tgi_double.answer("")
+        tgi_double.answer("   ")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await write(running.port, prompt="a fox", scene_count=1)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "no usable storyboard in 2 attempt(s)" in caught.value.details()
+        assert "wrote no usable story in 2 attempt(s)" in caught.value.details()
+    finally:
+        await running.stop(0)
+
+
+async def test_unusable_extractions_still_give_a_degraded_storyboard(settings_for, tgi_double):
+    settings = settings_for(backend="tgi", tgi_url=tgi_double.url, repair_attempts=0)
+    running = await start_and_load(settings, StoryService(settings))
+    try:
+        tgi_double.answer("Rin ran up the hill. The moon rose over her.")
+        tgi_double.answer('{"title": "cut off')
+        tgi_double.answer('{"characters": [], "setting": "cut')
+        response = await write(running.port, prompt="a fox and the moon", scene_count=1)
+        board = response.storyboard
+        assert board.degraded is True
+        assert board.title == "A fox and the moon"
+        assert board.scenes[0].narration == "Rin ran up the hill. The moon rose over her."
+        assert "Rin ran up the hill" in board.scenes[0].image_prompt
     finally:
         await running.stop(0)
 
@@ -76,7 +93,7 @@ async def test_request_beyond_the_waiting_limit_gets_resource_exhausted(settings
     running = await start_and_load(settings, StoryService(settings))
     try:
         tgi_double.gate.clear()  # hold the first generation at the model server
-        tgi_double.answer(storyboard_json(1))
+        tgi_double.answer_all(answers_for(1))
         first = asyncio.create_task(write(running.port, prompt="a fox", scene_count=1))
         await wait_for_requests(tgi_double, 1)
 
@@ -86,16 +103,80 @@ async def test_request_beyond_the_waiting_limit_gets_resource_exhausted(settings
 
         tgi_double.gate.set()
         assert len((await first).storyboard.scenes) == 1
-        assert len(tgi_double.requests) == 1  # the rejected request never reached the model
+        assert len(tgi_double.requests) == 3  # the rejected request never reached the model
     finally:
         await running.stop(0)
 
 
-def test_tgi_backend_and_service_import_without_torch_or_transformers():
+def test_tgi_and_openai_backends_and_service_import_without_torch_or_transformers():
     code = (
         "import sys\n"
-        "import storyreel_llm.backends.tgi, storyreel_llm.service, storyreel_llm.__main__\n"
-        "heavy = [m for m in ('torch', 'transformers', 'outlines') if m in sys.modules]\n"
+        "import storyreel_llm.backends.tgi, storyreel_llm.backends.openai\n"
+        "import storyreel_llm.service, storyreel_llm.__main__, storyreel_llm.writer\n"
+        "heavy = [m for m in ('torch', 'transformers', 'outlines', 'llguidance')"
+        " if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sigterm_while_waiting_for_tgi_stops_the_service_promptly(
+    settings_for, tgi_double, tmp_path
+):
+    """The start-up wait for TGI's /health ends on SIGTERM instead of running to its timeout."""
+    tgi_double.health_statuses[:] = [503] * 100_000
+    port_file = tmp_path / "port"
+    env = dict(
+        os.environ,
+        STORYREEL_LLM_BACKEND="tgi",
+        STORYREEL_LLM_TGI_URL=tgi_double.url,
+        STORYREEL_LLM_PORT="0",
+        STORYREEL_LLM_PORT_FILE=str(port_file),
+        STORYREEL_LLM_TGI_STARTUP_TIMEOUT_S="600",
+        STORYREEL_LLM_TGI_STARTUP_POLL_S="30",
+        STORYREEL_LLM_GRACE_PERIOD_S="1",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "storyreel_llm"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120  # a hang guard for a slow interpreter start
+        while tgi_double.health_checks == 0 and time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(0.05)
+        assert tgi_double.health_checks > 0
+        process.send_signal(signal.SIGTERM)
+        # The poll interval is 30 s and the start-up timeout 600 s: exiting within the
+        # hang guard below proves the wait was cut short.
+        code = process.wait(timeout=25)
+        output = process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert code == 0, output
+    assert "draining" in output and "stopped" in output
+
+
+@pytest.mark.parametrize("scene_count", [1, 12])
+async def test_the_schema_answering_tgi_double_yields_valid_storyboards(settings_for, scene_count):
+    """tests/faults runs the stack on this double: its answers must make whole storyboards."""
+    from tgi_double import TGISchemaDouble
+
+    double = TGISchemaDouble().start()
+    settings = settings_for(backend="tgi", tgi_url=double.url)
+    running = await start_and_load(settings, StoryService(settings))
+    try:
+        response = await write(running.port, prompt="a story", scene_count=scene_count)
+    finally:
+        await running.stop(0)
+        double.stop()
+    board = response.storyboard
+    assert len(board.scenes) == scene_count and board.degraded is False
+    assert [c.name for c in board.characters] == ["Ada"]
+    assert all(list(s.characters) == ["Ada"] for s in board.scenes)
+    assert double.requests == 2 + scene_count  # story, cast, one shot per scene

@@ -36,3 +36,46 @@ def test_a_dir_without_weights_is_not_complete(tmp_path):
 def test_cli_without_out_dir_prints_usage(capsys):
     assert weights.main([]) == 2
     assert "usage" in capsys.readouterr().err
+
+
+def test_converted_files_are_world_readable(tmp_path, monkeypatch):
+    """A non-root container user must be able to read the weights (0644, folders 0755)."""
+    import stat
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(
+        vocab_size=8,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    tiny = LlamaForCausalLM(config)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    )
+    monkeypatch.setattr(weights, "load_from_gguf", lambda: (tiny, tokenizer))
+    old_umask = os.umask(0o022)
+    try:
+        out = weights.convert(tmp_path / "model")
+    finally:
+        os.umask(old_umask)
+    assert weights.is_complete(out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes["model.safetensors"] == 0o644
+    assert set(modes.values()) == {0o644}
+
+
+def test_an_existing_owner_only_conversion_is_made_readable(tmp_path):
+    model_dir = tmp_path / "smollm2"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json", "tokenizer.json"):
+        (model_dir / name).write_text("kept")
+    (model_dir / "model.safetensors").chmod(0o600)
+    weights.convert(model_dir)
+    assert (model_dir / "model.safetensors").stat().st_mode & 0o777 == 0o644

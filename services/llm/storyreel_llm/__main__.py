@@ -16,7 +16,7 @@ def main() -> int:
     if settings.backend == "local":
         # Imported here, after logging is set up, so a broken install fails loudly
         # at start-up rather than on the first request.
-        import outlines  # noqa: F401
+        import llguidance  # noqa: F401
         import torch  # noqa: F401
         import transformers  # noqa: F401
 

@@ -13,6 +13,7 @@ from storyreel.errors import NotReady, Overloaded
 from storyreel.serving import Service
 from storyreel.story.v1 import story_pb2, story_pb2_grpc
 from storyreel_llm.backends import Backend, create_backend
+from storyreel_llm.clip import clip_tokenizer
 from storyreel_llm.settings import LLMSettings
 from storyreel_llm.storyboard import Storyboard
 from storyreel_llm.writer import StoryboardWriter
@@ -24,6 +25,7 @@ def storyboard_to_proto(storyboard: Storyboard) -> story_pb2.Storyboard:
     """The domain storyboard as the contract's message."""
     return story_pb2.Storyboard(
         title=storyboard.title,
+        logline=storyboard.logline,
         characters=[
             story_pb2.Character(name=c.name, appearance=c.appearance) for c in storyboard.characters
         ],
@@ -33,6 +35,9 @@ def storyboard_to_proto(storyboard: Storyboard) -> story_pb2.Storyboard:
                 narration=s.narration,
                 image_prompt=s.image_prompt,
                 characters=list(s.characters),
+                setting=s.setting,
+                action=s.action,
+                camera=s.camera,
             )
             for s in storyboard.scenes
         ],
@@ -119,13 +124,21 @@ class StoryService(Service):
         story_pb2_grpc.add_StoryServiceServicer_to_server(self.servicer, server)
 
     async def load(self) -> None:
-        """Load the model on the generation thread; requests are served after this."""
+        """Load the model (or wait for the model server) on the generation thread.
+
+        The CLIP tokenizer is built first, so a missing vocabulary fails the start,
+        not the first request. Requests are served after this.
+        """
         log.info("loading model", extra={"backend": self.backend.name})
+        await asyncio.to_thread(clip_tokenizer)
         await self._slot.run(self.backend.load)
         self.servicer.ready = True
 
     async def close(self) -> None:
-        """Stop serving, finish queued work and release the model."""
+        """Stop serving, end any wait for the model server, finish queued work, release."""
         self.servicer.ready = False
+        # A load still polling the model server (or a request waiting to retry) ends now
+        # instead of holding the generation thread until its own timeout.
+        self.backend.interrupt()
         await asyncio.to_thread(self._slot.shutdown)
         self.backend.close()

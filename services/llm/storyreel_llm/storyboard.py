@@ -1,38 +1,90 @@
-"""The storyboard: the domain result, and the draft a model is asked to write.
+"""The storyboard: the domain result, and the two drafts a model is asked to fill in.
 
-:class:`Storyboard` is what the service returns. :func:`draft_model` builds the
-shape a model writes (no indexes, no style: the writer adds those) for an exact
-scene count and set of length caps; the same pydantic class gives the JSON
-schema that constrains decoding and validates the answer, so the two cannot
-drift apart.
+:class:`Storyboard` is what the service returns. A storyboard is written in two
+steps (see :mod:`storyreel_llm.writer`): a prose story, from which the model
+extracts a :func:`cast_model` draft (title, logline, characters with a fixed
+look), then one :func:`shot_model` draft per scene (who is in the picture, where,
+doing what, which camera). The same pydantic classes give the JSON schemas that
+constrain decoding and validate the answers, so the two cannot drift apart.
+
+The schemas depend only on the length caps, never on the request, so each is
+compiled once per process (:func:`cast_schema`, :func:`shot_schema`). What
+depends on the request (the cast's names, CLIP token counts) is checked by
+validators that read the validation context (:class:`DraftContext`).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass
-from typing import Annotated, Any
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-#: Generated text is one line: no control characters and no backslash escapes.
-#: Without this a small model under a grammar drifts into "\u001d" and "\n\n".
+#: Camera framings a shot may ask for; the first is the default of a fallback shot.
+CAMERAS: tuple[str, ...] = (
+    "wide shot",
+    "medium shot",
+    "close-up",
+    "low angle shot",
+    "high angle shot",
+    "over-the-shoulder shot",
+)
+
+# Patterns of generated text. Words are capped at 20 characters and separated by
+# single spaces: without that a small model under a grammar runs words together
+# ("lionelwantedtosave...") or drifts into quotes, braces and escapes.
+_WORD = r"[A-Za-z0-9,.!?:;'-]{1,20}"
+#: A title: starts with a capital or digit.
+TITLE_PATTERN = rf"^[A-Z0-9][A-Za-z0-9,.!?:;'-]{{0,19}}( {_WORD})*$"
+#: A logline: one sentence starting with a capital.
+LOGLINE_PATTERN = rf"^[A-Z][A-Za-z0-9,.!?:;'-]{{0,19}}( {_WORD})*$"
+#: A name: one to three capitalised words ("Ada", "Captain Rook").
+NAME_PATTERN = r"^[A-Z][A-Za-z'-]{0,15}( [A-Z][A-Za-z'-]{0,15}){0,2}$"
+_LOWER_WORD = r"[a-z0-9,'-]{1,20}"
+#: An appearance: a lower-case noun phrase starting with "a" or "an".
+APPEARANCE_PATTERN = rf"^(a|an)( {_LOWER_WORD})+$"
+#: A setting: a lower-case phrase of two words or more ("on a rocky beach at dawn").
+SETTING_PATTERN = rf"^{_LOWER_WORD}( {_LOWER_WORD})+$"
+#: An action: a phrase of short words ("Ada rows a boat through the waves").
+ACTION_PATTERN = r"^[A-Za-z][a-z'-]{0,14}( [A-Za-z0-9,'-]{1,15})*$"
+#: Narration: one line, no control characters or backslashes.
 ONE_LINE_PATTERN = r"^[^\x00-\x1f\x7f\\]*$"
 
+#: First- and second-person words: a logline or a look written as "I" or "you" is
+#: the model talking about itself, not the story.
+_PERSONAL = re.compile(r"\b(i|i'm|me|my|we|us|our|you|your)\b", re.IGNORECASE)
 
-def _text(max_chars: int | None = None, pattern: str | None = None) -> Any:
+
+def is_third_person(text: str) -> bool:
+    """False when ``text`` speaks as "I", "we" or to "you" (the model about itself)."""
+    return not _PERSONAL.search(text)
+
+
+def _text(max_chars: int | None = None, pattern: str | None = None, min_chars: int = 1) -> Any:
     """A non-blank string of at most ``max_chars`` characters (surrounding space dropped)."""
     return Annotated[
         str,
         StringConstraints(
-            strip_whitespace=True, min_length=1, max_length=max_chars, pattern=pattern
+            strip_whitespace=True, min_length=min_chars, max_length=max_chars, pattern=pattern
         ),
     ]
 
 
 class Character(BaseModel):
-    """A character with a fixed look, repeated in the image prompts it appears in."""
+    """A character with a fixed look, repeated whole in every image prompt it appears in."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -49,25 +101,38 @@ class Scene(BaseModel):
     narration: _text()
     image_prompt: _text()
     characters: tuple[str, ...] = ()
+    # The shot the image prompt was assembled from (empty when the parser read a
+    # ready-made prompt).
+    setting: str = ""
+    action: str = ""
+    camera: str = ""
 
 
 class Storyboard(BaseModel):
-    """A title, characters, and scenes numbered 1..N that name only known characters."""
+    """A title, characters, and scenes numbered 1..N that name only known characters.
+
+    Validate with ``context={"scene_count": N}`` to require exactly N scenes.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     title: _text()
-    characters: tuple[Character, ...] = Field(min_length=1)
+    logline: str = ""
+    characters: tuple[Character, ...] = ()
     scenes: tuple[Scene, ...] = Field(min_length=1)
-    style: str
-    # True when the answer was rebuilt by a deterministic fallback (see story.proto).
+    style: str = ""
+    # True when part of the storyboard was rebuilt by the deterministic fallback
+    # rather than taken from the model's answers (see story.proto).
     degraded: bool = False
 
     @model_validator(mode="after")
-    def _consistent(self) -> Storyboard:
+    def _consistent(self, info: ValidationInfo) -> Storyboard:
         names = [c.name for c in self.characters]
-        if len(set(names)) != len(names):
+        if len({n.casefold() for n in names}) != len(names):
             raise ValueError(f"character names must be unique, got {names}")
+        wanted = (info.context or {}).get("scene_count")
+        if wanted is not None and len(self.scenes) != wanted:
+            raise ValueError(f"exactly {wanted} scenes are needed, got {len(self.scenes)}")
         indexes = [s.index for s in self.scenes]
         if indexes != list(range(1, len(self.scenes) + 1)):
             raise ValueError(f"scene indexes must be 1..{len(self.scenes)} in order, got {indexes}")
@@ -77,96 +142,213 @@ class Storyboard(BaseModel):
                 raise ValueError(f"scene {scene.index} names unknown characters {unknown}")
         return self
 
+    def to_dict(self) -> dict[str, Any]:
+        """The storyboard as plain JSON data (what ``storyreel storyboard --json`` prints)."""
+        return self.model_dump(mode="json")
+
 
 @dataclass(frozen=True)
 class TextCaps:
-    """Length caps of generated text (characters) and the most characters a story may have."""
+    """Length caps of generated text (characters) and of the cast."""
 
     title: int
+    logline: int
     name: int
     appearance: int
     narration: int
-    image_prompt: int
+    setting: int
+    action: int
     characters: int
+    characters_per_scene: int
 
 
-class StoryDraft(BaseModel):
-    """Base of the per-request draft classes built by :func:`draft_model`."""
+@dataclass
+class DraftContext:
+    """What validating a draft needs beyond its schema.
+
+    ``names`` is the cast a shot may refer to; ``clip_tokens`` counts CLIP tokens
+    and ``max_appearance_tokens`` bounds an appearance; ``forbidden`` lists texts
+    no answer may repeat (the instructions the model was given).
+    """
+
+    names: tuple[str, ...] = ()
+    clip_tokens: Callable[[str], int] | None = None
+    max_appearance_tokens: int | None = None
+    forbidden: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _context(info: ValidationInfo) -> DraftContext:
+    context = info.context
+    if isinstance(context, DraftContext):
+        return context
+    return DraftContext()
+
+
+class CastDraftBase(BaseModel):
+    """Base of the cast draft: title, logline and characters, read from the story."""
 
     # Forbidding extra keys also puts additionalProperties=false in the schema,
     # so constrained decoding cannot wander into keys nobody reads.
     model_config = ConfigDict(extra="forbid")
 
     title: str
+    logline: str
     characters: list[Any]
-    scenes: list[Any]
+
+    @field_validator("logline")
+    @classmethod
+    def _third_person(cls, value: str) -> str:
+        if not is_third_person(value):
+            raise ValueError("must be about the story, in the third person (no I, we or you)")
+        return value
 
     @model_validator(mode="after")
-    def _names_known(self) -> StoryDraft:
-        # Small models vary case ("the fox" vs "The Fox"): compare case-folded,
-        # and let the writer map each mention to the declared spelling.
+    def _cast_checks(self, info: ValidationInfo) -> CastDraftBase:
+        context = _context(info)
         names = [c.name.casefold() for c in self.characters]
         if len(set(names)) != len(names):
             raise ValueError(
                 "each character must have a different name, got "
                 + ", ".join(c.name for c in self.characters)
             )
-        for number, scene in enumerate(self.scenes, start=1):
-            unknown = [n for n in scene.characters if n.casefold() not in names]
-            if unknown:
-                raise ValueError(
-                    f"scene {number} names {unknown}, which are not in characters "
-                    f"({', '.join(c.name for c in self.characters)})"
-                )
+        problems = []
+        for character in self.characters:
+            problems += appearance_problems(character.name, character.appearance, context)
+        problems += _leaks(
+            context, [self.title, self.logline, *(c.appearance for c in self.characters)]
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
-@functools.lru_cache(maxsize=64)
-def draft_model(scene_count: int, caps: TextCaps) -> type[StoryDraft]:
-    """The draft class for exactly ``scene_count`` scenes within ``caps`` (cached)."""
-    forbid = ConfigDict(extra="forbid")
-    character = create_model(
-        "DraftCharacter",
-        __config__=forbid,
-        name=(_text(caps.name, ONE_LINE_PATTERN), ...),
-        appearance=(_text(caps.appearance, ONE_LINE_PATTERN), ...),
-    )
-    scene = create_model(
-        "DraftScene",
-        __config__=forbid,
-        narration=(_text(caps.narration, ONE_LINE_PATTERN), ...),
-        image_prompt=(_text(caps.image_prompt, ONE_LINE_PATTERN), ...),
-        characters=(
-            Annotated[list[_text(caps.name, ONE_LINE_PATTERN)], Field(max_length=caps.characters)],
-            ...,
+class ShotDraftBase(BaseModel):
+    """Base of a shot draft: who is in one scene's picture, where, doing what, how framed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    characters: list[str]
+    setting: str
+    action: str
+    camera: str
+
+    @model_validator(mode="after")
+    def _shot_checks(self, info: ValidationInfo) -> ShotDraftBase:
+        context = _context(info)
+        if context.names:
+            known = {n.casefold() for n in context.names}
+            unknown = [n for n in self.characters if n.casefold() not in known]
+            if unknown:
+                raise ValueError(
+                    f"characters {unknown} are not in the cast; use only "
+                    + ", ".join(context.names)
+                )
+        problems = _leaks(context, [self.setting, self.action])
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _leaks(context: DraftContext, texts: list[str]) -> list[str]:
+    from storyreel_llm.prompts import repeats_instructions
+
+    if any(repeats_instructions(text, context.forbidden) for text in texts):
+        return ["the answer repeats the instructions instead of describing the story"]
+    return []
+
+
+@functools.lru_cache(maxsize=16)
+def character_model(caps: TextCaps) -> type[BaseModel]:
+    """One character of the cast draft: a name and an appearance within ``caps``."""
+    return create_model(
+        "CastCharacter",
+        __config__=ConfigDict(extra="forbid"),
+        name=(_text(caps.name, NAME_PATTERN), Field(examples=["Ada"])),
+        appearance=(
+            _text(caps.appearance, APPEARANCE_PATTERN, min_chars=8),
+            Field(examples=["a young woman with red hair and a yellow raincoat"]),
         ),
     )
+
+
+def appearance_problems(name: str, appearance: str, context: DraftContext) -> list[str]:
+    """What is wrong with an appearance beyond its schema: its length in CLIP tokens."""
+    problems = []
+    if context.clip_tokens is not None and context.max_appearance_tokens:
+        tokens = context.clip_tokens(appearance)
+        if tokens > context.max_appearance_tokens:
+            problems.append(
+                f"the appearance of {name} is {tokens} CLIP tokens long; "
+                f"make it at most {context.max_appearance_tokens}"
+            )
+    return problems
+
+
+@functools.lru_cache(maxsize=16)
+def cast_model(caps: TextCaps) -> type[CastDraftBase]:
+    """The cast draft class for ``caps`` (cached: one class, one schema per process)."""
+    character = character_model(caps)
     return create_model(
-        f"StoryDraft{scene_count}",
-        __base__=StoryDraft,
-        title=(_text(caps.title, ONE_LINE_PATTERN), ...),
+        "CastDraft",
+        __base__=CastDraftBase,
+        title=(_text(caps.title, TITLE_PATTERN), Field(examples=["The Keeper and the Whale"])),
+        logline=(
+            _text(caps.logline, LOGLINE_PATTERN, min_chars=12),
+            Field(examples=["A lighthouse keeper helps a lost whale find its way home."]),
+        ),
         characters=(
             Annotated[list[character], Field(min_length=1, max_length=caps.characters)],
             ...,
         ),
-        scenes=(
-            Annotated[list[scene], Field(min_length=scene_count, max_length=scene_count)],
-            ...,
-        ),
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _draft_schema(scene_count: int, caps: TextCaps) -> dict[str, Any]:
-    return _inline_refs(draft_model(scene_count, caps).model_json_schema())
+@functools.lru_cache(maxsize=16)
+def shot_model(caps: TextCaps) -> type[ShotDraftBase]:
+    """The shot draft class for ``caps`` (cached: one class, one schema per process)."""
+    return create_model(
+        "ShotDraft",
+        __base__=ShotDraftBase,
+        characters=(
+            Annotated[
+                list[_text(caps.name, NAME_PATTERN)],
+                Field(max_length=caps.characters_per_scene, examples=[["Ada"]]),
+            ],
+            ...,
+        ),
+        setting=(
+            _text(caps.setting, SETTING_PATTERN, min_chars=4),
+            Field(examples=["on a rocky beach at dawn"]),
+        ),
+        action=(
+            _text(caps.action, ACTION_PATTERN, min_chars=6),
+            Field(examples=["Ada rows a small boat through the waves"]),
+        ),
+        camera=(Literal[CAMERAS], Field(examples=[CAMERAS[0]])),  # type: ignore[valid-type]
+    )
 
 
-def draft_schema(scene_count: int, caps: TextCaps) -> dict[str, Any]:
-    """JSON schema of the draft, with ``$ref``s inlined so every grammar engine takes it.
+@functools.lru_cache(maxsize=16)
+def _cast_schema(caps: TextCaps) -> dict[str, Any]:
+    return _inline_refs(cast_model(caps).model_json_schema())
+
+
+@functools.lru_cache(maxsize=16)
+def _shot_schema(caps: TextCaps) -> dict[str, Any]:
+    return _inline_refs(shot_model(caps).model_json_schema())
+
+
+def cast_schema(caps: TextCaps) -> dict[str, Any]:
+    """JSON schema of the cast draft, ``$ref``s inlined so every grammar engine takes it.
 
     Returns a fresh copy: callers (backends) may add engine-specific keys.
     """
-    return copy.deepcopy(_draft_schema(scene_count, caps))
+    return copy.deepcopy(_cast_schema(caps))
+
+
+def shot_schema(caps: TextCaps) -> dict[str, Any]:
+    """JSON schema of one shot draft (a fresh copy, ``$ref``s inlined)."""
+    return copy.deepcopy(_shot_schema(caps))
 
 
 def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:

@@ -69,10 +69,24 @@ def load_from_gguf():
     return model, tokenizer
 
 
+def make_world_readable(folder: Path) -> None:
+    """Files 0644 and folders 0755 under ``folder``.
+
+    The safetensors writer leaves model.safetensors readable by its owner only
+    (0600); a service running as another user (a non-root container user) could
+    not load it.
+    """
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def convert(out_dir: Path) -> Path:
     """Write SmolLM2 as a transformers model dir at ``out_dir``; skip if already complete."""
     out_dir = Path(out_dir)
     if is_complete(out_dir):
+        # Earlier conversions left the weights readable by their owner only.
+        make_world_readable(out_dir)
         log.info("model already converted at %s", out_dir)
         return out_dir
     started = time.perf_counter()
@@ -83,6 +97,7 @@ def convert(out_dir: Path) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    make_world_readable(tmp)
     if out_dir.exists():
         import shutil
 

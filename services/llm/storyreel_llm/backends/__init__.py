@@ -1,7 +1,7 @@
 """Model backends of the story service.
 
 Only :mod:`.local` needs torch and transformers, and it imports them when it
-loads, so the tgi image runs without them.
+loads, so the tgi and openai images run without them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ def create_backend(settings: LLMSettings) -> Backend:
         from storyreel_llm.backends.tgi import TGIBackend
 
         return TGIBackend(settings)
+    if settings.backend == "openai":
+        from storyreel_llm.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(settings)
     from storyreel_llm.backends.local import LocalBackend
 
     return LocalBackend(settings)

@@ -1,4 +1,4 @@
-"""What the storyboard writer needs from a model: JSON text constrained by a schema."""
+"""What the storyboard writer needs from a model: prose, and JSON under a schema."""
 
 from __future__ import annotations
 
@@ -14,16 +14,28 @@ class ChatMessage(TypedDict):
 
 
 class Backend(Protocol):
-    """A model that answers a chat with JSON matching a schema.
+    """A model that answers a chat, freely or under a JSON schema.
 
-    Methods block; callers run them off the event loop, one at a time.
+    Methods block; callers run them off the event loop, one at a time, except
+    :meth:`interrupt`, which any thread may call.
     """
 
-    #: Short name for logs ("local", "tgi").
+    #: Short name for logs and errors ("local", "tgi", "openai").
     name: str
+    #: False when :meth:`generate_json` cannot constrain decoding (the answer may be
+    #: any text, and goes through the tolerant parser).
+    constrains_json: bool
 
     def load(self) -> None:
         """Load the model or wait for the model server; raise if it cannot serve."""
+
+    def generate_text(self, messages: Sequence[ChatMessage], max_new_tokens: int, seed: int) -> str:
+        """The model's free-text answer to ``messages``.
+
+        Raises :class:`~storyreel.errors.UpstreamFailed` (or ``Overloaded``) when
+        the model cannot answer.
+        """
+        ...
 
     def generate_json(
         self,
@@ -32,13 +44,15 @@ class Backend(Protocol):
         max_new_tokens: int,
         seed: int,
     ) -> str:
-        """The model's answer to ``messages``, decoded under ``schema``.
+        """The model's answer to ``messages``, decoded under ``schema`` where it can be.
 
         The text is meant to parse as JSON but may not (e.g. cut off at
-        ``max_new_tokens``); the caller validates it. Raises
-        :class:`~storyreel.errors.UpstreamFailed` when the model cannot answer.
+        ``max_new_tokens``); the caller validates it.
         """
         ...
+
+    def interrupt(self) -> None:
+        """Make a blocking :meth:`load` or wait between retries return at once (shutdown)."""
 
     def close(self) -> None:
         """Release the model and connections."""

