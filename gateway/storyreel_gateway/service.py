@@ -18,6 +18,7 @@ from storyreel.storage import ArtifactStore, open_store
 from storyreel.story.v1 import story_pb2
 from storyreel_gateway.auth import ApiKeys, tenant_var
 from storyreel_gateway.clients import ComposeClient, RenderClient, StoryClient
+from storyreel_gateway.index import JobIndex
 from storyreel_gateway.jobs import (
     EventKind,
     JobEvent,
@@ -158,7 +159,7 @@ class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
 
     async def GetJob(self, request, context):
         """The job's current record."""
-        record = self.runner.get(tenant_var.get(), request.job_id)
+        record = await self.runner.get(tenant_var.get(), request.job_id)
         return gateway_pb2.GetJobResponse(job=self._job(record))
 
     async def WatchJob(self, request, context) -> AsyncIterator[gateway_pb2.WatchJobResponse]:
@@ -175,7 +176,9 @@ class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
 
     async def ListJobs(self, request, context):
         """The caller's jobs, newest first."""
-        page, token = self.runner.list(tenant_var.get(), request.page_size, request.page_token)
+        page, token = await self.runner.list(
+            tenant_var.get(), request.page_size, request.page_token
+        )
         return gateway_pb2.ListJobsResponse(
             jobs=[self._job(r) for r in page], next_page_token=token
         )
@@ -315,7 +318,8 @@ class GatewayService(Service):
         self.settings = settings
         self.store = store or open_store(StorageSettings())
         self.keys = ApiKeys(settings.tenant_keys())
-        self.jobs = JobStore(self.store)
+        self.index = JobIndex(self.store)
+        self.jobs = JobStore(self.store, self.index, settings.watch_poll_s)
         self.clients = (
             StoryClient(settings.story_address, settings.storyboard_timeout_s),
             RenderClient(
@@ -338,7 +342,7 @@ class GatewayService(Service):
                 give_up_after_s=settings.retry_give_up_after_s,
             ),
         )
-        self.runner = JobRunner(settings, self.store, self.jobs, pipeline)
+        self.runner = JobRunner(settings, self.store, self.jobs, pipeline, self.index)
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [AuthInterceptor(self.keys)]
@@ -358,10 +362,16 @@ class GatewayService(Service):
 
     async def load(self) -> None:
         await asyncio.to_thread(self.store.check_ready)
-        resumed = await self.runner.resume()
-        log.info("jobs loaded", extra={"jobs": len(self.jobs.all()), "resumed": resumed})
+        # Unfinished jobs are not resumed here: the runner adopts every job whose owner
+        # stopped renewing it, this replica's own earlier incarnation included.
+        await self.runner.start()
+
+    async def drain(self) -> None:
+        """While the calls in flight drain, keep running jobs but adopt no more."""
+        await self.runner.stop_adopting()
 
     async def close(self) -> None:
+        """Stop running jobs and hand them back: another replica (or the next) adopts them."""
         await self.runner.close()
         for client in self.clients:
             await client.close()

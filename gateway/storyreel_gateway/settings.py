@@ -60,6 +60,26 @@ class GatewaySettings(ServiceSettings):
     retry_max_backoff_s: float = Field(default=8.0, gt=0)
     retry_give_up_after_s: float = Field(default=300.0, ge=0)
 
+    # Replicas sharing one artifact store (see storyreel_gateway.runner).
+    # This process's name in job manifests; empty: host name, process id and a random suffix.
+    # Set it to the pod name to have a restarted container take its jobs back at once;
+    # it must be unique among the running replicas.
+    instance_id: str = Field(default="", max_length=128)
+    # A replica owns each job it runs for lease_s and renews the lease every lease_s / 3.
+    # Every lease_s / 3 (spread by +-adopt_jitter of it) each replica adopts the unfinished
+    # jobs whose lease lapsed, so a dead replica's jobs resume within about lease_s.
+    lease_s: float = Field(default=30.0, gt=0)
+    adopt_jitter: float = Field(default=0.25, ge=0, lt=1)
+    # A claim (adopting or regenerating a job, taking an idempotency key) is read back after
+    # this long; the replica whose write is read back won. Must exceed one store write.
+    claim_confirm_s: float = Field(default=0.25, ge=0)
+    # How often a replica looks for cancel requests made on other replicas for its jobs.
+    cancel_poll_s: float = Field(default=1.0, gt=0)
+    # CancelJob of a job running on another replica waits this long for it to end.
+    cancel_wait_s: float = Field(default=10.0, ge=0)
+    # WatchJob of a job running on another replica reads its manifest this often.
+    watch_poll_s: float = Field(default=0.5, gt=0)
+
     # ListJobs page size when the request leaves it 0, and the largest allowed.
     default_page_size: int = Field(default=20, ge=1)
     max_page_size: int = Field(default=100, ge=1)
@@ -74,6 +94,11 @@ class GatewaySettings(ServiceSettings):
     # TLS on the public port: PEM certificate chain and private key. Both or neither.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+
+    @property
+    def lease_renew_s(self) -> float:
+        """How often leases are renewed and orphaned jobs looked for."""
+        return self.lease_s / 3
 
     def tenant_keys(self) -> dict[str, list[str]]:
         """Every configured tenant with its keys (from api_keys and api_keys_file)."""

@@ -50,6 +50,9 @@ class Service(abc.ABC):
     async def load(self) -> None:  # noqa: B027 - optional hook
         """Load models and check dependencies. Health is SERVING once this returns."""
 
+    async def drain(self) -> None:  # noqa: B027 - optional hook
+        """The server is stopping: health says NOT_SERVING and calls in flight drain."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release models and connections after the server stopped."""
 
@@ -158,6 +161,7 @@ class RunningServer:
 
     async def stop(self, grace: float | None = None) -> None:
         await self.set_serving(False)
+        await self.service.drain()
         await self.server.stop(grace)
         await self.service.close()
 

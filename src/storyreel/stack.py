@@ -6,8 +6,10 @@ a local folder (file:// storage) unless STORYREEL_STORAGE_URL says otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -101,6 +103,9 @@ class LocalStack:
                 **extra,
             }
         )
+        if spec.module == "storyreel_gateway":
+            # A stable name per gateway: restarted, it takes its unfinished jobs back at once.
+            env.setdefault("STORYREEL_GATEWAY_INSTANCE_ID", f"{socket.gethostname()}-{spec.name}")
         log_path = log_dir / f"{spec.name}.log"
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
@@ -181,13 +186,25 @@ class LocalStack:
         running.process.send_signal(sig)
         running.process.wait(timeout=30)
 
+    def add_gateway(
+        self, name: str, env: dict[str, str] | None = None, timeout_s: float = 300
+    ) -> RunningProcess:
+        """Start one more gateway replica (same store, same services) on a free port."""
+        base = next(s for s in self.services if s.name == "gateway")
+        spec = dataclasses.replace(base, name=name)
+        running = self._launch(spec, {**self._upstream_env(), **(env or {})}, port=0)
+        deadline = time.monotonic() + timeout_s
+        self._wait_port(running, deadline)
+        self._wait_serving(running, deadline)
+        return running
+
     def restart(self, name: str, env: dict[str, str] | None = None, timeout_s: float = 300) -> None:
         """Start one service again on the port it had, and wait until it is SERVING."""
         old = self.processes[name]
         if old.process.poll() is None:
             self.kill(name, signal.SIGTERM)
         extra = dict(env or {})
-        if name == "gateway":
+        if old.spec.module == "storyreel_gateway":
             extra = {**self._upstream_env(), **extra}
         running = self._launch(old.spec, extra, port=old.port)
         deadline = time.monotonic() + timeout_s
@@ -196,7 +213,7 @@ class LocalStack:
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM every service (gateway first), then SIGKILL what is left after grace_s."""
-        order = sorted(self.processes.values(), key=lambda p: p.spec.name != "gateway")
+        order = sorted(self.processes.values(), key=lambda p: p.spec.module != "storyreel_gateway")
         for running in order:
             if running.process.poll() is None:
                 running.process.send_signal(signal.SIGTERM)

@@ -83,8 +83,14 @@ class ArtifactStore(abc.ABC):
         """Remove the object; removing a missing object is not an error."""
 
     @abc.abstractmethod
-    def list(self, prefix: str = "") -> Iterator[str]:
-        """URIs of every object whose key starts with ``prefix``."""
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[str]:
+        """URIs of every object whose key starts with ``prefix``.
+
+        The objects of one folder come in key order (S3 servers disagree on how
+        to order nested folders among themselves). With ``start_after`` (a key)
+        only keys after it are listed: a caller pages through a long folder by
+        passing the last key it saw.
+        """
 
     @abc.abstractmethod
     def public_url(self, uri: str) -> str:
@@ -147,12 +153,21 @@ class FileStore(ArtifactStore):
     def delete(self, uri: str) -> None:
         self.path_of(uri).unlink(missing_ok=True)
 
-    def list(self, prefix: str = "") -> Iterator[str]:
-        for path in sorted(self.root.rglob("*")):
-            if path.is_file() and not path.name.startswith("."):
-                key = path.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    yield self.root_uri + key
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[str]:
+        # Walk only the folder the prefix names, not the whole store.
+        folder = self.root / prefix.rpartition("/")[0]
+        if not folder.is_dir():
+            return
+        keys = sorted(
+            key
+            for path in folder.rglob("*")
+            if path.is_file()
+            and not path.name.startswith(".")
+            and (key := path.relative_to(self.root).as_posix()).startswith(prefix)
+            and key > start_after
+        )
+        for key in keys:
+            yield self.root_uri + key
 
     def public_url(self, uri: str) -> str:
         return str(self.path_of(uri))
@@ -169,6 +184,7 @@ class S3Store(ArtifactStore):
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.root_uri = f"s3://{bucket}/{self.prefix}"
         self.presign_expiry = timedelta(seconds=settings.presign_expiry_s)
+
         def client(endpoint: str, secure: bool) -> Minio:
             return Minio(
                 endpoint,
@@ -267,15 +283,20 @@ class S3Store(ArtifactStore):
     def delete(self, uri: str) -> None:
         self._call(uri, self.client.remove_object, self.bucket, self._object(uri))
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[str]:
         objects = self._call(
             prefix,
             self.client.list_objects,
             self.bucket,
             prefix=self.prefix + prefix,
             recursive=True,
+            start_after=self.prefix + start_after if start_after else None,
         )
-        for obj in objects:
+        while True:
+            # The listing is fetched page by page as it is iterated.
+            obj = self._call(f"listing {prefix!r}", next, objects, None)
+            if obj is None:
+                return
             yield f"s3://{self.bucket}/{obj.object_name}"
 
     def public_url(self, uri: str) -> str:

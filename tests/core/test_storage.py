@@ -46,6 +46,19 @@ def test_list_returns_only_the_prefix(store):
     )
 
 
+def test_list_of_a_folder_is_in_key_order_and_pages_with_start_after(store):
+    keys = ["index/t/002-b", "index/t/001-a", "index/t/003-c", "index/t-x/000", "index/u/000"]
+    for key in keys:
+        store.put_bytes(key, b"")
+    listed = list(store.list("index/t/"))
+    assert listed == [store.uri_for(k) for k in ("index/t/001-a", "index/t/002-b", "index/t/003-c")]
+    assert len(list(store.list("index/"))) == len(keys)
+    after = list(store.list("index/t/", start_after="index/t/001-a"))
+    assert after == [store.uri_for("index/t/002-b"), store.uri_for("index/t/003-c")]
+    assert list(store.list("index/t/", start_after="index/t/003-c")) == []
+    assert list(store.list("nothing/here/")) == []
+
+
 def test_missing_artifact_is_not_found(store):
     with pytest.raises(NotFound):
         store.get_bytes(store.uri_for("jobs/none/nothing.png"))
@@ -95,7 +108,7 @@ def test_file_store_write_is_atomic_on_failure(file_store, tmp_path: Path):
 def test_s3_wrong_secret_is_rejected(s3_settings: StorageSettings):
     bad = s3_settings.model_copy(update={"s3_secret_key": SecretStr("wrong-secret")})
     store = open_store(bad)
-    with pytest.raises(UpstreamFailed, match="SignatureDoesNotMatch|AccessDenied"):
+    with pytest.raises(UpstreamFailed, match=r"SignatureDoesNotMatch|AccessDenied"):
         store.put_bytes("jobs/a/x.txt", b"x")
     good = open_store(s3_settings)
     assert list(good.list()) == []

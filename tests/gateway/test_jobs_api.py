@@ -66,6 +66,10 @@ async def test_cancel_stops_a_running_render_within_seconds(gateway, upstream):
         job_id,
         lambda e: e.kind == pb.EVENT_KIND_STAGE_STARTED and e.stage == pb.STAGE_RENDER,
     )
+    for _ in range(50):  # the stage has started; wait until its call reaches the render double
+        if upstream.render_requests:
+            break
+        await asyncio.sleep(0.1)
     response = await gateway.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=5)
     assert response.job.state == pb.JOB_STATE_CANCELLED
     assert response.job.stages[-1].state == pb.JOB_STATE_CANCELLED

@@ -1,0 +1,397 @@
+"""Several gateway replicas over one artifact store, in one process (upstream doubles).
+
+Each replica is a real GatewayService on its own port; they share nothing but the
+store, as replicas behind one Kubernetes Service do. The doubles count every story,
+render and compose call, which is how "exactly once" is checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import grpc
+import pytest
+from storyreel_gateway.jobs import (
+    EventKind,
+    JobRecord,
+    JobSpec,
+    JobState,
+    SceneImage,
+    Stage,
+    StageRecord,
+    events_between,
+    now,
+)
+
+from storyreel.gateway.v1 import gateway_pb2 as pb
+
+ALICE = (("authorization", "Bearer alice-key"),)
+BOB = (("authorization", "Bearer bob-key"),)
+KEYS = {"alice": ["alice-key"], "bob": ["bob-key"]}
+
+
+async def _watch(stub, job_id: str, stop=lambda event: False, metadata=()) -> list:
+    events = []
+    async for event in stub.WatchJob(
+        pb.WatchJobRequest(job_id=job_id), metadata=metadata, timeout=60
+    ):
+        events.append(event)
+        if stop(event):
+            break
+    return events
+
+
+async def _finished(stub, job_id: str, metadata=()) -> pb.Job:
+    return (await _watch(stub, job_id, metadata=metadata))[-1].job
+
+
+def _manifest(store, job_id: str) -> JobRecord:
+    return JobRecord.model_validate_json(
+        store.get_bytes(store.uri_for(f"jobs/{job_id}/manifest.json"))
+    )
+
+
+def _first_scene(event) -> bool:
+    return event.kind == pb.EVENT_KIND_SCENE_RENDERED
+
+
+def _render_started(event) -> bool:
+    return event.kind == pb.EVENT_KIND_STAGE_STARTED and event.stage == pb.STAGE_RENDER
+
+
+async def _crash(replica) -> None:
+    """Stop a replica the way a killed process stops: nothing more is written."""
+    await replica.running.server.stop(0)
+    await replica.running.service.runner.close(release=False)
+
+
+def _leftovers(store) -> list[str]:
+    """Shared markers still in the store (none once every job has ended)."""
+    return list(store.list("active/")) + list(store.list("cancel/"))
+
+
+async def _settled_leftovers(store) -> list[str]:
+    """The markers left once the owner has tidied up: it removes them right after writing
+    the final manifest, which a replica that only reads the manifest may see first."""
+    for _ in range(50):
+        left = _leftovers(store)
+        if not left:
+            break
+        await asyncio.sleep(0.1)
+    return left
+
+
+async def test_a_job_created_on_one_replica_is_read_and_watched_on_another(
+    start_gateway, upstream, file_store
+):
+    upstream.render_delay_s = 0.3
+    a = await start_gateway(instance_id="replica-a")
+    b = await start_gateway(instance_id="replica-b", watch_poll_s=0.1)
+    job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=3))).job_id
+
+    seen = (await b.stub.GetJob(pb.GetJobRequest(job_id=job_id))).job
+    assert seen.job_id == job_id
+    assert seen.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)
+    events = await _watch(b.stub, job_id)
+
+    kinds = [event.kind for event in events]
+    assert kinds[0] == pb.EVENT_KIND_SNAPSHOT and kinds[-1] == pb.EVENT_KIND_JOB_FINISHED
+    assert events[-1].job.state == pb.JOB_STATE_DONE
+    snapshot_images = {image.index for image in events[0].job.images}
+    rendered = [e.scene_index for e in events if e.kind == pb.EVENT_KIND_SCENE_RENDERED]
+    assert sorted(rendered + list(snapshot_images)) == [1, 2, 3]
+    finished = [e.stage for e in events if e.kind == pb.EVENT_KIND_STAGE_FINISHED]
+    assert finished[-2:] == [pb.STAGE_RENDER, pb.STAGE_COMPOSE]
+    progress = [event.job.progress for event in events]
+    assert progress == sorted(progress) and progress[-1] == 100
+    # B only read: A ran the job, once.
+    assert _manifest(file_store, job_id).owner == "replica-a"
+    assert (len(upstream.story_requests), len(upstream.compose_requests)) == (1, 1)
+    assert await _settled_leftovers(file_store) == []
+
+
+async def test_listing_on_any_replica_shows_every_replicas_jobs_newest_first(start_gateway):
+    a = await start_gateway(instance_id="replica-a", api_keys=KEYS)
+    b = await start_gateway(instance_id="replica-b", api_keys=KEYS)
+    ids = []
+    for i in range(5):
+        stub = (a, b)[i % 2].stub
+        request = pb.CreateVideoRequest(prompt=f"job {i}", scene_count=1)
+        ids.append((await stub.CreateVideo(request, metadata=ALICE)).job_id)
+    bobs = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="bob"), metadata=BOB)).job_id
+
+    for replica in (a, b):
+        seen, token = [], ""
+        while True:
+            page = await replica.stub.ListJobs(
+                pb.ListJobsRequest(page_size=2, page_token=token), metadata=ALICE
+            )
+            assert len(page.jobs) <= 2
+            seen += [job.job_id for job in page.jobs]
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == list(reversed(ids))
+    listed = await b.stub.ListJobs(pb.ListJobsRequest(), metadata=BOB)
+    assert [job.job_id for job in listed.jobs] == [bobs]
+    # The other tenant's job stays invisible on the replica that does not run it.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await b.stub.GetJob(pb.GetJobRequest(job_id=bobs), metadata=ALICE)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    for job_id in ids:
+        await _finished(b.stub, job_id, ALICE)
+
+
+async def test_an_idempotency_key_holds_across_replicas(start_gateway, upstream):
+    a = await start_gateway(instance_id="replica-a")
+    b = await start_gateway(instance_id="replica-b")
+    request = pb.CreateVideoRequest(prompt="a fox", scene_count=1, idempotency_key="order-9")
+    first = await a.stub.CreateVideo(request)
+    assert (await b.stub.CreateVideo(request)).job_id == first.job_id
+
+    # The same request reaching both replicas at the same moment starts one job.
+    racing = pb.CreateVideoRequest(prompt="a cat", scene_count=1, idempotency_key="order-10")
+    on_a, on_b = await asyncio.gather(a.stub.CreateVideo(racing), b.stub.CreateVideo(racing))
+    assert on_a.job_id == on_b.job_id != first.job_id
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await b.stub.CreateVideo(
+            pb.CreateVideoRequest(prompt="another", scene_count=1, idempotency_key="order-9")
+        )
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    for job_id in (first.job_id, on_a.job_id):
+        assert (await _finished(b.stub, job_id)).state == pb.JOB_STATE_DONE
+    assert len(upstream.story_requests) == 2
+
+
+async def test_cancel_on_another_replica_stops_the_job_within_seconds(
+    start_gateway, upstream, file_store
+):
+    upstream.render_delay_s = 5.0
+    a = await start_gateway(instance_id="replica-a")
+    b = await start_gateway(instance_id="replica-b", watch_poll_s=0.1)
+    job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=3))).job_id
+    await _watch(b.stub, job_id, _render_started)
+    for _ in range(50):  # the stage has started; wait until its call reaches the render double
+        if upstream.render_requests:
+            break
+        await asyncio.sleep(0.1)
+
+    response = await b.stub.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=15)
+    assert response.job.state == pb.JOB_STATE_CANCELLED
+    assert response.job.stages[-1].state == pb.JOB_STATE_CANCELLED
+    assert len(response.job.images) == 0
+    for _ in range(50):  # A's render call is cancelled too
+        if upstream.render_cancelled:
+            break
+        await asyncio.sleep(0.1)
+    assert upstream.render_cancelled == 1
+    assert _manifest(file_store, job_id).owner == "replica-a"
+    assert await _settled_leftovers(file_store) == []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await a.stub.CancelJob(pb.CancelJobRequest(job_id=job_id))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_regenerate_on_another_replica_runs_there(start_gateway, upstream, file_store):
+    a = await start_gateway(instance_id="replica-a")
+    b = await start_gateway(instance_id="replica-b")
+    job_id = (
+        await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=3, seed=5))
+    ).job_id
+    before = await _finished(a.stub, job_id)
+
+    response = await b.stub.RegenerateScene(
+        pb.RegenerateSceneRequest(job_id=job_id, index=2, seed=1234)
+    )
+    assert response.job.state == pb.JOB_STATE_QUEUED
+    after = await _finished(a.stub, job_id)  # A follows B's run through the manifest
+    assert after.state == pb.JOB_STATE_DONE
+    assert upstream.render_requests[-1] == [2]
+    seeds = {image.index: image.seed for image in after.images}
+    assert seeds[2] == 1234 and seeds[1] == {i.index: i.seed for i in before.images}[1]
+    stored = _manifest(file_store, job_id)
+    assert (stored.owner, stored.generation) == ("replica-b", 1)
+    assert len(upstream.compose_requests) == 2
+    assert await _settled_leftovers(file_store) == []
+
+
+async def test_a_live_owner_keeps_its_job_past_many_lease_periods(
+    start_gateway, upstream, file_store
+):
+    upstream.render_delay_s = 0.5
+    a = await start_gateway(instance_id="replica-a", lease_s=1.5)
+    b = await start_gateway(instance_id="replica-b", lease_s=1.5)
+    job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=8))).job_id
+    job = await _finished(b.stub, job_id)  # about 4 s: the lease is renewed, never lapses
+    assert job.state == pb.JOB_STATE_DONE
+    assert len(upstream.render_requests) == 1
+    assert (len(upstream.story_requests), len(upstream.compose_requests)) == (1, 1)
+    assert _manifest(file_store, job_id).owner == "replica-a"
+
+
+async def test_a_replica_that_dies_mid_job_is_replaced_and_the_job_finishes_once(
+    start_gateway, upstream, file_store
+):
+    upstream.render_delay_s = 0.3
+    a = await start_gateway(instance_id="replica-a", lease_s=1.5)
+    b = await start_gateway(instance_id="replica-b", lease_s=1.5, watch_poll_s=0.1)
+    job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=6))).job_id
+    await _watch(a.stub, job_id, _first_scene)
+    await _crash(a)
+    calls_by_a = len(upstream.render_requests)
+    recorded = {image.index for image in _manifest(file_store, job_id).images}
+    assert 1 <= len(recorded) < 6
+
+    job = await _finished(b.stub, job_id)
+    assert job.state == pb.JOB_STATE_DONE
+    assert [image.index for image in job.images] == [1, 2, 3, 4, 5, 6]
+    # B drew exactly the scenes A had not recorded, each once, and reused the storyboard.
+    drawn_by_b = [i for call in upstream.render_requests[calls_by_a:] for i in call]
+    assert sorted(drawn_by_b) == sorted(set(range(1, 7)) - recorded)
+    assert (len(upstream.story_requests), len(upstream.compose_requests)) == (1, 1)
+    assert _manifest(file_store, job_id).owner == "replica-b"
+    assert await _settled_leftovers(file_store) == []
+
+
+async def test_two_replicas_starting_over_one_unfinished_job_run_it_once(
+    start_gateway, upstream, file_store
+):
+    upstream.render_delay_s = 0.3
+    a = await start_gateway(instance_id="replica-a")
+    job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=4))).job_id
+    await _watch(a.stub, job_id, _first_scene)
+    await a.stop()  # a graceful stop hands the job back at once
+    calls_before = len(upstream.render_requests)
+
+    _, c = await asyncio.gather(
+        start_gateway(instance_id="replica-b"), start_gateway(instance_id="replica-c")
+    )
+    job = await _finished(c.stub, job_id)
+    assert job.state == pb.JOB_STATE_DONE
+    assert len(upstream.render_requests) - calls_before == 1
+    assert (len(upstream.story_requests), len(upstream.compose_requests)) == (1, 1)
+    assert _manifest(file_store, job_id).owner in {"replica-b", "replica-c"}
+
+
+async def test_a_restarted_replica_takes_its_jobs_back_without_waiting_for_the_lease(
+    start_gateway, upstream, file_store
+):
+    upstream.render_delay_s = 0.3
+    # The lease far outlasts the test: only the take-back can finish the job in time.
+    first = await start_gateway(instance_id="pod-1", lease_s=600)
+    other = await start_gateway(instance_id="pod-2", lease_s=600)
+    job_id = (await first.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=4))).job_id
+    await _watch(first.stub, job_id, _first_scene)
+    await _crash(first)
+
+    again = await start_gateway(instance_id="pod-1", lease_s=600)  # the container restarted
+    job = await _finished(other.stub, job_id)
+    assert job.state == pb.JOB_STATE_DONE
+    assert _manifest(file_store, job_id).owner == "pod-1"
+    assert (len(upstream.story_requests), len(upstream.compose_requests)) == (1, 1)
+    assert again.running.service.runner.instance_id == "pod-1"
+
+
+async def test_cancel_of_a_job_whose_replica_died_ends_it_at_once(
+    start_gateway, upstream, file_store
+):
+    upstream.render_delay_s = 1.0
+    a = await start_gateway(instance_id="replica-a", lease_s=1.0)
+    # B has one slot and keeps it busy, so it never adopts A's job by itself.
+    b = await start_gateway(instance_id="replica-b", lease_s=1.0, max_jobs_in_flight=1)
+    busy = (await b.stub.CreateVideo(pb.CreateVideoRequest(prompt="b", scene_count=20))).job_id
+    orphan = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="a", scene_count=4))).job_id
+    await _watch(a.stub, orphan, _first_scene)
+    await _crash(a)
+    await asyncio.sleep(1.5)  # the lease lapses
+
+    response = await b.stub.CancelJob(pb.CancelJobRequest(job_id=orphan), timeout=10)
+    assert response.job.state == pb.JOB_STATE_CANCELLED
+    assert _manifest(file_store, orphan).owner == "replica-b"
+    await b.stub.CancelJob(pb.CancelJobRequest(job_id=busy))
+    assert await _settled_leftovers(file_store) == []
+    assert len(upstream.compose_requests) == 0
+
+
+async def test_a_stopping_replica_adopts_no_more_jobs(start_gateway, upstream, file_store):
+    upstream.render_delay_s = 0.3
+    b = await start_gateway(instance_id="replica-b", lease_s=1.0)
+    a = await start_gateway(instance_id="replica-a", lease_s=1.0)
+    job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=4))).job_id
+    await b.running.service.drain()  # B is being stopped: its calls drain, jobs run on
+    await _watch(a.stub, job_id, _first_scene)
+    await _crash(a)
+    await asyncio.sleep(1.5)  # A's lease lapses
+
+    assert await b.running.service.runner.adopt_orphans() == 0
+    assert _manifest(file_store, job_id).owner == "replica-a"
+    assert _leftovers(file_store) == [file_store.uri_for(f"active/{job_id}")]
+
+
+async def test_the_scan_removes_markers_that_outlived_their_job(start_gateway, file_store):
+    replica = await start_gateway(instance_id="replica-a")
+    runner = replica.running.service.runner
+    done = (await replica.stub.CreateVideo(pb.CreateVideoRequest(prompt="x"))).job_id
+    await _finished(replica.stub, done)
+    await runner.index.mark_active(done)  # as a replica that died right after the job ended
+    await runner.index.request_cancel(done, 0)
+    await runner.index.mark_active("neverwritten")  # died before writing the manifest
+    assert len(_leftovers(file_store)) == 3
+
+    await runner.adopt_orphans()
+    # The marker without a manifest stays while it is young (the manifest may follow).
+    assert _leftovers(file_store) == [file_store.uri_for("active/neverwritten")]
+    runner.settings = runner.settings.model_copy(update={"lease_s": 0.01})
+    await asyncio.sleep(0.05)  # now older than a lease
+    await runner.adopt_orphans()
+    assert _leftovers(file_store) == []
+
+
+def _record(**fields) -> JobRecord:
+    spec = JobSpec(prompt="x", scene_count=2, seed=1, width=64, height=64, fps=8)
+    return JobRecord(job_id="j1", spec=spec, **fields)
+
+
+def _stage(stage: Stage, done: bool) -> StageRecord:
+    start = now()
+    return StageRecord(
+        stage=stage,
+        state=JobState.DONE if done else JobState.RUNNING,
+        started_at=start,
+        finished_at=start + timedelta(seconds=1) if done else None,
+    )
+
+
+def test_events_between_two_manifests_follow_the_order_of_the_work():
+    before = _record(state=JobState.RUNNING, stages=[_stage(Stage.STORYBOARD, False)])
+    images = [SceneImage(index=i, uri=f"file:///s{i}.png", seed=i) for i in (1, 2)]
+    after = _record(
+        state=JobState.RUNNING,
+        stages=[
+            _stage(Stage.STORYBOARD, True),
+            _stage(Stage.RENDER, True),
+            _stage(Stage.COMPOSE, False),
+        ],
+        images=images,
+    )
+    events = [(e.kind, e.stage, e.scene_index) for e in events_between(before, after)]
+    assert events == [
+        (EventKind.STAGE_FINISHED, Stage.STORYBOARD, 0),
+        (EventKind.STAGE_STARTED, Stage.RENDER, 0),
+        (EventKind.SCENE_RENDERED, Stage.RENDER, 1),
+        (EventKind.SCENE_RENDERED, Stage.RENDER, 2),
+        (EventKind.STAGE_FINISHED, Stage.RENDER, 0),
+        (EventKind.STAGE_STARTED, Stage.COMPOSE, 0),
+    ]
+    ended = after.model_copy(
+        update={"state": JobState.DONE, "stages": [*after.stages[:2], _stage(Stage.COMPOSE, True)]}
+    )
+    assert [e.kind for e in events_between(after, ended)] == [
+        EventKind.STAGE_FINISHED,
+        EventKind.JOB_FINISHED,
+    ]
+    assert events_between(ended, ended) == []
+    rerun = ended.model_copy(update={"generation": 1, "state": JobState.QUEUED})
+    assert [e.kind for e in events_between(ended, rerun)] == [EventKind.SNAPSHOT]
