@@ -73,6 +73,20 @@ def env_of(container: dict) -> dict[str, dict]:
     return {entry["name"]: entry for entry in container.get("env", [])}
 
 
+def env_value(objects: list[dict], container: dict, name: str) -> str | None:
+    """A variable's literal value, from ``env`` or else the ConfigMaps in ``envFrom``."""
+    entry = env_of(container).get(name)
+    if entry is not None:
+        return entry.get("value")
+    for source in reversed(container.get("envFrom", [])):  # the last source wins
+        ref = source.get("configMapRef")
+        if ref:
+            data = find(objects, "ConfigMap", ref["name"]).get("data", {})
+            if name in data:
+                return data[name]
+    return None
+
+
 def label(obj: dict) -> str:
     return f"{obj['kind']}/{obj['metadata']['name']}"
 
@@ -228,6 +242,26 @@ def test_storyreel_services_use_native_grpc_probes_with_room_to_load_models(rend
         if name in ("llm", "diffusion"):
             # Model services get at least 15 minutes to download and load their model.
             assert budget_s >= 15 * 60, f"{name} startup budget is only {budget_s} s"
+
+
+#: Seconds a pod needs beyond its service's drain (``STORYREEL_<SERVICE>_GRACE_PERIOD_S``)
+#: before the kubelet kills it. The gateway then stops its jobs and hands their leases
+#: back, a store read and write per job, so that another replica adopts them at once.
+SHUTDOWN_AFTER_DRAIN_S = {"gateway": 30}
+
+
+@overlays
+def test_pods_are_given_longer_to_stop_than_their_service_drains(rendered, overlay):
+    for name in SERVICES:
+        deployment = find(rendered[overlay], "Deployment", name)
+        env = env_of(pod_spec(deployment)["containers"][0])
+        drain_s = float(env[f"STORYREEL_{name.upper()}_GRACE_PERIOD_S"]["value"])
+        # 30 s is the Kubernetes default.
+        termination_s = pod_spec(deployment).get("terminationGracePeriodSeconds", 30)
+        margin_s = SHUTDOWN_AFTER_DRAIN_S.get(name, 10)
+        assert termination_s >= drain_s + margin_s, (
+            f"{name}: {termination_s} s to stop, {drain_s} s of drain plus {margin_s} s needed"
+        )
 
 
 @overlays
@@ -428,9 +462,51 @@ def test_gpu_overlay_gives_the_gateway_a_load_balancer(rendered):
 
 
 @overlays
-def test_gateway_service_keeps_each_client_on_one_replica(rendered, overlay):
-    # Jobs live in the memory of the gateway replica that accepted them.
-    assert find(rendered[overlay], "Service", "gateway")["spec"]["sessionAffinity"] == "ClientIP"
+def test_any_gateway_replica_answers_for_any_job(rendered, overlay):
+    # Replicas share their jobs through the store, so a client's calls may land anywhere.
+    objects = rendered[overlay]
+    service = find(objects, "Service", "gateway")
+    assert service["spec"].get("sessionAffinity", "None") == "None"
+    # ... which works only if every replica sees the same store: a file:// folder is one
+    # pod's own.
+    for container in containers(find(objects, "Deployment", "gateway")):
+        url = env_value(objects, container, "STORYREEL_STORAGE_URL")
+        assert url and url.startswith("s3://"), f"the gateway stores jobs in {url!r}"
+
+
+@overlays
+def test_each_gateway_replica_is_named_after_its_pod(rendered, overlay):
+    # The instance id owns jobs in the store: unique among running replicas, and kept
+    # across a container restart so the restarted process takes its jobs back at once.
+    container = pod_spec(find(rendered[overlay], "Deployment", "gateway"))["containers"][0]
+    entry = env_of(container)["STORYREEL_GATEWAY_INSTANCE_ID"]
+    assert "value" not in entry
+    assert entry["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+def test_production_keeps_a_second_gateway_to_adopt_the_jobs_of_one_that_dies(rendered):
+    objects = rendered["gpu"]
+    hpa = find(objects, "HorizontalPodAutoscaler", "gateway")
+    min_replicas = hpa["spec"]["minReplicas"]
+    assert min_replicas >= 2
+    deployment = find(objects, "Deployment", "gateway")
+    labels = template_labels(deployment)
+    # A voluntary disruption (a node drain) leaves at least one replica running.
+    (budget,) = [
+        b for b in of_kind(objects, "PodDisruptionBudget") if selects(b["spec"]["selector"], labels)
+    ]
+    if "maxUnavailable" in budget["spec"]:
+        assert isinstance(budget["spec"]["maxUnavailable"], int)
+        assert budget["spec"]["maxUnavailable"] < min_replicas
+    else:
+        assert isinstance(budget["spec"]["minAvailable"], int)
+        assert budget["spec"]["minAvailable"] >= 1
+    # ... and the replicas are spread over nodes, so one node failing leaves another.
+    spread = pod_spec(deployment).get("topologySpreadConstraints", [])
+    assert any(
+        c["topologyKey"] == "kubernetes.io/hostname" and selects(c["labelSelector"], labels)
+        for c in spread
+    ), "gateway replicas are not spread over nodes"
 
 
 def ingress_rules_for(objects: list[dict], pod_labels: dict[str, str]) -> list[dict]:
