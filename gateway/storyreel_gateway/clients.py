@@ -8,16 +8,31 @@ the channels retry UNAVAILABLE and RESOURCE_EXHAUSTED with backoff.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
 from storyreel.channels import open_channel
 from storyreel.compose.v1 import compose_pb2, compose_pb2_grpc
+from storyreel.options import (
+    ASPECTS,
+    AUDIO_MODES,
+    CAPTIONS,
+    CONSISTENCY,
+    RENDER_ASPECTS,
+    RESOLUTIONS,
+    to_enum,
+)
 from storyreel.render.v1 import render_pb2, render_pb2_grpc
 from storyreel.story.v1 import story_pb2, story_pb2_grpc
 from storyreel_gateway.jobs import Character, SceneImage, Storyboard, StoryScene
-from storyreel_gateway.pipeline import ComposedVideo, RenderSettings, SceneRequest, StageFailed
+from storyreel_gateway.pipeline import (
+    ComposedVideo,
+    ComposeOptions,
+    RenderSettings,
+    SceneRequest,
+    StageFailed,
+)
 
 
 def _failed(service: str, address: str, error: grpc.aio.AioRpcError) -> StageFailed:
@@ -89,19 +104,37 @@ class RenderClient:
         self._next = 0
 
     async def render(
-        self, job_id: str, scenes: list[SceneRequest], settings: RenderSettings
+        self,
+        job_id: str,
+        scenes: list[SceneRequest],
+        settings: RenderSettings,
+        characters: Sequence[Character] = (),
     ) -> AsyncIterator[SceneImage]:
+        known = {c.name for c in characters}
         request = render_pb2.RenderScenesRequest(
             job_id=job_id,
             scenes=[
-                render_pb2.SceneToRender(index=s.index, prompt=s.prompt, seed=s.seed)
+                render_pb2.SceneToRender(
+                    index=s.index,
+                    prompt=s.prompt,
+                    seed=s.seed,
+                    characters=[name for name in s.characters if name in known],
+                )
                 for s in scenes
             ],
             width=settings.width,
             height=settings.height,
             steps=settings.steps,
             guidance=settings.guidance,
+            characters=[
+                render_pb2.CharacterToRender(name=c.name, appearance=c.appearance)
+                for c in characters
+            ],
+            consistency=to_enum(CONSISTENCY, settings.consistency),
+            aspect_ratio=to_enum(RENDER_ASPECTS, settings.aspect),
         )
+        if settings.job_seed is not None:
+            request.job_seed = settings.job_seed
         stub = self.stubs[self._next % len(self.stubs)]
         self._next += 1
         call = stub.RenderScenes(request, timeout=self.timeout_s)
@@ -127,13 +160,7 @@ class ComposeClient:
         self.stub = compose_pb2_grpc.ComposeServiceStub(self.channel)
 
     async def compose(
-        self,
-        job_id: str,
-        scenes: list[tuple[str, str]],
-        audio_uri: str,
-        fps: int,
-        width: int,
-        height: int,
+        self, job_id: str, scenes: list[tuple[str, str]], options: ComposeOptions
     ) -> ComposedVideo:
         request = compose_pb2.ComposeRequest(
             job_id=job_id,
@@ -141,10 +168,16 @@ class ComposeClient:
                 compose_pb2.SceneClip(image_uri=uri, narration=narration)
                 for uri, narration in scenes
             ],
-            audio_uri=audio_uri,
-            fps=fps,
-            width=width,
-            height=height,
+            audio_uri=options.audio_uri,
+            fps=options.fps,
+            width=options.width,
+            height=options.height,
+            aspect=to_enum(ASPECTS, options.aspect),
+            resolution=to_enum(RESOLUTIONS, options.resolution),
+            seed=options.seed,
+            captions=to_enum(CAPTIONS, options.captions),
+            audio_mode=to_enum(AUDIO_MODES, options.audio_mode),
+            voice=options.voice,
         )
         try:
             response = await self.stub.Compose(request, timeout=self.timeout_s)
@@ -154,6 +187,13 @@ class ComposeClient:
             uri=response.video_uri,
             duration_s=response.duration_s,
             scene_starts_s=tuple(response.scene_starts_s),
+            width=response.width,
+            height=response.height,
+            fps=response.fps,
+            captions_srt_uri=response.captions_srt_uri,
+            captions_vtt_uri=response.captions_vtt_uri,
+            poster_uri=response.poster_uri,
+            contact_sheet_uri=response.contact_sheet_uri,
         )
 
     async def close(self) -> None:

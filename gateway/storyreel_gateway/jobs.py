@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
@@ -107,9 +107,21 @@ class JobSpec(BaseModel):
     style: str = ""
     seed: int
     audio_uri: str = ""
+    # 0 x 0 when the shape is asked for by aspect and resolution instead.
     width: int
     height: int
     fps: int
+    # Frame shape and short side of the video; "" leaves width and height to decide.
+    aspect: Literal["", "16:9", "9:16", "1:1"] = ""
+    resolution: Literal["", "480p", "720p", "1080p"] = ""
+    # How the images keep each character's look; "" is the render service's default.
+    consistency: Literal[
+        "", "none", "seed_lock", "consistent_self_attention", "reference_images"
+    ] = ""
+    captions: Literal["", "burned", "sidecar", "off"] = ""
+    # What audio_uri is: the whole sound track, or music under the narration.
+    audio_mode: Literal["", "narration", "soundtrack", "music"] = ""
+    voice: str = ""
 
 
 class JobRecord(BaseModel):
@@ -130,6 +142,14 @@ class JobRecord(BaseModel):
     video_uri: str = ""
     duration_s: float = 0.0
     scene_starts_s: list[float] = Field(default_factory=list)
+    # What the composer made besides the video, and the video's size.
+    video_width: int = 0
+    video_height: int = 0
+    video_fps: int = 0
+    captions_srt_uri: str = ""
+    captions_vtt_uri: str = ""
+    poster_uri: str = ""
+    contact_sheet_uri: str = ""
     # Seeds chosen for single scenes by RegenerateScene (scene index -> seed).
     seed_overrides: dict[int, int] = Field(default_factory=dict)
     # Set by CancelJob: a job interrupted without it (the gateway stopping) resumes later.

@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from storyreel.errors import StoryreelError
 from storyreel.logs import job_id_var
 from storyreel_gateway.jobs import (
     STAGE_WEIGHTS,
+    Character,
     EventKind,
     JobError,
     JobRecord,
@@ -59,10 +60,19 @@ class StageFailed(Exception):
 
 @dataclass(frozen=True)
 class RenderSettings:
+    """How a job's images are drawn: the gateway's settings, then the job's own options.
+
+    With no size configured the images take the video's shape (``aspect``), so
+    the composer crops little; ``consistency`` "" is the render service's default.
+    """
+
     width: int = 0
     height: int = 0
     steps: int = 0
     guidance: float = 0.0
+    aspect: str = ""
+    consistency: str = ""
+    job_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,10 +86,33 @@ class SceneRequest:
 
 
 @dataclass(frozen=True)
+class ComposeOptions:
+    """The job's choices for its video; zero values select the composer's defaults."""
+
+    audio_uri: str = ""
+    fps: int = 0
+    width: int = 0
+    height: int = 0
+    aspect: str = ""
+    resolution: str = ""
+    seed: int = 0
+    captions: str = ""
+    audio_mode: str = ""
+    voice: str = ""
+
+
+@dataclass(frozen=True)
 class ComposedVideo:
     uri: str
     duration_s: float
     scene_starts_s: tuple[float, ...] = ()
+    width: int = 0
+    height: int = 0
+    fps: int = 0
+    captions_srt_uri: str = ""
+    captions_vtt_uri: str = ""
+    poster_uri: str = ""
+    contact_sheet_uri: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,9 +133,16 @@ class StoryStage(Protocol):
 
 class RenderStage(Protocol):
     def render(
-        self, job_id: str, scenes: list[SceneRequest], settings: RenderSettings
+        self,
+        job_id: str,
+        scenes: list[SceneRequest],
+        settings: RenderSettings,
+        characters: Sequence[Character] = (),
     ) -> AsyncIterator[SceneImage]:
-        """Yield each scene's image as soon as it is stored."""
+        """Yield each scene's image as soon as it is stored.
+
+        ``characters`` are those the scenes name, each with its fixed appearance.
+        """
         ...
 
     @property
@@ -113,20 +153,24 @@ class RenderStage(Protocol):
 
 class ComposeStage(Protocol):
     async def compose(
-        self,
-        job_id: str,
-        scenes: list[tuple[str, str]],
-        audio_uri: str,
-        fps: int,
-        width: int,
-        height: int,
-    ) -> ComposedVideo: ...
+        self, job_id: str, scenes: list[tuple[str, str]], options: ComposeOptions
+    ) -> ComposedVideo:
+        """Compose (image URI, narration) scenes into the job's video."""
+        ...
 
 
 def scene_seed(job_seed: int, index: int) -> int:
     """Seed of one scene, derived from the job seed so a job re-renders identically."""
     digest = hashlib.blake2b(f"{job_seed}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1  # fits a signed 64-bit generator seed
+
+
+def video_aspect(width: int, height: int) -> str:
+    """The frame shape nearest to ``width`` x ``height``: "16:9", "9:16" or "1:1"."""
+    if not (width and height):
+        return "16:9"
+    ratio = width / height
+    return min(("16:9", 16 / 9), ("9:16", 9 / 16), ("1:1", 1.0), key=lambda a: abs(a[1] - ratio))[0]
 
 
 def split_scenes(scenes: list[SceneRequest], parts: int) -> list[list[SceneRequest]]:
@@ -339,6 +383,8 @@ class JobPipeline:
     async def _render(self, record: JobRecord) -> None:
         missing = self._missing_scenes(record)
         total = len(record.storyboard.scenes) if record.storyboard else 0
+        board = record.storyboard
+        cast = {c.name for c in (board.characters if board else ()) if c.appearance}
         requests = [
             SceneRequest(
                 index=scene.index,
@@ -346,14 +392,15 @@ class JobPipeline:
                 seed=record.seed_overrides.get(
                     scene.index, scene_seed(record.spec.seed, scene.index)
                 ),
-                characters=tuple(scene.characters),
+                characters=tuple(name for name in scene.characters if name in cast),
             )
             for scene in missing
         ]
         start = self._progress_before(Stage.RENDER)
+        settings, characters = self._render_options(record, requests)
 
         async def draw(part: list[SceneRequest]) -> None:
-            async for image in self.render.render(record.job_id, part, self.render_settings):
+            async for image in self.render.render(record.job_id, part, settings, characters):
                 record.images = [i for i in record.images if i.index != image.index] + [image]
                 record.images.sort(key=lambda i: i.index)
                 record.progress = start + STAGE_WEIGHTS[Stage.RENDER] * len(record.images) / total
@@ -378,14 +425,61 @@ class JobPipeline:
                 "render finished without scenes " + ", ".join(str(s.index) for s in still_missing),
             )
 
+    def _render_options(
+        self, record: JobRecord, scenes: list[SceneRequest]
+    ) -> tuple[RenderSettings, tuple[Character, ...]]:
+        """The job's render settings and the characters its scenes name.
+
+        Images take the video's shape unless the gateway's settings fix a size.
+        A character is drawn from a seed derived from the job seed and its name,
+        so it looks the same in every scene and in a regenerated one. Under seed
+        lock a scene with characters is drawn from its first character's seed,
+        so a scene given a new seed by RegenerateScene is drawn without the lock
+        (its prompt still spells out every appearance).
+        """
+        spec = record.spec
+        base = self.render_settings
+        aspect = ""
+        if not (base.width or base.height):
+            aspect = spec.aspect or video_aspect(spec.width, spec.height)
+        consistency = spec.consistency
+        if consistency in ("", "seed_lock") and any(
+            s.index in record.seed_overrides and s.characters for s in scenes
+        ):
+            consistency = "none"
+        settings = replace(base, aspect=aspect, consistency=consistency, job_seed=spec.seed)
+        named = {name for scene in scenes for name in scene.characters}
+        board = record.storyboard
+        characters = tuple(
+            c for c in (board.characters if board else ()) if c.name in named and c.appearance
+        )
+        return settings, characters
+
     async def _compose(self, record: JobRecord) -> None:
         assert record.storyboard is not None
         narration = {scene.index: scene.narration for scene in record.storyboard.scenes}
         scenes = [(image.uri, narration.get(image.index, "")) for image in record.images]
         spec = record.spec
-        video = await self.compose.compose(
-            record.job_id, scenes, spec.audio_uri, spec.fps, spec.width, spec.height
+        options = ComposeOptions(
+            audio_uri=spec.audio_uri,
+            fps=spec.fps,
+            width=spec.width,
+            height=spec.height,
+            aspect=spec.aspect,
+            resolution=spec.resolution,
+            seed=spec.seed,
+            captions=spec.captions,
+            audio_mode=spec.audio_mode,
+            voice=spec.voice,
         )
+        video = await self.compose.compose(record.job_id, scenes, options)
         record.video_uri = video.uri
         record.duration_s = video.duration_s
         record.scene_starts_s = list(video.scene_starts_s)
+        record.video_width = video.width or spec.width
+        record.video_height = video.height or spec.height
+        record.video_fps = video.fps or spec.fps
+        record.captions_srt_uri = video.captions_srt_uri
+        record.captions_vtt_uri = video.captions_vtt_uri
+        record.poster_uri = video.poster_uri
+        record.contact_sheet_uri = video.contact_sheet_uri

@@ -54,6 +54,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import secrets
 import socket
 import tempfile
@@ -82,6 +83,8 @@ log = logging.getLogger(__name__)
 
 #: Locks that serialise the requests of one idempotency key within a replica.
 _KEY_LOCKS = 64
+#: A voice name (empty: the composer's default voice).
+_VOICE = re.compile(r"[A-Za-z0-9_.-]*")
 
 
 def default_instance_id() -> str:
@@ -150,14 +153,28 @@ class JobRunner:
             )
         if len(spec.style) > s.max_style_chars:
             raise InvalidInput(f"style is longer than {s.max_style_chars} characters")
-        width = spec.width or s.video_width
-        height = spec.height or s.video_height
-        for name, value in (("width", width), ("height", height)):
-            if value < 64 or value > s.max_video_side or value % 8:
-                raise InvalidInput(
-                    f"{name} must be a multiple of 8 between 64 and {s.max_video_side} "
-                    f"(got {value})"
-                )
+        if spec.aspect or spec.resolution:
+            if spec.width or spec.height:
+                raise InvalidInput("set aspect and resolution, or width and height, not both")
+            width = height = 0  # the composer sizes the video from aspect and resolution
+        else:
+            width = spec.width or s.video_width
+            height = spec.height or s.video_height
+            for name, value in (("width", width), ("height", height)):
+                if value < 64 or value > s.max_video_side or value % 8:
+                    raise InvalidInput(
+                        f"{name} must be a multiple of 8 between 64 and {s.max_video_side} "
+                        f"(got {value})"
+                    )
+        if spec.audio_mode in ("soundtrack", "music") and not spec.audio_uri:
+            raise InvalidInput(f"audio_mode {spec.audio_mode} needs an audio_uri (upload it first)")
+        if spec.audio_mode == "narration" and spec.audio_uri:
+            raise InvalidInput("audio_mode narration takes no audio_uri")
+        if len(spec.voice) > s.max_voice_chars or not _VOICE.fullmatch(spec.voice):
+            raise InvalidInput(
+                f"voice must be a voice name of at most {s.max_voice_chars} letters, digits, "
+                "'-', '_' or '.'"
+            )
         fps = spec.fps or s.video_fps
         if not 1 <= fps <= 60:
             raise InvalidInput(f"fps must be between 1 and 60 (got {fps})")
@@ -662,6 +679,8 @@ class JobRunner:
                 record.seed_overrides[index] = seed
             record.images = [i for i in record.images if i.index != index]
             record.video_uri = ""
+            record.captions_srt_uri = record.captions_vtt_uri = ""
+            record.poster_uri = record.contact_sheet_uri = ""
             record.state = JobState.QUEUED
             record.error = None
             record.cancel_requested = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
 import grpc
@@ -12,6 +12,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from storyreel.errors import InvalidInput, Unauthenticated
 from storyreel.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from storyreel.options import (
+    ASPECTS,
+    AUDIO_MODES,
+    CAPTIONS,
+    CONSISTENCY,
+    RESOLUTIONS,
+    from_enum,
+    to_enum,
+)
 from storyreel.serving import Service
 from storyreel.settings import StorageSettings
 from storyreel.storage import ArtifactStore, open_store
@@ -65,8 +74,19 @@ def _timestamp(value: datetime | None) -> Timestamp | None:
     return stamp
 
 
-def job_to_proto(record: JobRecord, video_url: str = "") -> gateway_pb2.Job:
+def job_to_proto(
+    record: JobRecord, public_url: Callable[[str], str] | None = None
+) -> gateway_pb2.Job:
+    """The job as the API shows it; ``public_url`` turns a finished job's URIs into URLs."""
     spec = record.spec
+    done = record.state is JobState.DONE and public_url is not None
+
+    def url(uri: str) -> str:
+        return public_url(uri) if done and uri else ""
+
+    def artifact(uri: str) -> gateway_pb2.JobArtifact | None:
+        return gateway_pb2.JobArtifact(uri=uri, url=url(uri)) if uri else None
+
     job = gateway_pb2.Job(
         job_id=record.job_id,
         state=_STATES[record.state],
@@ -78,13 +98,26 @@ def job_to_proto(record: JobRecord, video_url: str = "") -> gateway_pb2.Job:
         style=spec.style,
         audio_uri=spec.audio_uri,
         video_uri=record.video_uri,
-        video_url=video_url,
+        video_url=url(record.video_uri),
         duration_s=record.duration_s,
         scene_starts_s=record.scene_starts_s,
         eta_s=record.eta_s,
         idempotency_key=record.idempotency_key,
         created_at=_timestamp(record.created_at),
         updated_at=_timestamp(record.updated_at),
+        aspect=to_enum(ASPECTS, spec.aspect),
+        resolution=to_enum(RESOLUTIONS, spec.resolution),
+        consistency=to_enum(CONSISTENCY, spec.consistency),
+        captions=to_enum(CAPTIONS, spec.captions),
+        audio_mode=to_enum(AUDIO_MODES, spec.audio_mode),
+        voice=spec.voice,
+        width=record.video_width or spec.width,
+        height=record.video_height or spec.height,
+        fps=record.video_fps or spec.fps,
+        captions_srt=artifact(record.captions_srt_uri),
+        captions_vtt=artifact(record.captions_vtt_uri),
+        poster=artifact(record.poster_uri),
+        contact_sheet=artifact(record.contact_sheet_uri),
     )
     for stage in record.stages:
         job.stages.add(
@@ -136,8 +169,7 @@ class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
         self.runner = runner
 
     def _job(self, record: JobRecord) -> gateway_pb2.Job:
-        url = self.runner.public_url(record.video_uri) if record.state is JobState.DONE else ""
-        return job_to_proto(record, url)
+        return job_to_proto(record, self.runner.public_url)
 
     async def CreateVideo(self, request, context):
         """Starts a job and returns its id; the work runs in the background."""
@@ -152,6 +184,12 @@ class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
                 width=request.width,
                 height=request.height,
                 fps=request.fps,
+                aspect=from_enum(ASPECTS, request.aspect, "aspect"),
+                resolution=from_enum(RESOLUTIONS, request.resolution, "resolution"),
+                consistency=from_enum(CONSISTENCY, request.consistency, "consistency"),
+                captions=from_enum(CAPTIONS, request.captions, "captions"),
+                audio_mode=from_enum(AUDIO_MODES, request.audio_mode, "audio_mode"),
+                voice=request.voice,
             ),
             request.idempotency_key,
         )

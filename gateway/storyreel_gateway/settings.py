@@ -84,6 +84,7 @@ class GatewaySettings(ServiceSettings):
     default_page_size: int = Field(default=20, ge=1)
     max_page_size: int = Field(default=100, ge=1)
     max_idempotency_key_chars: int = 128
+    max_voice_chars: int = 64
 
     # API keys: tenant name -> its bearer tokens, as JSON, e.g. {"acme": ["k1", "k2"]}.
     # Empty (with no api_keys_file) is the single-machine default: no authentication,

@@ -184,14 +184,35 @@ def _final(job, job_id: str) -> None:
 
 
 def _download(job, output: Path) -> Path:
+    """Fetch the video to ``output``, and its captions beside it (``.srt``, ``.vtt``)."""
     _fetch(job.video_url, output)
+    for artifact, suffix in ((job.captions_srt, ".srt"), (job.captions_vtt, ".vtt")):
+        if artifact.url:
+            _fetch(artifact.url, output.with_suffix(suffix))
     return output.resolve()
+
+
+def _video_options(args: argparse.Namespace) -> dict:
+    """CreateVideoRequest fields from the generate command's options."""
+    from storyreel import options
+
+    if args.music and not args.audio:
+        raise CliError("--music plays your --audio under the narration; give --audio", EXIT_REFUSED)
+    return {
+        "aspect": options.to_enum(options.ASPECTS, args.aspect or ""),
+        "resolution": options.to_enum(options.RESOLUTIONS, args.resolution or ""),
+        "consistency": options.to_enum(options.CONSISTENCY, args.consistency or ""),
+        "captions": options.to_enum(options.CAPTIONS, args.captions or ""),
+        "audio_mode": options.to_enum(options.AUDIO_MODES, "music" if args.music else ""),
+        "voice": args.voice,
+    }
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     pb = _pb()
     if args.audio and not args.audio.is_file():
         raise CliError(f"audio file {args.audio} does not exist", EXIT_REFUSED)
+    chosen = _video_options(args)
     with ExitStack() as stack:
         address = _start_stack(stack, args.data_dir)[1] if args.serve else None
         client = _client(args, stack, address)
@@ -212,6 +233,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 height=args.height,
                 fps=args.fps,
                 idempotency_key=args.idempotency_key,
+                **chosen,
             ),
             "request refused",
         ).job_id
@@ -249,6 +271,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row("error", f"{job.error.code}: {job.error.message}")
     if job.video_url:
         table.add_row("video", job.video_url)
+    for label, artifact in (
+        ("captions", job.captions_srt),
+        ("captions (vtt)", job.captions_vtt),
+        ("poster", job.poster),
+        ("contact sheet", job.contact_sheet),
+    ):
+        if artifact.url:
+            table.add_row(label, artifact.url)
     console.print(table)
     print(_name(pb.JobState, job.state, "JOB_STATE_"))
     return 0 if job.state != pb.JOB_STATE_FAILED else EXIT_JOB_FAILED
@@ -573,6 +603,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=0)
     gen.add_argument("--height", type=int, default=0)
     gen.add_argument("--fps", type=int, default=0)
+    gen.add_argument("--aspect", choices=["16:9", "9:16", "1:1"], help="instead of width/height")
+    gen.add_argument("--resolution", choices=["480p", "720p", "1080p"], help="with --aspect")
+    gen.add_argument(
+        "--consistency",
+        choices=["none", "seed_lock", "consistent_self_attention", "reference_images"],
+        help="how characters keep their look (default: the render service's)",
+    )
+    gen.add_argument("--captions", choices=["burned", "sidecar", "off"])
+    gen.add_argument(
+        "--music", action="store_true", help="narrate, with --audio played under it as music"
+    )
+    gen.add_argument("--voice", default="", help="narration voice name")
     gen.add_argument("--idempotency-key", default="", help="retry-safe key for this request")
     gen.add_argument("-o", "--output", type=Path, default=Path("storyreel.mp4"))
     gen.add_argument(

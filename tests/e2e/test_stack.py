@@ -145,14 +145,16 @@ def test_generate_makes_a_narrated_video_with_one_image_per_scene(stack, store, 
     # Each scene lasts as long as its narration: longer than the silent padding after it, so
     # every scene has speech. (SmolLM2 has written narrations as short as "1,": how long they
     # are is the story service's quality, checked there, not the pipeline's.) On screen in
-    # each scene's time span is that scene's own image, not another one.
+    # each scene's time span is that scene's own image: no other image is a closer match.
+    # (Under the default seed lock, scenes led by one character share its seed, and the
+    # random-weight model then draws them all but identically: either one matches.)
     starts = job["scene_starts_s"] + [job["duration_s"]]
     assert all(b - a > 0.45 for a, b in itertools.pairwise(starts)), starts
     images = [scene_image(store, image["uri"]) for image in job["images"]]
     for scene, (start, end) in enumerate(itertools.pairwise(starts)):
         frame = frame_at(output, (start + end) / 2)
         errors = [np.abs(frame - image).mean() for image in images]
-        assert int(np.argmin(errors)) == scene, errors
+        assert errors[scene] <= min(errors) * 1.01, (scene, errors)
 
 
 def test_generate_with_user_audio_lasts_as_long_as_the_audio(stack, store, tmp_path):

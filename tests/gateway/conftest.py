@@ -35,6 +35,8 @@ class UpstreamDoubles:
     render_delay_s: float = 0.0
     # Scene indices of every render call, and how many calls were cancelled by the caller.
     render_requests: list = field(default_factory=list)
+    # The whole RenderScenesRequest of every call.
+    render_messages: list = field(default_factory=list)
     render_cancelled: int = 0
     story_requests: list = field(default_factory=list)
     compose_requests: list = field(default_factory=list)
@@ -51,7 +53,13 @@ class StoryDouble(story_pb2_grpc.StoryServiceServicer):
                 title="Test title",
                 characters=[story_pb2.Character(name="Ada", appearance="red coat")],
                 scenes=[
-                    story_pb2.Scene(index=i, narration=f"line {i}", image_prompt=f"prompt {i}")
+                    story_pb2.Scene(
+                        index=i,
+                        narration=f"line {i}",
+                        image_prompt=f"prompt {i}",
+                        # Ada is in the odd scenes; "Ghost" is named but never cast.
+                        characters=["Ada"] if i % 2 else ["Ghost"],
+                    )
                     for i in range(1, request.scene_count + 1)
                 ],
             )
@@ -70,6 +78,7 @@ class RenderDouble(render_pb2_grpc.RenderServiceServicer):
         ):
             await context.abort(self.state.render_error, "render double refuses")
         self.state.render_requests.append([scene.index for scene in request.scenes])
+        self.state.render_messages.append(request)
         try:
             for scene in request.scenes:
                 await asyncio.sleep(self.state.render_delay_s)
@@ -89,9 +98,29 @@ class ComposeDouble(compose_pb2_grpc.ComposeServiceServicer):
 
     async def Compose(self, request, context):
         self.state.compose_requests.append(request)
-        uri = self.state.store.put_bytes(f"jobs/{request.job_id}/video/video.mp4", b"mp4")
+        folder = f"jobs/{request.job_id}/video"
+        uri = self.state.store.put_bytes(f"{folder}/video.mp4", b"mp4")
+        extras = {
+            "poster_uri": self.state.store.put_bytes(f"{folder}/poster.png", b"png"),
+            "contact_sheet_uri": self.state.store.put_bytes(f"{folder}/contact-sheet.png", b"png"),
+        }
+        if request.captions != compose_pb2.CAPTIONS_OFF:
+            extras["captions_srt_uri"] = self.state.store.put_bytes(f"{folder}/captions.srt", b"1")
+            extras["captions_vtt_uri"] = self.state.store.put_bytes(f"{folder}/captions.vtt", b"W")
+        portrait = request.aspect == compose_pb2.ASPECT_9_16
+        width, height = (request.width, request.height) if request.width else (1280, 720)
+        if portrait:
+            width, height = 720, 1280
         starts = [1.5 * i for i in range(len(request.scenes))]
-        return compose_pb2.ComposeResponse(video_uri=uri, duration_s=4.5, scene_starts_s=starts)
+        return compose_pb2.ComposeResponse(
+            video_uri=uri,
+            duration_s=4.5,
+            scene_starts_s=starts,
+            width=width,
+            height=height,
+            fps=request.fps or 24,
+            **extras,
+        )
 
 
 @pytest.fixture

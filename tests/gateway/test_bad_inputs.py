@@ -27,6 +27,16 @@ WAV = b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 32
 
 CASES = [
     # CreateVideo
+    (
+        "create",
+        {"prompt": "x", "aspect": 2, "width": 640},
+        Code.INVALID_ARGUMENT,
+        "aspect and resolution, or width and height",
+    ),
+    ("create", {"prompt": "x", "aspect": 42}, Code.INVALID_ARGUMENT, "aspect has no value 42"),
+    ("create", {"prompt": "x", "consistency": 9}, Code.INVALID_ARGUMENT, "consistency"),
+    ("create", {"prompt": "x", "audio_mode": 3}, Code.INVALID_ARGUMENT, "needs an audio_uri"),
+    ("create", {"prompt": "x", "voice": "../joe"}, Code.INVALID_ARGUMENT, "voice must be"),
     ("create", {"prompt": ""}, Code.INVALID_ARGUMENT, "prompt must not be empty"),
     ("create", {"prompt": " \n\t "}, Code.INVALID_ARGUMENT, "prompt must not be empty"),
     ("create", {"prompt": "x" * 2001}, Code.INVALID_ARGUMENT, "limit is 2000"),

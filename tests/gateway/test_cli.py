@@ -45,6 +45,43 @@ async def test_generate_uploads_the_audio_file(gateway, upstream, tmp_path: Path
     assert upstream.compose_requests[-1].audio_uri.endswith("/audio.wav")
 
 
+async def test_generate_passes_the_video_options_and_saves_the_captions_beside(
+    gateway, upstream, tmp_path: Path
+):
+    from storyreel.compose.v1 import compose_pb2
+    from storyreel.render.v1 import render_pb2
+
+    audio = tmp_path / "music.wav"
+    audio.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 64)
+    output = tmp_path / "short.mp4"
+    code, _, stderr = await _run(
+        "generate", "a fox", "--audio", str(audio), "--music", "--aspect", "9:16",
+        "--resolution", "1080p", "--captions", "sidecar", "--consistency", "none",
+        "--voice", "joe", "--gateway", gateway.address, "-o", str(output),
+    )  # fmt: skip
+    assert code == 0, stderr
+    compose = upstream.compose_requests[-1]
+    assert (compose.aspect, compose.resolution) == (
+        compose_pb2.ASPECT_9_16,
+        compose_pb2.RESOLUTION_1080P,
+    )
+    assert (compose.captions, compose.audio_mode, compose.voice) == (
+        compose_pb2.CAPTIONS_SIDECAR,
+        compose_pb2.AUDIO_MODE_MUSIC,
+        "joe",
+    )
+    assert upstream.render_messages[-1].consistency == render_pb2.CONSISTENCY_MODE_NONE
+    # What the compose double stored as the captions, fetched next to the video.
+    assert (tmp_path / "short.srt").read_bytes() == b"1"
+    assert (tmp_path / "short.vtt").read_bytes() == b"W"
+
+
+async def test_generate_music_without_audio_exits_2(tmp_path: Path):
+    code, _, stderr = await _run("generate", "a fox", "--music", "--gateway", "127.0.0.1:9")
+    assert code == 2
+    assert "--audio" in stderr
+
+
 async def test_generate_refused_request_exits_2_with_the_reason(gateway, tmp_path: Path):
     code, stdout, stderr = await _run(
         "generate", "a fox", "--scenes", "99", "--gateway", gateway.address
