@@ -205,25 +205,12 @@ class InProcessStory:
 
     @_stage_errors
     async def write_storyboard(self, job_id, prompt, scene_count, style, seed):
-        from storyreel_gateway.jobs import Character, Storyboard, StoryScene
+        from storyreel_gateway.jobs import Storyboard
 
         self.writer.check_request(prompt, scene_count, style)
         board = await self.slot.run(self.writer.write, prompt, scene_count, style, seed)
-        return Storyboard(
-            title=board.title,
-            characters=[Character(name=c.name, appearance=c.appearance) for c in board.characters],
-            scenes=[
-                StoryScene(
-                    index=s.index,
-                    narration=s.narration,
-                    image_prompt=s.image_prompt,
-                    characters=list(s.characters),
-                )
-                for s in board.scenes
-            ],
-            style=board.style,
-            degraded=board.degraded,
-        )
+        # The gateway's record keeps the fields it shares with the story service's.
+        return Storyboard.model_validate(board.model_dump())
 
     async def close(self) -> None:
         self.backend.interrupt()
@@ -350,7 +337,7 @@ class InProcessWay:
         from storyreel_diffusion.settings import DiffusionSettings
         from storyreel_gateway.index import JobIndex
         from storyreel_gateway.jobs import JobStore
-        from storyreel_gateway.pipeline import JobPipeline, RenderSettings, RetryPolicy
+        from storyreel_gateway.pipeline import JobPipeline
         from storyreel_gateway.runner import JobRunner
         from storyreel_gateway.settings import GatewaySettings
         from storyreel_llm.settings import LLMSettings
@@ -392,23 +379,7 @@ class InProcessWay:
             await part.load()
         index = JobIndex(store)
         jobs = JobStore(store, index, gateway.watch_poll_s)
-        pipeline = JobPipeline(
-            jobs,
-            story,
-            render,
-            compose,
-            RenderSettings(
-                width=gateway.render_width,
-                height=gateway.render_height,
-                steps=gateway.render_steps,
-                guidance=gateway.render_guidance,
-            ),
-            RetryPolicy(
-                initial_s=gateway.retry_initial_s,
-                max_backoff_s=gateway.retry_max_backoff_s,
-                give_up_after_s=gateway.retry_give_up_after_s,
-            ),
-        )
+        pipeline = JobPipeline.from_settings(gateway, jobs, story, render, compose)
         self.runner = JobRunner(gateway, store, jobs, pipeline, index, instance_id="bench")
         await self.runner.start()
 

@@ -88,3 +88,36 @@ def probe_media(path: Path | str) -> MediaFacts:
         audio_codec=audio.group(1) if audio else None,
         sample_rate=int(audio.group(2)) if audio else None,
     )
+
+
+async def watch_events(stub, job_id: str, stop=lambda event: False, metadata=(), timeout=60):
+    """The WatchJob events of a job (async stub) until ``stop(event)`` or the stream's end."""
+    from storyreel.gateway.v1 import gateway_pb2
+
+    events = []
+    request = gateway_pb2.WatchJobRequest(job_id=job_id)
+    async for event in stub.WatchJob(request, metadata=metadata, timeout=timeout):
+        events.append(event)
+        if stop(event):
+            break
+    return events
+
+
+async def finished_job(stub, job_id: str, metadata=()):
+    """The job as its WatchJob stream last showed it: watched to the end."""
+    return (await watch_events(stub, job_id, metadata=metadata))[-1].job
+
+
+def ffmpeg_decode(path: Path | str, *options: str, seek: float | None = None) -> bytes:
+    """What the bundled ffmpeg writes to stdout reading ``path`` with output ``options``.
+
+    ``ffmpeg_decode(video, "-f", "rawvideo", "-pix_fmt", "rgb24")`` is every frame as RGB;
+    ``seek`` starts reading at that second.
+    """
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error"]
+    if seek is not None:
+        cmd += ["-ss", f"{seek:.3f}"]
+    cmd += ["-i", str(path), *options, "-"]
+    return subprocess.run(cmd, capture_output=True, check=True).stdout

@@ -38,6 +38,7 @@ from storyreel_gateway.jobs import (
     StoryScene,
     now,
 )
+from storyreel_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,34 @@ class JobPipeline:
         self.compose = compose
         self.render_settings = render_settings
         self.retry = retry or RetryPolicy()
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: GatewaySettings,
+        jobs: JobStore,
+        story: StoryStage,
+        render: RenderStage,
+        compose: ComposeStage,
+    ) -> JobPipeline:
+        """The pipeline the gateway's settings describe, over any stage implementations."""
+        return cls(
+            jobs,
+            story,
+            render,
+            compose,
+            RenderSettings(
+                width=settings.render_width,
+                height=settings.render_height,
+                steps=settings.render_steps,
+                guidance=settings.render_guidance,
+            ),
+            RetryPolicy(
+                initial_s=settings.retry_initial_s,
+                max_backoff_s=settings.retry_max_backoff_s,
+                give_up_after_s=settings.retry_give_up_after_s,
+            ),
+        )
 
     async def run(self, record: JobRecord) -> None:
         """Run the job to DONE, FAILED or CANCELLED.

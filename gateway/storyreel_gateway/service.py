@@ -37,7 +37,7 @@ from storyreel_gateway.jobs import (
     JobStore,
     Stage,
 )
-from storyreel_gateway.pipeline import JobPipeline, RenderSettings, RetryPolicy
+from storyreel_gateway.pipeline import JobPipeline
 from storyreel_gateway.runner import JobRunner
 from storyreel_gateway.settings import GatewaySettings
 
@@ -365,21 +365,7 @@ class GatewayService(Service):
             ),
             ComposeClient(settings.compose_address, settings.compose_timeout_s),
         )
-        pipeline = JobPipeline(
-            self.jobs,
-            *self.clients,
-            RenderSettings(
-                width=settings.render_width,
-                height=settings.render_height,
-                steps=settings.render_steps,
-                guidance=settings.render_guidance,
-            ),
-            RetryPolicy(
-                initial_s=settings.retry_initial_s,
-                max_backoff_s=settings.retry_max_backoff_s,
-                give_up_after_s=settings.retry_give_up_after_s,
-            ),
-        )
+        pipeline = JobPipeline.from_settings(settings, self.jobs, *self.clients)
         self.runner = JobRunner(settings, self.store, self.jobs, pipeline, self.index)
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:

@@ -249,14 +249,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_call(args: argparse.Namespace, method: str, request, refused: str):
+    """The job from one gateway call (GetJob, CancelJob) on a connection of its own."""
+    with ExitStack() as stack:
+        return _client(args, stack).call(method, request, refused).job
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     pb = _pb()
-    with ExitStack() as stack:
-        job = (
-            _client(args, stack)
-            .call("GetJob", pb.GetJobRequest(job_id=args.job), f"job {args.job}")
-            .job
-        )
+    job = _one_call(args, "GetJob", pb.GetJobRequest(job_id=args.job), f"job {args.job}")
     table = Table(title=f"job {job.job_id}", show_header=False)
     table.add_row("state", _describe(job))
     table.add_row("progress", f"{job.progress:.0f}%")
@@ -314,12 +315,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     pb = _pb()
-    with ExitStack() as stack:
-        job = (
-            _client(args, stack)
-            .call("CancelJob", pb.CancelJobRequest(job_id=args.job), f"cannot cancel {args.job}")
-            .job
-        )
+    job = _one_call(
+        args, "CancelJob", pb.CancelJobRequest(job_id=args.job), f"cannot cancel {args.job}"
+    )
     print(_name(pb.JobState, job.state, "JOB_STATE_"))
     return 0
 
@@ -348,12 +346,7 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     pb = _pb()
-    with ExitStack() as stack:
-        job = (
-            _client(args, stack)
-            .call("GetJob", pb.GetJobRequest(job_id=args.job), f"job {args.job}")
-            .job
-        )
+    job = _one_call(args, "GetJob", pb.GetJobRequest(job_id=args.job), f"job {args.job}")
     _final(job, args.job)
     print(_download(job, args.output or Path(f"{args.job}.mp4")))
     return 0

@@ -4,11 +4,9 @@ timed, written as valid SubRip and WebVTT, and burned in legibly."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 import wave
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 import pytest
 from PIL import ImageFont
@@ -26,6 +24,7 @@ from storyreel_composer.captions import (
 from storyreel_composer.render import RenderPlan, render
 from storyreel_composer.settings import PACKAGED_FONT, ComposerSettings
 from storyreel_composer.timeline import Timeline, shots
+from support import ffmpeg_decode
 
 TEXT = (
     "A lighthouse keeper watches the grey sea every night, counting the waves that roll in "
@@ -150,10 +149,7 @@ def test_burned_captions_have_a_dark_outline_and_show_only_during_their_cue(tmp_
         captions=tuple(drawtext_filters([cue], style, "font.ttf", ["cue.txt"])),
     )
     video = render(plan, tmp_path, timeout_s=60)
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(video)]
-    raw = subprocess.run(
-        [*cmd, "-f", "rawvideo", "-pix_fmt", "gray", "-"], capture_output=True, check=True
-    ).stdout
+    raw = ffmpeg_decode(video, "-f", "rawvideo", "-pix_fmt", "gray")
     frames = np.frombuffer(raw, np.uint8).reshape(-1, height, width)
     dark = frames < 60
     assert not dark[:5].any() and not dark[15:].any()  # no caption before 0.5 s or after 1.5 s

@@ -10,7 +10,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 from PIL import Image
-from support import probe_media
+from support import ffmpeg_decode, probe_media
 
 # Named so that plain string order would differ from number order.
 PICTURES = {
@@ -82,24 +82,7 @@ def test_compose_makes_a_captioned_video_from_local_files_in_name_order(folder: 
     assert "The red one." in srt and "The blue one." in srt
 
     # Scenes in number order: red, green, then blue (scene-10), each a third of the song.
-    raw = subprocess.run(
-        [
-            imageio_ffmpeg.get_ffmpeg_exe(),
-            "-v",
-            "error",
-            "-i",
-            str(video),
-            "-vf",
-            "scale=8:8",
-            "-f",
-            "rawvideo",
-            "-pix_fmt",
-            "rgb24",
-            "-",
-        ],
-        capture_output=True,
-        check=True,
-    ).stdout
+    raw = ffmpeg_decode(video, "-vf", "scale=8:8", "-f", "rawvideo", "-pix_fmt", "rgb24")
     shown = np.frombuffer(raw, np.uint8).reshape(-1, 64, 3).mean(axis=1).argmax(axis=1)
     assert shown[[6, 18, 30]].tolist() == [0, 1, 2]
 

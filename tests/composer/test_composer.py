@@ -18,7 +18,7 @@ from PIL import Image
 from storyreel_composer.composer import ComposeOptions, SceneInput, VideoComposer
 from storyreel_composer.stills import thumbnail
 from storyreel_composer.tts import NarrationSynthesizer
-from support import probe_media, stored_uris
+from support import ffmpeg_decode, probe_media, stored_uris
 
 from storyreel.errors import InvalidInput, NotFound, NotReady, Overloaded
 
@@ -27,27 +27,24 @@ FRAME = 1 / FPS
 CUT = ComposeOptions(transition="cut")
 
 
-def decode(path: Path, *options: str) -> bytes:
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path)]
-    return subprocess.run([*cmd, *options, "-"], capture_output=True, check=True).stdout
-
-
 def video_frames(path: Path) -> np.ndarray:
     """Every frame of the video as RGB, shape (frames, height, width, 3)."""
     media = probe_media(path)
-    raw = decode(path, "-map", "0:v:0", "-f", "rawvideo", "-pix_fmt", "rgb24")
+    raw = ffmpeg_decode(path, "-map", "0:v:0", "-f", "rawvideo", "-pix_fmt", "rgb24")
     return np.frombuffer(raw, np.uint8).reshape(-1, media.height, media.width, 3)
 
 
 def dominant_channels(path: Path) -> list[int]:
     """For every frame of the video, its dominant colour channel (0 red, 1 green, 2 blue)."""
-    raw = decode(path, "-map", "0:v:0", "-vf", "scale=8:8", "-f", "rawvideo", "-pix_fmt", "rgb24")
+    raw = ffmpeg_decode(
+        path, "-map", "0:v:0", "-vf", "scale=8:8", "-f", "rawvideo", "-pix_fmt", "rgb24"
+    )
     frames = np.frombuffer(raw, np.uint8).reshape(-1, 8 * 8, 3)
     return frames.mean(axis=1).argmax(axis=1).tolist()
 
 
 def audio_samples(path: Path, rate: int = 16000) -> np.ndarray:
-    raw = decode(path, "-map", "0:a:0", "-ac", "1", "-ar", str(rate), "-f", "s16le")
+    raw = ffmpeg_decode(path, "-map", "0:a:0", "-ac", "1", "-ar", str(rate), "-f", "s16le")
     return np.frombuffer(raw, np.int16).astype(np.float64)
 
 

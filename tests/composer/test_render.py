@@ -4,11 +4,9 @@ timed captions, and Ken Burns frames that match the moviepy reference."""
 from __future__ import annotations
 
 import bisect
-import subprocess
 import wave
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,7 +14,7 @@ from storyreel_composer.motion import Move
 from storyreel_composer.reference import reference_clip
 from storyreel_composer.render import Encoding, RenderPlan, filtergraph, render
 from storyreel_composer.timeline import Timeline, shots
-from support import probe_media
+from support import ffmpeg_decode, probe_media
 
 COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230)]
 
@@ -31,10 +29,7 @@ def silent_wav(path: Path, seconds: float, rate: int = 22050) -> Path:
 
 
 def decode_frames(path: Path, width: int, height: int) -> np.ndarray:
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:v:0"]
-    raw = subprocess.run(
-        [*cmd, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True, check=True
-    ).stdout
+    raw = ffmpeg_decode(path, "-map", "0:v:0", "-f", "rawvideo", "-pix_fmt", "rgb24")
     return np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3).astype(np.float64)
 
 

@@ -16,7 +16,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 from PIL import Image
-from support import probe_media
+from support import ffmpeg_decode, probe_media
 
 from storyreel.settings import StorageSettings
 from storyreel.stack import LocalStack
@@ -87,26 +87,7 @@ def manifest_of(store: FileStore, stderr: str) -> dict:
 
 
 def frame_at(video: Path, t: float) -> np.ndarray:
-    raw = subprocess.run(
-        [
-            imageio_ffmpeg.get_ffmpeg_exe(),
-            "-v",
-            "error",
-            "-ss",
-            f"{t:.3f}",
-            "-i",
-            str(video),
-            "-frames:v",
-            "1",
-            "-f",
-            "rawvideo",
-            "-pix_fmt",
-            "rgb24",
-            "-",
-        ],
-        capture_output=True,
-        check=True,
-    ).stdout
+    raw = ffmpeg_decode(video, "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "rgb24", seek=t)
     return np.frombuffer(raw, np.uint8).reshape(HEIGHT, WIDTH, 3).astype(np.float32)
 
 

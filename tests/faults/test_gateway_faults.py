@@ -1,9 +1,4 @@
-"""Faults and load against the real stack: every service its own process, S3 storage.
-
-The story service runs its TGI backend against a TGI test double (TGI needs a GPU),
-so storyboards are instant and the render, compose and gateway processes are the
-real ones, with the tiny offline diffusion model.
-"""
+"""Faults and load against the real stack (see conftest.py): processes killed, many jobs."""
 
 from __future__ import annotations
 
@@ -12,12 +7,9 @@ import time
 
 import grpc
 import pytest
-from tgi_double import TGISchemaDouble
 
 from storyreel.gateway.v1 import gateway_pb2 as pb
 from storyreel.gateway.v1 import gateway_pb2_grpc
-from storyreel.stack import LocalStack
-from storyreel.storage import open_store
 
 pytestmark = pytest.mark.e2e
 
@@ -25,53 +17,14 @@ KEY = (("authorization", "Bearer fault-key"),)
 
 
 @pytest.fixture(scope="module")
-def tgi():
-    double = TGISchemaDouble().start()
-    yield double
-    double.stop()
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, s3_server, tgi):
-    from support import MODELS, S3_ACCESS_KEY, S3_SECRET_KEY
-
-    from storyreel.settings import StorageSettings
-
-    bucket = f"faults-{int(time.time())}"
-    storage = StorageSettings(
-        url=f"s3://{bucket}/storyreel",
-        s3_endpoint=s3_server,
-        s3_access_key=S3_ACCESS_KEY,
-        s3_secret_key=S3_SECRET_KEY,
-    )
-    open_store(storage).ensure_bucket()
-    local = LocalStack(
-        tmp_path_factory.mktemp("faults"),
-        fixed_ports=False,
-        env={
-            "STORYREEL_STORAGE_URL": storage.url,
-            "STORYREEL_STORAGE_S3_ENDPOINT": s3_server,
-            "STORYREEL_STORAGE_S3_ACCESS_KEY": S3_ACCESS_KEY,
-            "STORYREEL_STORAGE_S3_SECRET_KEY": S3_SECRET_KEY,
-            "STORYREEL_LLM_BACKEND": "tgi",
-            "STORYREEL_LLM_TGI_URL": tgi.url,
-            "STORYREEL_DIFFUSION_MODEL": str(MODELS / "tiny-sd"),
+def stack(start_stack):
+    return start_stack(
+        "faults",
+        {
             "STORYREEL_GATEWAY_API_KEYS": '{"faults": ["fault-key"]}',
-            "STORYREEL_GATEWAY_RENDER_WIDTH": "64",
-            "STORYREEL_GATEWAY_RENDER_HEIGHT": "64",
-            "STORYREEL_GATEWAY_RENDER_STEPS": "2",
-            "STORYREEL_GATEWAY_VIDEO_WIDTH": "128",
-            "STORYREEL_GATEWAY_VIDEO_HEIGHT": "96",
-            "STORYREEL_GATEWAY_VIDEO_FPS": "8",
-            "STORYREEL_GATEWAY_RETRY_INITIAL_S": "0.5",
-            "STORYREEL_GATEWAY_RETRY_MAX_BACKOFF_S": "2",
             "STORYREEL_GATEWAY_MAX_JOBS_IN_FLIGHT": "4",
         },
     )
-    local.start(timeout_s=300)
-    local.store = open_store(storage)
-    yield local
-    local.stop()
 
 
 @pytest.fixture

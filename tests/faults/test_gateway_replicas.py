@@ -8,16 +8,12 @@ compose are the real services with the tiny offline diffusion model.
 from __future__ import annotations
 
 import json
-import time
 
 import grpc
 import pytest
-from tgi_double import TGISchemaDouble
 
 from storyreel.gateway.v1 import gateway_pb2 as pb
 from storyreel.gateway.v1 import gateway_pb2_grpc
-from storyreel.stack import LocalStack
-from storyreel.storage import open_store
 
 pytestmark = pytest.mark.e2e
 
@@ -26,56 +22,18 @@ LEASE_S = 3
 
 
 @pytest.fixture(scope="module")
-def tgi():
-    double = TGISchemaDouble().start()
-    yield double
-    double.stop()
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, s3_server, tgi):
-    from conftest import MODELS, S3_ACCESS_KEY, S3_SECRET_KEY
-
-    from storyreel.settings import StorageSettings
-
-    bucket = f"replicas-{int(time.time())}"
-    storage = StorageSettings(
-        url=f"s3://{bucket}/storyreel",
-        s3_endpoint=s3_server,
-        s3_access_key=S3_ACCESS_KEY,
-        s3_secret_key=S3_SECRET_KEY,
-    )
-    open_store(storage).ensure_bucket()
-    local = LocalStack(
-        tmp_path_factory.mktemp("replicas"),
-        fixed_ports=False,
-        env={
-            "STORYREEL_STORAGE_URL": storage.url,
-            "STORYREEL_STORAGE_S3_ENDPOINT": s3_server,
-            "STORYREEL_STORAGE_S3_ACCESS_KEY": S3_ACCESS_KEY,
-            "STORYREEL_STORAGE_S3_SECRET_KEY": S3_SECRET_KEY,
-            "STORYREEL_LLM_BACKEND": "tgi",
-            "STORYREEL_LLM_TGI_URL": tgi.url,
-            "STORYREEL_DIFFUSION_MODEL": str(MODELS / "tiny-sd"),
+def stack(start_stack):
+    local = start_stack(
+        "replicas",
+        {
             "STORYREEL_GATEWAY_API_KEYS": '{"replicas": ["replica-key"]}',
             "STORYREEL_GATEWAY_INSTANCE_ID": "replica-a",
             "STORYREEL_GATEWAY_LEASE_S": str(LEASE_S),
             "STORYREEL_GATEWAY_WATCH_POLL_S": "0.2",
-            "STORYREEL_GATEWAY_RENDER_WIDTH": "64",
-            "STORYREEL_GATEWAY_RENDER_HEIGHT": "64",
-            "STORYREEL_GATEWAY_RENDER_STEPS": "2",
-            "STORYREEL_GATEWAY_VIDEO_WIDTH": "128",
-            "STORYREEL_GATEWAY_VIDEO_HEIGHT": "96",
-            "STORYREEL_GATEWAY_VIDEO_FPS": "8",
-            "STORYREEL_GATEWAY_RETRY_INITIAL_S": "0.5",
-            "STORYREEL_GATEWAY_RETRY_MAX_BACKOFF_S": "2",
         },
     )
-    local.start(timeout_s=300)
     local.add_gateway("gateway-b", env={"STORYREEL_GATEWAY_INSTANCE_ID": "replica-b"})
-    local.store = open_store(storage)
-    yield local
-    local.stop()
+    return local
 
 
 def _watch_to_the_end(stub, job_id: str, until=None, timeout_s: float = 240) -> pb.Job:

@@ -6,23 +6,9 @@ import asyncio
 
 import grpc
 import pytest
+from support import finished_job, watch_events
 
 from storyreel.gateway.v1 import gateway_pb2 as pb
-
-
-async def _events_until(stub, job_id: str, stop) -> list:
-    """Watch the job until ``stop(event)`` is true (or the stream ends)."""
-    events = []
-    async for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=30):
-        events.append(event)
-        if stop(event):
-            break
-    return events
-
-
-async def _finished(stub, job_id: str) -> pb.Job:
-    events = await _events_until(stub, job_id, lambda e: False)
-    return events[-1].job
 
 
 async def test_same_idempotency_key_and_request_returns_the_same_job(gateway, upstream):
@@ -30,7 +16,7 @@ async def test_same_idempotency_key_and_request_returns_the_same_job(gateway, up
     first, second = await asyncio.gather(gateway.CreateVideo(request), gateway.CreateVideo(request))
     third = await gateway.CreateVideo(request)
     assert first.job_id == second.job_id == third.job_id
-    await _finished(gateway, first.job_id)
+    await finished_job(gateway, first.job_id)
     assert len(upstream.story_requests) == 1
 
 
@@ -61,7 +47,7 @@ async def test_list_jobs_pages_newest_first(gateway):
 async def test_cancel_stops_a_running_render_within_seconds(gateway, upstream):
     upstream.render_delay_s = 5.0
     job_id = (await gateway.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=3))).job_id
-    await _events_until(
+    await watch_events(
         gateway,
         job_id,
         lambda e: e.kind == pb.EVENT_KIND_STAGE_STARTED and e.stage == pb.STAGE_RENDER,
@@ -73,7 +59,7 @@ async def test_cancel_stops_a_running_render_within_seconds(gateway, upstream):
     response = await gateway.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=5)
     assert response.job.state == pb.JOB_STATE_CANCELLED
     assert response.job.stages[-1].state == pb.JOB_STATE_CANCELLED
-    job = await _finished(gateway, job_id)
+    job = await finished_job(gateway, job_id)
     assert job.state == pb.JOB_STATE_CANCELLED and len(job.images) == 0
     for _ in range(50):  # the render call sees the cancellation too
         if upstream.render_cancelled:
@@ -92,8 +78,8 @@ async def test_cancel_a_queued_job(start_gateway, upstream):
     queued = (await gateway.CreateVideo(pb.CreateVideoRequest(prompt="b", scene_count=1))).job_id
     assert (await gateway.GetJob(pb.GetJobRequest(job_id=queued))).job.state == pb.JOB_STATE_QUEUED
     await gateway.CancelJob(pb.CancelJobRequest(job_id=queued))
-    assert (await _finished(gateway, queued)).state == pb.JOB_STATE_CANCELLED
-    assert (await _finished(gateway, running)).state == pb.JOB_STATE_DONE
+    assert (await finished_job(gateway, queued)).state == pb.JOB_STATE_CANCELLED
+    assert (await finished_job(gateway, running)).state == pb.JOB_STATE_DONE
     assert len(upstream.story_requests) == 1
 
 
@@ -101,12 +87,12 @@ async def test_regenerate_redraws_one_scene_and_composes_again(gateway, upstream
     job_id = (
         await gateway.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=3, seed=5))
     ).job_id
-    before = await _finished(gateway, job_id)
+    before = await finished_job(gateway, job_id)
     response = await gateway.RegenerateScene(
         pb.RegenerateSceneRequest(job_id=job_id, index=2, prompt="a brighter sky", seed=1234)
     )
     assert response.job.state == pb.JOB_STATE_QUEUED
-    after = await _finished(gateway, job_id)
+    after = await finished_job(gateway, job_id)
     assert after.state == pb.JOB_STATE_DONE
     assert upstream.render_requests[-1] == [2]  # only that scene was drawn again
     seeds = {image.index: image.seed for image in after.images}
@@ -130,11 +116,11 @@ async def test_a_restarted_gateway_resumes_the_job_where_it_stopped(start_gatewa
     upstream.render_delay_s = 0.3
     first = await start_gateway()
     job_id = (await first.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=4))).job_id
-    await _events_until(first.stub, job_id, lambda e: e.kind == pb.EVENT_KIND_SCENE_RENDERED)
+    await watch_events(first.stub, job_id, lambda e: e.kind == pb.EVENT_KIND_SCENE_RENDERED)
     await first.stop()  # stops mid-render, as on SIGTERM; the manifest stays RUNNING
 
     second = await start_gateway()
-    job = await _finished(second.stub, job_id)
+    job = await finished_job(second.stub, job_id)
     assert job.state == pb.JOB_STATE_DONE
     assert [image.index for image in job.images] == [1, 2, 3, 4]
     assert len(upstream.story_requests) == 1  # the stored storyboard was reused
@@ -160,7 +146,7 @@ async def test_admission_limit_rejects_the_overflow(start_gateway, upstream):
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "try again later" in caught.value.details()
     for job_id in accepted:
-        assert (await _finished(gateway, job_id)).state == pb.JOB_STATE_DONE
+        assert (await finished_job(gateway, job_id)).state == pb.JOB_STATE_DONE
     # Once the queue drained, new jobs are admitted again.
     await gateway.CreateVideo(pb.CreateVideoRequest(prompt="later", scene_count=1))
 
@@ -168,7 +154,7 @@ async def test_admission_limit_rejects_the_overflow(start_gateway, upstream):
 async def test_scenes_are_split_across_render_calls(start_gateway, upstream):
     gateway = (await start_gateway(render_parallelism=3)).stub
     job_id = (await gateway.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=6))).job_id
-    job = await _finished(gateway, job_id)
+    job = await finished_job(gateway, job_id)
     assert job.state == pb.JOB_STATE_DONE
     calls = upstream.render_requests
     assert len(calls) == 3

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+from support import finished_job
+
 from storyreel.compose.v1 import compose_pb2
 from storyreel.gateway.v1 import gateway_pb2 as pb
 from storyreel.render.v1 import render_pb2
-
-
-async def _finished(stub, job_id: str) -> pb.Job:
-    job = None
-    async for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=30):
-        job = event.job
-    return job
 
 
 async def _upload(stub) -> str:
@@ -40,7 +35,7 @@ async def test_the_options_of_a_job_reach_the_services_and_come_back(gateway, up
         audio_mode=compose_pb2.AUDIO_MODE_MUSIC,
         voice="joe",
     )
-    job = await _finished(gateway, (await gateway.CreateVideo(request)).job_id)
+    job = await finished_job(gateway, (await gateway.CreateVideo(request)).job_id)
     assert job.state == pb.JOB_STATE_DONE, job.error
 
     (render,) = upstream.render_messages
@@ -83,8 +78,8 @@ async def test_images_take_the_video_shape_unless_the_gateway_fixes_a_size(start
         free.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=1, width=480, height=848)),
         fixed.CreateVideo(pb.CreateVideoRequest(prompt="y", scene_count=1)),
     )
-    await _finished(free, jobs[0].job_id)
-    await _finished(fixed, jobs[1].job_id)
+    await finished_job(free, jobs[0].job_id)
+    await finished_job(fixed, jobs[1].job_id)
     shapes = {r.job_id: (r.aspect_ratio, r.width, r.height) for r in upstream.render_messages}
     assert shapes[jobs[0].job_id] == (render_pb2.ASPECT_RATIO_PORTRAIT_9_16, 0, 0)
     assert shapes[jobs[1].job_id] == (render_pb2.ASPECT_RATIO_UNSPECIFIED, 512, 512)
@@ -96,15 +91,15 @@ async def test_a_scene_regenerated_with_a_new_seed_is_drawn_from_it_not_the_seed
     job_id = (
         await gateway.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=2, seed=5))
     ).job_id
-    await _finished(gateway, job_id)
+    await finished_job(gateway, job_id)
     assert upstream.render_messages[0].consistency == render_pb2.CONSISTENCY_MODE_UNSPECIFIED
 
     await gateway.RegenerateScene(pb.RegenerateSceneRequest(job_id=job_id, index=1))
-    await _finished(gateway, job_id)
+    await finished_job(gateway, job_id)
     assert upstream.render_messages[1].consistency == render_pb2.CONSISTENCY_MODE_UNSPECIFIED
 
     await gateway.RegenerateScene(pb.RegenerateSceneRequest(job_id=job_id, index=1, seed=99))
-    job = await _finished(gateway, job_id)
+    job = await finished_job(gateway, job_id)
     last = upstream.render_messages[2]
     assert last.consistency == render_pb2.CONSISTENCY_MODE_NONE
     assert [(s.index, s.seed, list(s.characters)) for s in last.scenes] == [(1, 99, ["Ada"])]

@@ -23,27 +23,13 @@ from storyreel_gateway.jobs import (
     events_between,
     now,
 )
+from support import finished_job, watch_events
 
 from storyreel.gateway.v1 import gateway_pb2 as pb
 
 ALICE = (("authorization", "Bearer alice-key"),)
 BOB = (("authorization", "Bearer bob-key"),)
 KEYS = {"alice": ["alice-key"], "bob": ["bob-key"]}
-
-
-async def _watch(stub, job_id: str, stop=lambda event: False, metadata=()) -> list:
-    events = []
-    async for event in stub.WatchJob(
-        pb.WatchJobRequest(job_id=job_id), metadata=metadata, timeout=60
-    ):
-        events.append(event)
-        if stop(event):
-            break
-    return events
-
-
-async def _finished(stub, job_id: str, metadata=()) -> pb.Job:
-    return (await _watch(stub, job_id, metadata=metadata))[-1].job
 
 
 def _manifest(store, job_id: str) -> JobRecord:
@@ -93,7 +79,7 @@ async def test_a_job_created_on_one_replica_is_read_and_watched_on_another(
     seen = (await b.stub.GetJob(pb.GetJobRequest(job_id=job_id))).job
     assert seen.job_id == job_id
     assert seen.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)
-    events = await _watch(b.stub, job_id)
+    events = await watch_events(b.stub, job_id)
 
     kinds = [event.kind for event in events]
     assert kinds[0] == pb.EVENT_KIND_SNAPSHOT and kinds[-1] == pb.EVENT_KIND_JOB_FINISHED
@@ -140,7 +126,7 @@ async def test_listing_on_any_replica_shows_every_replicas_jobs_newest_first(sta
         await b.stub.GetJob(pb.GetJobRequest(job_id=bobs), metadata=ALICE)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     for job_id in ids:
-        await _finished(b.stub, job_id, ALICE)
+        await finished_job(b.stub, job_id, ALICE)
 
 
 async def test_an_idempotency_key_holds_across_replicas(start_gateway, upstream):
@@ -161,7 +147,7 @@ async def test_an_idempotency_key_holds_across_replicas(start_gateway, upstream)
         )
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
     for job_id in (first.job_id, on_a.job_id):
-        assert (await _finished(b.stub, job_id)).state == pb.JOB_STATE_DONE
+        assert (await finished_job(b.stub, job_id)).state == pb.JOB_STATE_DONE
     assert len(upstream.story_requests) == 2
 
 
@@ -172,7 +158,7 @@ async def test_cancel_on_another_replica_stops_the_job_within_seconds(
     a = await start_gateway(instance_id="replica-a")
     b = await start_gateway(instance_id="replica-b", watch_poll_s=0.1)
     job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=3))).job_id
-    await _watch(b.stub, job_id, _render_started)
+    await watch_events(b.stub, job_id, _render_started)
     for _ in range(50):  # the stage has started; wait until its call reaches the render double
         if upstream.render_requests:
             break
@@ -200,13 +186,13 @@ async def test_regenerate_on_another_replica_runs_there(start_gateway, upstream,
     job_id = (
         await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=3, seed=5))
     ).job_id
-    before = await _finished(a.stub, job_id)
+    before = await finished_job(a.stub, job_id)
 
     response = await b.stub.RegenerateScene(
         pb.RegenerateSceneRequest(job_id=job_id, index=2, seed=1234)
     )
     assert response.job.state == pb.JOB_STATE_QUEUED
-    after = await _finished(a.stub, job_id)  # A follows B's run through the manifest
+    after = await finished_job(a.stub, job_id)  # A follows B's run through the manifest
     assert after.state == pb.JOB_STATE_DONE
     assert upstream.render_requests[-1] == [2]
     seeds = {image.index: image.seed for image in after.images}
@@ -224,7 +210,7 @@ async def test_a_live_owner_keeps_its_job_past_many_lease_periods(
     a = await start_gateway(instance_id="replica-a", lease_s=1.5)
     b = await start_gateway(instance_id="replica-b", lease_s=1.5)
     job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=8))).job_id
-    job = await _finished(b.stub, job_id)  # about 4 s: the lease is renewed, never lapses
+    job = await finished_job(b.stub, job_id)  # about 4 s: the lease is renewed, never lapses
     assert job.state == pb.JOB_STATE_DONE
     assert len(upstream.render_requests) == 1
     assert (len(upstream.story_requests), len(upstream.compose_requests)) == (1, 1)
@@ -238,13 +224,13 @@ async def test_a_replica_that_dies_mid_job_is_replaced_and_the_job_finishes_once
     a = await start_gateway(instance_id="replica-a", lease_s=1.5)
     b = await start_gateway(instance_id="replica-b", lease_s=1.5, watch_poll_s=0.1)
     job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=6))).job_id
-    await _watch(a.stub, job_id, _first_scene)
+    await watch_events(a.stub, job_id, _first_scene)
     await _crash(a)
     calls_by_a = len(upstream.render_requests)
     recorded = {image.index for image in _manifest(file_store, job_id).images}
     assert 1 <= len(recorded) < 6
 
-    job = await _finished(b.stub, job_id)
+    job = await finished_job(b.stub, job_id)
     assert job.state == pb.JOB_STATE_DONE
     assert [image.index for image in job.images] == [1, 2, 3, 4, 5, 6]
     # B drew exactly the scenes A had not recorded, each once, and reused the storyboard.
@@ -261,14 +247,14 @@ async def test_two_replicas_starting_over_one_unfinished_job_run_it_once(
     upstream.render_delay_s = 0.3
     a = await start_gateway(instance_id="replica-a")
     job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=4))).job_id
-    await _watch(a.stub, job_id, _first_scene)
+    await watch_events(a.stub, job_id, _first_scene)
     await a.stop()  # a graceful stop hands the job back at once
     calls_before = len(upstream.render_requests)
 
     _, c = await asyncio.gather(
         start_gateway(instance_id="replica-b"), start_gateway(instance_id="replica-c")
     )
-    job = await _finished(c.stub, job_id)
+    job = await finished_job(c.stub, job_id)
     assert job.state == pb.JOB_STATE_DONE
     assert len(upstream.render_requests) - calls_before == 1
     assert (len(upstream.story_requests), len(upstream.compose_requests)) == (1, 1)
@@ -283,11 +269,11 @@ async def test_a_restarted_replica_takes_its_jobs_back_without_waiting_for_the_l
     first = await start_gateway(instance_id="pod-1", lease_s=600)
     other = await start_gateway(instance_id="pod-2", lease_s=600)
     job_id = (await first.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=4))).job_id
-    await _watch(first.stub, job_id, _first_scene)
+    await watch_events(first.stub, job_id, _first_scene)
     await _crash(first)
 
     again = await start_gateway(instance_id="pod-1", lease_s=600)  # the container restarted
-    job = await _finished(other.stub, job_id)
+    job = await finished_job(other.stub, job_id)
     assert job.state == pb.JOB_STATE_DONE
     assert _manifest(file_store, job_id).owner == "pod-1"
     assert (len(upstream.story_requests), len(upstream.compose_requests)) == (1, 1)
@@ -303,7 +289,7 @@ async def test_cancel_of_a_job_whose_replica_died_ends_it_at_once(
     b = await start_gateway(instance_id="replica-b", lease_s=1.0, max_jobs_in_flight=1)
     busy = (await b.stub.CreateVideo(pb.CreateVideoRequest(prompt="b", scene_count=20))).job_id
     orphan = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="a", scene_count=4))).job_id
-    await _watch(a.stub, orphan, _first_scene)
+    await watch_events(a.stub, orphan, _first_scene)
     await _crash(a)
     await asyncio.sleep(1.5)  # the lease lapses
 
@@ -321,7 +307,7 @@ async def test_a_stopping_replica_adopts_no_more_jobs(start_gateway, upstream, f
     a = await start_gateway(instance_id="replica-a", lease_s=1.0)
     job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=4))).job_id
     await b.running.service.drain()  # B is being stopped: its calls drain, jobs run on
-    await _watch(a.stub, job_id, _first_scene)
+    await watch_events(a.stub, job_id, _first_scene)
     await _crash(a)
     await asyncio.sleep(1.5)  # A's lease lapses
 
@@ -334,7 +320,7 @@ async def test_the_scan_removes_markers_that_outlived_their_job(start_gateway, f
     replica = await start_gateway(instance_id="replica-a")
     runner = replica.running.service.runner
     done = (await replica.stub.CreateVideo(pb.CreateVideoRequest(prompt="x"))).job_id
-    await _finished(replica.stub, done)
+    await finished_job(replica.stub, done)
     await runner.index.mark_active(done)  # as a replica that died right after the job ended
     await runner.index.request_cancel(done, 0)
     await runner.index.mark_active("neverwritten")  # died before writing the manifest
