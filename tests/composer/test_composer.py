@@ -706,6 +706,14 @@ MALFORMED = {
         "audio_mode soundtrack needs an audio_uri",
     ),
     "negative-seed": (lambda im: _options(im, seed=-1), "seed must not be negative, got -1"),
+    "large-revision": (
+        lambda im: _request(im, revision=2**31),
+        "revision must be a whole number from 0 to 2**31-1, got 2147483648",
+    ),
+    "negative-revision": (
+        lambda im: _request(im, revision=-1),
+        "revision must be a whole number from 0 to 2**31-1, got -1",
+    ),
 }
 
 

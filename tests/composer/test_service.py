@@ -159,3 +159,75 @@ async def test_unknown_voice_is_invalid_argument(stub, images):
         await stub.Compose(request, timeout=60)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details() == "voice 'amy' is not one of joe"
+
+
+ARTIFACTS = ("video.mp4", "captions.srt", "captions.vtt", "poster.png", "contact-sheet.png")
+
+
+def artifact_uris(response: compose_pb2.ComposeResponse) -> list[str]:
+    """URIs of everything a composition stored, in ARTIFACTS order."""
+    return [
+        response.video_uri,
+        response.captions_srt_uri,
+        response.captions_vtt_uri,
+        response.poster_uri,
+        response.contact_sheet_uri,
+    ]
+
+
+async def test_a_later_revision_stores_every_artifact_under_its_own_folder(
+    stub, images, file_store
+):
+    job = "job-grpc-revisions"
+
+    def run(revision: int, clips: list[tuple[str, str]]) -> compose_pb2.ComposeRequest:
+        return compose_pb2.ComposeRequest(
+            job_id=job,
+            scenes=[compose_pb2.SceneClip(image_uri=u, narration=n) for u, n in clips],
+            fps=12,
+            width=160,
+            height=96,
+            captions=compose_pb2.CAPTIONS_SIDECAR,
+            revision=revision,
+        )
+
+    first = await stub.Compose(
+        run(0, [(images[0], "The sea was calm."), (images[1], "Then the whale came.")]),
+        timeout=120,
+    )
+    assert artifact_uris(first) == [file_store.uri_for(f"jobs/{job}/video/{a}") for a in ARTIFACTS]
+    before = {uri: file_store.get_bytes(uri) for uri in artifact_uris(first)}
+
+    # The second run swaps the scenes and changes a line: every artifact differs.
+    second = await stub.Compose(
+        run(2, [(images[1], "The whale came first."), (images[0], "Then the sea was calm.")]),
+        timeout=120,
+    )
+    assert artifact_uris(second) == [
+        file_store.uri_for(f"jobs/{job}/r2/video/{a}") for a in ARTIFACTS
+    ]
+    for old, new in zip(artifact_uris(first), artifact_uris(second), strict=True):
+        assert file_store.get_bytes(new) != before[old], new
+    # The first run's artifacts are all still there, byte for byte.
+    assert {uri: file_store.get_bytes(uri) for uri in before} == before
+    assert sorted(file_store.list(f"jobs/{job}/")) == sorted(
+        artifact_uris(first) + artifact_uris(second)
+    )
+
+
+@pytest.mark.parametrize("revision", [2**31, 2**32 - 1])
+async def test_a_revision_of_2_31_or_more_is_invalid_argument_and_nothing_is_stored(
+    stub, images, file_store, revision
+):
+    request = compose_pb2.ComposeRequest(
+        job_id="job-grpc-revision",
+        scenes=[compose_pb2.SceneClip(image_uri=images[0], narration="Hello.")],
+        revision=revision,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.Compose(request, timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details() == (
+        f"revision must be a whole number from 0 to 2**31-1, got {revision}"
+    )
+    assert sorted(stored_uris(file_store)) == sorted(images)

@@ -13,6 +13,7 @@ from storyreel_diffusion.planning import (
     ModelFacts,
     SceneToRender,
     derive_seed,
+    image_key,
     plan_batches,
     plan_render,
     portrait_key,
@@ -121,6 +122,12 @@ def test_reference_portrait_keys_are_safe_object_keys():
     assert portrait_key("job-1", 1, "李") == "jobs/job-1/characters/01-character.png"
 
 
+def test_a_later_revision_keys_images_and_portraits_under_its_own_folder():
+    assert image_key("job-1", 3) == image_key("job-1", 3, 0) == "jobs/job-1/images/scene-003.png"
+    assert image_key("job-1", 3, 2) == "jobs/job-1/r2/images/scene-003.png"
+    assert portrait_key("job-1", 1, "Mira", 2) == "jobs/job-1/r2/characters/01-mira.png"
+
+
 def test_aspect_ratios_keep_the_default_area_on_the_models_pixel_multiple():
     sizes = {ratio: plan(aspect=ratio) for ratio in AspectRatio}
     assert {r: (p.width, p.height) for r, p in sizes.items()} == {
@@ -185,6 +192,19 @@ def test_content_key_changes_with_everything_that_affects_the_pixels(change):
 
 def test_content_key_ignores_the_job():
     assert key_of(job_id="another-job") == key_of()
+
+
+def test_content_keys_ignore_the_revision_which_the_plan_carries():
+    first = plan([SceneToRender(1, "Mira", 5, ("Mira",))], characters=[MIRA])
+    later = plan(
+        [SceneToRender(1, "Mira", 5, ("Mira",))],
+        characters=[MIRA],
+        consistency="reference_images",
+        revision=7,
+    )
+    assert (first.revision, later.revision) == (0, 7)
+    assert key_of(revision=7) == key_of()
+    assert later.portraits["Mira"].key == first.characters["Mira"].portrait_key
 
 
 def test_seed_lock_and_none_share_a_key_when_they_draw_the_same_pixels():
@@ -252,6 +272,11 @@ INVALID = {
     ),
     "unknown scheduler": (dict(scheduler="magic"), "scheduler must be one of default, ddim"),
     "job seed above 64 bits": (dict(job_seed=2**64), "job_seed must be between 0 and 2**64-1"),
+    "revision of 2**31": (
+        dict(revision=2**31),
+        "revision must be a whole number from 0 to 2**31-1",
+    ),
+    "negative revision": (dict(revision=-1), "revision must be a whole number from 0 to 2**31-1"),
     "SDXL width not a multiple of 64": (
         dict(facts=SDXL, width=1000),
         "width must be a multiple of 64",

@@ -95,6 +95,37 @@ async def test_repeated_request_gives_identical_images_from_the_cache(stub, shar
     assert first[0].content_key == second[0].content_key != ""
 
 
+async def test_a_later_revision_stores_new_uris_and_leaves_the_first_readable(stub, shared_store):
+    job = new_job()
+    prompt = f"a harbour at dawn {job}"  # no other request draws it: a cache miss at first
+    scenes = [
+        render_pb2.SceneToRender(index=1, prompt=prompt, seed=11),
+        render_pb2.SceneToRender(index=2, prompt=f"a gull {job}", seed=22),
+    ]
+    first = await collect(stub, request(job_id=job, scenes=scenes))
+    assert [image.uri for image in first] == [
+        shared_store.uri_for(f"jobs/{job}/images/scene-00{n}.png") for n in (1, 2)
+    ]
+    before = [shared_store.get_bytes(image.uri) for image in first]
+
+    # The second run draws scene 1 again with another seed, as a regenerated scene is.
+    redrawn = [render_pb2.SceneToRender(index=1, prompt=prompt, seed=12), scenes[1]]
+    second = await collect(stub, request(job_id=job, scenes=redrawn, revision=2))
+    assert [image.uri for image in second] == [
+        shared_store.uri_for(f"jobs/{job}/r2/images/scene-00{n}.png") for n in (1, 2)
+    ]
+    # Scene 2's pixels do not depend on the revision: a cache hit, copied under r2.
+    assert [image.cached for image in second] == [False, True]
+    assert second[1].content_key == first[1].content_key
+    assert shared_store.get_bytes(second[1].uri) == before[1]
+    assert shared_store.get_bytes(second[0].uri) != before[0]
+    # The first run's images are still there, byte for byte.
+    assert [shared_store.get_bytes(image.uri) for image in first] == before
+    assert sorted(shared_store.list(f"jobs/{job}/")) == sorted(
+        image.uri for image in first + second
+    )
+
+
 MIRA = render_pb2.CharacterToRender(name="Mira", appearance="a girl with red braids", seed=77)
 
 
@@ -192,6 +223,14 @@ INVALID = {
         "character 'Bob' is not in the request's characters",
     ),
     "unknown scheduler": (dict(scheduler="magic"), "scheduler must be one of"),
+    "revision of 2**31": (
+        dict(revision=2**31),
+        "revision must be a whole number from 0 to 2**31-1, got 2147483648",
+    ),
+    "largest uint32 revision": (
+        dict(revision=2**32 - 1),
+        "revision must be a whole number from 0 to 2**31-1, got 4294967295",
+    ),
 }
 
 
@@ -204,3 +243,64 @@ async def test_invalid_request_is_invalid_argument_and_stores_nothing(stub, shar
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in raised.value.details()
     assert stored_uris(shared_store) == before
+
+
+@pytest.fixture(scope="module")
+async def adapter_server(diffusion_settings, ip_adapter_settings, shared_store):
+    """A render server with the tiny IP-Adapter and the cache on."""
+    settings = diffusion_settings.model_copy(
+        update={**ip_adapter_settings, "cache_enabled": True, "max_batch_size": 2}
+    )
+    running = await start_and_load(settings, DiffusionService(settings, shared_store))
+    yield running
+    await running.stop(0)
+
+
+async def test_a_later_revision_stores_its_reference_portraits_under_its_own_folder(
+    adapter_server, shared_store
+):
+    job = new_job()
+    mira = render_pb2.CharacterToRender(
+        name="Mira", appearance=f"a girl with red braids {job}", seed=77
+    )
+    scenes = [
+        render_pb2.SceneToRender(index=1, prompt="Mira on a cliff", seed=1, characters=["Mira"])
+    ]
+
+    def run(character, revision):
+        return request(
+            job_id=job,
+            scenes=scenes,
+            characters=[character],
+            consistency=render_pb2.CONSISTENCY_MODE_REFERENCE_IMAGES,
+            revision=revision,
+        )
+
+    async with open_channel(f"127.0.0.1:{adapter_server.port}", retries=False) as channel:
+        stub = render_pb2_grpc.RenderServiceStub(channel)
+        [first] = await collect(stub, run(mira, 0))
+        [portrait_uri] = first.reference_uris
+        assert portrait_uri == shared_store.uri_for(f"jobs/{job}/characters/01-mira.png")
+        portrait, scene = shared_store.get_bytes(portrait_uri), shared_store.get_bytes(first.uri)
+
+        # The same request as run 3: everything from the cache, copied under r3.
+        [again] = await collect(stub, run(mira, 3))
+        assert again.cached
+        assert again.uri == shared_store.uri_for(f"jobs/{job}/r3/images/scene-001.png")
+        assert list(again.reference_uris) == [
+            shared_store.uri_for(f"jobs/{job}/r3/characters/01-mira.png")
+        ]
+        assert shared_store.get_bytes(again.reference_uris[0]) == portrait
+
+        # Run 4 gives Mira another portrait: drawn afresh, stored under r4 only.
+        other = render_pb2.CharacterToRender(name="Mira", appearance=mira.appearance, seed=78)
+        [redrawn] = await collect(stub, run(other, 4))
+        assert not redrawn.cached
+        assert list(redrawn.reference_uris) == [
+            shared_store.uri_for(f"jobs/{job}/r4/characters/01-mira.png")
+        ]
+        assert shared_store.get_bytes(redrawn.reference_uris[0]) != portrait
+
+    # Run 0's portrait and scene are untouched.
+    assert shared_store.get_bytes(portrait_uri) == portrait
+    assert shared_store.get_bytes(first.uri) == scene

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storyreel.errors import InvalidInput, NotFound, NotReady, Overloaded
-from storyreel.ids import check_job_id, job_key
+from storyreel.ids import check_job_id, check_revision, job_key
 from storyreel.storage import ArtifactStore
 from storyreel_composer.audio import (
     LoudnessTarget,
@@ -144,6 +144,8 @@ class ComposePlan:
     audio_mode: str = "narration"
     voice: str = "joe"
     speaking_rate: float = 1.0
+    #: Run of the job: every artifact goes under this revision's folder (storyreel.ids.job_key).
+    revision: int = 0
 
     @property
     def speaks(self) -> bool:
@@ -184,8 +186,13 @@ class VideoComposer:
         width: int = 0,
         height: int = 0,
         options: ComposeOptions | None = None,
+        revision: int = 0,
     ) -> ComposeResult:
-        """Compose the video of ``scenes`` and store it under ``jobs/<job_id>/video/``.
+        """Compose the video of ``scenes`` and store it under the job's ``revision``.
+
+        Everything is stored under ``jobs/<job_id>/video/`` for revision 0 and under
+        ``jobs/<job_id>/r<N>/video/`` for revision N (see :func:`storyreel.ids.job_key`),
+        so a later revision leaves the videos of earlier ones readable.
 
         Without ``audio_uri`` each scene's narration is spoken by the voice and
         the scene lasts as long as it (plus padding); with ``audio_uri`` the
@@ -205,7 +212,14 @@ class VideoComposer:
         is stored unless the whole video was made.
         """
         plan = self.check_request(
-            job_id, scenes, audio_uri, fps=fps, width=width, height=height, options=options
+            job_id,
+            scenes,
+            audio_uri,
+            fps=fps,
+            width=width,
+            height=height,
+            options=options,
+            revision=revision,
         )
         if plan.speaks and _narrated(plan) and not self.synthesizer.loaded:
             raise NotReady("the narration voice is not loaded yet")
@@ -241,11 +255,13 @@ class VideoComposer:
         width: int = 0,
         height: int = 0,
         options: ComposeOptions | None = None,
+        revision: int = 0,
     ) -> ComposePlan:
         """Validate a request without any I/O; InvalidInput names the first problem."""
         s = self.settings
         o = options or ComposeOptions()
         check_job_id(job_id)
+        check_revision(revision)
         if not 1 <= len(scenes) <= s.max_scenes:
             raise InvalidInput(f"scenes must hold 1 to {s.max_scenes} scenes, got {len(scenes)}")
         for number, scene in enumerate(scenes, start=1):
@@ -310,6 +326,7 @@ class VideoComposer:
             audio_mode=audio_mode,
             voice=self.synthesizer.check_voice(o.voice or None),
             speaking_rate=rate,
+            revision=revision,
         )
 
     def _frame_size(self, width: int, height: int, o: ComposeOptions) -> tuple[int, int]:
@@ -625,7 +642,8 @@ class VideoComposer:
         stored: list[str] = []
 
         def put(name: str, path: Path, content_type: str) -> str:
-            uri = self.store.put_file(job_key(plan.job_id, "video", name), path, content_type)
+            key = job_key(plan.job_id, "video", name, revision=plan.revision)
+            uri = self.store.put_file(key, path, content_type)
             stored.append(uri)
             return uri
 

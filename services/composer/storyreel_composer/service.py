@@ -84,6 +84,7 @@ class ComposeServicer(compose_pb2_grpc.ComposeServiceServicer):
             width=request.width,
             height=request.height,
             options=options_of(request),
+            revision=request.revision,
         )
         return compose_pb2.ComposeResponse(
             video_uri=result.video_uri,

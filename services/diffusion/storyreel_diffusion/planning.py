@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from storyreel.errors import FailedPrecondition, InvalidInput
-from storyreel.ids import check_job_id, job_key
+from storyreel.ids import check_job_id, check_revision, job_key
 from storyreel_diffusion.settings import DiffusionSettings
 
 MAX_SEED = 2**64 - 1
@@ -155,6 +155,10 @@ class RenderPlan:
     identity_images: int = 1
     #: Reference portraits the scenes need, by character name (reference images only).
     portraits: dict[str, ImagePlan] = field(default_factory=dict)
+    #: Run of the job: every object the render stores goes under this revision's folder
+    #: (see :func:`storyreel.ids.job_key`). Not part of any content key: the pixels do
+    #: not depend on it, so the cache hits across revisions.
+    revision: int = 0
 
 
 def derive_seed(root: int, *parts: object) -> int:
@@ -168,15 +172,18 @@ def derive_seed(root: int, *parts: object) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-def image_key(job_id: str, index: int) -> str:
-    """Object key of scene ``index``'s image: ``jobs/<job_id>/images/scene-NNN.png``."""
-    return job_key(job_id, "images", f"scene-{index:03d}.png")
+def image_key(job_id: str, index: int, revision: int = 0) -> str:
+    """Object key of scene ``index``'s image: ``jobs/<job_id>/[r<N>/]images/scene-NNN.png``."""
+    return job_key(job_id, "images", f"scene-{index:03d}.png", revision=revision)
 
 
-def portrait_key(job_id: str, slot: int, name: str) -> str:
-    """Object key of a character's reference portrait: ``jobs/<id>/characters/NN-<slug>.png``."""
+def portrait_key(job_id: str, slot: int, name: str, revision: int = 0) -> str:
+    """Object key of a character's reference portrait.
+
+    ``jobs/<id>/[r<N>/]characters/NN-<slug>.png``.
+    """
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40].strip("-") or "character"
-    return job_key(job_id, "characters", f"{slot:02d}-{slug}.png")
+    return job_key(job_id, "characters", f"{slot:02d}-{slug}.png", revision=revision)
 
 
 def cache_key(prefix: str, content_key: str) -> str:
@@ -345,14 +352,18 @@ def plan_render(
     consistency: ConsistencyMode | str | None = None,
     consistency_strength: float = 0.0,
     job_seed: int | None = None,
+    revision: int = 0,
 ) -> RenderPlan:
     """Check a request against the limits and plan every image (0 or "" selects a default).
+
+    ``revision`` is the run of the job the images are stored under (0 to 2**31-1).
 
     Raises InvalidInput naming the field and its bounds, or FailedPrecondition when
     the request needs something this service was not started with (an IP-Adapter).
     Does no work and touches no storage, so a rejected request leaves nothing behind.
     """
     check_job_id(job_id)
+    check_revision(revision)
     _check_characters(settings, characters)
     _check_scenes(settings, scenes, {character.name for character in characters})
     if len(negative_prompt) > settings.max_prompt_chars:
@@ -512,6 +523,7 @@ def plan_render(
         images=tuple(images),
         identity_images=settings.identity_images,
         portraits=portraits,
+        revision=revision,
     )
 
 

@@ -221,9 +221,13 @@ class SceneRenderer:
         consistency: ConsistencyMode | str | None = None,
         consistency_strength: float = 0.0,
         job_seed: int | None = None,
+        revision: int = 0,
     ) -> AsyncIterator[RenderedImage]:
         """Render every scene, yielding each image in request order once it is stored.
 
+        Every object is stored under the job's run ``revision`` (``jobs/<job_id>/``
+        for 0, ``jobs/<job_id>/r<N>/`` for N), cache hits included: the cache is
+        keyed by content alone, and a hit is copied to the revision's key.
         0 (or "" or None) selects a field's default. Raises InvalidInput (or
         FailedPrecondition) before any work for a request outside the limits (see
         :func:`~storyreel_diffusion.planning.plan_render`), NotReady before
@@ -250,6 +254,7 @@ class SceneRenderer:
             consistency=consistency,
             consistency_strength=consistency_strength,
             job_seed=job_seed,
+            revision=revision,
         )
         cached = await self._lookup(plan)
         wanted = [*plan.images, *plan.portraits.values()]
@@ -365,7 +370,7 @@ class SceneRenderer:
     async def _references(
         self, plan: RenderPlan, cached: dict[str, bytes], submit
     ) -> tuple[dict[str, Image.Image], dict[str, str]]:
-        """Reference portraits of the plan's characters: drawn or cached, stored under the job."""
+        """The plan's reference portraits: drawn or cached, stored under the job's revision."""
         if not plan.portraits:
             return {}, {}
         missing = [name for name, p in plan.portraits.items() if p.key not in cached]
@@ -379,7 +384,7 @@ class SceneRenderer:
         def store(name: str) -> tuple[Image.Image, str]:
             portrait = plan.portraits[name]
             character = plan.characters[name]
-            key = portrait_key(plan.job_id, character.slot, name)
+            key = portrait_key(plan.job_id, character.slot, name, plan.revision)
             if name in drawn:
                 png = self._encode(portrait, drawn[name])
                 self._put_cached(portrait.key, png)
@@ -421,7 +426,9 @@ class SceneRenderer:
     ) -> RenderedImage:
         png = self._encode(image, drawn)
         self._put_cached(image.key, png)
-        uri = self.store.put_bytes(image_key(plan.job_id, image.index), png, "image/png")
+        uri = self.store.put_bytes(
+            image_key(plan.job_id, image.index, plan.revision), png, "image/png"
+        )
         return RenderedImage(
             index=image.index,
             uri=uri,
@@ -437,8 +444,11 @@ class SceneRenderer:
         self, plan: RenderPlan, image: ImagePlan, png: bytes, references: dict[str, str]
     ) -> RenderedImage:
         meta = _png_meta(png)
-        # A copy under the job: the job's images stay whole when cache entries are evicted.
-        uri = self.store.put_bytes(image_key(plan.job_id, image.index), png, "image/png")
+        # A copy under the job's revision: the job's images stay whole when cache entries are
+        # evicted, and a hit for a later revision leaves the earlier revisions' copies alone.
+        uri = self.store.put_bytes(
+            image_key(plan.job_id, image.index, plan.revision), png, "image/png"
+        )
         return RenderedImage(
             index=image.index,
             uri=uri,

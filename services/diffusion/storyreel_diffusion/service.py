@@ -104,6 +104,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             consistency=consistency,
             consistency_strength=request.consistency_strength,
             job_seed=request.job_seed if request.HasField("job_seed") else None,
+            revision=request.revision,
         )
         async for image in images:
             yield render_pb2.RenderScenesResponse(image=_image_message(image))
