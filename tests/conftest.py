@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import MODELS, S3_ACCESS_KEY, S3_ENDPOINT, S3_SECRET_KEY
+from support import MODELS, S3_ACCESS_KEY, S3_ENDPOINT, S3_SECRET_KEY, new_postgres_database
 
 from storyreel.settings import StorageSettings
 from storyreel.storage import FileStore, open_store
@@ -105,3 +105,37 @@ def s3_settings(s3_server: str) -> StorageSettings:
     store = open_store(settings)
     store.ensure_bucket()
     return settings
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL 16 server (the pgserver wheel), listening on a Unix socket.
+
+    Yields the socket folder; :func:`new_postgres_database` makes a fresh database.
+    The folder is outside pytest's temporary root: run as root, pgserver runs the
+    server as a user of its own, which pytest's private (0700) root would lock out.
+    """
+    import tempfile
+
+    import pgserver
+
+    folder = Path(tempfile.mkdtemp(prefix="storyreel-postgres-"))
+    server = pgserver.get_server(folder, cleanup_mode="stop")
+    try:
+        yield str(folder)
+    finally:
+        server.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty job database: SQLite in the test's folder, or PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+    return new_postgres_database(request.getfixturevalue("postgres_server"))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,3 +123,61 @@ def ffmpeg_decode(path: Path | str, *options: str, seek: float | None = None) ->
         cmd += ["-ss", f"{seek:.3f}"]
     cmd += ["-i", str(path), *options, "-"]
     return subprocess.run(cmd, capture_output=True, check=True).stdout
+
+
+def new_postgres_database(socket_folder: str) -> str:
+    """Create an empty database on the test server; returns its SQLAlchemy URL."""
+    import asyncpg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(host=socket_folder, user="postgres", database="postgres")
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create()) if not _loop_running() else _run_in_thread(create)
+    return f"postgresql+asyncpg://postgres@/{name}?host={socket_folder}"
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _run_in_thread(make) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(make())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def query_database(database_url: str, statement):
+    """Rows of ``statement`` on a gateway's job database, read with the gateway's engine."""
+    from storyreel_gateway.db import Database
+
+    async def run():
+        database = Database(database_url, pool_size=1)
+        try:
+            async with database.read() as conn:
+                return (await conn.execute(statement)).all()
+        finally:
+            await database.close()
+
+    return asyncio.run(run())

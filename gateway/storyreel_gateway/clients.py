@@ -25,9 +25,9 @@ from storyreel.options import (
 )
 from storyreel.render.v1 import render_pb2, render_pb2_grpc
 from storyreel.story.v1 import story_pb2, story_pb2_grpc
-from storyreel_gateway.jobs import Character, SceneImage, Storyboard, StoryScene
+from storyreel_gateway.convert import image_from_proto, storyboard_from_proto, video_from_proto
+from storyreel_gateway.jobs import Character, ComposedVideo, SceneImage, Storyboard
 from storyreel_gateway.pipeline import (
-    ComposedVideo,
     ComposeOptions,
     RenderSettings,
     SceneRequest,
@@ -41,24 +41,6 @@ def _failed(service: str, address: str, error: grpc.aio.AioRpcError) -> StageFai
     if error.code() == grpc.StatusCode.UNAVAILABLE:
         detail = f"{service} service at {address} is unavailable: {detail}"
     return StageFailed(code, detail)
-
-
-def storyboard_from_proto(message: story_pb2.Storyboard) -> Storyboard:
-    return Storyboard(
-        title=message.title,
-        characters=[Character(name=c.name, appearance=c.appearance) for c in message.characters],
-        scenes=[
-            StoryScene(
-                index=s.index,
-                narration=s.narration,
-                image_prompt=s.image_prompt,
-                characters=list(s.characters),
-            )
-            for s in message.scenes
-        ],
-        style=message.style,
-        degraded=message.degraded,
-    )
 
 
 class StoryClient:
@@ -132,6 +114,7 @@ class RenderClient:
             ],
             consistency=to_enum(CONSISTENCY, settings.consistency),
             aspect_ratio=to_enum(RENDER_ASPECTS, settings.aspect),
+            revision=settings.revision,
         )
         if settings.job_seed is not None:
             request.job_seed = settings.job_seed
@@ -140,8 +123,7 @@ class RenderClient:
         call = stub.RenderScenes(request, timeout=self.timeout_s)
         try:
             async for response in call:
-                image = response.image
-                yield SceneImage(index=image.index, uri=image.uri, seed=image.seed)
+                yield image_from_proto(response.image)
         except grpc.aio.AioRpcError as error:
             raise _failed("render", self.address, error) from None
         finally:
@@ -178,23 +160,13 @@ class ComposeClient:
             captions=to_enum(CAPTIONS, options.captions),
             audio_mode=to_enum(AUDIO_MODES, options.audio_mode),
             voice=options.voice,
+            revision=options.revision,
         )
         try:
             response = await self.stub.Compose(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as error:
             raise _failed("compose", self.address, error) from None
-        return ComposedVideo(
-            uri=response.video_uri,
-            duration_s=response.duration_s,
-            scene_starts_s=tuple(response.scene_starts_s),
-            width=response.width,
-            height=response.height,
-            fps=response.fps,
-            captions_srt_uri=response.captions_srt_uri,
-            captions_vtt_uri=response.captions_vtt_uri,
-            poster_uri=response.poster_uri,
-            contact_sheet_uri=response.contact_sheet_uri,
-        )
+        return video_from_proto(response)
 
     async def close(self) -> None:
         await self.channel.close()

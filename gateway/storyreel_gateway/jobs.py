@@ -1,35 +1,23 @@
-"""Job records, their manifests in the artifact store, and live job events.
+"""The job model: what a job is, and every change its state goes through.
 
-A job's record is written to ``jobs/<id>/manifest.json`` at every transition,
-so the artifact store always holds the latest state of every job. The manifest
-also says which gateway replica runs the job (``owner``) and until when that
-replica's claim holds (``lease_until``); see :mod:`storyreel_gateway.runner`.
-
-A replica keeps in memory only the jobs it runs. Any other job is read from
-its manifest, and watching it means following the manifest: the events are
-derived from the differences between two reads (:func:`events_between`).
+A :class:`JobRecord` is the whole job as the database keeps it. Its state
+changes only through its own methods (:meth:`JobRecord.begin_run`,
+:meth:`~JobRecord.start_stage`, :meth:`~JobRecord.add_image`,
+:meth:`~JobRecord.finish`, :meth:`~JobRecord.reset_scene`, ...), so the rules
+of a job (progress, stage records, the version history of its artifacts) are
+written once, here. No database or gRPC types: :mod:`storyreel_gateway.store`
+persists records and :mod:`storyreel_gateway.convert` turns them into messages.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import AsyncIterator
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
-
-from storyreel.errors import InvalidInput, NotFound
-from storyreel.ids import job_key
-from storyreel.storage import ArtifactStore
-
-if TYPE_CHECKING:
-    from storyreel_gateway.index import JobIndex
-
-log = logging.getLogger(__name__)
 
 
 def now() -> datetime:
@@ -48,6 +36,9 @@ class JobState(StrEnum):
         return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
+UNFINISHED = (JobState.QUEUED, JobState.RUNNING)
+
+
 class Stage(StrEnum):
     STORYBOARD = "storyboard"
     RENDER = "render"
@@ -56,6 +47,22 @@ class Stage(StrEnum):
 
 #: Share of the progress bar each stage covers (they add up to 100).
 STAGE_WEIGHTS = {Stage.STORYBOARD: 15.0, Stage.RENDER: 60.0, Stage.COMPOSE: 25.0}
+
+
+def progress_before(stage: Stage) -> float:
+    """Progress at the start of ``stage``: the weights of the stages before it."""
+    total = 0.0
+    for other, weight in STAGE_WEIGHTS.items():
+        if other == stage:
+            return total
+        total += weight
+    return total
+
+
+def scene_seed(job_seed: int, index: int) -> int:
+    """Seed of one scene, derived from the job seed so a job re-renders identically."""
+    digest = hashlib.blake2b(f"{job_seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # fits a signed 64-bit generator seed
 
 
 class Character(BaseModel):
@@ -68,6 +75,10 @@ class StoryScene(BaseModel):
     narration: str
     image_prompt: str
     characters: list[str] = Field(default_factory=list)
+    # The shot the image prompt was assembled from (empty for a fallback scene).
+    setting: str = ""
+    action: str = ""
+    camera: str = ""
 
 
 class Storyboard(BaseModel):
@@ -76,12 +87,40 @@ class Storyboard(BaseModel):
     scenes: list[StoryScene]
     style: str = ""
     degraded: bool = False
+    logline: str = ""
 
 
 class SceneImage(BaseModel):
+    """One rendered scene, as the render service reported it."""
+
     index: int
     uri: str
     seed: int
+    cached: bool = False
+    content_key: str = ""
+    safety_flagged: bool = False
+    safety_retries: int = 0
+    reference_uris: list[str] = Field(default_factory=list)
+
+
+class ArtifactKind(StrEnum):
+    IMAGE = "image"
+    VIDEO = "video"
+    CAPTIONS_SRT = "captions_srt"
+    CAPTIONS_VTT = "captions_vtt"
+    POSTER = "poster"
+    CONTACT_SHEET = "contact_sheet"
+
+
+class ArtifactVersion(BaseModel):
+    """One artifact a run made. A later run writes new URIs; earlier ones stay readable."""
+
+    kind: ArtifactKind
+    uri: str
+    generation: int
+    # The scene of an IMAGE; 0 for the video and what comes with it.
+    scene_index: int = 0
+    created_at: datetime = Field(default_factory=now)
 
 
 class StageRecord(BaseModel):
@@ -90,6 +129,11 @@ class StageRecord(BaseModel):
     started_at: datetime
     finished_at: datetime | None = None
     duration_s: float | None = None
+
+    def close(self, state: JobState) -> None:
+        self.state = state
+        self.finished_at = now()
+        self.duration_s = (self.finished_at - self.started_at).total_seconds()
 
 
 class JobError(BaseModel):
@@ -124,6 +168,22 @@ class JobSpec(BaseModel):
     voice: str = ""
 
 
+@dataclass(frozen=True)
+class ComposedVideo:
+    """What the composer made of a job's scenes."""
+
+    uri: str
+    duration_s: float
+    scene_starts_s: tuple[float, ...] = ()
+    width: int = 0
+    height: int = 0
+    fps: int = 0
+    captions_srt_uri: str = ""
+    captions_vtt_uri: str = ""
+    poster_uri: str = ""
+    contact_sheet_uri: str = ""
+
+
 class JobRecord(BaseModel):
     job_id: str
     spec: JobSpec
@@ -150,26 +210,66 @@ class JobRecord(BaseModel):
     captions_vtt_uri: str = ""
     poster_uri: str = ""
     contact_sheet_uri: str = ""
+    # Every artifact of every run, oldest first (the current ones included).
+    versions: list[ArtifactVersion] = Field(default_factory=list)
     # Seeds chosen for single scenes by RegenerateScene (scene index -> seed).
     seed_overrides: dict[int, int] = Field(default_factory=dict)
-    # Set by CancelJob: a job interrupted without it (the gateway stopping) resumes later.
+    # Set by CancelJob: a run interrupted without it (the gateway stopping) resumes later.
     cancel_requested: bool = False
     created_at: datetime = Field(default_factory=now)
     updated_at: datetime = Field(default_factory=now)
     # When the current run began (a resumed or regenerated job runs again).
     run_started_at: datetime | None = None
     eta_s: float = 0.0
-    # The gateway replica running the job, and until when its claim holds. A replica
-    # renews the lease of each job it runs; once it lapses another replica may adopt it.
-    owner: str = ""
-    lease_until: datetime | None = None
-    # Random id of the claim that made ``owner`` the owner (two claims by one replica differ).
-    lease_id: str = ""
     # Runs started by the user: 0 for CreateVideo, +1 for each RegenerateScene.
     generation: int = 0
+    # The gateway replica running the job (kept by the database, shown for operators).
+    owner: str = Field(default="", exclude=True)
+    # The claim this replica holds on the job; its writes are fenced on it.
+    lease_id: str = Field(default="", exclude=True)
 
-    def lease_expired(self, at: datetime) -> bool:
-        return self.lease_until is None or self.lease_until <= at
+    # -- runs -------------------------------------------------------------------------
+
+    def begin_run(self) -> list[Stage]:
+        """Start (or resume) a run; returns the stages still to do, in order.
+
+        A stage left open by an interrupted run is closed FAILED; a stored
+        storyboard is not written again, and only scenes without an image
+        are drawn.
+        """
+        self.state = JobState.RUNNING
+        self.error = None
+        self.run_started_at = now()
+        if self.stages and self.stages[-1].finished_at is None:
+            self.stages[-1].close(JobState.FAILED)
+        todo = []
+        if self.storyboard is None:
+            todo.append(Stage.STORYBOARD)
+        if self.storyboard is None or self.missing_scenes():
+            todo.append(Stage.RENDER)
+        todo.append(Stage.COMPOSE)
+        self.progress = progress_before(todo[0])
+        return todo
+
+    def start_stage(self, stage: Stage) -> None:
+        self.stage = stage
+        self.stages.append(StageRecord(stage=stage, state=JobState.RUNNING, started_at=now()))
+
+    def finish_stage(self, stage: Stage) -> None:
+        self.stages[-1].close(JobState.DONE)
+        self.progress = progress_before(stage) + STAGE_WEIGHTS[stage]
+
+    def finish(self, state: JobState, error: JobError | None = None) -> None:
+        """End the run DONE, FAILED or CANCELLED (closing the stage in progress)."""
+        assert state.finished
+        if self.stages and self.stages[-1].finished_at is None:
+            self.stages[-1].close(state)
+        self.state = state
+        self.error = error
+        if state is JobState.DONE:
+            self.stage = Stage.COMPOSE
+            self.progress = 100.0
+        self.eta_s = 0.0
 
     def estimate_eta(self) -> None:
         """Extrapolate the time left from the progress made since this run began."""
@@ -178,6 +278,81 @@ class JobRecord(BaseModel):
             return
         elapsed = (now() - self.run_started_at).total_seconds()
         self.eta_s = round(elapsed * (100.0 - self.progress) / self.progress, 1)
+
+    # -- what a run makes -------------------------------------------------------------
+
+    def set_storyboard(self, storyboard: Storyboard) -> None:
+        self.storyboard = storyboard
+
+    def missing_scenes(self) -> list[StoryScene]:
+        if self.storyboard is None:
+            return []
+        done = {image.index for image in self.images}
+        return [scene for scene in self.storyboard.scenes if scene.index not in done]
+
+    def seed_of(self, index: int) -> int:
+        return self.seed_overrides.get(index, scene_seed(self.spec.seed, index))
+
+    def add_image(self, image: SceneImage) -> None:
+        """A scene's image is stored: keep it, record the version, move the progress."""
+        self.images = sorted(
+            [i for i in self.images if i.index != image.index] + [image], key=lambda i: i.index
+        )
+        self._record_version(ArtifactKind.IMAGE, image.uri, image.index)
+        total = len(self.storyboard.scenes) if self.storyboard else len(self.images)
+        self.progress = progress_before(Stage.RENDER) + STAGE_WEIGHTS[Stage.RENDER] * len(
+            self.images
+        ) / max(total, 1)
+
+    def set_video(self, video: ComposedVideo) -> None:
+        spec = self.spec
+        self.video_uri = video.uri
+        self.duration_s = video.duration_s
+        self.scene_starts_s = list(video.scene_starts_s)
+        self.video_width = video.width or spec.width
+        self.video_height = video.height or spec.height
+        self.video_fps = video.fps or spec.fps
+        self.captions_srt_uri = video.captions_srt_uri
+        self.captions_vtt_uri = video.captions_vtt_uri
+        self.poster_uri = video.poster_uri
+        self.contact_sheet_uri = video.contact_sheet_uri
+        for kind, uri in (
+            (ArtifactKind.VIDEO, video.uri),
+            (ArtifactKind.CAPTIONS_SRT, video.captions_srt_uri),
+            (ArtifactKind.CAPTIONS_VTT, video.captions_vtt_uri),
+            (ArtifactKind.POSTER, video.poster_uri),
+            (ArtifactKind.CONTACT_SHEET, video.contact_sheet_uri),
+        ):
+            if uri:
+                self._record_version(kind, uri, 0)
+
+    def _record_version(self, kind: ArtifactKind, uri: str, scene_index: int) -> None:
+        # A resumed run may report the same artifact again: keep one entry per URI.
+        self.versions = [v for v in self.versions if not (v.uri == uri and v.kind is kind)] + [
+            ArtifactVersion(kind=kind, uri=uri, generation=self.generation, scene_index=scene_index)
+        ]
+
+    def reset_scene(self, index: int, prompt: str | None, seed: int | None) -> StoryScene:
+        """Prepare a new run that draws scene ``index`` again and composes the video again.
+
+        The scene's current image and the video stay in :attr:`versions`.
+        """
+        assert self.storyboard is not None
+        scene = next(s for s in self.storyboard.scenes if s.index == index)
+        if prompt is not None:
+            scene.image_prompt = prompt
+        if seed is not None:
+            self.seed_overrides[index] = seed
+        self.images = [i for i in self.images if i.index != index]
+        self.video_uri = ""
+        self.captions_srt_uri = self.captions_vtt_uri = ""
+        self.poster_uri = self.contact_sheet_uri = ""
+        self.state = JobState.QUEUED
+        self.error = None
+        self.cancel_requested = False
+        self.generation += 1
+        self.updated_at = now()
+        return scene
 
 
 class EventKind(StrEnum):
@@ -196,194 +371,3 @@ class JobEvent:
     stage: Stage | None = None
     scene_index: int = 0
     message: str = ""
-
-
-def events_between(before: JobRecord, after: JobRecord) -> list[JobEvent]:
-    """The events that took ``before`` to ``after`` (two reads of one job's manifest).
-
-    Stage records that appeared are STAGE_STARTED, stages that closed DONE are
-    STAGE_FINISHED, new images are SCENE_RENDERED (placed in the latest render
-    stage) and the end of the job is JOB_FINISHED. Retries leave no trace in
-    the manifest, so they are not reported. A new run (RegenerateScene) between
-    the two reads is reported as a SNAPSHOT.
-    """
-    snapshot = after.model_copy(deep=True)
-    if after.generation != before.generation:
-        return [JobEvent(EventKind.SNAPSHOT, snapshot, after.stage)]
-    events: list[JobEvent] = []
-    drawn = {image.index for image in before.images}
-    new_images = [image for image in after.images if image.index not in drawn]
-    renders = [i for i, record in enumerate(after.stages) if record.stage is Stage.RENDER]
-    last_render = renders[-1] if renders else None
-    for i, record in enumerate(after.stages):
-        was = before.stages[i] if i < len(before.stages) else None
-        if was is None:
-            events.append(JobEvent(EventKind.STAGE_STARTED, snapshot, record.stage))
-        if i == last_render:
-            events += [
-                JobEvent(EventKind.SCENE_RENDERED, snapshot, Stage.RENDER, image.index)
-                for image in new_images
-            ]
-            new_images = []
-        closed_now = record.finished_at is not None and (was is None or was.finished_at is None)
-        if closed_now and record.state is JobState.DONE:
-            events.append(JobEvent(EventKind.STAGE_FINISHED, snapshot, record.stage))
-    events += [
-        JobEvent(EventKind.SCENE_RENDERED, snapshot, Stage.RENDER, image.index)
-        for image in new_images
-    ]
-    if after.state.finished and not before.state.finished:
-        events.append(JobEvent(EventKind.JOB_FINISHED, snapshot, after.stage))
-    return events
-
-
-#: Tells the watchers of a job that this replica stopped running it.
-_HANDED_OFF = object()
-
-
-class JobStore:
-    """The jobs this replica runs, every job's manifest, and live events.
-
-    ``local`` holds the records of the jobs running (or queued) here; they are
-    the freshest copy and every change to them is persisted. Jobs of other
-    replicas, and finished ones, are read from their manifests.
-    """
-
-    def __init__(self, store: ArtifactStore, index: JobIndex, watch_poll_s: float = 0.5) -> None:
-        self.store = store
-        self.index = index
-        self.watch_poll_s = watch_poll_s
-        self.local: dict[str, JobRecord] = {}
-        self._watchers: dict[str, set[asyncio.Queue]] = {}
-        # Writes of one job go through one lock, so the last write holds the newest state.
-        self._write_locks: dict[str, asyncio.Lock] = {}
-
-    def manifest_key(self, job_id: str) -> str:
-        return job_key(job_id, "manifest.json")
-
-    async def add(self, record: JobRecord) -> None:
-        """A new job of this replica: keep it and write its first manifest."""
-        self.local[record.job_id] = record
-        await self.persist(record)
-
-    def adopt(self, record: JobRecord) -> None:
-        """A job this replica took over (its manifest already names this replica)."""
-        self.local[record.job_id] = record
-
-    def forget(self, record: JobRecord) -> None:
-        """This replica no longer runs this run of the job; watchers follow the manifest."""
-        if self.local.get(record.job_id) is not record:
-            return  # already forgotten, or a later run of the job took its place
-        del self.local[record.job_id]
-        self._write_locks.pop(record.job_id, None)
-        for queue in self._watchers.get(record.job_id, ()):
-            queue.put_nowait(_HANDED_OFF)
-
-    async def read(self, job_id: str) -> JobRecord:
-        """The job as its manifest says; NotFound if there is none."""
-        try:
-            key = self.manifest_key(job_id)
-        except InvalidInput:
-            raise NotFound(f"job {job_id!r} does not exist") from None
-        try:
-            data = await asyncio.to_thread(self.store.get_bytes, self.store.uri_for(key))
-        except NotFound:
-            raise NotFound(f"job {job_id!r} does not exist") from None
-        try:
-            return JobRecord.model_validate_json(data)
-        except ValueError as exc:
-            log.error("unreadable job manifest %s: %s", key, exc)
-            raise NotFound(f"job {job_id!r} does not exist") from None
-
-    async def current(self, job_id: str) -> JobRecord:
-        """The freshest record: this replica's own, else the manifest."""
-        record = self.local.get(job_id)
-        return record if record is not None else await self.read(job_id)
-
-    async def update(
-        self,
-        record: JobRecord,
-        kind: EventKind,
-        stage: Stage | None = None,
-        scene_index: int = 0,
-        message: str = "",
-    ) -> None:
-        """Persist ``record`` and tell every watcher what happened.
-
-        When the job ended, its shared markers are removed before the watchers
-        hear of it, so a caller that saw the end sees no trace of the run left.
-        """
-        record.updated_at = now()
-        record.estimate_eta()
-        await self.persist(record)
-        if kind is EventKind.JOB_FINISHED:
-            try:
-                await self.index.retire(record.job_id, record.generation)
-            except Exception as exc:  # the replicas' scan removes what is left
-                log.warning("could not remove the markers of a finished job: %s", exc)
-        event = JobEvent(kind, record.model_copy(deep=True), stage, scene_index, message)
-        for queue in self._watchers.get(record.job_id, ()):
-            queue.put_nowait(event)
-
-    async def persist(self, record: JobRecord) -> None:
-        """Write the manifest (no event): the record as it is when the write starts."""
-        lock = self._write_locks.setdefault(record.job_id, asyncio.Lock())
-        async with lock:
-            data = record.model_dump_json(indent=2).encode()
-            write = asyncio.ensure_future(
-                asyncio.to_thread(
-                    self.store.put_bytes, self.manifest_key(record.job_id), data, "application/json"
-                )
-            )
-            try:
-                await asyncio.shield(write)
-            except asyncio.CancelledError:
-                # A write in flight still lands: keep the lock until it has, so that no
-                # later write (a lease handed back, say) can land before it.
-                await asyncio.gather(write, return_exceptions=True)
-                raise
-
-    async def watch(self, job_id: str) -> AsyncIterator[JobEvent]:
-        """A snapshot of the job, then every event until the job finishes.
-
-        A job running here is followed through its live events; a job running
-        on another replica (or one that leaves this replica) through its
-        manifest, read every ``watch_poll_s``.
-        """
-        last: JobRecord
-        local = self.local.get(job_id)
-        if local is not None:
-            queue: asyncio.Queue = asyncio.Queue()
-            self._watchers.setdefault(job_id, set()).add(queue)
-            try:
-                last = local.model_copy(deep=True)
-                yield JobEvent(EventKind.SNAPSHOT, last, last.stage)
-                if last.state.finished:
-                    return
-                while True:
-                    event = await queue.get()
-                    if event is _HANDED_OFF:
-                        break
-                    yield event
-                    last = event.job
-                    if event.kind is EventKind.JOB_FINISHED:
-                        return
-            finally:
-                watchers = self._watchers.get(job_id)
-                if watchers is not None:
-                    watchers.discard(queue)
-                    if not watchers:
-                        del self._watchers[job_id]
-        else:
-            last = await self.read(job_id)
-            yield JobEvent(EventKind.SNAPSHOT, last.model_copy(deep=True), last.stage)
-            if last.state.finished:
-                return
-        while True:
-            await asyncio.sleep(self.watch_poll_s)
-            current = (await self.current(job_id)).model_copy(deep=True)
-            for event in events_between(last, current):
-                yield event
-            last = current
-            if current.state.finished:
-                return

@@ -15,7 +15,6 @@ fails the job with the stage, the status code and the message.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -24,21 +23,18 @@ from typing import Protocol
 from storyreel.errors import StoryreelError
 from storyreel.logs import job_id_var
 from storyreel_gateway.jobs import (
-    STAGE_WEIGHTS,
     Character,
+    ComposedVideo,
     EventKind,
     JobError,
     JobRecord,
     JobState,
-    JobStore,
     SceneImage,
     Stage,
-    StageRecord,
     Storyboard,
-    StoryScene,
-    now,
 )
 from storyreel_gateway.settings import GatewaySettings
+from storyreel_gateway.store import JobStore, LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +70,8 @@ class RenderSettings:
     aspect: str = ""
     consistency: str = ""
     job_seed: int | None = None
+    # The job's run: artifacts of run N > 0 get URIs of their own (jobs/<id>/rN/...).
+    revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,20 +98,7 @@ class ComposeOptions:
     captions: str = ""
     audio_mode: str = ""
     voice: str = ""
-
-
-@dataclass(frozen=True)
-class ComposedVideo:
-    uri: str
-    duration_s: float
-    scene_starts_s: tuple[float, ...] = ()
-    width: int = 0
-    height: int = 0
-    fps: int = 0
-    captions_srt_uri: str = ""
-    captions_vtt_uri: str = ""
-    poster_uri: str = ""
-    contact_sheet_uri: str = ""
+    revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -158,12 +143,6 @@ class ComposeStage(Protocol):
     ) -> ComposedVideo:
         """Compose (image URI, narration) scenes into the job's video."""
         ...
-
-
-def scene_seed(job_seed: int, index: int) -> int:
-    """Seed of one scene, derived from the job seed so a job re-renders identically."""
-    digest = hashlib.blake2b(f"{job_seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1  # fits a signed 64-bit generator seed
 
 
 def video_aspect(width: int, height: int) -> str:
@@ -258,35 +237,36 @@ class JobPipeline:
 
         Upstream failures end the job FAILED; they are never raised. A
         cancellation without ``cancel_requested`` (the gateway stopping) leaves
-        the record as it is, to be resumed by the next gateway.
+        the job as it is, to be resumed by another run; so does a lost claim
+        (:class:`~storyreel_gateway.store.LeaseLost`), which is raised.
         """
         token = job_id_var.set(record.job_id)
         current: Stage | None = None
         try:
-            record.state = JobState.RUNNING
-            record.error = None
-            record.run_started_at = now()
-            self._close_dangling_stage(record)
-            steps: list[tuple[Stage, Callable[[JobRecord], Awaitable[None]]]] = []
-            if record.storyboard is None:
-                steps.append((Stage.STORYBOARD, self._storyboard))
-            if self._missing_scenes(record) or record.storyboard is None:
-                steps.append((Stage.RENDER, self._render))
-            steps.append((Stage.COMPOSE, self._compose))
-            record.progress = self._progress_before(steps[0][0])
-            for stage, step in steps:
+            steps = {
+                Stage.STORYBOARD: self._storyboard,
+                Stage.RENDER: self._render,
+                Stage.COMPOSE: self._compose,
+            }
+            for stage in record.begin_run():
                 current = stage
-                await self._start_stage(record, stage)
-                await self._with_retries(record, stage, step)
-                await self._finish_stage(record, stage)
-            record.state = JobState.DONE
-            record.stage = Stage.COMPOSE
-            record.progress = 100.0
+                record.start_stage(stage)
+                log.info("stage started", extra={"stage": stage.value})
+                await self.jobs.save(record, EventKind.STAGE_STARTED, stage)
+                await self._with_retries(record, stage, steps[stage])
+                record.finish_stage(stage)
+                log.info(
+                    "stage finished",
+                    extra={"stage": stage.value, "duration_s": record.stages[-1].duration_s},
+                )
+                await self.jobs.save(record, EventKind.STAGE_FINISHED, stage)
             log.info("job done", extra={"video_uri": record.video_uri})
-            await self.jobs.update(record, EventKind.JOB_FINISHED)
+            await self.end(record, JobState.DONE, None)
         except asyncio.CancelledError:
             if record.cancel_requested:
                 await self.end(record, JobState.CANCELLED, None)
+            raise
+        except LeaseLost:
             raise
         except StageFailed as exc:
             await self.end(
@@ -316,18 +296,15 @@ class JobPipeline:
 
     async def end(self, record: JobRecord, state: JobState, error: JobError | None) -> None:
         """Finish the job in ``state`` (closing the stage in progress) and tell watchers."""
-        if record.stages and record.stages[-1].finished_at is None:
-            self._close_stage_record(record, state)
-        record.state = state
-        record.error = error
+        record.finish(state, error)
         if error:
             log.warning(
                 "job failed",
                 extra={"stage": error.stage, "code": error.code, "error": error.message},
             )
-        else:
+        elif state is not JobState.DONE:
             log.info("job %s", state.value)
-        await self.jobs.update(record, EventKind.JOB_FINISHED, record.stage)
+        await self.jobs.save(record, EventKind.JOB_FINISHED, record.stage)
 
     async def _with_retries(
         self, record: JobRecord, stage: Stage, step: Callable[[JobRecord], Awaitable[None]]
@@ -345,56 +322,11 @@ class JobPipeline:
                     "stage failed, retrying",
                     extra={"stage": stage.value, "code": exc.code, "retry_in_s": backoff},
                 )
-                await self.jobs.update(
+                await self.jobs.save(
                     record, EventKind.RETRYING, stage, message=f"{exc.code}: {exc.message}"
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.retry.max_backoff_s)
-
-    def _close_dangling_stage(self, record: JobRecord) -> None:
-        # A stage left open by an earlier run that was interrupted (the gateway stopped).
-        if record.stages and record.stages[-1].finished_at is None:
-            self._close_stage_record(record, JobState.FAILED)
-
-    async def _start_stage(self, record: JobRecord, stage: Stage) -> None:
-        record.stage = stage
-        record.stages.append(StageRecord(stage=stage, state=JobState.RUNNING, started_at=now()))
-        log.info("stage started", extra={"stage": stage.value})
-        await self.jobs.update(record, EventKind.STAGE_STARTED, stage)
-
-    @staticmethod
-    def _close_stage_record(record: JobRecord, state: JobState) -> None:
-        stage_record = record.stages[-1]
-        stage_record.state = state
-        stage_record.finished_at = now()
-        stage_record.duration_s = (
-            stage_record.finished_at - stage_record.started_at
-        ).total_seconds()
-
-    async def _finish_stage(self, record: JobRecord, stage: Stage) -> None:
-        self._close_stage_record(record, JobState.DONE)
-        record.progress = self._progress_before(stage) + STAGE_WEIGHTS[stage]
-        log.info(
-            "stage finished",
-            extra={"stage": stage.value, "duration_s": record.stages[-1].duration_s},
-        )
-        await self.jobs.update(record, EventKind.STAGE_FINISHED, stage)
-
-    @staticmethod
-    def _progress_before(stage: Stage) -> float:
-        total = 0.0
-        for other, weight in STAGE_WEIGHTS.items():
-            if other == stage:
-                return total
-            total += weight
-        return total
-
-    @staticmethod
-    def _missing_scenes(record: JobRecord) -> list[StoryScene]:
-        if record.storyboard is None:
-            return []
-        done = {image.index for image in record.images}
-        return [scene for scene in record.storyboard.scenes if scene.index not in done]
 
     async def _storyboard(self, record: JobRecord) -> None:
         spec = record.spec
@@ -407,33 +339,26 @@ class JobPipeline:
                 f"story service wrote {len(storyboard.scenes)} scenes, "
                 f"{spec.scene_count} were asked for",
             )
-        record.storyboard = storyboard
+        record.set_storyboard(storyboard)
 
     async def _render(self, record: JobRecord) -> None:
-        missing = self._missing_scenes(record)
-        total = len(record.storyboard.scenes) if record.storyboard else 0
         board = record.storyboard
         cast = {c.name for c in (board.characters if board else ()) if c.appearance}
         requests = [
             SceneRequest(
                 index=scene.index,
                 prompt=scene.image_prompt,
-                seed=record.seed_overrides.get(
-                    scene.index, scene_seed(record.spec.seed, scene.index)
-                ),
+                seed=record.seed_of(scene.index),
                 characters=tuple(name for name in scene.characters if name in cast),
             )
-            for scene in missing
+            for scene in record.missing_scenes()
         ]
-        start = self._progress_before(Stage.RENDER)
         settings, characters = self._render_options(record, requests)
 
         async def draw(part: list[SceneRequest]) -> None:
             async for image in self.render.render(record.job_id, part, settings, characters):
-                record.images = [i for i in record.images if i.index != image.index] + [image]
-                record.images.sort(key=lambda i: i.index)
-                record.progress = start + STAGE_WEIGHTS[Stage.RENDER] * len(record.images) / total
-                await self.jobs.update(record, EventKind.SCENE_RENDERED, Stage.RENDER, image.index)
+                record.add_image(image)
+                await self.jobs.save(record, EventKind.SCENE_RENDERED, Stage.RENDER, image.index)
 
         tasks = [
             asyncio.create_task(draw(part))
@@ -447,7 +372,7 @@ class JobPipeline:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        still_missing = self._missing_scenes(record)
+        still_missing = record.missing_scenes()
         if still_missing:
             raise StageFailed(
                 "INTERNAL",
@@ -476,7 +401,13 @@ class JobPipeline:
             s.index in record.seed_overrides and s.characters for s in scenes
         ):
             consistency = "none"
-        settings = replace(base, aspect=aspect, consistency=consistency, job_seed=spec.seed)
+        settings = replace(
+            base,
+            aspect=aspect,
+            consistency=consistency,
+            job_seed=spec.seed,
+            revision=record.generation,
+        )
         # The scenes name only cast members with an appearance (see _render).
         named = {name for scene in scenes for name in scene.characters}
         board = record.storyboard
@@ -499,15 +430,6 @@ class JobPipeline:
             captions=spec.captions,
             audio_mode=spec.audio_mode,
             voice=spec.voice,
+            revision=record.generation,
         )
-        video = await self.compose.compose(record.job_id, scenes, options)
-        record.video_uri = video.uri
-        record.duration_s = video.duration_s
-        record.scene_starts_s = list(video.scene_starts_s)
-        record.video_width = video.width or spec.width
-        record.video_height = video.height or spec.height
-        record.video_fps = video.fps or spec.fps
-        record.captions_srt_uri = video.captions_srt_uri
-        record.captions_vtt_uri = video.captions_vtt_uri
-        record.poster_uri = video.poster_uri
-        record.contact_sheet_uri = video.contact_sheet_uri
+        record.set_video(await self.compose.compose(record.job_id, scenes, options))

@@ -4,162 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from storyreel.errors import InvalidInput, Unauthenticated
 from storyreel.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from storyreel.options import (
-    ASPECTS,
-    AUDIO_MODES,
-    CAPTIONS,
-    CONSISTENCY,
-    RESOLUTIONS,
-    from_enum,
-    to_enum,
-)
 from storyreel.serving import Service
 from storyreel.settings import StorageSettings
 from storyreel.storage import ArtifactStore, open_store
-from storyreel.story.v1 import story_pb2
 from storyreel_gateway.auth import ApiKeys, tenant_var
 from storyreel_gateway.clients import ComposeClient, RenderClient, StoryClient
-from storyreel_gateway.index import JobIndex
-from storyreel_gateway.jobs import (
-    EventKind,
-    JobEvent,
-    JobRecord,
-    JobSpec,
-    JobState,
-    JobStore,
-    Stage,
-)
+from storyreel_gateway.convert import event_to_proto, job_to_proto, spec_from_request
+from storyreel_gateway.db import Database, default_url, describe
+from storyreel_gateway.jobs import JobRecord
 from storyreel_gateway.pipeline import JobPipeline
 from storyreel_gateway.runner import JobRunner
 from storyreel_gateway.settings import GatewaySettings
+from storyreel_gateway.store import JobStore
 
 log = logging.getLogger(__name__)
-
-_STATES = {
-    JobState.QUEUED: gateway_pb2.JOB_STATE_QUEUED,
-    JobState.RUNNING: gateway_pb2.JOB_STATE_RUNNING,
-    JobState.DONE: gateway_pb2.JOB_STATE_DONE,
-    JobState.FAILED: gateway_pb2.JOB_STATE_FAILED,
-    JobState.CANCELLED: gateway_pb2.JOB_STATE_CANCELLED,
-}
-_STAGES = {
-    None: gateway_pb2.STAGE_UNSPECIFIED,
-    Stage.STORYBOARD: gateway_pb2.STAGE_STORYBOARD,
-    Stage.RENDER: gateway_pb2.STAGE_RENDER,
-    Stage.COMPOSE: gateway_pb2.STAGE_COMPOSE,
-}
-_EVENTS = {
-    EventKind.SNAPSHOT: gateway_pb2.EVENT_KIND_SNAPSHOT,
-    EventKind.STAGE_STARTED: gateway_pb2.EVENT_KIND_STAGE_STARTED,
-    EventKind.STAGE_FINISHED: gateway_pb2.EVENT_KIND_STAGE_FINISHED,
-    EventKind.SCENE_RENDERED: gateway_pb2.EVENT_KIND_SCENE_RENDERED,
-    EventKind.JOB_FINISHED: gateway_pb2.EVENT_KIND_JOB_FINISHED,
-    EventKind.RETRYING: gateway_pb2.EVENT_KIND_RETRYING,
-}
-
-
-def _timestamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
-def job_to_proto(
-    record: JobRecord, public_url: Callable[[str], str] | None = None
-) -> gateway_pb2.Job:
-    """The job as the API shows it; ``public_url`` turns a finished job's URIs into URLs."""
-    spec = record.spec
-    done = record.state is JobState.DONE and public_url is not None
-
-    def url(uri: str) -> str:
-        return public_url(uri) if done and uri else ""
-
-    def artifact(uri: str) -> gateway_pb2.JobArtifact | None:
-        return gateway_pb2.JobArtifact(uri=uri, url=url(uri)) if uri else None
-
-    job = gateway_pb2.Job(
-        job_id=record.job_id,
-        state=_STATES[record.state],
-        stage=_STAGES[record.stage],
-        progress=record.progress,
-        prompt=spec.prompt,
-        seed=spec.seed,
-        scene_count=spec.scene_count,
-        style=spec.style,
-        audio_uri=spec.audio_uri,
-        video_uri=record.video_uri,
-        video_url=url(record.video_uri),
-        duration_s=record.duration_s,
-        scene_starts_s=record.scene_starts_s,
-        eta_s=record.eta_s,
-        idempotency_key=record.idempotency_key,
-        created_at=_timestamp(record.created_at),
-        updated_at=_timestamp(record.updated_at),
-        aspect=to_enum(ASPECTS, spec.aspect),
-        resolution=to_enum(RESOLUTIONS, spec.resolution),
-        consistency=to_enum(CONSISTENCY, spec.consistency),
-        captions=to_enum(CAPTIONS, spec.captions),
-        audio_mode=to_enum(AUDIO_MODES, spec.audio_mode),
-        voice=spec.voice,
-        width=record.video_width or spec.width,
-        height=record.video_height or spec.height,
-        fps=record.video_fps or spec.fps,
-        captions_srt=artifact(record.captions_srt_uri),
-        captions_vtt=artifact(record.captions_vtt_uri),
-        poster=artifact(record.poster_uri),
-        contact_sheet=artifact(record.contact_sheet_uri),
-    )
-    for stage in record.stages:
-        job.stages.add(
-            stage=_STAGES[stage.stage],
-            state=_STATES[stage.state],
-            started_at=_timestamp(stage.started_at),
-            finished_at=_timestamp(stage.finished_at),
-            duration_s=stage.duration_s or 0.0,
-        )
-    if record.error:
-        job.error.CopyFrom(
-            gateway_pb2.JobError(
-                stage=_STAGES[record.error.stage],
-                code=record.error.code,
-                message=record.error.message,
-            )
-        )
-    if record.storyboard:
-        board = record.storyboard
-        job.storyboard.CopyFrom(
-            story_pb2.Storyboard(
-                title=board.title,
-                characters=[
-                    story_pb2.Character(name=c.name, appearance=c.appearance)
-                    for c in board.characters
-                ],
-                scenes=[
-                    story_pb2.Scene(
-                        index=s.index,
-                        narration=s.narration,
-                        image_prompt=s.image_prompt,
-                        characters=s.characters,
-                    )
-                    for s in board.scenes
-                ],
-                style=board.style,
-                degraded=board.degraded,
-            )
-        )
-    for image in record.images:
-        job.images.add(index=image.index, uri=image.uri, seed=image.seed)
-    return job
 
 
 class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
@@ -174,24 +38,7 @@ class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
     async def CreateVideo(self, request, context):
         """Starts a job and returns its id; the work runs in the background."""
         record = await self.runner.create(
-            tenant_var.get(),
-            JobSpec(
-                prompt=request.prompt,
-                scene_count=request.scene_count,
-                style=request.style,
-                seed=request.seed,
-                audio_uri=request.audio_uri,
-                width=request.width,
-                height=request.height,
-                fps=request.fps,
-                aspect=from_enum(ASPECTS, request.aspect, "aspect"),
-                resolution=from_enum(RESOLUTIONS, request.resolution, "resolution"),
-                consistency=from_enum(CONSISTENCY, request.consistency, "consistency"),
-                captions=from_enum(CAPTIONS, request.captions, "captions"),
-                audio_mode=from_enum(AUDIO_MODES, request.audio_mode, "audio_mode"),
-                voice=request.voice,
-            ),
-            request.idempotency_key,
+            tenant_var.get(), spec_from_request(request), request.idempotency_key
         )
         return gateway_pb2.CreateVideoResponse(job_id=record.job_id)
 
@@ -202,15 +49,8 @@ class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
 
     async def WatchJob(self, request, context) -> AsyncIterator[gateway_pb2.WatchJobResponse]:
         """A snapshot of the job, then its events until it finishes."""
-        event: JobEvent
         async for event in self.runner.watch(tenant_var.get(), request.job_id):
-            yield gateway_pb2.WatchJobResponse(
-                kind=_EVENTS[event.kind],
-                stage=_STAGES[event.stage],
-                scene_index=event.scene_index,
-                job=self._job(event.job),
-                message=event.message,
-            )
+            yield event_to_proto(event, self.runner.public_url)
 
     async def ListJobs(self, request, context):
         """The caller's jobs, newest first."""
@@ -356,8 +196,10 @@ class GatewayService(Service):
         self.settings = settings
         self.store = store or open_store(StorageSettings())
         self.keys = ApiKeys(settings.tenant_keys())
-        self.index = JobIndex(self.store)
-        self.jobs = JobStore(self.store, self.index, settings.watch_poll_s)
+        self.database = Database(
+            settings.database_url or default_url(), settings.database_pool_size
+        )
+        self.jobs = JobStore(self.database)
         self.clients = (
             StoryClient(settings.story_address, settings.storyboard_timeout_s),
             RenderClient(
@@ -366,7 +208,7 @@ class GatewayService(Service):
             ComposeClient(settings.compose_address, settings.compose_timeout_s),
         )
         pipeline = JobPipeline.from_settings(settings, self.jobs, *self.clients)
-        self.runner = JobRunner(settings, self.store, self.jobs, pipeline, self.index)
+        self.runner = JobRunner(settings, self.store, self.jobs, pipeline)
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [AuthInterceptor(self.keys)]
@@ -386,16 +228,19 @@ class GatewayService(Service):
 
     async def load(self) -> None:
         await asyncio.to_thread(self.store.check_ready)
-        # Unfinished jobs are not resumed here: the runner adopts every job whose owner
-        # stopped renewing it, this replica's own earlier incarnation included.
+        log.info("database", extra={"url": describe(str(self.database.url))})
+        await self.database.migrate()
+        # Unfinished jobs are not resumed here: the replica claims every job nobody runs,
+        # those its own earlier incarnation left included.
         await self.runner.start()
 
     async def drain(self) -> None:
-        """While the calls in flight drain, keep running jobs but adopt no more."""
-        await self.runner.stop_adopting()
+        """While the calls in flight drain, keep running jobs but claim no more."""
+        await self.runner.stop_claiming()
 
     async def close(self) -> None:
-        """Stop running jobs and hand them back: another replica (or the next) adopts them."""
+        """Stop running jobs and hand them back: another replica (or the next) claims them."""
         await self.runner.close()
         for client in self.clients:
             await client.close()
+        await self.database.close()

@@ -43,13 +43,38 @@ class GatewaySettings(ServiceSettings):
     render_steps: int = Field(default=0, ge=0)
     render_guidance: float = Field(default=0.0, ge=0)
 
-    # Jobs that run at once; the rest wait in the admission queue.
+    # Job state: a SQLAlchemy URL. Empty: SQLite in data/gateway.db under the working
+    # directory (one machine). Several replicas need PostgreSQL, e.g.
+    # postgresql+asyncpg://user:password@host:5432/storyreel (postgresql:// works too).
+    database_url: str = ""
+    # Connections each replica keeps open to PostgreSQL (and as many more at peaks).
+    database_pool_size: int = Field(default=10, ge=1)
+    # Jobs this replica runs at once; the rest wait in the shared queue.
     max_jobs_in_flight: int = Field(default=4, ge=1)
-    # Jobs that may wait; beyond this CreateVideo answers RESOURCE_EXHAUSTED.
+    # Jobs that may wait, over all replicas; beyond this CreateVideo answers
+    # RESOURCE_EXHAUSTED.
     max_jobs_queued: int = Field(default=64, ge=0)
+    # Per tenant: jobs that may wait, and that may run at once over all replicas
+    # (0: no limit of its own). Queued jobs start fairly: the tenant with the fewest
+    # jobs running goes first.
+    max_jobs_queued_per_tenant: int = Field(default=16, ge=0)
+    max_jobs_running_per_tenant: int = Field(default=0, ge=0)
 
     # Audio uploads: largest accepted file, in bytes.
     max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
+    # Per tenant: bytes of uploads kept (in progress and stored), and uploads at once.
+    max_upload_bytes_per_tenant: int = Field(default=1024 * 1024 * 1024, ge=0)
+    max_uploads_per_tenant: int = Field(default=2, ge=0)
+    # An upload stream that sends nothing for this long is cut off.
+    upload_idle_timeout_s: float = Field(default=30.0, gt=0)
+    # An upload that no job used is deleted after this long.
+    upload_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    # Where uploads are spooled while received; what a dead process left is removed at start.
+    upload_tmp_dir: Path | None = None
+
+    # A copy of each finished job as jobs/<id>/manifest.json beside its artifacts (an
+    # export for people and tools; the gateway never reads it).
+    export_manifests: bool = True
 
     # Render calls one job's scenes are split over; 0 means one per render address.
     # Set it to the number of render replicas behind a dns:/// address.
@@ -60,24 +85,25 @@ class GatewaySettings(ServiceSettings):
     retry_max_backoff_s: float = Field(default=8.0, gt=0)
     retry_give_up_after_s: float = Field(default=300.0, ge=0)
 
-    # Replicas sharing one artifact store (see storyreel_gateway.runner).
-    # This process's name in job manifests; empty: host name, process id and a random suffix.
-    # Set it to the pod name to have a restarted container take its jobs back at once;
-    # it must be unique among the running replicas.
+    # Replicas sharing one database (see gateway/README.md).
+    # This process's name in the database; empty: host name, process id and a random
+    # suffix. Set it to the pod name to have a restarted container take its jobs back at
+    # once; it must be unique among the running replicas.
     instance_id: str = Field(default="", max_length=128)
-    # A replica owns each job it runs for lease_s and renews the lease every lease_s / 3.
-    # Every lease_s / 3 (spread by +-adopt_jitter of it) each replica adopts the unfinished
-    # jobs whose lease lapsed, so a dead replica's jobs resume within about lease_s.
+    # A replica's claim on each job it runs lasts lease_s (database clock) and is renewed
+    # every lease_s / 3; a dead replica's jobs are adopted once their claims lapse.
     lease_s: float = Field(default=30.0, gt=0)
-    adopt_jitter: float = Field(default=0.25, ge=0, lt=1)
-    # A claim (adopting or regenerating a job, taking an idempotency key) is read back after
-    # this long; the replica whose write is read back won. Must exceed one store write.
-    claim_confirm_s: float = Field(default=0.25, ge=0)
-    # How often a replica looks for cancel requests made on other replicas for its jobs.
-    cancel_poll_s: float = Field(default=1.0, gt=0)
+    # How often a replica with a free slot looks for a job to run (queued, handed back or
+    # orphaned), spread by +-claim_jitter of it. Own writes and, on PostgreSQL, other
+    # replicas' notifications wake it sooner.
+    claim_poll_s: float = Field(default=1.0, gt=0)
+    claim_jitter: float = Field(default=0.25, ge=0, lt=1)
+    # How often the owner of a job looks for a cancel asked on another replica (on
+    # PostgreSQL a notification usually wakes it first).
+    cancel_poll_s: float = Field(default=0.25, gt=0)
     # CancelJob of a job running on another replica waits this long for it to end.
     cancel_wait_s: float = Field(default=10.0, ge=0)
-    # WatchJob of a job running on another replica reads its manifest this often.
+    # WatchJob looks for new events this often when nothing woke it sooner.
     watch_poll_s: float = Field(default=0.5, gt=0)
 
     # ListJobs page size when the request leaves it 0, and the largest allowed.
@@ -98,7 +124,7 @@ class GatewaySettings(ServiceSettings):
 
     @property
     def lease_renew_s(self) -> float:
-        """How often leases are renewed and orphaned jobs looked for."""
+        """How often this replica renews its claims."""
         return self.lease_s / 3
 
     def tenant_keys(self) -> dict[str, list[str]]:

@@ -79,6 +79,11 @@ class LocalStack:
     def _base_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.setdefault("STORYREEL_STORAGE_URL", (self.data_dir / "artifacts").resolve().as_uri())
+        # The gateway's job database: SQLite beside the artifacts (PostgreSQL if set).
+        env.setdefault(
+            "STORYREEL_GATEWAY_DATABASE_URL",
+            f"sqlite+aiosqlite:///{(self.data_dir / 'gateway.db').resolve()}",
+        )
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update(self.env)
         return env

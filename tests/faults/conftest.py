@@ -1,4 +1,5 @@
-"""The real stack for fault tests: every service its own process, storage on a real S3 server.
+"""The real stack for fault tests: every service its own process, storage on a real S3 server,
+job state on a real PostgreSQL server (pgserver).
 
 The story service runs its TGI backend against a TGI test double (TGI needs a GPU),
 so storyboards are instant; render, compose and the gateway are the real services,
@@ -10,7 +11,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from support import MODELS, S3_ACCESS_KEY, S3_SECRET_KEY
+from support import MODELS, S3_ACCESS_KEY, S3_SECRET_KEY, new_postgres_database
 from tgi_double import TGISchemaDouble
 
 from storyreel.settings import StorageSettings
@@ -26,7 +27,7 @@ def tgi():
 
 
 @pytest.fixture(scope="module")
-def start_stack(tmp_path_factory, s3_server, tgi):
+def start_stack(tmp_path_factory, s3_server, tgi, postgres_server):
     """``start_stack(name, env)``: a started stack in a new bucket; ``env`` adds settings."""
     started: list[LocalStack] = []
 
@@ -38,11 +39,14 @@ def start_stack(tmp_path_factory, s3_server, tgi):
             s3_secret_key=S3_SECRET_KEY,
         )
         open_store(storage).ensure_bucket()
+        database_url = new_postgres_database(postgres_server)
         local = LocalStack(
             tmp_path_factory.mktemp(name),
             fixed_ports=False,
             env={
                 "STORYREEL_STORAGE_URL": storage.url,
+                # Job state on PostgreSQL, as replicas in production share it.
+                "STORYREEL_GATEWAY_DATABASE_URL": database_url,
                 "STORYREEL_STORAGE_S3_ENDPOINT": s3_server,
                 "STORYREEL_STORAGE_S3_ACCESS_KEY": S3_ACCESS_KEY,
                 "STORYREEL_STORAGE_S3_SECRET_KEY": S3_SECRET_KEY,
@@ -63,6 +67,7 @@ def start_stack(tmp_path_factory, s3_server, tgi):
         started.append(local)
         local.start(timeout_s=300)
         local.store = open_store(storage)
+        local.database_url = database_url
         return local
 
     yield start

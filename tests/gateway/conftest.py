@@ -17,6 +17,7 @@ from storyreel_gateway.settings import GatewaySettings
 
 from storyreel.compose.v1 import compose_pb2, compose_pb2_grpc
 from storyreel.gateway.v1 import gateway_pb2_grpc
+from storyreel.ids import job_key
 from storyreel.render.v1 import render_pb2, render_pb2_grpc
 from storyreel.serving import start_and_load
 from storyreel.story.v1 import story_pb2, story_pb2_grpc
@@ -82,7 +83,12 @@ class RenderDouble(render_pb2_grpc.RenderServiceServicer):
         try:
             for scene in request.scenes:
                 await asyncio.sleep(self.state.render_delay_s)
-                key = f"jobs/{request.job_id}/images/scene-{scene.index:03d}.png"
+                key = job_key(
+                    request.job_id,
+                    "images",
+                    f"scene-{scene.index:03d}.png",
+                    revision=request.revision,
+                )
                 uri = self.state.store.put_bytes(key, f"png {scene.seed}".encode())
                 yield render_pb2.RenderScenesResponse(
                     image=render_pb2.RenderedImage(index=scene.index, uri=uri, seed=scene.seed)
@@ -98,7 +104,7 @@ class ComposeDouble(compose_pb2_grpc.ComposeServiceServicer):
 
     async def Compose(self, request, context):
         self.state.compose_requests.append(request)
-        folder = f"jobs/{request.job_id}/video"
+        folder = job_key(request.job_id, "video", revision=request.revision)
         uri = self.state.store.put_bytes(f"{folder}/video.mp4", b"mp4")
         extras = {
             "poster_uri": self.state.store.put_bytes(f"{folder}/poster.png", b"png"),
@@ -150,7 +156,13 @@ class GatewayUnderTest:
 
 
 @pytest.fixture
-async def start_gateway(upstream, file_store):
+def gateway_database(sqlite_url):
+    """The job database every gateway of one test shares (SQLite; see test_replicas for both)."""
+    return sqlite_url
+
+
+@pytest.fixture
+async def start_gateway(upstream, file_store, gateway_database, tmp_path):
     """Start gateways wired to the upstream doubles; every one is stopped at the end."""
     started: list[GatewayUnderTest] = []
 
@@ -163,6 +175,9 @@ async def start_gateway(upstream, file_store):
             "max_upload_bytes": 64 * 1024,
             "retry_initial_s": 0.05,
             "retry_give_up_after_s": 4.0,
+            "database_url": gateway_database,
+            "upload_tmp_dir": tmp_path / "upload-spool",
+            "claim_poll_s": 0.2,
             **overrides,
         }
         settings = GatewaySettings(**fields)

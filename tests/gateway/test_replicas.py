@@ -1,28 +1,19 @@
-"""Several gateway replicas over one artifact store, in one process (upstream doubles).
+"""Several gateway replicas over one database, in one process (upstream doubles).
 
-Each replica is a real GatewayService on its own port; they share nothing but the
-store, as replicas behind one Kubernetes Service do. The doubles count every story,
+Each replica is a real GatewayService on its own port; they share the job
+database (SQLite and PostgreSQL, every test on both) and the artifact store, as
+replicas behind one Kubernetes Service do. The doubles count every story,
 render and compose call, which is how "exactly once" is checked.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 
 import grpc
 import pytest
-from storyreel_gateway.jobs import (
-    EventKind,
-    JobRecord,
-    JobSpec,
-    JobState,
-    SceneImage,
-    Stage,
-    StageRecord,
-    events_between,
-    now,
-)
+from sqlalchemy import func, select
+from storyreel_gateway.db import jobs
 from support import finished_job, watch_events
 
 from storyreel.gateway.v1 import gateway_pb2 as pb
@@ -32,10 +23,28 @@ BOB = (("authorization", "Bearer bob-key"),)
 KEYS = {"alice": ["alice-key"], "bob": ["bob-key"]}
 
 
-def _manifest(store, job_id: str) -> JobRecord:
-    return JobRecord.model_validate_json(
-        store.get_bytes(store.uri_for(f"jobs/{job_id}/manifest.json"))
-    )
+@pytest.fixture
+def gateway_database(database_url):
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return database_url
+
+
+async def _row(replica, job_id: str):
+    """The job's row as the database has it."""
+    async with replica.running.service.database.read() as conn:
+        return (await conn.execute(select(jobs).where(jobs.c.job_id == job_id))).one()
+
+
+async def _owner(replica, job_id: str) -> str | None:
+    return (await _row(replica, job_id)).owner
+
+
+async def _claims_left(replica) -> int:
+    """Claims still held on jobs (none once every job has ended)."""
+    async with replica.running.service.database.read() as conn:
+        return (
+            await conn.execute(select(func.count()).where(jobs.c.lease_id.is_not(None)))
+        ).scalar_one()
 
 
 def _first_scene(event) -> bool:
@@ -50,22 +59,6 @@ async def _crash(replica) -> None:
     """Stop a replica the way a killed process stops: nothing more is written."""
     await replica.running.server.stop(0)
     await replica.running.service.runner.close(release=False)
-
-
-def _leftovers(store) -> list[str]:
-    """Shared markers still in the store (none once every job has ended)."""
-    return list(store.list("active/")) + list(store.list("cancel/"))
-
-
-async def _settled_leftovers(store) -> list[str]:
-    """The markers left once the owner has tidied up: it removes them right after writing
-    the final manifest, which a replica that only reads the manifest may see first."""
-    for _ in range(50):
-        left = _leftovers(store)
-        if not left:
-            break
-        await asyncio.sleep(0.1)
-    return left
 
 
 async def test_a_job_created_on_one_replica_is_read_and_watched_on_another(
@@ -92,9 +85,9 @@ async def test_a_job_created_on_one_replica_is_read_and_watched_on_another(
     progress = [event.job.progress for event in events]
     assert progress == sorted(progress) and progress[-1] == 100
     # B only read: A ran the job, once.
-    assert _manifest(file_store, job_id).owner == "replica-a"
+    assert await _owner(b, job_id) == "replica-a"
     assert (len(upstream.story_requests), len(upstream.compose_requests)) == (1, 1)
-    assert await _settled_leftovers(file_store) == []
+    assert await _claims_left(b) == 0
 
 
 async def test_listing_on_any_replica_shows_every_replicas_jobs_newest_first(start_gateway):
@@ -173,8 +166,8 @@ async def test_cancel_on_another_replica_stops_the_job_within_seconds(
             break
         await asyncio.sleep(0.1)
     assert upstream.render_cancelled == 1
-    assert _manifest(file_store, job_id).owner == "replica-a"
-    assert await _settled_leftovers(file_store) == []
+    assert await _owner(b, job_id) == "replica-a"
+    assert await _claims_left(b) == 0
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await a.stub.CancelJob(pb.CancelJobRequest(job_id=job_id))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -192,15 +185,25 @@ async def test_regenerate_on_another_replica_runs_there(start_gateway, upstream,
         pb.RegenerateSceneRequest(job_id=job_id, index=2, seed=1234)
     )
     assert response.job.state == pb.JOB_STATE_QUEUED
-    after = await finished_job(a.stub, job_id)  # A follows B's run through the manifest
+    after = await finished_job(a.stub, job_id)  # A follows the new run through the database
     assert after.state == pb.JOB_STATE_DONE
     assert upstream.render_requests[-1] == [2]
     seeds = {image.index: image.seed for image in after.images}
     assert seeds[2] == 1234 and seeds[1] == {i.index: i.seed for i in before.images}[1]
-    stored = _manifest(file_store, job_id)
-    assert (stored.owner, stored.generation) == ("replica-b", 1)
+    row = await _row(a, job_id)
+    assert row.generation == 1 and row.owner in {"replica-a", "replica-b"}
     assert len(upstream.compose_requests) == 2
-    assert await _settled_leftovers(file_store) == []
+    # The new run's artifacts have URIs of their own; the first run's stay listed.
+    assert upstream.render_messages[-1].revision == 1
+    assert upstream.compose_requests[-1].revision == 1
+    videos = [v for v in after.versions if v.kind == pb.ARTIFACT_KIND_VIDEO]
+    assert [v.generation for v in videos] == [0, 1]
+    assert videos[0].uri == before.video_uri != videos[1].uri == after.video_uri
+    scene_2 = [
+        v.uri for v in after.versions if v.kind == pb.ARTIFACT_KIND_IMAGE and v.scene_index == 2
+    ]
+    assert len(scene_2) == 2 and scene_2[0] != scene_2[1]
+    assert await _claims_left(a) == 0
 
 
 async def test_a_live_owner_keeps_its_job_past_many_lease_periods(
@@ -214,7 +217,7 @@ async def test_a_live_owner_keeps_its_job_past_many_lease_periods(
     assert job.state == pb.JOB_STATE_DONE
     assert len(upstream.render_requests) == 1
     assert (len(upstream.story_requests), len(upstream.compose_requests)) == (1, 1)
-    assert _manifest(file_store, job_id).owner == "replica-a"
+    assert await _owner(b, job_id) == "replica-a"
 
 
 async def test_a_replica_that_dies_mid_job_is_replaced_and_the_job_finishes_once(
@@ -227,7 +230,9 @@ async def test_a_replica_that_dies_mid_job_is_replaced_and_the_job_finishes_once
     await watch_events(a.stub, job_id, _first_scene)
     await _crash(a)
     calls_by_a = len(upstream.render_requests)
-    recorded = {image.index for image in _manifest(file_store, job_id).images}
+    recorded = {
+        image.index for image in (await b.stub.GetJob(pb.GetJobRequest(job_id=job_id))).job.images
+    }
     assert 1 <= len(recorded) < 6
 
     job = await finished_job(b.stub, job_id)
@@ -237,8 +242,8 @@ async def test_a_replica_that_dies_mid_job_is_replaced_and_the_job_finishes_once
     drawn_by_b = [i for call in upstream.render_requests[calls_by_a:] for i in call]
     assert sorted(drawn_by_b) == sorted(set(range(1, 7)) - recorded)
     assert (len(upstream.story_requests), len(upstream.compose_requests)) == (1, 1)
-    assert _manifest(file_store, job_id).owner == "replica-b"
-    assert await _settled_leftovers(file_store) == []
+    assert await _owner(b, job_id) == "replica-b"
+    assert await _claims_left(b) == 0
 
 
 async def test_two_replicas_starting_over_one_unfinished_job_run_it_once(
@@ -258,10 +263,10 @@ async def test_two_replicas_starting_over_one_unfinished_job_run_it_once(
     assert job.state == pb.JOB_STATE_DONE
     assert len(upstream.render_requests) - calls_before == 1
     assert (len(upstream.story_requests), len(upstream.compose_requests)) == (1, 1)
-    assert _manifest(file_store, job_id).owner in {"replica-b", "replica-c"}
+    assert await _owner(c, job_id) in {"replica-b", "replica-c"}
 
 
-async def test_a_restarted_replica_takes_its_jobs_back_without_waiting_for_the_lease(
+async def test_a_restarted_replica_hands_back_its_jobs_without_waiting_for_the_lease(
     start_gateway, upstream, file_store
 ):
     upstream.render_delay_s = 0.3
@@ -275,7 +280,8 @@ async def test_a_restarted_replica_takes_its_jobs_back_without_waiting_for_the_l
     again = await start_gateway(instance_id="pod-1", lease_s=600)  # the container restarted
     job = await finished_job(other.stub, job_id)
     assert job.state == pb.JOB_STATE_DONE
-    assert _manifest(file_store, job_id).owner == "pod-1"
+    # The restarted pod-1 released what its earlier process held; a free replica ran it.
+    assert await _owner(other, job_id) in {"pod-1", "pod-2"}
     assert (len(upstream.story_requests), len(upstream.compose_requests)) == (1, 1)
     assert again.running.service.runner.instance_id == "pod-1"
 
@@ -295,9 +301,8 @@ async def test_cancel_of_a_job_whose_replica_died_ends_it_at_once(
 
     response = await b.stub.CancelJob(pb.CancelJobRequest(job_id=orphan), timeout=10)
     assert response.job.state == pb.JOB_STATE_CANCELLED
-    assert _manifest(file_store, orphan).owner == "replica-b"
     await b.stub.CancelJob(pb.CancelJobRequest(job_id=busy))
-    assert await _settled_leftovers(file_store) == []
+    assert await _claims_left(b) == 0
     assert len(upstream.compose_requests) == 0
 
 
@@ -311,73 +316,5 @@ async def test_a_stopping_replica_adopts_no_more_jobs(start_gateway, upstream, f
     await _crash(a)
     await asyncio.sleep(1.5)  # A's lease lapses
 
-    assert await b.running.service.runner.adopt_orphans() == 0
-    assert _manifest(file_store, job_id).owner == "replica-a"
-    assert _leftovers(file_store) == [file_store.uri_for(f"active/{job_id}")]
-
-
-async def test_the_scan_removes_markers_that_outlived_their_job(start_gateway, file_store):
-    replica = await start_gateway(instance_id="replica-a")
-    runner = replica.running.service.runner
-    done = (await replica.stub.CreateVideo(pb.CreateVideoRequest(prompt="x"))).job_id
-    await finished_job(replica.stub, done)
-    await runner.index.mark_active(done)  # as a replica that died right after the job ended
-    await runner.index.request_cancel(done, 0)
-    await runner.index.mark_active("neverwritten")  # died before writing the manifest
-    assert len(_leftovers(file_store)) == 3
-
-    await runner.adopt_orphans()
-    # The marker without a manifest stays while it is young (the manifest may follow).
-    assert _leftovers(file_store) == [file_store.uri_for("active/neverwritten")]
-    runner.settings = runner.settings.model_copy(update={"lease_s": 0.01})
-    await asyncio.sleep(0.05)  # now older than a lease
-    await runner.adopt_orphans()
-    assert _leftovers(file_store) == []
-
-
-def _record(**fields) -> JobRecord:
-    spec = JobSpec(prompt="x", scene_count=2, seed=1, width=64, height=64, fps=8)
-    return JobRecord(job_id="j1", spec=spec, **fields)
-
-
-def _stage(stage: Stage, done: bool) -> StageRecord:
-    start = now()
-    return StageRecord(
-        stage=stage,
-        state=JobState.DONE if done else JobState.RUNNING,
-        started_at=start,
-        finished_at=start + timedelta(seconds=1) if done else None,
-    )
-
-
-def test_events_between_two_manifests_follow_the_order_of_the_work():
-    before = _record(state=JobState.RUNNING, stages=[_stage(Stage.STORYBOARD, False)])
-    images = [SceneImage(index=i, uri=f"file:///s{i}.png", seed=i) for i in (1, 2)]
-    after = _record(
-        state=JobState.RUNNING,
-        stages=[
-            _stage(Stage.STORYBOARD, True),
-            _stage(Stage.RENDER, True),
-            _stage(Stage.COMPOSE, False),
-        ],
-        images=images,
-    )
-    events = [(e.kind, e.stage, e.scene_index) for e in events_between(before, after)]
-    assert events == [
-        (EventKind.STAGE_FINISHED, Stage.STORYBOARD, 0),
-        (EventKind.STAGE_STARTED, Stage.RENDER, 0),
-        (EventKind.SCENE_RENDERED, Stage.RENDER, 1),
-        (EventKind.SCENE_RENDERED, Stage.RENDER, 2),
-        (EventKind.STAGE_FINISHED, Stage.RENDER, 0),
-        (EventKind.STAGE_STARTED, Stage.COMPOSE, 0),
-    ]
-    ended = after.model_copy(
-        update={"state": JobState.DONE, "stages": [*after.stages[:2], _stage(Stage.COMPOSE, True)]}
-    )
-    assert [e.kind for e in events_between(after, ended)] == [
-        EventKind.STAGE_FINISHED,
-        EventKind.JOB_FINISHED,
-    ]
-    assert events_between(ended, ended) == []
-    rerun = ended.model_copy(update={"generation": 1, "state": JobState.QUEUED})
-    assert [e.kind for e in events_between(ended, rerun)] == [EventKind.SNAPSHOT]
+    assert await b.running.service.runner.replica.claim_jobs() == 0
+    assert await _owner(b, job_id) == "replica-a"

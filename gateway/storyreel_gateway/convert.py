@@ -1,0 +1,278 @@
+"""Messages to records and back: every conversion between protobuf and the job model.
+
+The servicer and the upstream clients call these and nothing else, so a field
+added to a contract is handled in one place.
+``tests/gateway/test_convert.py`` walks the message descriptors: a field of
+``Job`` or of an upstream reply that is dropped here fails the suite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from storyreel.compose.v1 import compose_pb2
+from storyreel.gateway.v1 import gateway_pb2
+from storyreel.options import (
+    ASPECTS,
+    AUDIO_MODES,
+    CAPTIONS,
+    CONSISTENCY,
+    RESOLUTIONS,
+    from_enum,
+    to_enum,
+)
+from storyreel.render.v1 import render_pb2
+from storyreel.story.v1 import story_pb2
+from storyreel_gateway.jobs import (
+    ArtifactKind,
+    Character,
+    ComposedVideo,
+    EventKind,
+    JobEvent,
+    JobRecord,
+    JobSpec,
+    JobState,
+    SceneImage,
+    Stage,
+    Storyboard,
+    StoryScene,
+)
+
+STATES = {
+    JobState.QUEUED: gateway_pb2.JOB_STATE_QUEUED,
+    JobState.RUNNING: gateway_pb2.JOB_STATE_RUNNING,
+    JobState.DONE: gateway_pb2.JOB_STATE_DONE,
+    JobState.FAILED: gateway_pb2.JOB_STATE_FAILED,
+    JobState.CANCELLED: gateway_pb2.JOB_STATE_CANCELLED,
+}
+STAGES = {
+    None: gateway_pb2.STAGE_UNSPECIFIED,
+    Stage.STORYBOARD: gateway_pb2.STAGE_STORYBOARD,
+    Stage.RENDER: gateway_pb2.STAGE_RENDER,
+    Stage.COMPOSE: gateway_pb2.STAGE_COMPOSE,
+}
+EVENTS = {
+    EventKind.SNAPSHOT: gateway_pb2.EVENT_KIND_SNAPSHOT,
+    EventKind.STAGE_STARTED: gateway_pb2.EVENT_KIND_STAGE_STARTED,
+    EventKind.STAGE_FINISHED: gateway_pb2.EVENT_KIND_STAGE_FINISHED,
+    EventKind.SCENE_RENDERED: gateway_pb2.EVENT_KIND_SCENE_RENDERED,
+    EventKind.JOB_FINISHED: gateway_pb2.EVENT_KIND_JOB_FINISHED,
+    EventKind.RETRYING: gateway_pb2.EVENT_KIND_RETRYING,
+}
+ARTIFACTS = {
+    ArtifactKind.IMAGE: gateway_pb2.ARTIFACT_KIND_IMAGE,
+    ArtifactKind.VIDEO: gateway_pb2.ARTIFACT_KIND_VIDEO,
+    ArtifactKind.CAPTIONS_SRT: gateway_pb2.ARTIFACT_KIND_CAPTIONS_SRT,
+    ArtifactKind.CAPTIONS_VTT: gateway_pb2.ARTIFACT_KIND_CAPTIONS_VTT,
+    ArtifactKind.POSTER: gateway_pb2.ARTIFACT_KIND_POSTER,
+    ArtifactKind.CONTACT_SHEET: gateway_pb2.ARTIFACT_KIND_CONTACT_SHEET,
+}
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+# -- the public API ------------------------------------------------------------------------
+
+
+def spec_from_request(request: gateway_pb2.CreateVideoRequest) -> JobSpec:
+    """What a CreateVideo asks for (InvalidInput for an enum value this gateway lacks)."""
+    return JobSpec(
+        prompt=request.prompt,
+        scene_count=request.scene_count,
+        style=request.style,
+        seed=request.seed,
+        audio_uri=request.audio_uri,
+        width=request.width,
+        height=request.height,
+        fps=request.fps,
+        aspect=from_enum(ASPECTS, request.aspect, "aspect"),
+        resolution=from_enum(RESOLUTIONS, request.resolution, "resolution"),
+        consistency=from_enum(CONSISTENCY, request.consistency, "consistency"),
+        captions=from_enum(CAPTIONS, request.captions, "captions"),
+        audio_mode=from_enum(AUDIO_MODES, request.audio_mode, "audio_mode"),
+        voice=request.voice,
+    )
+
+
+def storyboard_to_proto(board: Storyboard) -> story_pb2.Storyboard:
+    return story_pb2.Storyboard(
+        title=board.title,
+        characters=[
+            story_pb2.Character(name=c.name, appearance=c.appearance) for c in board.characters
+        ],
+        scenes=[
+            story_pb2.Scene(
+                index=s.index,
+                narration=s.narration,
+                image_prompt=s.image_prompt,
+                characters=s.characters,
+                setting=s.setting,
+                action=s.action,
+                camera=s.camera,
+            )
+            for s in board.scenes
+        ],
+        style=board.style,
+        degraded=board.degraded,
+        logline=board.logline,
+    )
+
+
+def job_to_proto(
+    record: JobRecord, public_url: Callable[[str], str] | None = None
+) -> gateway_pb2.Job:
+    """The job as the API shows it; ``public_url`` turns a finished job's URIs into URLs."""
+    spec = record.spec
+    done = record.state is JobState.DONE and public_url is not None
+
+    def url(uri: str) -> str:
+        return public_url(uri) if done and uri else ""
+
+    def artifact(uri: str) -> gateway_pb2.JobArtifact | None:
+        return gateway_pb2.JobArtifact(uri=uri, url=url(uri)) if uri else None
+
+    job = gateway_pb2.Job(
+        job_id=record.job_id,
+        state=STATES[record.state],
+        stage=STAGES[record.stage],
+        progress=record.progress,
+        prompt=spec.prompt,
+        seed=spec.seed,
+        scene_count=spec.scene_count,
+        style=spec.style,
+        audio_uri=spec.audio_uri,
+        video_uri=record.video_uri,
+        video_url=url(record.video_uri),
+        duration_s=record.duration_s,
+        scene_starts_s=record.scene_starts_s,
+        eta_s=record.eta_s,
+        idempotency_key=record.idempotency_key,
+        created_at=_timestamp(record.created_at),
+        updated_at=_timestamp(record.updated_at),
+        aspect=to_enum(ASPECTS, spec.aspect),
+        resolution=to_enum(RESOLUTIONS, spec.resolution),
+        consistency=to_enum(CONSISTENCY, spec.consistency),
+        captions=to_enum(CAPTIONS, spec.captions),
+        audio_mode=to_enum(AUDIO_MODES, spec.audio_mode),
+        voice=spec.voice,
+        width=record.video_width or spec.width,
+        height=record.video_height or spec.height,
+        fps=record.video_fps or spec.fps,
+        captions_srt=artifact(record.captions_srt_uri),
+        captions_vtt=artifact(record.captions_vtt_uri),
+        poster=artifact(record.poster_uri),
+        contact_sheet=artifact(record.contact_sheet_uri),
+        generation=record.generation,
+    )
+    for stage in record.stages:
+        job.stages.add(
+            stage=STAGES[stage.stage],
+            state=STATES[stage.state],
+            started_at=_timestamp(stage.started_at),
+            finished_at=_timestamp(stage.finished_at),
+            duration_s=stage.duration_s or 0.0,
+        )
+    if record.error:
+        job.error.CopyFrom(
+            gateway_pb2.JobError(
+                stage=STAGES[record.error.stage],
+                code=record.error.code,
+                message=record.error.message,
+            )
+        )
+    if record.storyboard:
+        job.storyboard.CopyFrom(storyboard_to_proto(record.storyboard))
+    for image in record.images:
+        job.images.add(
+            index=image.index,
+            uri=image.uri,
+            seed=image.seed,
+            cached=image.cached,
+            content_key=image.content_key,
+            safety_flagged=image.safety_flagged,
+            safety_retries=image.safety_retries,
+            reference_uris=image.reference_uris,
+        )
+    for version in record.versions:
+        job.versions.add(
+            kind=ARTIFACTS[version.kind],
+            uri=version.uri,
+            generation=version.generation,
+            scene_index=version.scene_index,
+            created_at=_timestamp(version.created_at),
+        )
+    return job
+
+
+def event_to_proto(
+    event: JobEvent, public_url: Callable[[str], str] | None = None
+) -> gateway_pb2.WatchJobResponse:
+    return gateway_pb2.WatchJobResponse(
+        kind=EVENTS[event.kind],
+        stage=STAGES[event.stage],
+        scene_index=event.scene_index,
+        job=job_to_proto(event.job, public_url),
+        message=event.message,
+    )
+
+
+# -- upstream replies ----------------------------------------------------------------------
+
+
+def storyboard_from_proto(message: story_pb2.Storyboard) -> Storyboard:
+    return Storyboard(
+        title=message.title,
+        characters=[Character(name=c.name, appearance=c.appearance) for c in message.characters],
+        scenes=[
+            StoryScene(
+                index=s.index,
+                narration=s.narration,
+                image_prompt=s.image_prompt,
+                characters=list(s.characters),
+                setting=s.setting,
+                action=s.action,
+                camera=s.camera,
+            )
+            for s in message.scenes
+        ],
+        style=message.style,
+        degraded=message.degraded,
+        logline=message.logline,
+    )
+
+
+def image_from_proto(message: render_pb2.RenderedImage) -> SceneImage:
+    return SceneImage(
+        index=message.index,
+        uri=message.uri,
+        seed=message.seed,
+        cached=message.cached,
+        content_key=message.content_key,
+        safety_flagged=message.safety_flagged,
+        safety_retries=message.safety_retries,
+        reference_uris=list(message.reference_uris),
+    )
+
+
+def video_from_proto(message: compose_pb2.ComposeResponse) -> ComposedVideo:
+    return ComposedVideo(
+        uri=message.video_uri,
+        duration_s=message.duration_s,
+        scene_starts_s=tuple(message.scene_starts_s),
+        width=message.width,
+        height=message.height,
+        fps=message.fps,
+        captions_srt_uri=message.captions_srt_uri,
+        captions_vtt_uri=message.captions_vtt_uri,
+        poster_uri=message.poster_uri,
+        contact_sheet_uri=message.contact_sheet_uri,
+    )
