@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
@@ -18,6 +19,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "deploy" / "compose.yaml"
 SERVICES = {"gateway": 50050, "llm": 50051, "diffusion": 50052, "composer": 50053}
+DATABASE_URL = "STORYREEL_GATEWAY_DATABASE_URL"
+
+
+def interpolate(value: str) -> str:
+    """What Compose makes of ``${VAR:-default}`` (and ``${VAR}``) with nothing set."""
+    return re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
 
 
 def check_jsonschema(path: Path) -> subprocess.CompletedProcess:
@@ -52,9 +59,9 @@ def test_compose_schema_check_rejects_a_misspelled_key(tmp_path):
     assert "depend_on" in result.stdout
 
 
-def test_compose_runs_minio_its_bucket_job_tgi_and_every_service(compose):
+def test_compose_runs_postgres_minio_its_bucket_job_tgi_and_every_service(compose):
     services = compose["services"]
-    assert set(services) == {"minio", "minio-init", *SERVICES, "tgi"}
+    assert set(services) == {"postgres", "minio", "minio-init", *SERVICES, "tgi"}
     bucket_job = " ".join(services["minio-init"]["command"])
     assert "mc mb --ignore-existing store/storyreel" in bucket_job
     assert services["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
@@ -126,3 +133,42 @@ def test_make_up_and_down_start_and_stop_the_compose_stack():
         assert re.search(rf"docker compose -f deploy/compose.yaml {verb}", result.stdout), (
             result.stdout
         )
+
+
+def test_compose_runs_postgres_16_on_a_volume_with_a_pg_isready_healthcheck(compose):
+    postgres = compose["services"]["postgres"]
+    assert postgres["image"] == "postgres:16"
+    # Its data outlives the container: a named volume on the data directory.
+    data_dir = postgres["environment"].get("PGDATA", "/var/lib/postgresql/data")
+    volumes = [v.split(":") for v in postgres.get("volumes", [])]
+    (source,) = [v[0] for v in volumes if (data_dir + "/").startswith(v[1] + "/")]
+    assert source in compose["volumes"], f"{data_dir} is on {source}, not a named volume"
+    # The gateway waits for a healthy PostgreSQL, which pg_isready says.
+    test = postgres["healthcheck"]["test"]
+    assert "pg_isready" in (test if isinstance(test, str) else " ".join(test))
+    # The password comes from the environment, with a development default like MinIO's.
+    password = postgres["environment"]["POSTGRES_PASSWORD"]
+    assert re.fullmatch(r"\$\{POSTGRES_PASSWORD:-[^}]+\}", password), password
+    # Only containers on the Compose network reach it; it runs unprivileged.
+    assert not postgres.get("ports"), "PostgreSQL is published on the host"
+    assert postgres["user"].split(":")[0] not in ("0", "root")
+    assert postgres["read_only"] is True
+    assert postgres["cap_drop"] == ["ALL"]
+
+
+def test_gateway_keeps_its_jobs_in_postgres_once_it_is_healthy(compose):
+    gateway = compose["services"]["gateway"]
+    postgres = compose["services"]["postgres"]
+    raw = gateway["environment"].get(DATABASE_URL)
+    assert raw, f"the gateway has no {DATABASE_URL}: it would keep jobs in a SQLite file"
+    url = urlsplit(interpolate(raw))
+    assert url.scheme == "postgresql+asyncpg", url.scheme
+    assert url.hostname == "postgres"
+    assert url.port == 5432
+    env = {name: interpolate(value) for name, value in postgres["environment"].items()}
+    assert url.username == env["POSTGRES_USER"]
+    assert url.path == "/" + env["POSTGRES_DB"]
+    assert unquote(url.password or "") == env["POSTGRES_PASSWORD"]
+    # ... and the same variable sets both, so overriding it keeps them in step.
+    assert "${POSTGRES_PASSWORD:-" in raw
+    assert gateway["depends_on"]["postgres"]["condition"] == "service_healthy"

@@ -8,15 +8,20 @@ have no bundled schema; they are validated against the schemas in ``schemas/``.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import os
 import re
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 
 OVERLAYS = ("cpu-dev", "gpu")
 #: Oldest and newest Kubernetes minor versions the manifests are checked against.
@@ -30,6 +35,10 @@ CUSTOM_SCHEMAS = {
     ("monitoring.coreos.com/v1", "PodMonitor"): SCHEMAS / "prometheus-podmonitor-v1.json",
 }
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
+OVERLAYS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "overlays"
+#: The gateway's job database: the setting that names it, and PostgreSQL's port.
+DATABASE_URL = "STORYREEL_GATEWAY_DATABASE_URL"
+POSTGRES_PORT = 5432
 
 overlays = pytest.mark.parametrize("overlay", OVERLAYS)
 
@@ -246,7 +255,7 @@ def test_storyreel_services_use_native_grpc_probes_with_room_to_load_models(rend
 
 #: Seconds a pod needs beyond its service's drain (``STORYREEL_<SERVICE>_GRACE_PERIOD_S``)
 #: before the kubelet kills it. The gateway then stops its jobs and hands their leases
-#: back, a store read and write per job, so that another replica adopts them at once.
+#: back, a database write per job, so that another replica adopts them at once.
 SHUTDOWN_AFTER_DRAIN_S = {"gateway": 30}
 
 
@@ -463,11 +472,11 @@ def test_gpu_overlay_gives_the_gateway_a_load_balancer(rendered):
 
 @overlays
 def test_any_gateway_replica_answers_for_any_job(rendered, overlay):
-    # Replicas share their jobs through the store, so a client's calls may land anywhere.
+    # Replicas share their jobs through the database, so a client's calls may land anywhere.
     objects = rendered[overlay]
     service = find(objects, "Service", "gateway")
     assert service["spec"].get("sessionAffinity", "None") == "None"
-    # ... which works only if every replica sees the same store: a file:// folder is one
+    # ... and the artifacts those jobs name through the store: a file:// folder is one
     # pod's own.
     for container in containers(find(objects, "Deployment", "gateway")):
         url = env_value(objects, container, "STORYREEL_STORAGE_URL")
@@ -602,7 +611,12 @@ def test_gpu_overlay_ships_no_credentials_and_the_docs_say_how_to_create_them(re
                 ref = entry.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
                     referenced.setdefault(ref["name"], set()).add(ref["key"])
-    assert referenced.keys() == {"storyreel-minio", "storyreel-api-keys"}
+    assert referenced.keys() == {
+        "storyreel-minio",
+        "storyreel-api-keys",
+        "storyreel-postgres",
+        "storyreel-database",
+    }
     for name, keys in referenced.items():
         command = re.search(
             rf"kubectl -n storyreel create secret generic {name}((?:\s+\\?\s*--from-literal=\S+)+)",
@@ -643,3 +657,231 @@ def test_services_that_store_artifacts_can_reach_minio(rendered, overlay):
             if "storyreel-storage" in sources:
                 labels = template_labels(workload)
                 assert any(selects(p, labels) for p in peers), f"{label(workload)}: no MinIO"
+
+
+# --- the job database -------------------------------------------------------------------------
+
+
+def gateway_container(objects: list[dict]) -> dict:
+    return pod_spec(find(objects, "Deployment", "gateway"))["containers"][0]
+
+
+def postgres_container(objects: list[dict]) -> dict:
+    (container,) = [
+        c
+        for c in pod_spec(find(objects, "StatefulSet", "postgres"))["containers"]
+        if c["name"] == "postgres"
+    ]
+    return container
+
+
+def secret_value(objects: list[dict], name: str, key: str) -> str:
+    secret = find(objects, "Secret", name)
+    if key in secret.get("stringData", {}):
+        return secret["stringData"][key]
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def quantity(value: str | int) -> float:
+    """A Kubernetes quantity (``250m``, ``512Mi``, ``20Gi``, ``2``) as a number."""
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3}
+    units |= {"M": 1e6, "G": 1e9, "T": 1e12}
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value))
+    assert match, f"not a quantity: {value!r}"
+    return float(match.group(1)) * units.get(match.group(2), 1)
+
+
+def egress_allows(
+    objects: list[dict], source: dict[str, str], target: dict[str, str], port: int, port_name: str
+) -> bool:
+    """Whether pods labelled ``source`` may open ``port`` (``port_name``) on pods ``target``.
+
+    Without an egress policy selecting the source, everything is allowed; with one, some
+    rule must name the port (or none) and a peer that selects the target (or none).
+    """
+    policies = [
+        p
+        for p in of_kind(objects, "NetworkPolicy")
+        if "Egress" in p["spec"].get("policyTypes", [])
+        and selects(p["spec"]["podSelector"], source)
+    ]
+    if not policies:
+        return True
+    for policy in policies:
+        for rule in policy["spec"].get("egress", []):
+            ports = [p.get("port") for p in rule.get("ports", [])]
+            peers = rule.get("to", [])
+            port_ok = not ports or port in ports or port_name in ports
+            peer_ok = not peers or any(
+                "podSelector" in peer and selects(peer["podSelector"], target) for peer in peers
+            )
+            if port_ok and peer_ok:
+                return True
+    return False
+
+
+@overlays
+def test_gateway_reads_its_database_url_from_a_secret(rendered, overlay):
+    # Without the URL the gateway keeps its jobs in a SQLite file of its own: replicas
+    # would not share them. The URL carries the password, so it comes from a Secret.
+    entry = env_of(gateway_container(rendered[overlay])).get(DATABASE_URL)
+    assert entry, f"the gateway has no {DATABASE_URL}"
+    assert "value" not in entry, f"{DATABASE_URL} is written in the manifest"
+    ref = entry.get("valueFrom", {}).get("secretKeyRef")
+    assert ref, f"{DATABASE_URL} does not come from a Secret"
+    assert ref["name"] and ref["key"]
+    assert not ref.get("optional"), "an optional URL lets the gateway fall back to SQLite"
+
+
+def test_cpu_dev_database_url_reaches_the_in_cluster_postgres(rendered):
+    objects = rendered["cpu-dev"]
+    ref = env_of(gateway_container(objects))[DATABASE_URL]["valueFrom"]["secretKeyRef"]
+    url = urlsplit(secret_value(objects, ref["name"], ref["key"]))
+    assert url.scheme == "postgresql+asyncpg", url.scheme
+    # The host is the postgres Service, on a port it serves, in front of the StatefulSet.
+    service = find(objects, "Service", url.hostname)
+    assert url.port in [p["port"] for p in service["spec"]["ports"]]
+    postgres = find(objects, "StatefulSet", "postgres")
+    assert selects({"matchLabels": service["spec"]["selector"]}, template_labels(postgres))
+    # User, database and password are the ones PostgreSQL creates on its first start.
+    env = env_of(postgres_container(objects))
+    assert url.username == env["POSTGRES_USER"]["value"]
+    assert url.path == "/" + env["POSTGRES_DB"]["value"]
+    password = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert unquote(url.password or "") == secret_value(objects, password["name"], password["key"])
+
+
+@overlays
+def test_postgres_is_a_stateful_set_with_a_volume_claim_template(rendered, overlay):
+    objects = rendered[overlay]
+    assert not [d for d in of_kind(objects, "Deployment") if d["metadata"]["name"] == "postgres"]
+    postgres = find(objects, "StatefulSet", "postgres")
+    spec = postgres["spec"]
+    assert spec.get("replicas", 1) == 1, "one PostgreSQL, not several writing one database"
+    templates = {t["metadata"]["name"]: t for t in spec.get("volumeClaimTemplates", [])}
+    assert templates, "postgres has no volumeClaimTemplates: its data would die with the pod"
+    container = postgres_container(objects)
+    assert container["image"].split("@")[0] == "postgres:16"
+    # The data directory lies on a claim from a template, not on a pod volume.
+    data_dir = env_of(container).get("PGDATA", {}).get("value", "/var/lib/postgresql/data")
+    mounts = [m for m in container["volumeMounts"] if (data_dir + "/").startswith(m["mountPath"])]
+    assert mounts, f"nothing is mounted at {data_dir}"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    assert mount["name"] in templates, f"{data_dir} is on {mount['name']}, not a claim template"
+    assert mount["name"] not in {v["name"] for v in pod_spec(postgres).get("volumes", [])}
+    assert templates[mount["name"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # Its governing Service answers on 5432 for these pods.
+    service = find(objects, "Service", spec["serviceName"])
+    assert service["metadata"]["name"] == "postgres"
+    assert selects({"matchLabels": service["spec"]["selector"]}, template_labels(postgres))
+    assert POSTGRES_PORT in [p["port"] for p in service["spec"]["ports"]]
+    assert {"name": "postgres", "containerPort": POSTGRES_PORT} in container["ports"]
+    # Its password comes from a Secret too.
+    password = env_of(container)["POSTGRES_PASSWORD"]
+    assert "value" not in password
+    assert password["valueFrom"]["secretKeyRef"]
+
+
+@overlays
+def test_postgres_probes_ask_pg_isready_and_it_runs_as_the_images_own_user(rendered, overlay):
+    postgres = find(rendered[overlay], "StatefulSet", "postgres")
+    container = postgres_container(rendered[overlay])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        command = container[probe].get("exec", {}).get("command", [])
+        assert command[:1] == ["pg_isready"], f"{probe}: {command}"
+    security = pod_spec(postgres)["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == 999
+    assert security["fsGroup"] == 999
+
+
+def test_cpu_dev_runs_a_smaller_postgres_than_production(rendered):
+    def sizes(overlay: str) -> dict[str, float]:
+        objects = rendered[overlay]
+        resources = postgres_container(objects)["resources"]
+        (claim,) = find(objects, "StatefulSet", "postgres")["spec"]["volumeClaimTemplates"]
+        return {
+            "cpu request": quantity(resources["requests"]["cpu"]),
+            "memory request": quantity(resources["requests"]["memory"]),
+            "memory limit": quantity(resources["limits"]["memory"]),
+            "volume": quantity(claim["spec"]["resources"]["requests"]["storage"]),
+        }
+
+    small, production = sizes("cpu-dev"), sizes("gpu")
+    for what, value in small.items():
+        assert value < production[what], f"cpu-dev asks for as much {what} as production"
+    assert small["volume"] <= 5 * 2**30
+
+
+@overlays
+def test_only_the_gateway_reaches_postgres(rendered, overlay):
+    objects = rendered[overlay]
+    gateway_labels = template_labels(find(objects, "Deployment", "gateway"))
+    postgres_labels = template_labels(find(objects, "StatefulSet", "postgres"))
+    rules = ingress_rules_for(objects, postgres_labels)
+    admits_gateway = False
+    for rule in rules:
+        ports = [p.get("port") for p in rule.get("ports", [])]
+        assert ports, "postgres has a rule open on every port"
+        peers = rule.get("from")
+        assert peers, "postgres accepts connections from anywhere"
+        for peer in peers:
+            assert set(peer) == {"podSelector"}, f"postgres: {peer}"
+            for workload in workloads(objects):
+                if selects(peer["podSelector"], template_labels(workload)):
+                    assert label(workload) == "Deployment/gateway", (
+                        f"{label(workload)} may reach postgres"
+                    )
+            if POSTGRES_PORT in ports and selects(peer["podSelector"], gateway_labels):
+                admits_gateway = True
+    assert admits_gateway, "no NetworkPolicy admits the gateway to postgres:5432"
+    # Should the gateway's egress ever be restricted, postgres must stay allowed.
+    assert egress_allows(objects, gateway_labels, postgres_labels, POSTGRES_PORT, "postgres")
+
+
+def test_an_egress_policy_that_forgets_postgres_is_caught(rendered):
+    objects = copy.deepcopy(rendered["gpu"])
+    gateway_labels = template_labels(find(objects, "Deployment", "gateway"))
+    postgres_labels = template_labels(find(objects, "StatefulSet", "postgres"))
+    objects.append(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "gateway-egress"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway"}},
+                "policyTypes": ["Egress"],
+                "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}],
+            },
+        }
+    )
+    assert not egress_allows(objects, gateway_labels, postgres_labels, POSTGRES_PORT, "postgres")
+
+
+def test_an_external_database_is_one_secret_away(rendered, kustomize, tmp_path):
+    # The overlay that docs/deploy.md gives for a managed database drops the in-cluster
+    # PostgreSQL and leaves the gateway exactly as it was: only the URL Secret changes.
+    blocks = re.findall(r"```yaml\n(.*?)```", DOCS.read_text(), re.DOTALL)
+    (block,) = [b for b in blocks if "$patch: delete" in b and "kind: StatefulSet" in b]
+    kustomization = yaml.safe_load(textwrap.dedent(block))
+    assert kustomization["resources"] == ["../gpu"]
+    kustomization["resources"] = [os.path.relpath(OVERLAYS_DIR / "gpu", tmp_path)]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    objects = kustomize(tmp_path)
+    assert not [o for o in of_kind(objects, "StatefulSet") if o["metadata"]["name"] == "postgres"]
+    gateway = find(objects, "Deployment", "gateway")
+    assert gateway == find(rendered["gpu"], "Deployment", "gateway")
+    ref = env_of(gateway_container(objects))[DATABASE_URL]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "storyreel-database"
+
+
+def test_docs_say_how_to_back_up_migrate_and_import_jobs(rendered):
+    docs = DOCS.read_text()
+    env = env_of(postgres_container(rendered["gpu"]))
+    user, database = env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"]
+    pod = "postgres-0"  # the StatefulSet's one pod
+    assert f"kubectl -n storyreel exec {pod} -- pg_dump -U {user} -d {database} -Fc" in docs
+    assert re.search(rf"kubectl -n storyreel exec -i {pod} --\s*\\?\s*pg_restore -U {user}", docs)
+    assert 'sqlite3 data/gateway.db ".backup' in docs
+    assert "python -m storyreel_gateway migrate" in docs
+    assert "python -m storyreel_gateway import-manifests" in docs
