@@ -7,7 +7,7 @@
 
 The same job (prompt, scene count, seed, style, image size and steps, video
 size and frame rate; the same offline models) runs two ways, both through the
-gateway's own JobRunner and JobPipeline, so admission, stage order, manifest
+gateway's own JobRunner and JobPipeline, so admission, stage order, database
 writes and events are identical; only the stage implementations differ:
 
 * **services**: the whole stack started by ``storyreel.stack.LocalStack``,
@@ -18,14 +18,14 @@ writes and events are identical; only the stage implementations differ:
   stage protocols implemented by thin adapters over each service's core (the
   story writer on its generation thread, the scene renderer, the video
   composer) with no gRPC; the JobRunner and JobPipeline run in this process
-  over the same kind of file:// store. A job is timed from ``create`` until
-  ``watch`` reports it DONE.
+  over the same kind of file:// store and SQLite job database. A job is timed
+  from ``create`` until ``watch`` reports it DONE.
 
 Model loading is excluded: each way runs one warm-up job first. The render
 cache is turned off both ways, so every run draws every image. Runs alternate
 (services, then in-process) ``--repeat`` times. The table shows each run's
 wall time, the stage durations from the job record, what is left of the wall
-time outside the stages ("other": admission, manifests, events, the calls),
+time outside the stages ("other": admission, database writes, events, the calls),
 and the CPU seconds of every process involved. The last line is
 ``services/in-process ratio: X``: the median services time divided by the
 median in-process time. Both ways run on this machine in the same conditions;
@@ -257,6 +257,7 @@ class InProcessRender:
             characters=[Character(name=c.name, appearance=c.appearance) for c in characters],
             consistency=settings.consistency or None,
             job_seed=settings.job_seed,
+            revision=settings.revision,
         )
         try:
             async for image in images:
@@ -286,7 +287,7 @@ class InProcessCompose:
     @_stage_errors
     async def compose(self, job_id, scenes, options):
         from storyreel_composer.composer import ComposeOptions, SceneInput
-        from storyreel_gateway.pipeline import ComposedVideo
+        from storyreel_gateway.jobs import ComposedVideo
 
         result = await self.composer.compose(
             job_id,
@@ -303,6 +304,7 @@ class InProcessCompose:
                 audio_mode=options.audio_mode or None,
                 voice=options.voice,
             ),
+            revision=options.revision,
         )
         return ComposedVideo(
             uri=result.video_uri,
@@ -329,17 +331,18 @@ class InProcessWay:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.runner = None
+        self.database = None
         self.parts: list = []
 
     async def start(self) -> None:
         from diffusers.utils import logging as diffusers_logging
         from storyreel_composer.settings import ComposerSettings
         from storyreel_diffusion.settings import DiffusionSettings
-        from storyreel_gateway.index import JobIndex
-        from storyreel_gateway.jobs import JobStore
+        from storyreel_gateway.db import Database
         from storyreel_gateway.pipeline import JobPipeline
         from storyreel_gateway.runner import JobRunner
         from storyreel_gateway.settings import GatewaySettings
+        from storyreel_gateway.store import JobStore
         from storyreel_llm.settings import LLMSettings
         from transformers.utils import logging as transformers_logging
 
@@ -368,7 +371,12 @@ class InProcessWay:
             import torch
 
             torch.set_num_threads(diffusion.torch_threads)
-        gateway = GatewaySettings()
+        # Job state in a SQLite file of its own, as the stack's gateway keeps it; uploads
+        # spool under the work folder.
+        gateway = GatewaySettings(
+            database_url=f"sqlite+aiosqlite:///{(self.work / 'gateway.db').resolve()}",
+            upload_tmp_dir=self.work / "uploads",
+        )
         store = open_store(StorageSettings(url=(self.work / "artifacts").as_uri()))
         await asyncio.to_thread(store.check_ready)
         story = InProcessStory(LLMSettings())
@@ -377,10 +385,11 @@ class InProcessWay:
         self.parts = [story, render, compose]
         for part in self.parts:
             await part.load()
-        index = JobIndex(store)
-        jobs = JobStore(store, index, gateway.watch_poll_s)
+        self.database = Database(gateway.database_url, gateway.database_pool_size)
+        await self.database.migrate()
+        jobs = JobStore(self.database)
         pipeline = JobPipeline.from_settings(gateway, jobs, story, render, compose)
-        self.runner = JobRunner(gateway, store, jobs, pipeline, index, instance_id="bench")
+        self.runner = JobRunner(gateway, store, jobs, pipeline, instance_id="bench")
         await self.runner.start()
 
     async def run(self, prompt: str, scenes: int, seed: int, style: str) -> Run:
@@ -406,6 +415,8 @@ class InProcessWay:
     async def close(self) -> None:
         if self.runner is not None:
             await self.runner.close()
+        if self.database is not None:
+            await self.database.close()
         for part in self.parts:
             await part.close()
 

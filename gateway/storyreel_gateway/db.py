@@ -4,12 +4,15 @@ Job state lives here; images, audio, video and captions stay in the artifact
 store. Two engines are supported through SQLAlchemy's asyncio extension:
 
 * **SQLite** (aiosqlite), the embedded default: one file in the data folder,
-  in WAL mode. Writes start with ``BEGIN IMMEDIATE`` so two writers queue on
-  the database lock instead of failing half-way; reads use a second engine
-  with plain ``BEGIN`` and never wait for a writer.
+  in WAL mode. SQLite has one writer at a time, so the writes of this process
+  take turns on an asyncio lock (rather than SQLite's sleep-and-retry busy
+  handler), and each starts with ``BEGIN IMMEDIATE`` so that a writer in
+  another process is waited for before anything is read, never half-way;
+  reads use a second engine with plain ``BEGIN`` and never wait for a writer.
 * **PostgreSQL** (asyncpg), for several gateway replicas. Claims lock rows
-  with ``SELECT ... FOR UPDATE SKIP LOCKED``; admission and upload quotas
-  serialise per tenant on a transaction-scoped advisory lock.
+  with ``SELECT ... FOR UPDATE SKIP LOCKED``; admission (the queue limits)
+  serialises on one transaction-scoped advisory lock, and upload quotas on
+  one per tenant.
 
 Every time that compares replicas (lease expiry, upload heartbeats) comes from
 the database clock (:meth:`Database.now`), never from a replica's own clock.
@@ -20,6 +23,7 @@ replicas starting together migrate once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -158,11 +162,13 @@ class Database:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             self.engine = _sqlite_engine(parsed, "BEGIN IMMEDIATE")
             self.read_engine = _sqlite_engine(parsed, "BEGIN")
+            self._writer: asyncio.Lock | None = asyncio.Lock()
         else:
             self.engine = create_async_engine(
                 parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
             )
             self.read_engine = self.engine
+            self._writer = None
 
     @property
     def postgres(self) -> bool:
@@ -171,7 +177,11 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A transaction that may write; committed when the block ends without error."""
-        async with self.engine.begin() as conn:
+        if self._writer is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        async with self._writer, self.engine.begin() as conn:
             yield conn
 
     @asynccontextmanager

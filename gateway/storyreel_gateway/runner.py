@@ -175,6 +175,8 @@ class JobRunner:
         record = await self.get(tenant, job_id)
         yield JobEvent(EventKind.SNAPSHOT, record, record.stage)
         if record.state.finished or is_damaged(record):
+            # A finished job's stream still ends as every stream does.
+            yield JobEvent(EventKind.JOB_FINISHED, record, record.stage)
             return
         generation = record.generation
         while True:
@@ -188,7 +190,8 @@ class JobRunner:
                 yield JobEvent(event.kind, record, event.stage, event.scene_index, event.message)
                 if event.kind is EventKind.JOB_FINISHED:
                     return
-            if record.state.finished and not events and is_damaged(record):
+            if record.state.finished and not events:
+                # Ended without an event of this run (its row was damaged, say).
                 yield JobEvent(EventKind.JOB_FINISHED, record, record.stage)
                 return
             await self.jobs.signals.wait(wake, self.settings.watch_poll_s)

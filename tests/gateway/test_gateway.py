@@ -153,11 +153,14 @@ async def test_unreachable_upstream_fails_the_job_and_names_the_service(file_sto
     assert "story" in job.error.message
 
 
-async def test_watch_of_a_finished_job_gets_its_final_snapshot(gateway):
+async def test_watch_of_a_finished_job_gets_its_snapshot_then_the_end(gateway):
     job_id = (await gateway.CreateVideo(gateway_pb2.CreateVideoRequest(prompt="x"))).job_id
     await _finish(gateway, job_id)
     events, job = await _finish(gateway, job_id)
-    assert len(events) == 1 and events[0].kind == gateway_pb2.EVENT_KIND_SNAPSHOT
+    assert [e.kind for e in events] == [
+        gateway_pb2.EVENT_KIND_SNAPSHOT,
+        gateway_pb2.EVENT_KIND_JOB_FINISHED,
+    ]
     assert job.state == gateway_pb2.JOB_STATE_DONE
 
 
