@@ -107,11 +107,11 @@ def test_srt_and_vtt_are_written_in_their_formats_with_millisecond_times():
     ]
     assert to_srt(cues) == (
         "1\n00:00:00,000 --> 00:00:01,234\nHello there,\nold friend.\n\n"
-        "2\n00:00:01,234 --> 01:01:01,500\nThe arrow --> points on.\n"
+        "2\n00:00:01,234 --> 01:01:01,500\nThe arrow --\u203a points on.\n"
     )
     assert to_vtt(cues) == (
         "WEBVTT\n\n00:00:00.000 --> 00:00:01.234\nHello there,\nold friend.\n\n"
-        "00:00:01.234 --> 01:01:01.500\nThe arrow -> points on.\n"
+        "00:00:01.234 --> 01:01:01.500\nThe arrow --&gt; points on.\n"
     )
 
 

@@ -4,6 +4,37 @@ The same cues are burned into the picture (ffmpeg ``drawtext`` with the
 packaged font and an outline) and written as SubRip and WebVTT sidecars.
 Lines are wrapped with the font's real glyph widths, so a burned caption never
 leaves the safe area.
+
+Cue text is narration, never markup, so the sidecars escape it; the burned
+captions get the text verbatim (``drawtext`` reads it from a file with
+``expansion=none``), so the escaping below happens only in :func:`to_srt` and
+:func:`to_vtt`, never on a :class:`Cue`.
+
+In both files a cue's text is split at every line break it holds and blank
+lines are dropped (a blank line ends a cue); a cue left with no text is not
+written.
+
+WebVTT (W3C): ``&``, ``<`` and ``>`` are written as ``&amp;``, ``&lt;`` and
+``&gt;``. Every player shows the original characters, no tag or character
+reference can form, and ``-->`` cannot appear in a cue (it becomes ``--&gt;``).
+Nothing else has a meaning in WebVTT cue text, so nothing else changes.
+
+SubRip has no escape at all, but players read HTML-like tags in it (``<b>``,
+``<i>``, ``<font>``; ffmpeg even takes ``<b c>`` for bold and drops unknown
+tags such as ``<script>``), ASS override blocks (``{\\an8}``; libass hides
+any ``{...}``) and ASS escapes (``\\N`` is a line break). So a few characters
+are replaced by look-alikes that mean nothing to any player, or separated
+from what follows them by an invisible U+2060 WORD JOINER:
+
+* ``<`` and ``>`` become ``‹`` and ``›`` (U+2039, U+203A): no tag can open,
+  and ``-->`` cannot appear in a cue's text to be taken for a timing line;
+* ``{`` and ``}`` become ``❴`` and ``❵`` (U+2774, U+2775, the Zapf Dingbats
+  curly brackets that DejaVu, Segoe UI Symbol and Noto carry): no override
+  block (or MicroDVD-style ``{y:i}``) can open;
+* a word joiner follows every ``\\`` (no ``\\N``, ``\\h``, ``\\n`` escape) and
+  every ``&`` that is followed by a letter, digit or ``#`` (players that
+  decode character references show ``&amp;`` as written). Anything else,
+  ``Tom & Jerry`` included, is written as it is.
 """
 
 from __future__ import annotations
@@ -209,23 +240,52 @@ def _timestamp(seconds: float, separator: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{ms:03d}"
 
 
-def _rounded(cues: Sequence[Cue]) -> list[tuple[int, int, str]]:
+def _rounded(cues: Sequence[tuple[float, float, list[str]]]) -> list[tuple[int, int, list[str]]]:
     """Cues in whole milliseconds, each at least 1 ms long and none overlapping the next."""
-    result = []
-    for cue in cues:
-        start, end = round(cue.start_s * 1000), round(cue.end_s * 1000)
+    result: list[tuple[int, int, list[str]]] = []
+    for start_s, end_s, lines in cues:
+        start, end = round(start_s * 1000), round(end_s * 1000)
         if result and start < result[-1][1]:
             start = result[-1][1]
         if end > start:
-            result.append((start, end, cue.text))
+            result.append((start, end, lines))
     return result
+
+
+def _written(cues: Sequence[Cue], escape) -> list[tuple[int, int, list[str]]]:
+    """The cues to write: every line break in their text honoured, blank lines
+    dropped, each line escaped by ``escape``; cues left with no text skipped."""
+    kept = []
+    for cue in cues:
+        lines = [escape(line) for line in cue.text.splitlines() if line.strip()]
+        if lines:
+            kept.append((cue.start_s, cue.end_s, lines))
+    return _rounded(kept)
+
+
+_SRT_LOOK_ALIKES = str.maketrans({"<": "\u2039", ">": "\u203a", "{": "\u2774", "}": "\u2775"})
+_WORD_JOINER = "\u2060"
+# A backslash, or an ampersand that could start a character reference.
+_SRT_ESCAPE_START = re.compile(r"\\|&(?=[0-9A-Za-z#])")
+
+
+def srt_text(line: str) -> str:
+    """One line of cue text as written in a SubRip file (see the module's docstring)."""
+    line = line.translate(_SRT_LOOK_ALIKES)
+    return _SRT_ESCAPE_START.sub(lambda match: match.group() + _WORD_JOINER, line)
+
+
+def vtt_text(line: str) -> str:
+    """One line of cue text as written in a WebVTT file: ``&``, ``<``, ``>`` escaped."""
+    return line.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def to_srt(cues: Sequence[Cue]) -> str:
     """SubRip text: numbered cues, ``HH:MM:SS,mmm --> HH:MM:SS,mmm`` times."""
     blocks = []
-    for number, (start, end, text) in enumerate(_rounded(cues), start=1):
+    for number, (start, end, lines) in enumerate(_written(cues, srt_text), start=1):
         times = f"{_timestamp(start / 1000, ',')} --> {_timestamp(end / 1000, ',')}"
+        text = "\n".join(lines)
         blocks.append(f"{number}\n{times}\n{text}\n")
     return "\n".join(blocks)
 
@@ -233,11 +293,10 @@ def to_srt(cues: Sequence[Cue]) -> str:
 def to_vtt(cues: Sequence[Cue]) -> str:
     """WebVTT text: the ``WEBVTT`` header, then ``HH:MM:SS.mmm --> HH:MM:SS.mmm`` cues."""
     blocks = ["WEBVTT\n"]
-    for start, end, text in _rounded(cues):
-        # "-->" may not appear in a WebVTT cue's text.
-        safe = text.replace("-->", "->")
+    for start, end, lines in _written(cues, vtt_text):
         times = f"{_timestamp(start / 1000, '.')} --> {_timestamp(end / 1000, '.')}"
-        blocks.append(f"{times}\n{safe}\n")
+        text = "\n".join(lines)
+        blocks.append(f"{times}\n{text}\n")
     return "\n".join(blocks)
 
 
