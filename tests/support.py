@@ -181,3 +181,49 @@ def query_database(database_url: str, statement):
             await database.close()
 
     return asyncio.run(run())
+
+
+@dataclass(frozen=True)
+class InternalTLS:
+    """PEM files of a test deployment's private CA and one certificate it signed.
+
+    The certificate names ``localhost`` and ``127.0.0.1`` and serves as both server and
+    client certificate, as docs/deploy.md suggests for the services.
+    """
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_internal_tls(folder: Path, name: str = "storyreel-test") -> InternalTLS:
+    """A new CA and a certificate it signs, made with the openssl command line."""
+    import shutil
+
+    import pytest
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command line is needed to make test certificates")
+    folder.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
+
+    ca_key, ca, key = folder / "ca.key", folder / "ca.crt", folder / "tls.key"
+    csr, cert, ext = folder / "tls.csr", folder / "tls.crt", folder / "tls.ext"
+    run("req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca), "-days", "2",
+        "-subj", f"/CN={name}-ca",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    run("req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
+    ext.write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+        "basicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+    )
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+        "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
+    return InternalTLS(ca=ca, cert=cert, key=key)

@@ -2,33 +2,148 @@
 
 Every rule a later stage would enforce is checked here first, so a doomed
 request is refused at the door with INVALID_ARGUMENT and a message naming the
-problem. Queue limits (in all and per tenant) are checked by the store, in the
-same transaction that queues the job (:meth:`storyreel_gateway.store.JobStore.create`).
+problem, and nothing is stored. Queue limits (in all and per tenant) are checked
+by the store, in the same transaction that queues the job
+(:meth:`storyreel_gateway.store.JobStore.create`).
+
+What each later stage refuses, and where admission refuses it first:
+
+* **story** (``WriteStoryboard``): an empty prompt, or one made only of
+  chat-template control tokens (the one shared rule, :func:`storyreel.prompts.check_prompt`);
+  more than ``max_prompt_chars``; ``scene_count`` outside 1..24; a style over
+  200 characters. Same defaults as the story service's.
+* **render**: sizes are the gateway's own settings or the video's shape;
+  scene counts as above; a regenerated prompt empty or over ``max_prompt_chars``.
+* **compose**: an unknown voice (the composer's own list, :class:`VoiceCatalog`;
+  names are exact and case-sensitive, whatever the audio mode, as the composer
+  checks them); width/height/fps out of range; aspect or resolution with
+  width or height; audio modes without (or, for narration, with) audio; audio
+  the composer cannot use (refused when uploaded: :mod:`storyreel_gateway.uploads`);
+  and, as the sound track, audio too short to give every scene one frame
+  (from the length the composer's probe stored with the upload).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import re
 import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
-from storyreel.errors import FailedPrecondition, InvalidInput
+from storyreel.errors import FailedPrecondition, InvalidInput, StoryreelError, UpstreamFailed
+from storyreel.prompts import check_prompt
 from storyreel.storage import ArtifactStore
 from storyreel_gateway.jobs import JobRecord, JobSpec
 from storyreel_gateway.settings import GatewaySettings
-from storyreel_gateway.store import AdmissionLimits
-from storyreel_gateway.uploads import upload_prefix
+from storyreel_gateway.store import AdmissionLimits, JobStore
+from storyreel_gateway.uploads import AudioProber, upload_prefix
+
+log = logging.getLogger(__name__)
+
+#: Every seed a client may send (CreateVideo, RegenerateScene): 0 to 2^63-1, so it fits a
+#: signed 64-bit integer in every language and database. 0 means "choose for me".
+MAX_SEED = 2**63 - 1
 
 #: A voice name (empty: the composer's default voice).
 _VOICE = re.compile(r"[A-Za-z0-9_.-]*")
+
+#: How long the composer's voice list is used before it is asked again, and how long
+#: after a failed refresh a stale list is used before trying again (seconds).
+VOICES_REFRESH_S = 300.0
+VOICES_RETRY_S = 15.0
+
+
+@dataclass(frozen=True)
+class VoiceList:
+    """The composer's voices (ComposeService.ListVoices): exact names and the default."""
+
+    names: tuple[str, ...]
+    default: str
+
+
+class VoiceSource(Protocol):
+    """Asks the composer for its voices (``clients.ComposeClient``); UpstreamFailed if it cannot."""
+
+    async def list_voices(self) -> VoiceList: ...
+
+
+class ComposerFacts(VoiceSource, AudioProber, Protocol):
+    """What admission and uploads ask the composer (``clients.ComposeClient``)."""
+
+
+class VoiceCatalog:
+    """The composer's voice list, cached.
+
+    Asked for again once it is ``refresh_s`` old. When the composer cannot be
+    reached the last list is used (and asked for again after ``retry_s``);
+    with no list at all, :meth:`get` raises UpstreamFailed (UNAVAILABLE): a
+    voice is never guessed to exist.
+    """
+
+    def __init__(
+        self,
+        source: VoiceSource,
+        refresh_s: float = VOICES_REFRESH_S,
+        retry_s: float = VOICES_RETRY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.refresh_s = refresh_s
+        self.retry_s = retry_s
+        self.clock = clock
+        self._voices: VoiceList | None = None
+        self._next_ask = 0.0
+        self._lock = asyncio.Lock()
+
+    def expire(self) -> None:
+        """Ask the composer at the next :meth:`get` (the list stays as the fallback)."""
+        self._next_ask = 0.0
+
+    async def get(self) -> VoiceList:
+        """The voice list, asked for again when it is stale; UpstreamFailed if there is none."""
+        if self._voices is not None and self.clock() < self._next_ask:
+            return self._voices
+        async with self._lock:  # one question at a time; the others use its answer
+            if self._voices is not None and self.clock() < self._next_ask:
+                return self._voices
+            try:
+                voices = await self.source.list_voices()
+            except StoryreelError as exc:
+                if self._voices is None:
+                    raise UpstreamFailed(
+                        f"the voice cannot be checked now: {exc.message}; try again shortly"
+                    ) from None
+                log.warning(
+                    "voice list refresh failed; using the last one", extra={"error": exc.message}
+                )
+                self._next_ask = self.clock() + self.retry_s
+                return self._voices
+            self._voices = voices
+            self._next_ask = self.clock() + self.refresh_s
+            return voices
 
 
 class Admission:
     """Checks requests against the gateway's limits and fills in its defaults."""
 
-    def __init__(self, settings: GatewaySettings, store: ArtifactStore) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        store: ArtifactStore,
+        voices: VoiceCatalog | None = None,
+        jobs: JobStore | None = None,
+    ) -> None:
+        """``voices`` and ``jobs`` are the composer's voice list and the upload records;
+        without them (benchmarks, core tests) voices and audio lengths go unchecked."""
         self.settings = settings
         self.store = store
+        self.voices = voices
+        self.jobs = jobs
 
     @property
     def limits(self) -> AdmissionLimits:
@@ -41,13 +156,55 @@ class Admission:
         limit = self.settings.max_idempotency_key_chars
         if len(key) > limit:
             raise InvalidInput(f"idempotency_key is longer than {limit} characters")
+        if "\x00" in key:
+            # The key is a column of its own: PostgreSQL text cannot hold a NUL.
+            raise InvalidInput("idempotency_key must not contain a NUL character")
+
+    async def admit(self, spec: JobSpec, tenant: str) -> JobSpec:
+        """Everything :meth:`validate` checks, then what needs the composer or the database:
+        the voice, and the uploaded audio's length against the scenes."""
+        checked = await asyncio.to_thread(self.validate, spec, tenant)
+        await self.check_voice(checked.voice)
+        await self._check_audio(checked, tenant)
+        return checked
+
+    async def check_voice(self, voice: str) -> None:
+        """InvalidInput unless the composer has ``voice`` (exact, case-sensitive; "" is its
+        default). UpstreamFailed when the composer's list is unknown and cannot be had."""
+        if not voice or self.voices is None:
+            return
+        known = await self.voices.get()
+        if voice not in known.names:
+            raise InvalidInput(
+                f"voice {voice!r} is not one of the composer's voices: "
+                f"{', '.join(known.names) or '(none)'} (names are exact and case-sensitive; "
+                f"leave it empty for the default, {known.default!r})"
+            )
+
+    async def _check_audio(self, spec: JobSpec, tenant: str) -> None:
+        """The upload must exist; as the whole sound track it must give each scene a frame."""
+        if not spec.audio_uri or self.jobs is None:
+            return
+        audio = await self.jobs.stored_audio(tenant, spec.audio_uri)
+        if audio is None:
+            raise InvalidInput(f"audio_uri {spec.audio_uri} does not exist; upload it first")
+        soundtrack = spec.audio_mode in ("", "soundtrack")
+        # The composer's rule (timeline.shared_timeline): at least one frame per scene.
+        if (
+            soundtrack
+            and audio.duration_s is not None
+            and round(audio.duration_s * spec.fps) < spec.scene_count
+        ):
+            raise InvalidInput(
+                f"the audio lasts {audio.duration_s:.3f} s: too short to show "
+                f"{spec.scene_count} scenes at {spec.fps} fps (at least one frame each)"
+            )
 
     def validate(self, spec: JobSpec, tenant: str) -> JobSpec:
         """Apply defaults and limits; InvalidInput names the first problem found."""
         s = self.settings
-        prompt = spec.prompt.strip()
-        if not prompt:
-            raise InvalidInput("prompt must not be empty")
+        # Empty, or only chat-template markup: the story service's own rule.
+        prompt = check_prompt(spec.prompt)
         if len(prompt) > s.max_prompt_chars:
             raise InvalidInput(
                 f"prompt is {len(prompt)} characters; the limit is {s.max_prompt_chars}"
@@ -89,6 +246,7 @@ class Admission:
             if not key.startswith(upload_prefix(tenant)):
                 raise InvalidInput(f"audio_uri {spec.audio_uri} does not exist; upload it first")
             # The store checks, when it queues the job, that the upload is there.
+        check_seed(spec.seed)
         seed = spec.seed or secrets.randbits(62)
         return spec.model_copy(
             update={
@@ -123,6 +281,14 @@ class Admission:
                 raise InvalidInput("prompt, when given, must not be empty")
             if len(prompt) > self.settings.max_prompt_chars:
                 raise InvalidInput(f"prompt is longer than {self.settings.max_prompt_chars}")
-        if seed is not None and not 0 <= seed < 2**63:
-            raise InvalidInput("seed must be between 0 and 2**63-1")
+        if seed is not None:
+            check_seed(seed)
         return prompt
+
+
+def check_seed(seed: int) -> None:
+    """InvalidInput unless ``seed`` is in the one documented range, 0 to 2^63-1."""
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidInput(
+            f"seed must be between 0 and 2^63-1 ({MAX_SEED}); 0 lets storyreel choose"
+        )

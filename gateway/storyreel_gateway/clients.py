@@ -3,7 +3,9 @@
 Each implements one stage protocol of :mod:`storyreel_gateway.pipeline`,
 converting messages to the gateway's records and every RPC error to
 :class:`~storyreel_gateway.pipeline.StageFailed`. Every call has a deadline;
-the channels retry UNAVAILABLE and RESOURCE_EXHAUSTED with backoff.
+the channels retry UNAVAILABLE and RESOURCE_EXHAUSTED with backoff. Every call
+carries the deployment's internal token, over mutual TLS when it is configured
+(``internal``, :func:`storyreel.channels.open_channel`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import grpc
 
 from storyreel.channels import open_channel
 from storyreel.compose.v1 import compose_pb2, compose_pb2_grpc
+from storyreel.errors import InvalidInput, Overloaded, UpstreamFailed
 from storyreel.options import (
     ASPECTS,
     AUDIO_MODES,
@@ -24,7 +27,9 @@ from storyreel.options import (
     to_enum,
 )
 from storyreel.render.v1 import render_pb2, render_pb2_grpc
+from storyreel.settings import InternalSettings
 from storyreel.story.v1 import story_pb2, story_pb2_grpc
+from storyreel_gateway.admission import VoiceList
 from storyreel_gateway.convert import image_from_proto, storyboard_from_proto, video_from_proto
 from storyreel_gateway.jobs import Character, ComposedVideo, SceneImage, Storyboard
 from storyreel_gateway.pipeline import (
@@ -33,6 +38,14 @@ from storyreel_gateway.pipeline import (
     SceneRequest,
     StageFailed,
 )
+from storyreel_gateway.uploads import ProbedAudio
+
+#: Deadlines of the admission calls to the composer, in seconds: listing the voices
+#: is instant; a probe decodes the whole upload (ffmpeg), seconds for the largest.
+LIST_VOICES_TIMEOUT_S = 10.0
+PROBE_AUDIO_TIMEOUT_S = 300.0
+#: The most of an upstream's message passed on to a caller.
+_MAX_DETAIL_CHARS = 1000
 
 
 def _failed(service: str, address: str, error: grpc.aio.AioRpcError) -> StageFailed:
@@ -43,11 +56,23 @@ def _failed(service: str, address: str, error: grpc.aio.AioRpcError) -> StageFai
     return StageFailed(code, detail)
 
 
+def _detail(error: grpc.aio.AioRpcError) -> str:
+    detail = error.details() or "no details"
+    return detail if len(detail) <= _MAX_DETAIL_CHARS else detail[:_MAX_DETAIL_CHARS] + "..."
+
+
+def _status(error: grpc.aio.AioRpcError) -> str:
+    code = error.code().name if error.code() else "UNKNOWN"
+    return f"{code}: {_detail(error)}"
+
+
 class StoryClient:
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(
+        self, address: str, timeout_s: float, *, internal: InternalSettings | None = None
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = open_channel(address)
+        self.channel = open_channel(address, internal=internal)
         self.stub = story_pb2_grpc.StoryServiceStub(self.channel)
 
     async def write_storyboard(
@@ -76,11 +101,18 @@ class RenderClient:
     replicas.
     """
 
-    def __init__(self, address: str, timeout_s: float, parallelism: int = 0) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float,
+        parallelism: int = 0,
+        *,
+        internal: InternalSettings | None = None,
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
         targets = [a.strip() for a in address.split(",") if a.strip()]
-        self.channels = [open_channel(target) for target in targets]
+        self.channels = [open_channel(target, internal=internal) for target in targets]
         self.stubs = [render_pb2_grpc.RenderServiceStub(c) for c in self.channels]
         self.parallelism = parallelism or len(self.stubs)
         self._next = 0
@@ -135,11 +167,75 @@ class RenderClient:
 
 
 class ComposeClient:
-    def __init__(self, address: str, timeout_s: float) -> None:
+    """Compose calls, and the composer's facts that admission needs (voices, uploads)."""
+
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float,
+        *,
+        list_voices_timeout_s: float = LIST_VOICES_TIMEOUT_S,
+        probe_timeout_s: float = PROBE_AUDIO_TIMEOUT_S,
+        internal: InternalSettings | None = None,
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = open_channel(address)
+        self.list_voices_timeout_s = list_voices_timeout_s
+        self.probe_timeout_s = probe_timeout_s
+        self.channel = open_channel(address, internal=internal)
         self.stub = compose_pb2_grpc.ComposeServiceStub(self.channel)
+
+    async def list_voices(self) -> VoiceList:
+        """The composer's voices; UpstreamFailed (UNAVAILABLE) when it cannot say."""
+        try:
+            response = await self.stub.ListVoices(
+                compose_pb2.ListVoicesRequest(), timeout=self.list_voices_timeout_s
+            )
+        except grpc.aio.AioRpcError as error:
+            raise UpstreamFailed(
+                f"the compose service at {self.address} could not list its voices: {_status(error)}"
+            ) from None
+        return VoiceList(
+            names=tuple(voice.name for voice in response.voices),
+            default=response.default_voice,
+        )
+
+    async def probe_audio(self, uri: str) -> ProbedAudio:
+        """What the uploaded audio at ``uri`` holds, as the composer reads it.
+
+        InvalidInput with the composer's own message when Compose would refuse
+        the audio; Overloaded when the composer is busy; UpstreamFailed when it
+        cannot be asked (or cannot see the object: a different artifact store).
+        """
+        try:
+            response = await self.stub.ProbeAudio(
+                compose_pb2.ProbeAudioRequest(uri=uri), timeout=self.probe_timeout_s
+            )
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidInput(_detail(error)) from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise Overloaded(
+                    f"the composer is too busy to check the upload; send it again later "
+                    f"({_detail(error)})"
+                ) from None
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise UpstreamFailed(
+                    f"the compose service at {self.address} cannot read the stored upload "
+                    "(do the gateway and the composer share one artifact store?)"
+                ) from None
+            raise UpstreamFailed(
+                f"the compose service at {self.address} could not check the upload: "
+                f"{_status(error)}"
+            ) from None
+        return ProbedAudio(
+            duration_s=response.duration_s,
+            codec=response.codec,
+            sample_rate=response.sample_rate,
+            channels=response.channels,
+            format=response.format,
+        )
 
     async def compose(
         self, job_id: str, scenes: list[tuple[str, str]], options: ComposeOptions

@@ -16,11 +16,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from storyreel.compose.v1 import compose_pb2
 from storyreel.gateway.v1 import gateway_pb2
 from storyreel.options import (
-    ASPECTS,
-    AUDIO_MODES,
-    CAPTIONS,
-    CONSISTENCY,
-    RESOLUTIONS,
+    API_ASPECTS,
+    API_AUDIO_MODES,
+    API_CAPTIONS,
+    API_CONSISTENCY,
+    API_RESOLUTIONS,
     from_enum,
     to_enum,
 )
@@ -40,6 +40,7 @@ from storyreel_gateway.jobs import (
     Storyboard,
     StoryScene,
 )
+from storyreel_gateway.uploads import StoredUpload
 
 STATES = {
     JobState.QUEUED: gateway_pb2.JOB_STATE_QUEUED,
@@ -94,23 +95,24 @@ def spec_from_request(request: gateway_pb2.CreateVideoRequest) -> JobSpec:
         width=request.width,
         height=request.height,
         fps=request.fps,
-        aspect=from_enum(ASPECTS, request.aspect, "aspect"),
-        resolution=from_enum(RESOLUTIONS, request.resolution, "resolution"),
-        consistency=from_enum(CONSISTENCY, request.consistency, "consistency"),
-        captions=from_enum(CAPTIONS, request.captions, "captions"),
-        audio_mode=from_enum(AUDIO_MODES, request.audio_mode, "audio_mode"),
+        aspect=from_enum(API_ASPECTS, request.aspect, "aspect"),
+        resolution=from_enum(API_RESOLUTIONS, request.resolution, "resolution"),
+        consistency=from_enum(API_CONSISTENCY, request.consistency, "consistency"),
+        captions=from_enum(API_CAPTIONS, request.captions, "captions"),
+        audio_mode=from_enum(API_AUDIO_MODES, request.audio_mode, "audio_mode"),
         voice=request.voice,
     )
 
 
-def storyboard_to_proto(board: Storyboard) -> story_pb2.Storyboard:
-    return story_pb2.Storyboard(
+def storyboard_to_proto(board: Storyboard) -> gateway_pb2.Storyboard:
+    """The storyboard as the public API shows it (its own message, not story.v1's)."""
+    return gateway_pb2.Storyboard(
         title=board.title,
         characters=[
-            story_pb2.Character(name=c.name, appearance=c.appearance) for c in board.characters
+            gateway_pb2.Character(name=c.name, appearance=c.appearance) for c in board.characters
         ],
         scenes=[
-            story_pb2.Scene(
+            gateway_pb2.Scene(
                 index=s.index,
                 narration=s.narration,
                 image_prompt=s.image_prompt,
@@ -158,11 +160,11 @@ def job_to_proto(
         idempotency_key=record.idempotency_key,
         created_at=_timestamp(record.created_at),
         updated_at=_timestamp(record.updated_at),
-        aspect=to_enum(ASPECTS, spec.aspect),
-        resolution=to_enum(RESOLUTIONS, spec.resolution),
-        consistency=to_enum(CONSISTENCY, spec.consistency),
-        captions=to_enum(CAPTIONS, spec.captions),
-        audio_mode=to_enum(AUDIO_MODES, spec.audio_mode),
+        aspect=to_enum(API_ASPECTS, spec.aspect),
+        resolution=to_enum(API_RESOLUTIONS, spec.resolution),
+        consistency=to_enum(API_CONSISTENCY, spec.consistency),
+        captions=to_enum(API_CAPTIONS, spec.captions),
+        audio_mode=to_enum(API_AUDIO_MODES, spec.audio_mode),
         voice=spec.voice,
         width=record.video_width or spec.width,
         height=record.video_height or spec.height,
@@ -275,4 +277,17 @@ def video_from_proto(message: compose_pb2.ComposeResponse) -> ComposedVideo:
         captions_vtt_uri=message.captions_vtt_uri,
         poster_uri=message.poster_uri,
         contact_sheet_uri=message.contact_sheet_uri,
+    )
+
+
+def upload_to_proto(stored: StoredUpload) -> gateway_pb2.UploadAudioResponse:
+    audio = stored.audio
+    return gateway_pb2.UploadAudioResponse(
+        audio_uri=stored.uri,
+        size_bytes=stored.size_bytes,
+        duration_s=audio.duration_s if audio else 0.0,
+        codec=audio.codec if audio else "",
+        sample_rate=audio.sample_rate if audio else 0,
+        channels=audio.channels if audio else 0,
+        format=audio.format if audio else "",
     )

@@ -122,6 +122,10 @@ uploads = Table(
     Column("expires_at", Float),
     # The first job that used the upload (it then lives as long as the job).
     Column("job_id", String(64)),
+    # What the composer's probe found (ProbeAudio, when the upload arrived): the exact
+    # length in seconds and the codec. Null for uploads stored before revision 0002.
+    Column("duration_s", Float),
+    Column("codec", String(64)),
     Index("ix_uploads_tenant_state", "tenant", "state"),
     Index("ix_uploads_uri", "uri"),
     Index("ix_uploads_expires", "expires_at"),

@@ -38,8 +38,10 @@ from storyreel_gateway.store import JobStore, LeaseLost
 
 log = logging.getLogger(__name__)
 
-#: Status codes worth retrying: the service is restarting, or its queue is full.
-TRANSIENT_CODES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+#: Status codes worth retrying: the service is restarting, or its queue is full, or it
+#: refuses the gateway's internal token (while a new token rolls out, a gateway and a
+#: service may hold different ones until both have restarted).
+TRANSIENT_CODES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED"})
 
 
 class StageFailed(Exception):

@@ -23,8 +23,8 @@ from collections.abc import AsyncIterable, AsyncIterator
 
 from storyreel.errors import InvalidInput, NotFound
 from storyreel.ids import new_job_id
-from storyreel.storage import ArtifactStore
-from storyreel_gateway.admission import Admission
+from storyreel.storage import READ_CHUNK_BYTES, ArtifactReader, ArtifactStore
+from storyreel_gateway.admission import Admission, ComposerFacts, VoiceCatalog
 from storyreel_gateway.jobs import (
     EventKind,
     JobError,
@@ -37,7 +37,7 @@ from storyreel_gateway.ownership import Replica
 from storyreel_gateway.pipeline import JobPipeline
 from storyreel_gateway.settings import GatewaySettings
 from storyreel_gateway.store import JobStore, is_damaged
-from storyreel_gateway.uploads import Uploads
+from storyreel_gateway.uploads import StoredUpload, Uploads
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,18 @@ class JobRunner:
         jobs: JobStore,
         pipeline: JobPipeline,
         instance_id: str = "",
+        composer: ComposerFacts | None = None,
     ) -> None:
+        """``composer`` answers for voices and uploads (admission refuses what it would
+        refuse); without it (benchmarks) voices and uploads are not checked with it."""
         self.settings = settings
         self.store = store
         self.jobs = jobs
         self.pipeline = pipeline
-        self.admission = Admission(settings, store)
+        voices = VoiceCatalog(composer) if composer is not None else None
+        self.admission = Admission(settings, store, voices, jobs)
         self.replica = Replica(settings, jobs, pipeline, store, instance_id)
-        self.uploads = Uploads(settings, store, jobs, self.replica.instance_id)
+        self.uploads = Uploads(settings, store, jobs, self.replica.instance_id, composer)
         self._housekeeping: asyncio.Task[None] | None = None
 
     @property
@@ -107,7 +111,7 @@ class JobRunner:
         """
         self.admission.check_idempotency_key(idempotency_key)
         fingerprint = self.admission.request_hash(spec)
-        checked = await asyncio.to_thread(self.admission.validate, spec, tenant)
+        checked = await self.admission.admit(spec, tenant)
         record = JobRecord(
             job_id=new_job_id(),
             spec=checked,
@@ -217,6 +221,9 @@ class JobRunner:
 
     async def cancel(self, tenant: str, job_id: str) -> JobRecord:
         """Stop the job in whatever stage it is, on whichever replica; it ends CANCELLED."""
+        if not _JOB_ID.fullmatch(job_id):
+            # Never a job: answered before the database sees it (PostgreSQL refuses a NUL).
+            raise NotFound(f"job {_shown(job_id)} does not exist")
         local = self.replica.local(job_id)
         if local is not None and local.tenant == tenant and not local.state.finished:
             await self.replica.cancel_here(local)
@@ -249,6 +256,9 @@ class JobRunner:
         old image and the old video stay readable under their own URIs.
         """
 
+        # The video is composed again with the job's voice: the composer must still have it.
+        await self.admission.check_voice((await self.get(tenant, job_id)).spec.voice)
+
         def change(record: JobRecord) -> None:
             cleaned = self.admission.check_regeneration(record, index, prompt, seed)
             record.reset_scene(index, cleaned, seed)
@@ -263,10 +273,45 @@ class JobRunner:
     def public_url(self, uri: str) -> str:
         return self.store.public_url(uri) if uri else ""
 
+    # -- results ----------------------------------------------------------------------------
+
+    async def open_artifact(
+        self, tenant: str, job_id: str, uri: str, offset: int = 0
+    ) -> ArtifactReader:
+        """Open one artifact of the tenant's job to stream it (:meth:`artifact_chunks`).
+
+        Only the URIs the job lists (:func:`artifact_uris`) can be read. Another
+        tenant's job, a URI the job does not list and an artifact gone from the
+        store all raise the same NotFound, so the answer never tells whether an
+        object exists outside what the caller already knows.
+        """
+        if offset < 0:
+            raise InvalidInput(f"offset must not be negative (got {offset})")
+        record = await self.get(tenant, job_id)
+        missing = NotFound(f"job {_shown(job_id)} has no artifact {_shown_uri(uri)}")
+        if uri not in artifact_uris(record):
+            raise missing
+        try:
+            return await asyncio.to_thread(self.store.open_read, uri, offset, READ_CHUNK_BYTES)
+        except NotFound:
+            raise missing from None
+
+    @staticmethod
+    async def artifact_chunks(reader: ArtifactReader) -> AsyncIterator[bytes]:
+        """The reader's bytes, a chunk at a time (one chunk in memory); closes it."""
+        try:
+            while chunk := await asyncio.to_thread(reader.read_chunk):
+                yield chunk
+        finally:
+            reader.close()
+
     # -- uploads ----------------------------------------------------------------------------
 
-    async def upload_audio(self, tenant: str, chunks: AsyncIterable[bytes]) -> tuple[str, int]:
-        """Store an uploaded audio file; returns (uri, size). Nothing is kept on failure."""
+    async def upload_audio(self, tenant: str, chunks: AsyncIterable[bytes]) -> StoredUpload:
+        """Store an uploaded audio file the composer accepts, with what its probe found.
+
+        Nothing is kept on failure.
+        """
         return await self.uploads.receive(tenant, chunks)
 
 
@@ -276,6 +321,33 @@ _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 def _shown(job_id: str) -> str:
     """A job id as it may appear in a message: quoted, and cut short."""
     return repr(job_id[:64]) + ("..." if len(job_id) > 64 else "")
+
+
+def _shown_uri(uri: str) -> str:
+    """A URI as it may appear in a message: quoted, and cut short."""
+    return repr(uri[:256]) + ("..." if len(uri) > 256 else "")
+
+
+def artifact_uris(record: JobRecord) -> set[str]:
+    """Every artifact URI the job lists, which ReadArtifact may stream.
+
+    Its current images (and their reference portraits), video, captions,
+    poster and contact sheet, every earlier version, and its own upload.
+    """
+    uris = {
+        record.video_uri,
+        record.captions_srt_uri,
+        record.captions_vtt_uri,
+        record.poster_uri,
+        record.contact_sheet_uri,
+        record.spec.audio_uri,
+    }
+    for image in record.images:
+        uris.add(image.uri)
+        uris.update(image.reference_uris)
+    uris.update(version.uri for version in record.versions)
+    uris.discard("")
+    return uris
 
 
 def _encode_token(cursor: tuple[float, str]) -> str:

@@ -11,11 +11,16 @@ import grpc
 from storyreel.errors import InvalidInput, Unauthenticated
 from storyreel.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from storyreel.serving import Service
-from storyreel.settings import StorageSettings
+from storyreel.settings import InternalSettings, StorageSettings
 from storyreel.storage import ArtifactStore, open_store
 from storyreel_gateway.auth import ApiKeys, tenant_var
 from storyreel_gateway.clients import ComposeClient, RenderClient, StoryClient
-from storyreel_gateway.convert import event_to_proto, job_to_proto, spec_from_request
+from storyreel_gateway.convert import (
+    event_to_proto,
+    job_to_proto,
+    spec_from_request,
+    upload_to_proto,
+)
 from storyreel_gateway.db import Database, default_url, describe
 from storyreel_gateway.jobs import JobRecord
 from storyreel_gateway.pipeline import JobPipeline
@@ -92,8 +97,22 @@ class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
                 if kind == "chunk":
                     yield message.chunk
 
-        uri, size = await self.runner.upload_audio(tenant_var.get(), chunks())
-        return gateway_pb2.UploadAudioResponse(audio_uri=uri, size_bytes=size)
+        stored = await self.runner.upload_audio(tenant_var.get(), chunks())
+        return upload_to_proto(stored)
+
+    async def ReadArtifact(self, request, context):
+        """Streams one of the caller's artifacts: its size and type, then its bytes."""
+        reader = await self.runner.open_artifact(
+            tenant_var.get(), request.job_id, request.uri, request.offset
+        )
+        try:
+            yield gateway_pb2.ReadArtifactResponse(
+                size_bytes=reader.size, content_type=reader.content_type
+            )
+            async for chunk in self.runner.artifact_chunks(reader):
+                yield gateway_pb2.ReadArtifactResponse(chunk=chunk)
+        finally:
+            reader.close()
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -109,9 +128,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(_PUBLIC_PREFIX):
             return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
+        # Every authorization header, not the last one: two of them are refused.
+        authorization = [
+            value
+            for key, value in handler_call_details.invocation_metadata or ()
+            if key == "authorization"
+        ]
         try:
-            tenant = self.keys.tenant_for(metadata.get("authorization"))
+            tenant = self.keys.tenant_for(authorization)
         except Unauthenticated as exc:
             return _refuse(handler, exc.message)
         return _with_tenant(handler, tenant)
@@ -120,12 +144,25 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 _PUBLIC_PREFIX = "/storyreel.gateway.v1.StoryReelService/"
 
 
+async def _unauthenticated(context, message: str) -> None:
+    try:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        # No status can be sent: gRPC already ended the call. It runs a client-streaming
+        # handler even for a call it refused itself (metadata over its size limit: the
+        # client got RESOURCE_EXHAUSTED). Nothing crashed, so end as a cancelled call
+        # rather than as INTERNAL with a traceback in the log.
+        raise asyncio.CancelledError from None
+
+
 def _refuse(handler, message: str):
     async def abort(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await _unauthenticated(context, message)
 
     async def abort_stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await _unauthenticated(context, message)
         yield  # pragma: no cover - makes this an async generator
 
     if handler.unary_unary:
@@ -191,24 +228,40 @@ def _with_tenant(handler, tenant: str):
 
 class GatewayService(Service):
     service_names = (gateway_pb2.DESCRIPTOR.services_by_name["StoryReelService"].full_name,)
+    # The public API: its callers are tenants with API keys (AuthInterceptor), not the
+    # deployment's services. It presents the internal token (and, with mutual TLS, its
+    # client certificate) to the story, render and compose services.
+    internal = False
 
-    def __init__(self, settings: GatewaySettings, store: ArtifactStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        store: ArtifactStore | None = None,
+        *,
+        internal: InternalSettings | None = None,
+    ) -> None:
         self.settings = settings
+        # The deployment's token and certificates (STORYREEL_INTERNAL_*) unless given.
+        self.internal_settings = internal if internal is not None else InternalSettings()
         self.store = store or open_store(StorageSettings())
         self.keys = ApiKeys(settings.tenant_keys())
         self.database = Database(
             settings.database_url or default_url(), settings.database_pool_size
         )
         self.jobs = JobStore(self.database)
+        trust = self.internal_settings
         self.clients = (
-            StoryClient(settings.story_address, settings.storyboard_timeout_s),
+            StoryClient(settings.story_address, settings.storyboard_timeout_s, internal=trust),
             RenderClient(
-                settings.render_address, settings.render_timeout_s, settings.render_parallelism
+                settings.render_address,
+                settings.render_timeout_s,
+                settings.render_parallelism,
+                internal=trust,
             ),
-            ComposeClient(settings.compose_address, settings.compose_timeout_s),
+            ComposeClient(settings.compose_address, settings.compose_timeout_s, internal=trust),
         )
         pipeline = JobPipeline.from_settings(settings, self.jobs, *self.clients)
-        self.runner = JobRunner(settings, self.store, self.jobs, pipeline)
+        self.runner = JobRunner(settings, self.store, self.jobs, pipeline, composer=self.clients[2])
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [AuthInterceptor(self.keys)]
@@ -227,12 +280,83 @@ class GatewayService(Service):
         )
 
     async def load(self) -> None:
+        """Check the store, migrate the database, start the runner, wait for the upstreams.
+
+        Health is SERVING once this returns, so it stays NOT_SERVING until the story,
+        render and compose services report SERVING (see :meth:`_wait_for_upstreams`).
+        """
         await asyncio.to_thread(self.store.check_ready)
         log.info("database", extra={"url": describe(str(self.database.url))})
         await self.database.migrate()
         # Unfinished jobs are not resumed here: the replica claims every job nobody runs,
         # those its own earlier incarnation left included.
         await self.runner.start()
+        await self._wait_for_upstreams()
+
+    def _upstreams(self) -> list[tuple[str, str, grpc.aio.Channel]]:
+        story, render, compose = self.clients
+        render_targets = [a.strip() for a in render.address.split(",") if a.strip()]
+        return [
+            ("story", story.address, story.channel),
+            *(("render", t, c) for t, c in zip(render_targets, render.channels, strict=True)),
+            ("compose", compose.address, compose.channel),
+        ]
+
+    async def _wait_for_upstreams(self, poll_s: float = 0.5) -> None:
+        """Return once every upstream's grpc.health.v1 Check says SERVING.
+
+        The gateway works meanwhile (its calls are answered; jobs wait in the queue or
+        retry) but reports NOT_SERVING, so no load balancer sends it traffic yet. An
+        upstream with no health service counts as ready. After retry_give_up_after_s,
+        the time a stage keeps retrying an upstream, the gateway serves anyway and logs
+        which upstream is not ready: its jobs fail naming that service, and GetJob,
+        ListJobs and CancelJob keep working.
+        """
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        async def state(channel: grpc.aio.Channel) -> str:
+            try:
+                response = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=max(poll_s, 2.0)
+                )
+            except grpc.aio.AioRpcError as error:
+                return (
+                    "SERVING"
+                    if error.code() == grpc.StatusCode.UNIMPLEMENTED
+                    else (error.code().name if error.code() else "UNKNOWN")
+                )
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.retry_give_up_after_s
+        reported: dict[str, str] | None = None
+        while True:
+            upstreams = self._upstreams()
+            states = await asyncio.gather(*(state(channel) for _, _, channel in upstreams))
+            not_ready = {
+                f"{name} {address}": status
+                for (name, address, _), status in zip(upstreams, states, strict=True)
+                if status != "SERVING"
+            }
+            if not not_ready:
+                log.info("upstream services are SERVING", extra={"waited": reported is not None})
+                return
+            if not_ready != reported:
+                log.info(
+                    "waiting for the upstream services to report SERVING; "
+                    "the gateway reports NOT_SERVING until they do",
+                    extra={"not_ready": not_ready},
+                )
+                reported = not_ready
+            if loop.time() >= deadline:
+                log.error(
+                    "upstream services still not SERVING after %.0f s "
+                    "(retry_give_up_after_s); serving anyway",
+                    self.settings.retry_give_up_after_s,
+                    extra={"not_ready": not_ready},
+                )
+                return
+            await asyncio.sleep(poll_s)
 
     async def drain(self) -> None:
         """While the calls in flight drain, keep running jobs but claim no more."""

@@ -5,14 +5,18 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from storyreel.settings import ServiceSettings
+from storyreel.settings import ServiceSettings, secret_setting
+from storyreel_gateway.auth import check_tenant_keys
 
 
 class GatewaySettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="STORYREEL_GATEWAY_", extra="ignore")
+    # hide_input_in_errors: a wrong value of api_keys must not print the keys it holds.
+    model_config = SettingsConfigDict(
+        env_prefix="STORYREEL_GATEWAY_", extra="ignore", hide_input_in_errors=True
+    )
 
     port: int = Field(default=50050, ge=0, le=65535)
 
@@ -47,6 +51,9 @@ class GatewaySettings(ServiceSettings):
     # directory (one machine). Several replicas need PostgreSQL, e.g.
     # postgresql+asyncpg://user:password@host:5432/storyreel (postgresql:// works too).
     database_url: str = ""
+    # The same URL in a file (a mounted Secret: it holds the password), whitespace around
+    # it stripped. An alternative to database_url: setting both is an error.
+    database_url_file: Path | None = None
     # Connections each replica keeps open to PostgreSQL (and as many more at peaks).
     database_pool_size: int = Field(default=10, ge=1)
     # Jobs this replica runs at once; the rest wait in the shared queue.
@@ -113,8 +120,11 @@ class GatewaySettings(ServiceSettings):
     max_voice_chars: int = 64
 
     # API keys: tenant name -> its bearer tokens, as JSON, e.g. {"acme": ["k1", "k2"]}.
-    # Empty (with no api_keys_file) is the single-machine default: no authentication,
-    # and the gateway refuses to listen anywhere but on a loopback address.
+    # A key may be given as its SHA-256 digest, "sha256:<64 hex digits>" (printf %s KEY |
+    # sha256sum), so the configuration need not hold the key itself. Every tenant needs at
+    # least one non-empty key. No key at all (here or in api_keys_file) is the
+    # single-machine default: no authentication, and the gateway refuses to listen
+    # anywhere but on a loopback address. Errors about keys never print a key.
     api_keys: dict[str, list[SecretStr]] = Field(default_factory=dict)
     # The same mapping in a JSON file (a mounted Secret); merged with api_keys.
     api_keys_file: Path | None = None
@@ -128,31 +138,61 @@ class GatewaySettings(ServiceSettings):
         return self.lease_s / 3
 
     def tenant_keys(self) -> dict[str, list[str]]:
-        """Every configured tenant with its keys (from api_keys and api_keys_file)."""
+        """Every configured tenant with its keys (from api_keys and api_keys_file).
+
+        Raises ValueError, naming the tenant and never a key, for a malformed mapping.
+        """
         import json
 
-        keys = {
-            tenant: [k.get_secret_value() for k in values]
-            for tenant, values in self.api_keys.items()
-        }
+        keys = check_tenant_keys(
+            {
+                tenant: [k.get_secret_value() for k in values]
+                for tenant, values in self.api_keys.items()
+            },
+            "STORYREEL_GATEWAY_API_KEYS",
+        )
         if self.api_keys_file:
-            loaded = json.loads(self.api_keys_file.read_text())
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{self.api_keys_file} must hold a JSON object of tenant -> keys")
-            for tenant, values in loaded.items():
-                values = [values] if isinstance(values, str) else list(values)
-                keys.setdefault(tenant, []).extend(str(v) for v in values)
+            where = f"api_keys_file {self.api_keys_file}"
+            try:
+                text = self.api_keys_file.read_text()
+            except OSError as exc:
+                raise ValueError(f"cannot read {where}: {exc.strerror or exc}") from None
+            try:
+                loaded = json.loads(text)
+            except ValueError as exc:
+                # The decoder's message gives the position only, never the text.
+                raise ValueError(
+                    f"{where} is not valid JSON: {exc.msg} at line {exc.lineno}"
+                ) from None
+            for tenant, values in check_tenant_keys(loaded, where).items():
+                keys.setdefault(tenant, []).extend(values)
         return keys
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _one_key_as_a_list(cls, value: object) -> object:
+        # {"acme": "k"} means {"acme": ["k"]}, as in api_keys_file.
+        if isinstance(value, dict):
+            return {t: [v] if isinstance(v, str) else v for t, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _database_url_from_file(self) -> GatewaySettings:
+        self.database_url = secret_setting(
+            self.database_url, self.database_url_file, "STORYREEL_GATEWAY_DATABASE_URL"
+        )
+        return self
 
     @model_validator(mode="after")
     def _safe_defaults(self) -> GatewaySettings:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("set both tls_cert_file and tls_key_file, or neither")
-        if not self.api_keys and not self.api_keys_file and not _is_loopback(self.host):
+        tenant_keys = self.tenant_keys()
+        if not any(tenant_keys.values()) and not _is_loopback(self.host):
             raise ValueError(
                 f"the gateway has no API keys configured, so it listens only on a loopback "
-                f"address; host={self.host!r} needs STORYREEL_GATEWAY_API_KEYS or "
-                "STORYREEL_GATEWAY_API_KEYS_FILE"
+                f"address; host={self.host!r} needs a tenant with a key in "
+                "STORYREEL_GATEWAY_API_KEYS or STORYREEL_GATEWAY_API_KEYS_FILE"
             )
         return self
 

@@ -165,6 +165,14 @@ class Signals:
             await asyncio.wait_for(event.wait(), timeout_s)
 
 
+@dataclass(frozen=True)
+class StoredAudio:
+    """A stored upload as the composer's probe found it (None: stored before probes)."""
+
+    duration_s: float | None
+    codec: str | None
+
+
 class JobStore:
     """The job, event and upload tables, with the transactions the gateway needs."""
 
@@ -821,20 +829,32 @@ class JobStore:
             ).scalar_one()
         )
 
-    async def finish_upload(self, upload_id: str, uri: str, size: int, ttl_s: float) -> None:
+    async def finish_upload(
+        self,
+        upload_id: str,
+        uri: str,
+        size: int,
+        ttl_s: float,
+        duration_s: float | None = None,
+        codec: str | None = None,
+    ) -> bool:
+        """Mark an upload stored, with what its probe found; False if its row is gone."""
         async with self.db.write() as conn:
             clock = self.db.now()
-            await conn.execute(
+            result = await conn.execute(
                 update(uploads)
-                .where(uploads.c.upload_id == upload_id)
+                .where(uploads.c.upload_id == upload_id, uploads.c.state == "receiving")
                 .values(
                     state="stored",
                     uri=uri,
                     size_bytes=size,
                     heartbeat_at=clock,
                     expires_at=clock + ttl_s,
+                    duration_s=duration_s,
+                    codec=codec[:64] if codec is not None else None,
                 )
             )
+        return result.rowcount == 1
 
     async def abort_upload(self, upload_id: str) -> None:
         async with self.db.write() as conn:
@@ -857,6 +877,22 @@ class JobStore:
                 .where(uploads.c.upload_id == row.upload_id)
                 .values(job_id=job_id, expires_at=None)
             )
+
+    async def stored_audio(self, tenant: str, uri: str) -> StoredAudio | None:
+        """The tenant's stored upload at ``uri`` with what its probe found; None if none."""
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(uploads.c.duration_s, uploads.c.codec).where(
+                        uploads.c.tenant == tenant,
+                        uploads.c.uri == uri,
+                        uploads.c.state == "stored",
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        return StoredAudio(duration_s=row.duration_s, codec=row.codec)
 
     async def has_upload(self, tenant: str, uri: str) -> bool:
         async with self.db.read() as conn:

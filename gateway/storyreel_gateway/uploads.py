@@ -9,6 +9,13 @@
   under ``upload_tmp_dir``, locked while the process lives. At start, the
   folders of processes that died (their lock is free) are removed, so a
   SIGKILL never leaves a file behind for good.
+* **Probed before it is reported.** Once stored, the file is read by the
+  composer (``ProbeAudio``) exactly as a job's Compose would read it. Audio the
+  composer would refuse (not audio behind a valid header, a playlist, corrupt
+  or truncated data, too long) is deleted, object and row, and the upload
+  answers INVALID_ARGUMENT with the composer's reason; what the probe found
+  (length, codec) is kept with the upload, so admission can check a job's
+  audio against its scenes before the job exists.
 * **Expiry.** An upload that no job used within ``upload_ttl_s`` is deleted,
   object and row; one that a job used lives as long as the job.
 """
@@ -25,7 +32,9 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from storyreel.errors import DeadlineExceeded, InvalidInput, NotFound
 from storyreel.storage import ArtifactStore
@@ -38,6 +47,36 @@ log = logging.getLogger(__name__)
 #: Progress is written to the database at most this often (bytes or seconds).
 _PROGRESS_BYTES = 4 * 1024 * 1024
 _LOCK = ".lock"
+
+
+@dataclass(frozen=True)
+class ProbedAudio:
+    """What the composer found in an upload (ComposeService.ProbeAudio)."""
+
+    duration_s: float
+    codec: str
+    sample_rate: int = 0
+    channels: int = 0
+    format: str = ""
+
+
+@dataclass(frozen=True)
+class StoredUpload:
+    """An upload that was stored and passed the composer's probe."""
+
+    uri: str
+    size_bytes: int
+    #: None only when the Uploads has no prober (benchmarks, core tests).
+    audio: ProbedAudio | None = None
+
+
+class AudioProber(Protocol):
+    """Reads a stored upload as the composer would (``clients.ComposeClient``).
+
+    Raises InvalidInput with the composer's reason for audio it would refuse.
+    """
+
+    async def probe_audio(self, uri: str) -> ProbedAudio: ...
 
 
 def tenant_digest(tenant: str) -> str:
@@ -99,12 +138,18 @@ class Uploads:
     """Receives, stores and expires audio uploads."""
 
     def __init__(
-        self, settings: GatewaySettings, store: ArtifactStore, jobs: JobStore, owner: str
+        self,
+        settings: GatewaySettings,
+        store: ArtifactStore,
+        jobs: JobStore,
+        owner: str,
+        prober: AudioProber | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.jobs = jobs
         self.owner = owner
+        self.prober = prober
         root = settings.upload_tmp_dir or Path(tempfile.gettempdir()) / "storyreel-gateway-uploads"
         self.spool = SpoolFolder(root)
 
@@ -118,8 +163,12 @@ class Uploads:
     def close(self) -> None:
         self.spool.close()
 
-    async def receive(self, tenant: str, chunks: AsyncIterable[bytes]) -> tuple[str, int]:
-        """Store an uploaded audio file; returns (uri, size). Nothing is kept on failure."""
+    async def receive(self, tenant: str, chunks: AsyncIterable[bytes]) -> StoredUpload:
+        """Store an uploaded audio file and have the composer probe it.
+
+        Nothing is kept on failure: audio the composer refuses is deleted,
+        object and row, and InvalidInput carries the composer's reason.
+        """
         s = self.settings
         stale_s = s.upload_idle_timeout_s * 2
         upload_id = await self.jobs.begin_upload(
@@ -161,14 +210,71 @@ class Uploads:
             )
             key = f"{upload_prefix(tenant)}{uuid.uuid4().hex}/audio.{ext}"
             uri = await asyncio.to_thread(self.store.put_file, key, path)
-            await self.jobs.finish_upload(upload_id, uri, size, s.upload_ttl_s)
+            path.unlink(missing_ok=True)
+            try:
+                audio = await self._probe(upload_id, tenant, uri, size)
+                if not await self.jobs.finish_upload(
+                    upload_id,
+                    uri,
+                    size,
+                    s.upload_ttl_s,
+                    audio.duration_s if audio else None,
+                    audio.codec if audio else None,
+                ):
+                    raise DeadlineExceeded(
+                        "the upload took too long to be checked and was given up; send it again"
+                    )
+            except BaseException:
+                await asyncio.shield(self._delete(uri))
+                raise
             stored = True
         finally:
             path.unlink(missing_ok=True)
             if not stored:
                 await asyncio.shield(self.jobs.abort_upload(upload_id))
-        log.info("audio uploaded", extra={"uri": uri, "bytes": size})
-        return uri, size
+        log.info(
+            "audio uploaded",
+            extra={
+                "uri": uri,
+                "bytes": size,
+                "duration_s": audio.duration_s if audio else None,
+                "codec": audio.codec if audio else None,
+            },
+        )
+        return StoredUpload(uri, size, audio)
+
+    async def _probe(self, upload_id: str, tenant: str, uri: str, size: int) -> ProbedAudio | None:
+        """The composer's reading of the stored upload; its row is kept alive meanwhile."""
+        if self.prober is None:
+            return None
+        heartbeat = asyncio.create_task(self._keep_alive(upload_id, tenant, size))
+        try:
+            return await self.prober.probe_audio(uri)
+        except InvalidInput as exc:
+            raise InvalidInput(_refusal(exc.message, uri)) from None
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+
+    async def _keep_alive(self, upload_id: str, tenant: str, size: int) -> None:
+        """Beat the upload's heartbeat while the composer reads it (a slow probe is not dead)."""
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.upload_idle_timeout_s / 2)
+            try:
+                await self.jobs.upload_progress(
+                    upload_id, tenant, size, 0, s.upload_idle_timeout_s * 2
+                )
+            except Exception as exc:  # the next beat tries again; the probe goes on
+                log.warning("upload heartbeat failed", extra={"error": str(exc)})
+
+    async def _delete(self, uri: str) -> None:
+        try:
+            await asyncio.to_thread(self.store.delete, uri)
+        except NotFound:
+            pass
+        except Exception as exc:  # the row goes; expiry cannot find the object again
+            log.error("could not delete a refused upload", extra={"uri": uri, "error": str(exc)})
 
     async def expire(self) -> int:
         """Delete uploads no job used in time, and rows of receivers that died; returns how many."""
@@ -182,6 +288,18 @@ class Uploads:
         if expired:
             log.info("expired uploads deleted", extra={"count": len(expired)})
         return len(expired)
+
+
+def _refusal(message: str, uri: str) -> str:
+    """The composer's reason for refusing an upload, said of "the upload".
+
+    The composer names the object (``audio_uri <uri> is not usable audio: ...``);
+    the object is deleted, so the message names the upload instead.
+    """
+    prefix = f"audio_uri {uri} "
+    if message.startswith(prefix):
+        return "the upload " + message[len(prefix) :]
+    return f"the upload was refused by the composer: {message}"
 
 
 async def _idle_limited(chunks: AsyncIterable[bytes], idle_s: float) -> AsyncIterator[bytes]:

@@ -1,10 +1,19 @@
-"""Client channels to storyreel services, with retries on transient failures."""
+"""Client channels to storyreel services, with retries on transient failures.
+
+A channel to an internal service (story, render, compose) carries the deployment's
+trust (:class:`~storyreel.settings.InternalSettings`): the internal token on every
+call, as ``authorization: Bearer <token>`` metadata, and with mutual TLS this
+process's client certificate, the server checked against the deployment's CA.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import grpc
+
+from storyreel.settings import InternalSettings
 
 #: Retry UNAVAILABLE (a replica restarting) and RESOURCE_EXHAUSTED (a full
 #: queue) with exponential backoff. Applies to every method of the channel.
@@ -25,14 +34,116 @@ RETRY_SERVICE_CONFIG = {
 }
 
 
+#: The metadata key that carries the internal token (as ``Bearer <token>``).
+INTERNAL_TOKEN_HEADER = "authorization"
+
+
+def internal_metadata(internal: InternalSettings | None) -> tuple[tuple[str, str], ...]:
+    """The metadata that proves a call comes from inside the deployment (may be empty)."""
+    token = internal.token_value if internal is not None else None
+    return ((INTERNAL_TOKEN_HEADER, f"Bearer {token}"),) if token else ()
+
+
+def internal_channel_credentials(
+    internal: InternalSettings | None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials with this process's client certificate; None without mutual TLS."""
+    if internal is None or not internal.tls:
+        return None
+    ca, cert, key = internal.tls_files()
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+
+
+def _with_metadata(details: grpc.aio.ClientCallDetails, extra: Sequence[tuple[str, str]]):
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    for key, value in extra:
+        # The call's own value of the header never travels beside ours.
+        metadata.set_all(key, [value])
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class _MetadataUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, extra: Sequence[tuple[str, str]]) -> None:
+        self._extra = extra
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(_with_metadata(client_call_details, self._extra), request)
+
+
+class _MetadataUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, extra: Sequence[tuple[str, str]]) -> None:
+        self._extra = extra
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(_with_metadata(client_call_details, self._extra), request)
+
+
+class _MetadataStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, extra: Sequence[tuple[str, str]]) -> None:
+        self._extra = extra
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(
+            _with_metadata(client_call_details, self._extra), request_iterator
+        )
+
+
+class _MetadataStreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, extra: Sequence[tuple[str, str]]) -> None:
+        self._extra = extra
+
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(
+            _with_metadata(client_call_details, self._extra), request_iterator
+        )
+
+
+def metadata_interceptors(
+    extra: Sequence[tuple[str, str]],
+) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that add ``extra`` to the metadata of every call, of all four
+    kinds (grpc.aio files an interceptor under one kind only, so there is one per kind).
+
+    Interceptors rather than call credentials: gRPC sends call credentials over TLS only,
+    and the token must travel on plaintext channels too (inside a cluster without mTLS).
+    """
+    extra = tuple(extra)
+    if not extra:
+        return []
+    return [
+        _MetadataUnaryUnary(extra),
+        _MetadataUnaryStream(extra),
+        _MetadataStreamUnary(extra),
+        _MetadataStreamStream(extra),
+    ]
+
+
 def open_channel(
-    address: str, *, max_message_bytes: int = 4 * 1024 * 1024, retries: bool = True
+    address: str,
+    *,
+    max_message_bytes: int = 4 * 1024 * 1024,
+    retries: bool = True,
+    internal: InternalSettings | None = None,
 ) -> grpc.aio.Channel:
-    """An aio channel to ``address`` (host:port, or dns:///name:port for every replica)."""
+    """An aio channel to ``address`` (host:port, or dns:///name:port for every replica).
+
+    With ``internal``, every call carries its token and, when it configures mutual TLS,
+    the channel speaks TLS with this process's client certificate.
+    """
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 1 if retries else 0),
         ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG)),
     ]
-    return grpc.aio.insecure_channel(address, options=options)
+    interceptors = metadata_interceptors(internal_metadata(internal)) or None
+    credentials = internal_channel_credentials(internal)
+    if credentials is not None:
+        return grpc.aio.secure_channel(
+            address, credentials, options=options, interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)

@@ -1,7 +1,7 @@
 """The ``storyreel`` command line.
 
     storyreel generate "PROMPT" [--audio FILE] [--scenes N] [--seed S] [-o out.mp4]
-    storyreel serve
+    storyreel serve [--base-port N]
     storyreel status|watch|cancel|download JOB
     storyreel regenerate JOB INDEX [--prompt P] [--seed S]
     storyreel list
@@ -183,12 +183,38 @@ def _final(job, job_id: str) -> None:
     raise CliError(f"job {job_id} ended {_describe(job)}", EXIT_JOB_FAILED)
 
 
-def _download(job, output: Path) -> Path:
-    """Fetch the video to ``output``, and its captions beside it (``.srt``, ``.vtt``)."""
-    _fetch(job.video_url, output)
+def _read_artifact(client: GatewayClient, job_id: str, uri: str, output: Path) -> None:
+    """Stream one of the job's artifacts from the gateway (ReadArtifact) into ``output``."""
+    pb = _pb()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    part = output.with_name(f".{output.name}.part")
+    request = pb.ReadArtifactRequest(job_id=job_id, uri=uri)
+    try:
+        with part.open("wb") as fh:
+            for message in client.stub.ReadArtifact(request, metadata=client.metadata):
+                fh.write(message.chunk)
+    except grpc.RpcError as error:
+        part.unlink(missing_ok=True)
+        raise _rpc_error(error, f"cannot download {uri}") from None
+    part.replace(output)
+
+
+def _download(job, output: Path, client: GatewayClient | None = None) -> Path:
+    """Fetch the video to ``output``, and its captions beside it (``.srt``, ``.vtt``).
+
+    A URL (S3 storage: presigned) is fetched directly. A path (file storage) is one
+    on the gateway's machine: with ``client`` the bytes come through the gateway's
+    ReadArtifact, so this works from anywhere.
+    """
+    wanted = [(job.video_uri, job.video_url, output)]
     for artifact, suffix in ((job.captions_srt, ".srt"), (job.captions_vtt, ".vtt")):
         if artifact.url:
-            _fetch(artifact.url, output.with_suffix(suffix))
+            wanted.append((artifact.uri, artifact.url, output.with_suffix(suffix)))
+    for uri, url, path in wanted:
+        if client is not None and not url.startswith(("http://", "https://")):
+            _read_artifact(client, job.job_id, uri, path)
+        else:
+            _fetch(url, path)
     return output.resolve()
 
 
@@ -199,11 +225,11 @@ def _video_options(args: argparse.Namespace) -> dict:
     if args.music and not args.audio:
         raise CliError("--music plays your --audio under the narration; give --audio", EXIT_REFUSED)
     return {
-        "aspect": options.to_enum(options.ASPECTS, args.aspect or ""),
-        "resolution": options.to_enum(options.RESOLUTIONS, args.resolution or ""),
-        "consistency": options.to_enum(options.CONSISTENCY, args.consistency or ""),
-        "captions": options.to_enum(options.CAPTIONS, args.captions or ""),
-        "audio_mode": options.to_enum(options.AUDIO_MODES, "music" if args.music else ""),
+        "aspect": options.to_enum(options.API_ASPECTS, args.aspect or ""),
+        "resolution": options.to_enum(options.API_RESOLUTIONS, args.resolution or ""),
+        "consistency": options.to_enum(options.API_CONSISTENCY, args.consistency or ""),
+        "captions": options.to_enum(options.API_CAPTIONS, args.captions or ""),
+        "audio_mode": options.to_enum(options.API_AUDIO_MODES, "music" if args.music else ""),
         "voice": args.voice,
     }
 
@@ -240,7 +266,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         console.print(f"job [bold]{job_id}[/bold]")
         job = _watch(client, job_id)
         _final(job, job_id)
-        output = _download(job, args.output)
+        output = _download(job, args.output, client)
         console.print(
             f"[green]video[/green] {job.storyboard.title!r}: {len(job.images)} scenes, "
             f"{job.duration_s:.1f} s"
@@ -338,7 +364,7 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
         job = _watch(client, args.job)
         _final(job, args.job)
         if args.output:
-            print(_download(job, args.output))
+            print(_download(job, args.output, client))
         else:
             print(job.video_url)
     return 0
@@ -346,24 +372,32 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     pb = _pb()
-    job = _one_call(args, "GetJob", pb.GetJobRequest(job_id=args.job), f"job {args.job}")
-    _final(job, args.job)
-    print(_download(job, args.output or Path(f"{args.job}.mp4")))
+    with ExitStack() as stack:
+        client = _client(args, stack)
+        job = client.call("GetJob", pb.GetJobRequest(job_id=args.job), f"job {args.job}").job
+        _final(job, args.job)
+        print(_download(job, args.output or Path(f"{args.job}.mp4"), client))
     return 0
 
 
-def _start_stack(stack: ExitStack, data_dir: Path):
-    """Start the local stack, stopped when ``stack`` closes; returns (LocalStack, address)."""
+def _start_stack(stack: ExitStack, data_dir: Path, base_port: int | None = None):
+    """Start the local stack, stopped when ``stack`` closes; returns (LocalStack, address).
+
+    Each service listens on its STORYREEL_<SERVICE>_PORT, or with ``base_port`` N on
+    N (gateway), N+1 (llm), N+2 (diffusion) and N+3 (composer).
+    """
     from storyreel.stack import LocalStack
 
-    local = stack.enter_context(LocalStack(data_dir))
-    with console.status("starting storyreel services (loading models)..."):
-        try:
+    try:
+        local = stack.enter_context(LocalStack(data_dir, base_port=base_port))
+        with console.status("starting storyreel services (loading models)..."):
             address = local.start(
                 on_ready=lambda p: console.print(f"  {p.spec.name} ready on {p.address}")
             )
-        except UpstreamFailed as exc:
-            raise CliError(str(exc), EXIT_UNREACHABLE) from None
+    except ValueError as exc:  # a port setting that is no port
+        raise CliError(str(exc), EXIT_REFUSED) from None
+    except UpstreamFailed as exc:
+        raise CliError(str(exc), EXIT_UNREACHABLE) from None
     return local, address
 
 
@@ -372,7 +406,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     with ExitStack() as stack:
-        local, address = _start_stack(stack, args.data_dir)
+        local, address = _start_stack(stack, args.data_dir, args.base_port)
         console.print(
             f"[green]storyreel is serving[/green] on {address} (logs in {args.data_dir}/logs)"
         )
@@ -438,6 +472,19 @@ def cmd_compose(args: argparse.Namespace) -> int:
 DEFAULT_STORY_ADDRESS = os.environ.get("STORYREEL_STORY_ADDRESS", "127.0.0.1:50051")
 
 
+def _base_port(text: str) -> int:
+    """argparse type: the first of four consecutive ports (1 to 65532)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= value <= 65532:
+        raise argparse.ArgumentTypeError(
+            f"base port must be from 1 to 65532 (it and the next three are used), got {value}"
+        )
+    return value
+
+
 def _scene_count(text: str) -> int:
     """argparse type: a scene count of 1 to 24 (the story contract's bounds)."""
     try:
@@ -491,20 +538,40 @@ def _print_storyboard(board: dict) -> None:
 
 
 def _storyboard_remote(args: argparse.Namespace) -> dict:
+    from storyreel.channels import internal_channel_credentials, internal_metadata
+    from storyreel.settings import InternalSettings
     from storyreel.story.v1 import story_pb2, story_pb2_grpc
 
     request = story_pb2.WriteStoryboardRequest(
         prompt=args.prompt, scene_count=args.scenes, style=args.style, seed=args.seed
     )
-    with grpc.insecure_channel(args.address) as channel:
+    # The story service is internal: it wants the deployment's token (and, with mutual
+    # TLS, a client certificate), from the same STORYREEL_INTERNAL_* settings.
+    try:
+        internal = InternalSettings()
+    except ValueError as exc:
+        raise CliError(f"internal settings: {exc}", EXIT_REFUSED) from None
+    credentials = internal_channel_credentials(internal)
+    channel = (
+        grpc.secure_channel(args.address, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(args.address)
+    )
+    with channel:
         try:
             response = story_pb2_grpc.StoryServiceStub(channel).WriteStoryboard(
-                request, timeout=args.timeout
+                request, timeout=args.timeout, metadata=internal_metadata(internal)
             )
         except grpc.RpcError as error:
             code, details = error.code(), error.details()
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise CliError(f"request refused: {details}", EXIT_REFUSED) from None
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise CliError(
+                    f"the story service refused the call: {details}; set "
+                    "STORYREEL_INTERNAL_TOKEN (or ..._TOKEN_FILE) to its internal token",
+                    EXIT_REFUSED,
+                ) from None
             if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
                 raise CliError(
                     f"story service at {args.address} unreachable ({details})", EXIT_UNREACHABLE
@@ -639,6 +706,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run every service on localhost until interrupted")
     serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    serve.add_argument(
+        "--base-port",
+        type=_base_port,
+        default=None,
+        metavar="N",
+        help="listen on N (gateway), N+1 (llm), N+2 (diffusion) and N+3 (composer); "
+        "default: each STORYREEL_<SERVICE>_PORT, else 50050-50053",
+    )
     serve.set_defaults(func=cmd_serve)
 
     comp = sub.add_parser(
@@ -678,8 +753,10 @@ def build_parser() -> argparse.ArgumentParser:
         "storyboard",
         help="write a storyboard (title, characters, scenes) without making a video",
         description="Asks the story service (STORYREEL_STORY_ADDRESS, default 127.0.0.1:50051) "
-        "for a storyboard and prints it. With --local the story writer runs in this process "
-        "instead, configured by the same STORYREEL_LLM_* settings as the service.",
+        "for a storyboard and prints it, presenting the internal token of "
+        "STORYREEL_INTERNAL_TOKEN (or ..._TOKEN_FILE) when the service wants one. With --local "
+        "the story writer runs in this process instead, configured by the same "
+        "STORYREEL_LLM_* settings as the service.",
     )
     board.add_argument("prompt")
     board.add_argument("--scenes", type=_scene_count, default=3, help="number of scenes (1-24)")

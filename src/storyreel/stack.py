@@ -2,12 +2,19 @@
 
 Used by ``storyreel serve`` and ``storyreel generate --serve``. Artifacts go to
 a local folder (file:// storage) unless STORYREEL_STORAGE_URL says otherwise.
+
+The services trust each other through an internal token that each stack makes up
+when it is created (unless ``STORYREEL_INTERNAL_TOKEN`` or ``..._TOKEN_FILE`` is
+set): it reaches the four processes in their environment, which only this user can
+read, so other users of the machine cannot call the story, render and compose
+services directly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -39,6 +46,11 @@ DEFAULT_SERVICES = (
 )
 
 
+#: Where each service listens relative to ``--base-port`` N: the gateway on N, ...
+BASE_PORT_OFFSETS = {"gateway": 0, "llm": 1, "diffusion": 2, "composer": 3}
+BASE_PORT_SPAN = max(BASE_PORT_OFFSETS.values())
+
+
 @dataclass
 class RunningProcess:
     spec: ServiceSpec
@@ -62,31 +74,83 @@ class RunningProcess:
 class LocalStack:
     """The four services as child processes on 127.0.0.1.
 
-    ``fixed_ports=False`` lets every service bind a free port (tests); the
-    default binds the well-known ports so clients find the gateway at 50050.
+    Each service listens on the port its ``STORYREEL_<SERVICE>_PORT`` names (in
+    ``env`` or the environment), else on its well-known port (the gateway on
+    50050, then llm, diffusion, composer). With ``base_port`` N, the gateway gets
+    N and the others N+1, N+2, N+3, whatever the environment says.
+    ``fixed_ports=False`` lets every service bind a free port (tests).
     """
 
     data_dir: Path
     fixed_ports: bool = True
+    base_port: int | None = None
     env: dict[str, str] = field(default_factory=dict)
     services: tuple[ServiceSpec, ...] = DEFAULT_SERVICES
     processes: dict[str, RunningProcess] = field(default_factory=dict)
+    #: The internal token this stack's services share, made up once per stack (restarted
+    #: services keep it). Not used when the environment or ``env`` names a token.
+    internal_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+
+    def __post_init__(self) -> None:
+        if self.base_port is not None and not 1 <= self.base_port <= 65535 - BASE_PORT_SPAN:
+            raise ValueError(
+                f"base port must be from 1 to {65535 - BASE_PORT_SPAN}, got {self.base_port}"
+            )
 
     @property
     def gateway_address(self) -> str:
         return self.processes["gateway"].address
 
+    def port_for(self, spec: ServiceSpec) -> int:
+        """The port ``spec`` listens on: see the class docstring."""
+        if not self.fixed_ports:
+            return 0
+        if self.base_port is not None:
+            return self.base_port + BASE_PORT_OFFSETS.get(spec.name, spec.port - 50050)
+        variable = f"{spec.env_prefix}PORT"
+        value = self.env.get(variable, os.environ.get(variable, "")).strip()
+        if not value:
+            return spec.port
+        if not value.isdigit() or not 0 <= int(value) <= 65535:
+            raise ValueError(f"{variable} must be a port number from 0 to 65535, got {value!r}")
+        return int(value)
+
     def _base_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.setdefault("STORYREEL_STORAGE_URL", (self.data_dir / "artifacts").resolve().as_uri())
-        # The gateway's job database: SQLite beside the artifacts (PostgreSQL if set).
-        env.setdefault(
-            "STORYREEL_GATEWAY_DATABASE_URL",
-            f"sqlite+aiosqlite:///{(self.data_dir / 'gateway.db').resolve()}",
-        )
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update(self.env)
+        # The gateway's job database: SQLite beside the artifacts (PostgreSQL if set).
+        if not _set(env, "STORYREEL_GATEWAY_DATABASE_URL", "STORYREEL_GATEWAY_DATABASE_URL_FILE"):
+            env["STORYREEL_GATEWAY_DATABASE_URL"] = (
+                f"sqlite+aiosqlite:///{(self.data_dir / 'gateway.db').resolve()}"
+            )
+        # Every service gets the same internal token: the gateway presents it, the others
+        # refuse calls without it.
+        if not _set(env, "STORYREEL_INTERNAL_TOKEN", "STORYREEL_INTERNAL_TOKEN_FILE"):
+            env["STORYREEL_INTERNAL_TOKEN"] = self.internal_token
         return env
+
+    @property
+    def internal_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata that lets a call through to this stack's internal services."""
+        from storyreel.channels import internal_metadata
+
+        return internal_metadata(self._internal_settings())
+
+    def _internal_settings(self):
+        """The STORYREEL_INTERNAL_* settings the stack's processes get."""
+        from storyreel.settings import InternalSettings
+
+        env = self._base_env()
+        fields = {
+            "token": env.get("STORYREEL_INTERNAL_TOKEN") or "",
+            "token_file": env.get("STORYREEL_INTERNAL_TOKEN_FILE") or None,
+            "tls_ca_file": env.get("STORYREEL_INTERNAL_TLS_CA_FILE") or None,
+            "tls_cert_file": env.get("STORYREEL_INTERNAL_TLS_CERT_FILE") or None,
+            "tls_key_file": env.get("STORYREEL_INTERNAL_TLS_KEY_FILE") or None,
+        }
+        return InternalSettings(**fields)
 
     def _launch(
         self, spec: ServiceSpec, extra: dict[str, str], port: int | None = None
@@ -101,9 +165,7 @@ class LocalStack:
         env.update(
             {
                 f"{spec.env_prefix}HOST": "127.0.0.1",
-                f"{spec.env_prefix}PORT": str(
-                    port if port is not None else spec.port if self.fixed_ports else 0
-                ),
+                f"{spec.env_prefix}PORT": str(port if port is not None else self.port_for(spec)),
                 f"{spec.env_prefix}PORT_FILE": str(port_file),
                 **extra,
             }
@@ -137,8 +199,22 @@ class LocalStack:
             time.sleep(0.05)
         raise UpstreamFailed(f"{running.spec.name} did not bind a port in time")
 
+    def _health_channel(self, running: RunningProcess) -> grpc.Channel:
+        """A channel for health checks; over mutual TLS to an internal service that wants it."""
+        from storyreel.channels import internal_channel_credentials
+
+        gateway = running.spec.module == "storyreel_gateway" or running.spec.name == "gateway"
+        if not gateway and _set(self._base_env(), "STORYREEL_INTERNAL_TLS_CA_FILE"):
+            try:
+                credentials = internal_channel_credentials(self._internal_settings())
+            except ValueError:
+                credentials = None  # the service itself says what is wrong, and exits
+            if credentials is not None:
+                return grpc.secure_channel(running.address, credentials)
+        return grpc.insecure_channel(running.address)
+
     def _wait_serving(self, running: RunningProcess, deadline: float) -> None:
-        with grpc.insecure_channel(running.address) as channel:
+        with self._health_channel(running) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if running.process.poll() is not None:
@@ -235,3 +311,8 @@ class LocalStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _set(env: dict[str, str], *names: str) -> bool:
+    """Whether ``env`` gives any of ``names`` a non-empty value."""
+    return any(env.get(name, "").strip() for name in names)

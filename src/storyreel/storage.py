@@ -18,30 +18,102 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from storyreel.errors import InvalidInput, NotFound, UpstreamFailed
+from storyreel.ids import shown
 from storyreel.settings import StorageSettings
 
-_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+# Matched with fullmatch: "$" alone would also accept a trailing newline.
+_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
+
+#: Longest object key (S3 allows 1024 bytes; keys are ASCII), and longest part of one
+#: (most file systems allow 255 bytes in a name).
+MAX_KEY_CHARS = 1024
+MAX_KEY_PART_CHARS = 255
 
 
 def check_key(key: str) -> str:
     """Return ``key`` if it is a safe relative object key, else raise InvalidInput.
 
     Keys are built by storyreel from ids it generated, never from user text;
-    this check is the backstop that keeps ``..`` and absolute paths out.
+    this check is the backstop that keeps ``..``, absolute paths, and names no file
+    system or object store would take out. The message shows only the start of a
+    long key.
     """
-    if not _KEY_RE.match(key) or any(part in {".", ".."} for part in key.split("/")):
-        raise InvalidInput(f"invalid object key {key!r}")
+    if not isinstance(key, str):
+        raise InvalidInput(f"invalid object key {shown(key)}: not a string")
+    if len(key) > MAX_KEY_CHARS:
+        raise InvalidInput(
+            f"invalid object key {shown(key)}: longer than {MAX_KEY_CHARS} characters"
+        )
+    parts = key.split("/")
+    if any(len(part) > MAX_KEY_PART_CHARS for part in parts):
+        raise InvalidInput(
+            f"invalid object key {shown(key)}: a name in it is longer than "
+            f"{MAX_KEY_PART_CHARS} characters"
+        )
+    if not _KEY_RE.fullmatch(key) or any(part in {".", ".."} for part in parts):
+        raise InvalidInput(f"invalid object key {shown(key)}")
     return key
 
 
 def guess_content_type(key: str) -> str:
     return mimetypes.guess_type(key)[0] or "application/octet-stream"
+
+
+#: Bytes per read of :meth:`ArtifactStore.open_read` unless the caller says otherwise.
+READ_CHUNK_BYTES = 256 * 1024
+
+
+class ArtifactReader:
+    """An artifact opened for reading, a chunk at a time (:meth:`ArtifactStore.open_read`).
+
+    ``size`` is the whole object's size and ``content_type`` its media type,
+    both known before any byte is read. Never holds more than one chunk in
+    memory. Close it (or use ``with``) to free the file or connection early.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        content_type: str,
+        read: Callable[[], bytes],
+        close: Callable[[], None],
+    ) -> None:
+        self.size = size
+        self.content_type = content_type
+        self._read = read
+        self._close = close
+        self.closed = False
+
+    def read_chunk(self) -> bytes:
+        """The next bytes (at most the chunk size); b"" at the end."""
+        if self.closed:
+            return b""
+        chunk = self._read()
+        if not chunk:
+            self.close()
+        return chunk
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._close()
+
+    def __enter__(self) -> ArtifactReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_offset(offset: int, size: int, uri: str) -> None:
+    if not 0 <= offset <= size:
+        raise InvalidInput(f"offset must be between 0 and the size of {uri}, {size} (got {offset})")
 
 
 class ArtifactStore(abc.ABC):
@@ -56,7 +128,12 @@ class ArtifactStore(abc.ABC):
     def key_of(self, uri: str) -> str:
         """Object key of ``uri``; InvalidInput if the URI is not in this store."""
         if not isinstance(uri, str) or not uri.startswith(self.root_uri):
-            raise InvalidInput(f"URI {uri!r} is not in the artifact store {self.root_uri!r}")
+            raise InvalidInput(f"URI {shown(uri)} is not in the artifact store {self.root_uri!r}")
+        # Percent-escapes aside, the rest is a key: refuse what cannot be one unread.
+        if len(uri) - len(self.root_uri) > 3 * MAX_KEY_CHARS:
+            raise InvalidInput(
+                f"URI {shown(uri)} is too long: object keys are at most {MAX_KEY_CHARS} characters"
+            )
         return check_key(unquote(uri[len(self.root_uri) :]))
 
     @abc.abstractmethod
@@ -74,6 +151,16 @@ class ArtifactStore(abc.ABC):
     @abc.abstractmethod
     def download(self, uri: str, path: Path) -> Path:
         """Copy the object to ``path`` and return ``path``; NotFound if missing."""
+
+    @abc.abstractmethod
+    def open_read(
+        self, uri: str, offset: int = 0, chunk_size: int = READ_CHUNK_BYTES
+    ) -> ArtifactReader:
+        """Open the object to stream it from byte ``offset``, ``chunk_size`` bytes a read.
+
+        NotFound if it does not exist (raised here, before any byte is read);
+        InvalidInput for an offset outside 0..size.
+        """
 
     @abc.abstractmethod
     def exists(self, uri: str) -> bool: ...
@@ -113,8 +200,17 @@ class FileStore(ArtifactStore):
 
     def _write(self, key: str, writer) -> str:
         target = self.root / check_key(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        for attempt in range(3):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, tmp = tempfile.mkstemp(
+                    dir=target.parent, prefix=f".{target.name}.", suffix=".part"
+                )
+                break
+            except FileNotFoundError:
+                # A delete removed the folder, empty, between the two calls: make it again.
+                if attempt == 2:
+                    raise
         try:
             with os.fdopen(fd, "wb") as fh:
                 writer(fh)
@@ -147,11 +243,40 @@ class FileStore(ArtifactStore):
             raise NotFound(f"artifact {uri} does not exist") from None
         return Path(path)
 
+    def open_read(
+        self, uri: str, offset: int = 0, chunk_size: int = READ_CHUNK_BYTES
+    ) -> ArtifactReader:
+        path = self.path_of(uri)
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - closed by the reader
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"artifact {uri} does not exist") from None
+        try:
+            size = os.fstat(fh.fileno()).st_size
+            _check_offset(offset, size, uri)
+            fh.seek(offset)
+        except BaseException:
+            fh.close()
+            raise
+        return ArtifactReader(
+            size, guess_content_type(path.name), lambda: fh.read(chunk_size), fh.close
+        )
+
     def exists(self, uri: str) -> bool:
         return self.path_of(uri).is_file()
 
     def delete(self, uri: str) -> None:
-        self.path_of(uri).unlink(missing_ok=True)
+        path = self.path_of(uri)
+        path.unlink(missing_ok=True)
+        # The folders the object was alone in go with it, as in an object store (which has
+        # no folders): a refused or expired upload leaves no empty folder behind.
+        folder = path.parent
+        while folder != self.root and folder.is_relative_to(self.root):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or already gone
+                break
+            folder = folder.parent
 
     def list(self, prefix: str = "", start_after: str = "") -> Iterator[str]:
         # Walk only the folder the prefix names, not the whole store.
@@ -272,6 +397,28 @@ class S3Store(ArtifactStore):
     def download(self, uri: str, path: Path) -> Path:
         self._call(uri, self.client.fget_object, self.bucket, self._object(uri), str(path))
         return Path(path)
+
+    def open_read(
+        self, uri: str, offset: int = 0, chunk_size: int = READ_CHUNK_BYTES
+    ) -> ArtifactReader:
+        name = self._object(uri)
+        stat = self._call(uri, self.client.stat_object, self.bucket, name)
+        size = int(stat.size or 0)
+        _check_offset(offset, size, uri)
+        content_type = stat.content_type or guess_content_type(name)
+        if offset == size:  # nothing left to send (S3 refuses an empty range)
+            return ArtifactReader(size, content_type, lambda: b"", lambda: None)
+        # The body is streamed as it is read (minio does not preload it).
+        response = self._call(uri, self.client.get_object, self.bucket, name, offset=offset)
+
+        def read() -> bytes:
+            return self._call(uri, response.read, chunk_size)
+
+        def close() -> None:
+            response.close()
+            response.release_conn()
+
+        return ArtifactReader(size, content_type, read, close)
 
     def exists(self, uri: str) -> bool:
         try:

@@ -573,23 +573,60 @@ def _too_long(tmp_path: Path, make_audio) -> Path:
     return make_audio("long.wav", "sine", 3.0)
 
 
+def _hls_playlist(tmp_path: Path, make_audio) -> Path:
+    """An HLS playlist naming a real file beside it, as an .mp3 (ID3 start) and as .m3u8."""
+    make_audio("part.mp3", "sine", 1.0, "-c:a", "libmp3lame")
+    path = tmp_path / "list.m3u8"
+    path.write_text("#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:1,\npart.mp3\n#EXT-X-ENDLIST\n")
+    return path
+
+
+def _ffconcat_playlist(tmp_path: Path, make_audio) -> Path:
+    """An ffconcat list naming a file in the composer's own work folder."""
+    path = tmp_path / "list.mp3"
+    path.write_text("ffconcat version 1.0\nfile track.wav\nfile user-audio.mp3\n")
+    return path
+
+
+def _id3_then_playlist(tmp_path: Path, make_audio) -> Path:
+    """A valid ID3 header (what the gateway sniffs as MP3) with a playlist behind it."""
+    path = tmp_path / "tagged.mp3"
+    path.write_bytes(b"ID3\x04\x00\x00\x00\x00\x00\x00ffconcat version 1.0\nfile track.wav\n")
+    return path
+
+
 @pytest.mark.parametrize(
     ("make_bad_audio", "problem"),
     [
-        # ffmpeg reads a long text file as a "tty" video; either way it is not audio.
-        (_text_file, "not usable audio: (it is not a media file|it has no audio stream)"),
+        # ffmpeg reads a long text file as a "tty" video, a container never read here.
+        (_text_file, "not usable audio: it is not (a media file|in a supported format)"),
         (_garbage_mp3, "not usable audio: it is not a media file"),
         (_cut_mp3, "not usable audio: (its data is corrupt|it is truncated)"),
         (_empty_wav, "not usable audio: the file is empty"),
         (_no_samples_wav, "not usable audio: it holds no samples"),
         (_video_without_sound, "not usable audio: it has no audio stream"),
         (_too_long, "lasts 3.0 s; the limit is 2 s"),
+        (_hls_playlist, "not usable audio: it is not in a supported format"),
+        (_ffconcat_playlist, "not usable audio: it is not in a supported format"),
+        (_id3_then_playlist, "not usable audio: it is not (a media file|in a supported format)"),
     ],
-    ids=["text", "garbage", "truncated", "empty", "no-samples", "no-audio-stream", "too-long"],
+    ids=[
+        "text",
+        "garbage",
+        "truncated",
+        "empty",
+        "no-samples",
+        "no-audio-stream",
+        "too-long",
+        "hls",
+        "ffconcat",
+        "id3-playlist",
+    ],
 )
 async def test_bad_user_audio_is_invalid_input_naming_the_problem_and_nothing_is_stored(
     make_bad_audio, problem, file_store, images, tmp_path, make_audio, composer_settings
 ):
+    """ProbeAudio (probe_audio) refuses the same audio with the very same message."""
     settings = composer_settings.model_copy(update={"max_audio_s": 2.0})
     composer = VideoComposer(
         file_store,
@@ -597,10 +634,13 @@ async def test_bad_user_audio_is_invalid_input_naming_the_problem_and_nothing_is
         settings,
     )
     bad = make_bad_audio(tmp_path, make_audio)
-    audio_uri = file_store.put_file(f"jobs/inputs/audio/{bad.name}", bad)
+    audio_uri = file_store.put_file(f"uploads/tenant/x/{bad.name}", bad)
 
-    with pytest.raises(InvalidInput, match=rf"audio_uri {re.escape(audio_uri)} .*{problem}"):
+    with pytest.raises(InvalidInput, match=rf"audio_uri {re.escape(audio_uri)} .*{problem}") as c:
         await composer.compose("job-bad-audio", [SceneInput(images[0], "Hi.")], audio_uri)
+    with pytest.raises(InvalidInput) as probed:
+        await composer.probe_audio(audio_uri)
+    assert probed.value.message == c.value.message
     assert_nothing_left(file_store, [*images, audio_uri], settings.work_dir)
 
 

@@ -44,6 +44,25 @@ async def stub(server):
         yield compose_pb2_grpc.ComposeServiceStub(channel)
 
 
+@pytest.fixture
+def job_images(images, file_store):
+    """``job_images(job)``: the three scene images, copied into the job's own folder.
+
+    The service reads only the images of the job it composes (jobs/<job_id>/), as the
+    gateway lays them out.
+    """
+
+    def copy(job: str) -> list[str]:
+        return [
+            file_store.put_bytes(
+                f"jobs/{job}/images/scene-{n:03d}.png", file_store.get_bytes(uri), "image/png"
+            )
+            for n, uri in enumerate(images, start=1)
+        ]
+
+    return copy
+
+
 async def test_health_is_not_serving_until_the_voice_is_loaded(server):
     address = f"127.0.0.1:{server.port}"
     assert await health_status(address) == "NOT_SERVING"
@@ -54,7 +73,10 @@ async def test_health_is_not_serving_until_the_voice_is_loaded(server):
     assert await health_status(address, SERVICE_NAME) == "SERVING"
 
 
-async def test_compose_through_the_stub_stores_a_narrated_h264_aac_mp4(stub, images, file_store):
+async def test_compose_through_the_stub_stores_a_narrated_h264_aac_mp4(
+    stub, job_images, file_store
+):
+    images = job_images("job-grpc")
     request = compose_pb2.ComposeRequest(
         job_id="job-grpc",
         scenes=[
@@ -77,8 +99,9 @@ async def test_compose_through_the_stub_stores_a_narrated_h264_aac_mp4(stub, ima
 
 
 async def test_missing_image_uri_is_invalid_argument_and_nothing_is_stored(
-    stub, images, file_store
+    stub, job_images, file_store
 ):
+    images = job_images("job-grpc-bad")
     request = compose_pb2.ComposeRequest(
         job_id="job-grpc-bad",
         scenes=[
@@ -86,15 +109,18 @@ async def test_missing_image_uri_is_invalid_argument_and_nothing_is_stored(
             compose_pb2.SceneClip(narration="This scene has no picture."),
         ],
     )
+    before = set(stored_uris(file_store))
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.Compose(request, timeout=60)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details() == "scene 2 has no image_uri"
-    assert sorted(stored_uris(file_store)) == sorted(images)
+    assert set(stored_uris(file_store)) == before
 
 
-async def test_bad_audio_is_invalid_argument_and_nothing_is_stored(stub, images, file_store):
-    audio_uri = file_store.put_bytes("jobs/inputs/audio/voice.mp3", b"ID3 but no frames at all")
+async def test_bad_audio_is_invalid_argument_and_nothing_is_stored(stub, job_images, file_store):
+    images = job_images("job-grpc-audio")
+    audio_uri = file_store.put_bytes("uploads/tenant/x/voice.mp3", b"ID3 but no frames at all")
+    before = set(stored_uris(file_store))
     request = compose_pb2.ComposeRequest(
         job_id="job-grpc-audio",
         scenes=[compose_pb2.SceneClip(image_uri=images[0], narration="Hello.")],
@@ -104,14 +130,17 @@ async def test_bad_audio_is_invalid_argument_and_nothing_is_stored(stub, images,
         await stub.Compose(request, timeout=60)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"audio_uri {audio_uri} is not usable audio" in raised.value.details()
-    assert sorted(stored_uris(file_store)) == sorted([*images, audio_uri])
+    assert set(stored_uris(file_store)) == before
 
 
-async def test_look_and_sound_options_travel_through_the_stub(stub, images, file_store, tmp_path):
+async def test_look_and_sound_options_travel_through_the_stub(
+    stub, job_images, file_store, tmp_path
+):
+    images = job_images("job-grpc-options")
     audio = tmp_path / "music.flac"
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=d=1.5"]
     subprocess.run([*cmd, str(audio)], check=True)
-    audio_uri = file_store.put_file("jobs/inputs/audio/music.flac", audio)
+    audio_uri = file_store.put_file("uploads/tenant/x/music.flac", audio)
     request = compose_pb2.ComposeRequest(
         job_id="job-grpc-options",
         scenes=[
@@ -149,7 +178,8 @@ async def test_look_and_sound_options_travel_through_the_stub(stub, images, file
     assert response.contact_sheet_uri == file_store.uri_for(prefix + "contact-sheet.png")
 
 
-async def test_unknown_voice_is_invalid_argument(stub, images):
+async def test_unknown_voice_is_invalid_argument(stub, job_images):
+    images = job_images("job-grpc-voice")
     request = compose_pb2.ComposeRequest(
         job_id="job-grpc-voice",
         scenes=[compose_pb2.SceneClip(image_uri=images[0], narration="Hello.")],
@@ -176,9 +206,10 @@ def artifact_uris(response: compose_pb2.ComposeResponse) -> list[str]:
 
 
 async def test_a_later_revision_stores_every_artifact_under_its_own_folder(
-    stub, images, file_store
+    stub, job_images, file_store
 ):
     job = "job-grpc-revisions"
+    images = job_images(job)
 
     def run(revision: int, clips: list[tuple[str, str]]) -> compose_pb2.ComposeRequest:
         return compose_pb2.ComposeRequest(
@@ -211,23 +242,25 @@ async def test_a_later_revision_stores_every_artifact_under_its_own_folder(
     # The first run's artifacts are all still there, byte for byte.
     assert {uri: file_store.get_bytes(uri) for uri in before} == before
     assert sorted(file_store.list(f"jobs/{job}/")) == sorted(
-        artifact_uris(first) + artifact_uris(second)
+        images + artifact_uris(first) + artifact_uris(second)
     )
 
 
 @pytest.mark.parametrize("revision", [2**31, 2**32 - 1])
 async def test_a_revision_of_2_31_or_more_is_invalid_argument_and_nothing_is_stored(
-    stub, images, file_store, revision
+    stub, job_images, file_store, revision
 ):
+    images = job_images("job-grpc-revision")
     request = compose_pb2.ComposeRequest(
         job_id="job-grpc-revision",
         scenes=[compose_pb2.SceneClip(image_uri=images[0], narration="Hello.")],
         revision=revision,
     )
+    before = set(stored_uris(file_store))
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.Compose(request, timeout=60)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details() == (
         f"revision must be a whole number from 0 to 2**31-1, got {revision}"
     )
-    assert sorted(stored_uris(file_store)) == sorted(images)
+    assert set(stored_uris(file_store)) == before

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from storyreel.errors import InvalidInput
-from storyreel.ids import MAX_REVISION, check_revision, job_key, new_job_id
+from storyreel.ids import (
+    MAX_REVISION,
+    SHOWN_CHARS,
+    check_job_id,
+    check_revision,
+    is_job_id,
+    job_key,
+    new_job_id,
+    shown,
+)
 
 
 def test_revision_zero_keeps_the_jobs_own_folder():
@@ -60,3 +69,26 @@ def test_a_bad_job_id_is_invalid_input_at_any_revision(job_id):
 def test_new_job_ids_are_usable_in_keys():
     job_id = new_job_id()
     assert job_key(job_id, "video", revision=4) == f"jobs/{job_id}/r4/video"
+
+
+@pytest.mark.parametrize("job_id", ["abc\n", "abc\r\n", "\nabc", "abc\x00"], ids=repr)
+def test_a_job_id_with_a_newline_or_control_character_is_refused(job_id):
+    # re.match with "$" accepted "abc\n": the id checks match the whole string.
+    assert not is_job_id(job_id)
+    with pytest.raises(InvalidInput, match="job_id must be"):
+        check_job_id(job_id)
+
+
+def test_the_message_about_a_huge_job_id_shows_only_its_start():
+    job_id = "x" * (3 * 1024 * 1024)
+    with pytest.raises(InvalidInput) as caught:
+        check_job_id(job_id)
+    assert len(caught.value.message) < 300
+    assert f"({len(job_id)} characters)" in caught.value.message
+
+
+def test_shown_cuts_long_values_and_keeps_short_ones():
+    assert shown("abc") == "'abc'"
+    assert shown("a" * 1000) == f"{'a' * SHOWN_CHARS!r}... (1000 characters)"
+    assert len(shown(list(range(10_000)))) <= 2 * SHOWN_CHARS + 3
+    assert "too long" in shown(10**5000)

@@ -136,3 +136,31 @@ def test_presigned_urls_name_the_public_endpoint(s3_settings: StorageSettings):
     assert url.startswith("http://localhost:8333/")
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.read() == b"movie"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "jobs/x/video.mp4\n",
+        "jobs/x\n/video.mp4",
+        "jobs/" + "n" * 5000,
+        "jobs/x/" + "a/" * 600 + "b",
+    ],
+    ids=["trailing newline", "newline inside", "5000-character name", "longer than 1024"],
+)
+def test_keys_no_file_system_or_store_would_take_are_invalid_input(store, key):
+    with pytest.raises(InvalidInput, match="invalid object key") as caught:
+        store.put_bytes(key, b"x")
+    assert len(caught.value.message) < 300
+    # The same key reached through a URI (a caller's audio_uri, say) is refused the same way.
+    with pytest.raises(InvalidInput) as caught:
+        store.exists(store.root_uri + key)
+    assert len(caught.value.message) < 300
+    assert list(store.list()) == []
+
+
+def test_a_uri_of_a_mebibyte_is_refused_unread_with_a_short_message(store):
+    for uri in (store.root_uri + "jobs/x/" + "a" * (1024 * 1024), "z" * (1024 * 1024)):
+        with pytest.raises(InvalidInput) as caught:
+            store.exists(uri)
+        assert len(caught.value.message) < 300

@@ -6,8 +6,11 @@ The schema is the compose-spec JSON schema that check-jsonschema ships
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +136,136 @@ def test_make_up_and_down_start_and_stop_the_compose_stack():
         assert re.search(rf"docker compose -f deploy/compose.yaml {verb}", result.stdout), (
             result.stdout
         )
+
+
+# --- authentication: API keys and the internal token ------------------------------------------
+
+#: The storyreel services that share the internal token (the gateway presents it).
+TOKEN_FILE = "STORYREEL_INTERNAL_TOKEN_FILE"
+KEYS_FILE = "STORYREEL_GATEWAY_API_KEYS_FILE"
+
+
+def secret_behind(compose: dict, service: str, variable: str) -> Path:
+    """The host file of the Compose secret that ``variable`` of ``service`` names."""
+    env = compose["services"][service]["environment"]
+    path = env.get(variable)
+    assert path, f"{service} has no {variable}"
+    match = re.fullmatch(r"/run/secrets/([\w.-]+)", path)
+    assert match, f"{service}: {variable}={path} is not a Compose secret"
+    name = match.group(1)
+    granted = [
+        s if isinstance(s, str) else s["source"]
+        for s in compose["services"][service].get("secrets", [])
+    ]
+    assert name in granted, f"{service} is not given the secret {name}"
+    return (COMPOSE.parent / compose["secrets"][name]["file"]).resolve()
+
+
+def git_ignores(path: Path) -> bool:
+    result = subprocess.run(
+        ["git", "check-ignore", "-q", str(path)], cwd=REPO, capture_output=True, check=False
+    )
+    return result.returncode == 0
+
+
+def test_gateway_reads_its_api_keys_from_a_secret_file_that_git_ignores(compose):
+    # The gateway listens on 0.0.0.0 in its container: it starts only with a key.
+    env = compose["services"]["gateway"]["environment"]
+    assert "STORYREEL_GATEWAY_API_KEYS" not in env, "keys are written into compose.yaml"
+    assert env.get("STORYREEL_GATEWAY_HOST", "0.0.0.0") == "0.0.0.0"
+    keys = secret_behind(compose, "gateway", KEYS_FILE)
+    assert keys == REPO / "deploy" / "secrets" / "api-keys.json"
+    assert git_ignores(keys), f"{keys} could be committed"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_every_service_reads_the_internal_token_from_one_secret_file(compose, name):
+    assert "STORYREEL_INTERNAL_TOKEN" not in compose["services"][name]["environment"]
+    token = secret_behind(compose, name, TOKEN_FILE)
+    assert token == REPO / "deploy" / "secrets" / "internal-token"
+    assert git_ignores(token)
+
+
+def test_make_up_wants_an_api_key_and_makes_the_internal_token(tmp_path):
+    make = shutil.which("make")
+    assert make, "make is not installed"
+    secrets = tmp_path / "secrets"
+    result = subprocess.run(
+        [make, "-n", "up", f"SECRETS={secrets}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"deploy/keys.py internal-token --file {secrets}/internal-token" in result.stdout
+    assert f"test -s {secrets}/api-keys.json" in result.stdout
+    assert "make api-key TENANT=" in result.stdout
+    # Without a keys file the stack does not start (the gateway would refuse to anyway).
+    result = subprocess.run(
+        [make, "up", f"SECRETS={secrets}", "COMPOSE=false"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "make api-key TENANT=" in result.stderr
+    assert (secrets / "internal-token").stat().st_size >= 32
+
+
+def run_keys(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "keys.py"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_make_api_key_prints_a_key_once_and_keeps_only_its_digest(tmp_path):
+    keys_file = tmp_path / "secrets" / "api-keys.json"
+    first = run_keys("api-key", "acme", "--file", str(keys_file))
+    assert first.returncode == 0, first.stderr
+    key = first.stdout.strip()
+    assert len(key) >= 40
+    assert key not in first.stderr
+    second = run_keys("api-key", "acme", "--file", str(keys_file))
+    other = run_keys("api-key", "globex", "--file", str(keys_file))
+    assert second.returncode == other.returncode == 0
+    stored = json.loads(keys_file.read_text())
+    assert set(stored) == {"acme", "globex"}
+    assert len(stored["acme"]) == 2
+    assert key not in keys_file.read_text(), "the keys file holds a key"
+    assert stored["acme"][0] == "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    # Readable by the containers' user through Compose's bind mount; the folder is private.
+    assert stat.S_IMODE(keys_file.stat().st_mode) == 0o644
+    assert stat.S_IMODE(keys_file.parent.stat().st_mode) == 0o700
+    # The gateway, listening beyond the loopback, accepts the file and the key.
+    from storyreel_gateway.auth import ApiKeys
+    from storyreel_gateway.settings import GatewaySettings
+
+    settings = GatewaySettings(host="0.0.0.0", api_keys_file=keys_file)
+    assert ApiKeys(settings.tenant_keys()).tenant_for(f"Bearer {key}") == "acme"
+
+
+def test_make_api_key_refuses_a_bad_tenant_name(tmp_path):
+    keys_file = tmp_path / "api-keys.json"
+    for tenant in ("", "a b", "../x", "-x", "x" * 65):
+        result = run_keys("api-key", tenant, "--file", str(keys_file))
+        assert result.returncode != 0, tenant
+        assert not result.stdout
+    assert not keys_file.exists()
+
+
+def test_internal_token_is_made_once(tmp_path):
+    token_file = tmp_path / "secrets" / "internal-token"
+    assert run_keys("internal-token", "--file", str(token_file)).returncode == 0
+    token = token_file.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token), "a token with a newline or too short"
+    assert run_keys("internal-token", "--file", str(token_file)).returncode == 0
+    assert token_file.read_text() == token, "a second run replaced the token"
+    assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
 
 
 def test_compose_runs_postgres_16_on_a_volume_with_a_pg_isready_healthcheck(compose):

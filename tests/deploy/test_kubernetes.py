@@ -33,11 +33,13 @@ SCHEMAS = Path(__file__).parent / "schemas"
 CUSTOM_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): SCHEMAS / "keda-scaledobject-v1alpha1.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): SCHEMAS / "prometheus-podmonitor-v1.json",
+    ("cert-manager.io/v1", "Certificate"): SCHEMAS / "certmanager-certificate-v1.json",
 }
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
 OVERLAYS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "overlays"
 #: The gateway's job database: the setting that names it, and PostgreSQL's port.
 DATABASE_URL = "STORYREEL_GATEWAY_DATABASE_URL"
+DATABASE_URL_FILE = "STORYREEL_GATEWAY_DATABASE_URL_FILE"
 POSTGRES_PORT = 5432
 
 overlays = pytest.mark.parametrize("overlay", OVERLAYS)
@@ -210,7 +212,11 @@ def test_services_listen_on_all_interfaces_on_their_grpc_port(rendered, overlay)
         assert {"name": "grpc", "containerPort": port} in container["ports"]
         service = find(rendered[overlay], "Service", name)
         ports = service["spec"]["ports"]
-        assert any(p["port"] == port and p["targetPort"] == "grpc" for p in ports)
+        if service["spec"].get("type") == "LoadBalancer":
+            # The public gateway: published on the TLS port clients expect (443).
+            assert all(p["targetPort"] == "grpc" for p in ports), ports
+        else:
+            assert any(p["port"] == port and p["targetPort"] == "grpc" for p in ports)
 
 
 @overlays
@@ -240,12 +246,23 @@ def test_every_long_running_container_has_startup_readiness_and_liveness_probes(
                 assert probe in container, f"{label(workload)}/{container['name']} lacks {probe}"
 
 
+def serves_tls(container: dict) -> bool:
+    """Whether the container's gRPC port serves TLS (the gateway's TLS settings are set)."""
+    return "STORYREEL_GATEWAY_TLS_CERT_FILE" in env_of(container)
+
+
 @overlays
 def test_storyreel_services_use_native_grpc_probes_with_room_to_load_models(rendered, overlay):
     for name, port in SERVICES.items():
         container = pod_spec(find(rendered[overlay], "Deployment", name))["containers"][0]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": port}, f"{name} {probe}"
+            if serves_tls(container):
+                # The kubelet's gRPC probe speaks plaintext only: on a TLS port it would
+                # never succeed. The port accepting connections is what it can check.
+                assert "grpc" not in container[probe], f"{name} {probe} on a TLS port"
+                assert container[probe]["tcpSocket"]["port"] in ("grpc", port)
+            else:
+                assert container[probe]["grpc"] == {"port": port}, f"{name} {probe}"
         startup = container["startupProbe"]
         budget_s = startup["periodSeconds"] * startup["failureThreshold"]
         if name in ("llm", "diffusion"):
@@ -581,21 +598,34 @@ def test_tgi_accepts_traffic_only_from_the_llm_service(rendered):
 # --- configuration and secrets ----------------------------------------------------------------
 
 
-def secret_refs(objects: list[dict]) -> dict[str, set[str]]:
-    """Secret name -> keys that non-optional env entries read from it."""
+def secret_refs(objects: list[dict], *, include_optional: bool = False) -> dict[str, set[str]]:
+    """Secret name -> keys that workloads read from it: env entries and mounted volumes.
+
+    Optional references are left out unless ``include_optional``; so are Secrets that a
+    cert-manager Certificate of the same overlay issues.
+    """
+    issued = {c["spec"]["secretName"] for c in of_kind(objects, "Certificate")}
     refs: dict[str, set[str]] = {}
     for workload in workloads(objects):
         for container in containers(workload):
             for entry in container.get("env", []):
                 ref = entry.get("valueFrom", {}).get("secretKeyRef")
-                if ref and not ref.get("optional"):
+                if ref and (include_optional or not ref.get("optional")):
                     refs.setdefault(ref["name"], set()).add(ref["key"])
-    return refs
+        for volume in pod_spec(workload).get("volumes", []):
+            secret = volume.get("secret")
+            if secret and (include_optional or not secret.get("optional")):
+                assert secret.get("items"), f"{label(workload)}: say which keys {volume} reads"
+                keys = {item["key"] for item in secret["items"]}
+                refs.setdefault(secret["secretName"], set()).update(keys)
+    return {name: keys for name, keys in refs.items() if name not in issued}
 
 
 def test_cpu_dev_renders_every_secret_and_key_its_pods_read(rendered):
     objects = rendered["cpu-dev"]
-    for name, keys in secret_refs(objects).items():
+    refs = secret_refs(objects, include_optional=True)
+    assert refs
+    for name, keys in refs.items():
         secret = find(objects, "Secret", name)
         assert keys <= set(secret.get("data", {})), f"{name} lacks {keys}"
 
@@ -604,27 +634,26 @@ def test_gpu_overlay_ships_no_credentials_and_the_docs_say_how_to_create_them(re
     objects = rendered["gpu"]
     assert not of_kind(objects, "Secret")
     docs = DOCS.read_text()
-    referenced = {}
-    for workload in workloads(objects):
-        for container in containers(workload):
-            for entry in container.get("env", []):
-                ref = entry.get("valueFrom", {}).get("secretKeyRef")
-                if ref:
-                    referenced.setdefault(ref["name"], set()).add(ref["key"])
+    referenced = secret_refs(objects, include_optional=True)
     assert referenced.keys() == {
         "storyreel-minio",
         "storyreel-api-keys",
         "storyreel-postgres",
         "storyreel-database",
+        "storyreel-gateway-api-keys",
+        "storyreel-internal",
     }
     for name, keys in referenced.items():
         command = re.search(
-            rf"kubectl -n storyreel create secret generic {name}((?:\s+\\?\s*--from-literal=\S+)+)",
+            rf"kubectl -n storyreel create secret generic {name}"
+            r"((?:\s+\\?\s*--from-(?:literal|file)=\S+)+)",
             docs,
         )
         assert command, f"docs/deploy.md does not show how to create {name}"
         for key in keys:
-            assert f"--from-literal={key}=" in command.group(1), f"{name}: key {key}"
+            assert re.search(rf"--from-(literal|file)={re.escape(key)}=", command.group(1)), (
+                f"{name}: key {key}"
+            )
 
 
 @overlays
@@ -720,23 +749,28 @@ def egress_allows(
     return False
 
 
+def database_url_secret(objects: list[dict]) -> tuple[str, str, dict]:
+    """The Secret (name, key) and volume of the gateway's database URL file."""
+    workload = find(objects, "Deployment", "gateway")
+    return file_setting(workload, gateway_container(objects), DATABASE_URL_FILE)
+
+
 @overlays
 def test_gateway_reads_its_database_url_from_a_secret(rendered, overlay):
     # Without the URL the gateway keeps its jobs in a SQLite file of its own: replicas
-    # would not share them. The URL carries the password, so it comes from a Secret.
-    entry = env_of(gateway_container(rendered[overlay])).get(DATABASE_URL)
-    assert entry, f"the gateway has no {DATABASE_URL}"
-    assert "value" not in entry, f"{DATABASE_URL} is written in the manifest"
-    ref = entry.get("valueFrom", {}).get("secretKeyRef")
-    assert ref, f"{DATABASE_URL} does not come from a Secret"
-    assert ref["name"] and ref["key"]
-    assert not ref.get("optional"), "an optional URL lets the gateway fall back to SQLite"
+    # would not share them. The URL carries the password, so it comes from a Secret,
+    # mounted as a file (STORYREEL_GATEWAY_DATABASE_URL_FILE), never an env variable.
+    env = env_of(gateway_container(rendered[overlay]))
+    assert DATABASE_URL not in env, f"{DATABASE_URL} is an environment variable"
+    name, key, volume = database_url_secret(rendered[overlay])
+    assert name and key
+    assert not volume["secret"].get("optional"), "an optional URL falls back to SQLite"
 
 
 def test_cpu_dev_database_url_reaches_the_in_cluster_postgres(rendered):
     objects = rendered["cpu-dev"]
-    ref = env_of(gateway_container(objects))[DATABASE_URL]["valueFrom"]["secretKeyRef"]
-    url = urlsplit(secret_value(objects, ref["name"], ref["key"]))
+    name, key, _ = database_url_secret(objects)
+    url = urlsplit(secret_value(objects, name, key))
     assert url.scheme == "postgresql+asyncpg", url.scheme
     # The host is the postgres Service, on a port it serves, in front of the StatefulSet.
     service = find(objects, "Service", url.hostname)
@@ -744,11 +778,12 @@ def test_cpu_dev_database_url_reaches_the_in_cluster_postgres(rendered):
     postgres = find(objects, "StatefulSet", "postgres")
     assert selects({"matchLabels": service["spec"]["selector"]}, template_labels(postgres))
     # User, database and password are the ones PostgreSQL creates on its first start.
-    env = env_of(postgres_container(objects))
+    container = postgres_container(objects)
+    env = env_of(container)
     assert url.username == env["POSTGRES_USER"]["value"]
     assert url.path == "/" + env["POSTGRES_DB"]["value"]
-    password = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
-    assert unquote(url.password or "") == secret_value(objects, password["name"], password["key"])
+    name, key, _ = file_setting(postgres, container, "POSTGRES_PASSWORD_FILE")
+    assert unquote(url.password or "") == secret_value(objects, name, key)
 
 
 @overlays
@@ -761,7 +796,7 @@ def test_postgres_is_a_stateful_set_with_a_volume_claim_template(rendered, overl
     templates = {t["metadata"]["name"]: t for t in spec.get("volumeClaimTemplates", [])}
     assert templates, "postgres has no volumeClaimTemplates: its data would die with the pod"
     container = postgres_container(objects)
-    assert container["image"].split("@")[0] == "postgres:16"
+    assert re.fullmatch(r"postgres:16(\.\d+)?", container["image"].split("@")[0])
     # The data directory lies on a claim from a template, not on a pod volume.
     data_dir = env_of(container).get("PGDATA", {}).get("value", "/var/lib/postgresql/data")
     mounts = [m for m in container["volumeMounts"] if (data_dir + "/").startswith(m["mountPath"])]
@@ -776,10 +811,10 @@ def test_postgres_is_a_stateful_set_with_a_volume_claim_template(rendered, overl
     assert selects({"matchLabels": service["spec"]["selector"]}, template_labels(postgres))
     assert POSTGRES_PORT in [p["port"] for p in service["spec"]["ports"]]
     assert {"name": "postgres", "containerPort": POSTGRES_PORT} in container["ports"]
-    # Its password comes from a Secret too.
-    password = env_of(container)["POSTGRES_PASSWORD"]
-    assert "value" not in password
-    assert password["valueFrom"]["secretKeyRef"]
+    # Its password comes from a Secret too, as a file (the image reads *_FILE).
+    assert "POSTGRES_PASSWORD" not in env_of(container)
+    name, key, _ = file_setting(postgres, container, "POSTGRES_PASSWORD_FILE")
+    assert (name, key) == ("storyreel-postgres", "password")
 
 
 @overlays
@@ -871,8 +906,7 @@ def test_an_external_database_is_one_secret_away(rendered, kustomize, tmp_path):
     assert not [o for o in of_kind(objects, "StatefulSet") if o["metadata"]["name"] == "postgres"]
     gateway = find(objects, "Deployment", "gateway")
     assert gateway == find(rendered["gpu"], "Deployment", "gateway")
-    ref = env_of(gateway_container(objects))[DATABASE_URL]["valueFrom"]["secretKeyRef"]
-    assert ref["name"] == "storyreel-database"
+    assert database_url_secret(objects)[:2] == ("storyreel-database", "url")
 
 
 def test_docs_say_how_to_back_up_migrate_and_import_jobs(rendered):
@@ -885,3 +919,260 @@ def test_docs_say_how_to_back_up_migrate_and_import_jobs(rendered):
     assert 'sqlite3 data/gateway.db ".backup' in docs
     assert "python -m storyreel_gateway migrate" in docs
     assert "python -m storyreel_gateway import-manifests" in docs
+
+
+# --- authentication: API keys, the internal token, TLS ----------------------------------------
+
+#: Where the API keys and the internal token come from: Secret name and key.
+API_KEYS_SECRET = ("storyreel-gateway-api-keys", "keys.json")
+INTERNAL_SECRET = ("storyreel-internal", "token")
+#: Secrets that a program can only take from the environment (it has no *_FILE form); the
+#: checkov skips of CKV_K8S_35 name them. Workload -> variables. storyreel's own settings
+#: all have a file form, so only TGI is here.
+SECRET_ENV_ALLOWED = {"tgi": {"HF_TOKEN"}}
+#: The S3 keys, as every service that stores artifacts reads them: setting -> Secret key.
+S3_KEY_FILES = {
+    "STORYREEL_STORAGE_S3_ACCESS_KEY_FILE": ("storyreel-minio", "access-key"),
+    "STORYREEL_STORAGE_S3_SECRET_KEY_FILE": ("storyreel-minio", "secret-key"),
+}
+
+
+def secret_file(workload: dict, container: dict, path: str) -> tuple[str, str, dict]:
+    """The Secret (name, key) and volume that the file at ``path`` in ``container`` is."""
+    volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if not path.startswith(prefix):
+            continue
+        volume = volumes[mount["name"]]
+        assert "secret" in volume, f"{path} is on {mount['name']}, which is not a Secret"
+        assert "subPath" not in mount, "a subPath mount never sees the Secret change"
+        relative = path[len(prefix) :]
+        for item in volume["secret"].get("items", []):
+            if item["path"] == relative:
+                return volume["secret"]["secretName"], item["key"], volume
+        return volume["secret"]["secretName"], relative, volume
+    raise AssertionError(f"{label(workload)}: nothing is mounted at {path}")
+
+
+def file_setting(workload: dict, container: dict, variable: str) -> tuple[str, str, dict]:
+    """The Secret (name, key) and volume behind a ``*_FILE`` setting of ``container``."""
+    entry = env_of(container).get(variable)
+    assert entry, f"{label(workload)} has no {variable}"
+    assert "value" in entry, f"{variable} should name a file: {entry}"
+    return secret_file(workload, container, entry["value"])
+
+
+def rendered_secret(objects: list[dict], name: str, key: str) -> str:
+    return secret_value(objects, name, key)
+
+
+def gateway_settings_from(keys_json: str, tmp_path: Path):
+    """GatewaySettings as the gateway builds them on 0.0.0.0 from this keys file."""
+    from storyreel_gateway.settings import GatewaySettings
+
+    path = tmp_path / "keys.json"
+    path.write_text(keys_json)
+    return GatewaySettings(host="0.0.0.0", api_keys_file=path)
+
+
+@overlays
+def test_gateway_reads_its_api_keys_from_a_mounted_secret(rendered, overlay):
+    # The gateway listens on 0.0.0.0, where it refuses to start without a key.
+    objects = rendered[overlay]
+    workload = find(objects, "Deployment", "gateway")
+    container = gateway_container(objects)
+    env = env_of(container)
+    assert env["STORYREEL_GATEWAY_HOST"]["value"] == "0.0.0.0"
+    assert "STORYREEL_GATEWAY_API_KEYS" not in env, "keys are written into the manifest"
+    name, key, volume = file_setting(workload, container, "STORYREEL_GATEWAY_API_KEYS_FILE")
+    assert (name, key) == API_KEYS_SECRET
+    assert not volume["secret"].get("optional"), "a missing Secret would start no gateway"
+
+
+def test_cpu_dev_gateway_starts_with_its_development_key(rendered, tmp_path):
+    objects = rendered["cpu-dev"]
+    keys_json = rendered_secret(objects, *API_KEYS_SECRET)
+    settings = gateway_settings_from(keys_json, tmp_path)
+    from storyreel_gateway.auth import ApiKeys
+
+    keys = ApiKeys(settings.tenant_keys())
+    assert keys.enabled
+    # The key docs/deploy.md tells cpu-dev users to pass.
+    assert "--api-key storyreel-dev-key" in DOCS.read_text()
+    assert keys.tenant_for("Bearer storyreel-dev-key") == "dev"
+
+
+@overlays
+def test_every_service_reads_the_internal_token_from_a_mounted_secret(rendered, overlay):
+    # The gateway presents it; llm, diffusion and composer refuse calls without it.
+    objects = rendered[overlay]
+    for name in SERVICES:
+        workload = find(objects, "Deployment", name)
+        container = pod_spec(workload)["containers"][0]
+        assert "STORYREEL_INTERNAL_TOKEN" not in env_of(container), f"{name}: token in env"
+        secret, key, volume = file_setting(workload, container, "STORYREEL_INTERNAL_TOKEN_FILE")
+        assert (secret, key) == INTERNAL_SECRET, name
+        assert not volume["secret"].get("optional"), f"{name} may start without the token"
+
+
+def test_cpu_dev_generates_a_development_internal_token(rendered):
+    token = rendered_secret(rendered["cpu-dev"], *INTERNAL_SECRET)
+    assert len(token) >= 16 and token == token.strip()
+
+
+@overlays
+def test_every_mounted_secret_is_readable_by_its_container_and_no_one_else(rendered, overlay):
+    for workload in workloads(rendered[overlay]):
+        pod = pod_spec(workload)
+        security = pod.get("securityContext", {})
+        for volume in pod.get("volumes", []):
+            if "secret" not in volume:
+                continue
+            mode = volume["secret"].get("defaultMode", 0o644)
+            where = f"{label(workload)} volume {volume['name']}"
+            assert not mode & 0o007, f"{where}: mode {mode:o} lets any user read it"
+            assert not mode & 0o333, f"{where}: mode {mode:o} (a decimal 440 for octal 0440?)"
+            # Secret files belong to root and to the pod's fsGroup: the group must read them.
+            assert mode & 0o040, f"{where}: mode {mode:o}"
+            assert security.get("fsGroup") is not None, f"{where}: no fsGroup owns the files"
+
+
+@overlays
+def test_secrets_reach_containers_as_files_except_settings_without_a_file_form(rendered, overlay):
+    for workload in workloads(rendered[overlay]):
+        for container in containers(workload):
+            from_secrets = {
+                entry["name"]
+                for entry in container.get("env", [])
+                if "secretKeyRef" in entry.get("valueFrom", {})
+            }
+            allowed = SECRET_ENV_ALLOWED.get(workload["metadata"]["name"], set())
+            assert from_secrets <= allowed, (
+                f"{label(workload)} takes {sorted(from_secrets - allowed)} from a Secret as "
+                "environment variables: mount it as a file (or skip CKV_K8S_35 with a reason)"
+            )
+
+
+@overlays
+def test_services_that_store_artifacts_read_the_s3_keys_from_mounted_files(rendered, overlay):
+    objects = rendered[overlay]
+    for name in ("gateway", "diffusion", "composer"):
+        workload = find(objects, "Deployment", name)
+        container = pod_spec(workload)["containers"][0]
+        env = env_of(container)
+        for variable, secret in S3_KEY_FILES.items():
+            assert variable.removesuffix("_FILE") not in env, f"{name}: S3 key in env"
+            mounted, key, volume = file_setting(workload, container, variable)
+            assert (mounted, key) == secret, f"{name} {variable}"
+            assert not volume["secret"].get("optional"), f"{name} may start without S3 keys"
+
+
+def test_the_gateways_startup_budget_covers_its_wait_for_the_upstreams(rendered):
+    # The gateway reports NOT_SERVING until llm, diffusion and composer report SERVING, for
+    # at most retry_give_up_after_s; a startup probe that gives up sooner restarts it in a
+    # loop while a model loads. 30 s more for the migrations and the start itself.
+    from storyreel_gateway.settings import GatewaySettings
+
+    wait_s = GatewaySettings.model_fields["retry_give_up_after_s"].default
+    for overlay, objects in rendered.items():
+        container = gateway_container(objects)
+        setting = env_of(container).get("STORYREEL_GATEWAY_RETRY_GIVE_UP_AFTER_S", {})
+        wait = float(setting.get("value", wait_s))
+        startup = container["startupProbe"]
+        budget_s = startup["periodSeconds"] * startup["failureThreshold"]
+        assert budget_s >= max(330, wait + 30), f"{overlay}: gateway startup budget {budget_s} s"
+
+
+def test_gpu_gateway_serves_tls_from_a_certificate_that_cert_manager_issues(rendered):
+    objects = rendered["gpu"]
+    workload = find(objects, "Deployment", "gateway")
+    container = gateway_container(objects)
+    cert_name, cert_key, cert_volume = file_setting(
+        workload, container, "STORYREEL_GATEWAY_TLS_CERT_FILE"
+    )
+    key_name, key_key, _ = file_setting(workload, container, "STORYREEL_GATEWAY_TLS_KEY_FILE")
+    assert cert_name == key_name
+    assert (cert_key, key_key) == ("tls.crt", "tls.key")  # a kubernetes.io/tls Secret
+    assert not cert_volume["secret"].get("optional")
+    (certificate,) = [
+        c for c in of_kind(objects, "Certificate") if c["spec"]["secretName"] == cert_name
+    ]
+    spec = certificate["spec"]
+    assert spec["issuerRef"]["name"] and spec["issuerRef"].get("kind") in (
+        "Issuer",
+        "ClusterIssuer",
+    )
+    assert spec["dnsNames"], "the certificate names no host"
+    assert "server auth" in spec.get("usages", ["server auth"])
+    # ... and the docs say how to set the name and the issuer, or bring a TLS Secret.
+    docs = DOCS.read_text()
+    assert "kubectl -n storyreel create secret tls " + cert_name in docs
+    assert "issuerRef" in docs and "dnsNames" in docs
+
+
+def test_gpu_load_balancer_publishes_only_the_gateways_tls_port(rendered):
+    objects = rendered["gpu"]
+    service = find(objects, "Service", "gateway")
+    assert service["spec"]["type"] == "LoadBalancer"
+    container = gateway_container(objects)
+    assert serves_tls(container), "the gateway's port is plaintext"
+    (grpc_port,) = [p for p in container["ports"] if p["name"] == "grpc"]
+    ports = service["spec"]["ports"]
+    assert ports, "the Service publishes nothing"
+    for port in ports:
+        assert port["targetPort"] in ("grpc", grpc_port["containerPort"]), port
+        assert port["port"] == 443, f"TLS is published on {port['port']}, not 443"
+    # The container serves nothing else that a Service could reach.
+    assert [p["name"] for p in container["ports"]] == ["grpc"]
+
+
+def test_cpu_dev_gateway_is_not_published_beyond_the_cluster(rendered):
+    # Plaintext, with a development key: reachable through kubectl port-forward only.
+    service = find(rendered["cpu-dev"], "Service", "gateway")
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+
+
+def docs_overlay(kustomize, tmp_path: Path, marker: str) -> list[dict]:
+    """Render the ``my-overlay`` kustomization in docs/deploy.md that contains ``marker``."""
+    blocks = re.findall(r"```yaml\n(.*?)```", DOCS.read_text(), re.DOTALL)
+    (block,) = [b for b in blocks if "my-overlay/kustomization.yaml" in b and marker in b]
+    kustomization = yaml.safe_load(textwrap.dedent(block))
+    assert kustomization["resources"] == ["../gpu"]
+    kustomization["resources"] = [os.path.relpath(OVERLAYS_DIR / "gpu", tmp_path)]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return kustomize(tmp_path)
+
+
+def test_the_documented_internal_mtls_overlay_wires_every_service(kustomize, tmp_path):
+    objects = docs_overlay(kustomize, tmp_path, "STORYREEL_INTERNAL_TLS_CA_FILE")
+    files = {"CA": "ca.crt", "CERT": "tls.crt", "KEY": "tls.key"}
+    for name, port in SERVICES.items():
+        workload = find(objects, "Deployment", name)
+        container = pod_spec(workload)["containers"][0]
+        for setting, key in files.items():
+            secret, item, volume = file_setting(
+                workload, container, f"STORYREEL_INTERNAL_TLS_{setting}_FILE"
+            )
+            assert (secret, item) == ("storyreel-internal-tls", key), name
+            assert volume["secret"]["defaultMode"] == 0o440, name
+        # Probes that can reach a port that wants a client certificate.
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert "grpc" not in container[probe], f"{name} {probe}"
+            assert container[probe]["tcpSocket"]["port"] in ("grpc", port)
+        # ... and still the token.
+        assert file_setting(workload, container, "STORYREEL_INTERNAL_TOKEN_FILE")[:2] == (
+            INTERNAL_SECRET
+        )
+    for version in KUBERNETES_VERSIONS:
+        for obj in objects:
+            if obj["kind"] == "Deployment":
+                validate_builtin(obj, version)
+
+
+def test_the_documented_certificate_patch_sets_the_name_and_the_issuer(kustomize, tmp_path):
+    objects = docs_overlay(kustomize, tmp_path, "kind: Certificate, name: gateway")
+    spec = find(objects, "Certificate", "gateway")["spec"]
+    assert spec["dnsNames"] == ["storyreel.example.org"]
+    assert spec["issuerRef"]["name"] == "letsencrypt"
+    validate_custom(find(objects, "Certificate", "gateway"))

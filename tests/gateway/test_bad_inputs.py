@@ -5,6 +5,8 @@ Runs against a real S3 server; the object listing is compared before and after e
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -128,6 +130,32 @@ CASES = [
         Code.INVALID_ARGUMENT,
         "only the first",
     ),
+    # Bounds before echo: values no store could hold, and values too big to echo back
+    (
+        "create",
+        {"prompt": "x", "audio_uri": "{root}uploads/" + "a" * (1024 * 1024)},
+        Code.INVALID_ARGUMENT,
+        "too long",
+    ),
+    (
+        "create",
+        {"prompt": "x", "audio_uri": "{root}uploads/" + "n" * 5000 + "/audio.wav"},
+        Code.INVALID_ARGUMENT,
+        "too long",
+    ),
+    (
+        "create",
+        {"prompt": "x", "audio_uri": "{root}uploads/" + "n" * 300 + "/audio.wav"},
+        Code.INVALID_ARGUMENT,
+        "longer than 255 characters",
+    ),
+    (
+        "create",
+        {"prompt": "x", "audio_uri": "{root}uploads/x/audio.wav\n"},
+        Code.INVALID_ARGUMENT,
+        "invalid object key",
+    ),
+    ("get", {"job_id": "j" * (3 * 1024 * 1024)}, Code.NOT_FOUND, "does not exist"),
     # Authentication
     ("auth-missing", {}, Code.UNAUTHENTICATED, "missing API key"),
     ("auth-unknown", {}, Code.UNAUTHENTICATED, "unknown API key"),
@@ -145,6 +173,13 @@ async def s3_gateway(start_gateway, upstream, s3_settings):
     ).job_id
     async for _ in stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=KEY):
         pass
+    # The manifest export may land just after the job's last event: wait for it, so the
+    # listing each test compares is not still changing.
+    manifest = store.uri_for(f"jobs/{job_id}/manifest.json")
+    for _ in range(600):
+        if store.exists(manifest):
+            break
+        await asyncio.sleep(0.05)
     return stub, store, job_id
 
 
@@ -188,6 +223,8 @@ async def test_bad_request_is_refused_and_stores_nothing(s3_gateway, call, field
         await calls[call]()
     assert caught.value.code() == code
     assert message in caught.value.details()
+    # Whatever the request held, the answer echoes a bounded part of it.
+    assert len(caught.value.details()) <= 1100
     assert sorted(store.list()) == before
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from storyreel_gateway.convert import (
@@ -32,6 +34,7 @@ from storyreel_gateway.jobs import (
 )
 
 from storyreel.compose.v1 import compose_pb2
+from storyreel.errors import InvalidInput
 from storyreel.gateway.v1 import gateway_pb2
 from storyreel.render.v1 import render_pb2
 from storyreel.story.v1 import story_pb2
@@ -96,7 +99,12 @@ def test_every_storyboard_field_the_story_service_returns_is_kept():
     record = _done_record()
     record.storyboard = kept
     shown = job_to_proto(record, lambda uri: f"https://x/{uri}").storyboard
-    assert shown == sent
+    # The API shows its own Storyboard (gateway.proto imports nothing internal) ...
+    assert shown.DESCRIPTOR.full_name == "storyreel.gateway.v1.Storyboard"
+    assert _unset(shown) == []
+    # ... with every field the story service sent, under the same numbers.
+    assert story_pb2.Storyboard.FromString(shown.SerializeToString()) == sent
+    assert json_format.MessageToDict(shown) == json_format.MessageToDict(sent)
 
 
 def test_every_fact_about_a_rendered_image_is_kept():
@@ -130,6 +138,22 @@ def test_every_field_of_the_composers_reply_is_kept():
         f"{name}_uri" for name in ("captions_srt", "captions_vtt", "poster", "contact_sheet")
     }
     assert {f.name for f in compose_pb2.ComposeResponse.DESCRIPTOR.fields} == used
+
+
+def test_every_value_of_every_public_option_enum_reaches_the_job_and_comes_back():
+    for field in ("aspect", "resolution", "consistency", "captions", "audio_mode"):
+        enum = gateway_pb2.CreateVideoRequest.DESCRIPTOR.fields_by_name[field].enum_type
+        assert enum.file.name == "storyreel/gateway/v1/gateway.proto", field
+        for value in enum.values:
+            request = gateway_pb2.CreateVideoRequest(prompt="p", **{field: value.number})
+            job = job_to_proto(JobRecord(job_id="j", spec=spec_from_request(request)))
+            assert getattr(job, field) == value.number, (field, value.name)
+
+
+def test_an_enum_value_the_gateway_does_not_know_is_refused():
+    request = gateway_pb2.CreateVideoRequest(prompt="p", aspect=42)
+    with pytest.raises(InvalidInput, match="aspect has no value 42"):
+        spec_from_request(request)
 
 
 def test_every_create_video_option_reaches_the_job_and_comes_back():
@@ -220,3 +244,15 @@ def test_the_version_history_keeps_every_run():
     assert [i.uri for i in record.images if i.index == index] == [
         "file:///jobs/j1/r1/images/scene-001.png"
     ]
+
+
+def test_every_fact_the_composer_probed_in_an_upload_is_returned():
+    from storyreel_gateway.convert import upload_to_proto
+    from storyreel_gateway.uploads import ProbedAudio, StoredUpload
+
+    stored = StoredUpload(
+        uri="file:///uploads/x/audio.mp3",
+        size_bytes=10,
+        audio=ProbedAudio(duration_s=1.5, codec="mp3", sample_rate=44100, channels=2, format="mp3"),
+    )
+    assert _unset(upload_to_proto(stored)) == []

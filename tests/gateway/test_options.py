@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import wave
 
 from support import finished_job
 
@@ -12,7 +14,13 @@ from storyreel.render.v1 import render_pb2
 
 
 async def _upload(stub) -> str:
-    wav = b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 32
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:  # a real WAV: the composer probes every upload
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(b"\x00\x00" * 8000)
+    wav = buffer.getvalue()
 
     async def chunks():
         yield pb.UploadAudioRequest(filename="music.wav")

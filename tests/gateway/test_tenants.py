@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import wave
+
 import grpc
 import pytest
 from storyreel_gateway.settings import GatewaySettings
@@ -53,7 +56,13 @@ async def test_a_tenant_cannot_use_another_tenants_upload(shared_gateway):
 
     async def upload():
         yield pb.UploadAudioRequest(filename="a.wav")
-        yield pb.UploadAudioRequest(chunk=b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 32)
+        buffer = io.BytesIO()
+        with wave.open(buffer, "wb") as out:  # a real WAV: the composer probes every upload
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(8000)
+            out.writeframes(b"\x00\x00" * 8000)
+        yield pb.UploadAudioRequest(chunk=buffer.getvalue())
 
     uri = (await gw.UploadAudio(upload(), metadata=ALICE)).audio_uri
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -134,3 +143,87 @@ async def test_tls_on_the_public_port(start_gateway, tmp_path):
             await gateway_pb2_grpc.StoryReelServiceStub(plain).ListJobs(
                 pb.ListJobsRequest(), timeout=5
             )
+
+
+# --- Authentication fails closed (issue 11, finding 1) -------------------------------
+
+SECRET = "s3cr3t-k3y-never-printed"
+
+
+@pytest.mark.parametrize(
+    "api_keys",
+    [{"alice": []}, {"alice": [""]}, {"alice": ["   "]}],
+    ids=["no key", "empty key", "blank key"],
+)
+def test_a_tenant_without_a_real_key_does_not_start_the_gateway(api_keys):
+    with pytest.raises(ValueError):
+        GatewaySettings(host="0.0.0.0", api_keys=api_keys)
+
+
+def test_an_empty_keys_file_leaves_no_public_address(tmp_path):
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text("{}")
+    with pytest.raises(ValueError, match="loopback"):
+        GatewaySettings(host="0.0.0.0", api_keys_file=keys_file)
+    GatewaySettings(host="127.0.0.1", api_keys_file=keys_file)  # no auth, loopback only
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"alice": {SECRET: True}},
+        {"alice": [{SECRET: 1}]},
+        {"alice": [SECRET, 1234]},
+        {"alice": 5, "bob": [SECRET]},
+        [SECRET],
+        {"alice": ["sha256:" + SECRET]},
+    ],
+    ids=["dict", "list of dicts", "a number beside a key", "a number", "a list", "bad digest"],
+)
+@pytest.mark.parametrize("source", ["env", "file"])
+def test_a_malformed_keys_setting_is_refused_without_printing_a_key(
+    value, source, tmp_path, monkeypatch
+):
+    import json
+
+    if source == "env":
+        monkeypatch.setenv("STORYREEL_GATEWAY_API_KEYS", json.dumps(value))
+        fields = {}
+    else:
+        keys_file = tmp_path / "keys.json"
+        keys_file.write_text(json.dumps(value))
+        fields = {"api_keys_file": keys_file}
+    with pytest.raises(ValueError) as caught:
+        GatewaySettings(**fields)
+    assert SECRET not in str(caught.value)
+    assert "s3cr3t" not in repr(caught.value)
+
+
+async def test_two_authorization_headers_are_refused(shared_gateway):
+    for metadata in (
+        (("authorization", "Bearer nope"), ("authorization", "Bearer alice-key")),
+        (("authorization", "Bearer alice-key"), ("authorization", "Bearer alice-key")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await shared_gateway.ListJobs(pb.ListJobsRequest(), metadata=metadata)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "more than one authorization header" in caught.value.details()
+
+
+async def test_the_keys_file_may_hold_sha256_digests(start_gateway, tmp_path):
+    import hashlib
+    import json
+
+    digest = "sha256:" + hashlib.sha256(b"carol-key").hexdigest()
+    keys_file = tmp_path / "keys.json"
+    # Hex digits in either case.
+    keys_file.write_text(
+        json.dumps({"carol": ["sha256:" + digest.removeprefix("sha256:").upper()]})
+    )
+    gw = (await start_gateway(host="0.0.0.0", api_keys_file=keys_file)).stub
+    carol = (("authorization", "Bearer carol-key"),)
+    assert (await gw.ListJobs(pb.ListJobsRequest(), metadata=carol)).jobs == []
+    # The digest is not a key: knowing the file's content does not let anyone in.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw.ListJobs(pb.ListJobsRequest(), metadata=(("authorization", f"Bearer {digest}"),))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED

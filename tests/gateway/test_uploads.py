@@ -4,11 +4,13 @@ never left behind, and uploads no job used deleted when they expire."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
+import wave
 from pathlib import Path
 
 import grpc
@@ -22,6 +24,17 @@ ALICE = (("authorization", "Bearer alice-key"),)
 BOB = (("authorization", "Bearer bob-key"),)
 KEYS = {"alice": ["alice-key"], "bob": ["bob-key"]}
 WAV_HEAD = b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 32
+
+
+def _wav(size: int) -> bytes:
+    """A real 16-bit mono WAV of silence, about ``size`` bytes (the composer accepts it)."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(b"\x00" * max(2, (size - 44) // 2 * 2))
+    return buffer.getvalue()
 
 
 def _spooled(folder: Path) -> list[Path]:
@@ -60,7 +73,7 @@ async def test_four_stalled_uploads_are_cut_off_by_the_quota_and_the_idle_timeou
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "uploads of yours are in progress" in caught.value.details()
     # Another tenant is not held back by Alice's uploads.
-    assert (await _upload(stub, WAV_HEAD * 10, BOB)).size_bytes == len(WAV_HEAD) * 10
+    assert (await _upload(stub, _wav(440), BOB)).size_bytes == len(_wav(440))
 
     for call in calls:  # the idle timeout ends both stalled streams
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -70,13 +83,13 @@ async def test_four_stalled_uploads_are_cut_off_by_the_quota_and_the_idle_timeou
     stall.set()
     assert _spooled(tmp_path / "upload-spool") == []
     # Their places are free again.
-    assert (await _upload(stub, WAV_HEAD * 4, ALICE)).size_bytes == len(WAV_HEAD) * 4
+    assert (await _upload(stub, _wav(176), ALICE)).size_bytes == len(_wav(176))
 
 
 async def test_a_tenants_stored_bytes_are_bounded(start_gateway):
     gateway = await start_gateway(api_keys=KEYS, max_upload_bytes_per_tenant=100_000)
     stub = gateway.stub
-    data = WAV_HEAD + b"\x00" * 50_000
+    data = _wav(50_044)
     await _upload(stub, data, ALICE)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await _upload(stub, data, ALICE)
@@ -88,8 +101,8 @@ async def test_a_tenants_stored_bytes_are_bounded(start_gateway):
 async def test_an_upload_no_job_used_expires_and_one_a_job_used_stays(start_gateway, file_store):
     gateway = await start_gateway(upload_ttl_s=0.5)
     stub = gateway.stub
-    used = (await _upload(stub, WAV_HEAD * 4)).audio_uri
-    unused = (await _upload(stub, WAV_HEAD * 4)).audio_uri
+    used = (await _upload(stub, _wav(2_000))).audio_uri
+    unused = (await _upload(stub, _wav(2_000))).audio_uri
     job_id = (
         await stub.CreateVideo(pb.CreateVideoRequest(prompt="a", scene_count=1, audio_uri=used))
     ).job_id

@@ -1,4 +1,8 @@
-"""The video's sound track, built as one WAV file exactly as long as the video."""
+"""The video's sound track, built as one WAV file exactly as long as the video.
+
+Every ffmpeg read of an input here (the user's audio, and the WAV files made
+from it) is held to the audio containers of :mod:`storyreel_composer.user_audio`.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from storyreel_composer.probe import ffmpeg_exe
+from storyreel_composer.user_audio import audio_input_options
 
 
 def write_narration_track(
@@ -96,6 +101,7 @@ def measure_loudness(
     chain = f"{prefilter}," if prefilter else ""
     result = _ffmpeg(
         [
+            *audio_input_options(),
             *("-i", str(path), "-map", "0:a:0"),
             *("-af", f"{chain}{target.loudnorm()}:print_format=json", "-f", "null", "-"),
         ],
@@ -152,6 +158,7 @@ def normalise_track(
         chain.append(fit)
     _ffmpeg(
         [
+            *audio_input_options(),
             *("-i", str(source), "-map", "0:a:0", "-af", ",".join(chain)),
             *("-ac", str(channels), "-c:a", "pcm_s16le", str(out_path)),
         ],
@@ -231,7 +238,8 @@ def mix_music(
     )
     _ffmpeg(
         [
-            *("-i", str(narration), "-stream_loop", "-1", "-i", str(music)),
+            *(*audio_input_options(), "-i", str(narration)),
+            *("-stream_loop", "-1", *audio_input_options(), "-i", str(music)),
             *("-filter_complex", graph, "-map", "[mix]", "-c:a", "pcm_f32le", str(out_path)),
         ],
         "mix the music under the narration",

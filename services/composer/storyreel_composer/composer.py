@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storyreel.errors import InvalidInput, NotFound, NotReady, Overloaded
-from storyreel.ids import check_job_id, check_revision, job_key
+from storyreel.ids import check_job_id, check_revision, job_key, shown
 from storyreel.storage import ArtifactStore
 from storyreel_composer.audio import (
     LoudnessTarget,
@@ -44,7 +44,7 @@ from storyreel_composer.captions import (
 from storyreel_composer.formats import ASPECTS, RESOLUTIONS, even, frame_size
 from storyreel_composer.images import decode_image, fit_image
 from storyreel_composer.motion import choose_moves
-from storyreel_composer.probe import MediaError, MediaInfo, probe
+from storyreel_composer.probe import MediaInfo, probe
 from storyreel_composer.render import Encoding, RenderPlan, render
 from storyreel_composer.settings import ComposerSettings
 from storyreel_composer.stills import (
@@ -61,7 +61,8 @@ from storyreel_composer.timeline import (
     shared_timeline,
     shots,
 )
-from storyreel_composer.tts import NarrationSynthesizer, Speech
+from storyreel_composer.tts import NarrationSynthesizer, Speech, VoiceCatalog
+from storyreel_composer.user_audio import UPLOADS_PREFIX, AudioFacts, check_audio_file
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,8 @@ class VideoComposer:
         self.settings = settings
         self._slots = asyncio.Semaphore(settings.max_concurrent_compositions)
         self._waiting = 0
+        self._probe_slots = asyncio.Semaphore(settings.max_concurrent_probes)
+        self._probe_waiting = 0
 
     async def compose(
         self,
@@ -244,6 +247,41 @@ class VideoComposer:
             # Retrieve the outcome so that the failure of work whose caller
             # gave up is not reported as "exception never retrieved".
             work.exception()
+
+    def check_job_inputs(
+        self, job_id: str, scenes: Sequence[SceneInput], audio_uri: str | None = None
+    ) -> None:
+        """What the compose service may read for ``job_id``; InvalidInput otherwise, unread.
+
+        Scene images only from the job's own folder (``jobs/<job_id>/``, any of its
+        revisions), the audio only from the uploads (``uploads/``, where the gateway
+        stores them; ProbeAudio reads nothing else either), so that a request naming
+        another job's or tenant's objects reads none of them. The gateway's requests
+        always keep to this; it is the service's own check, beside the internal token.
+        URIs that are no key of this store are left to :meth:`check_request`.
+        """
+        check_job_id(job_id)
+        own = f"jobs/{job_id}/"
+        for number, scene in enumerate(scenes, start=1):
+            key = self._key_or_none(scene.image_uri)
+            if key is not None and not key.startswith(own):
+                raise InvalidInput(
+                    f"scene {number} image_uri {shown(scene.image_uri, 256)} is not in this "
+                    f"job's folder {own}: a composition reads only its own job's images"
+                )
+        key = self._key_or_none(audio_uri)
+        if key is not None and not key.startswith(UPLOADS_PREFIX):
+            raise InvalidInput(
+                f"audio_uri {shown(audio_uri, 256)} is not an upload: only {UPLOADS_PREFIX} is read"
+            )
+
+    def _key_or_none(self, uri: str | None) -> str | None:
+        if not uri:
+            return None
+        try:
+            return self.store.key_of(uri)
+        except InvalidInput:
+            return None
 
     def check_request(
         self,
@@ -396,34 +434,70 @@ class VideoComposer:
         return result
 
     def _checked_audio(self, audio_uri: str, work: Path) -> tuple[Path, MediaInfo]:
-        """Download the user's audio and reject it unless it is readable audio within limits."""
+        """Download the user's audio and reject it unless it is readable audio within limits.
+
+        The one check of a user's audio, shared with :meth:`probe_audio`
+        (:func:`~storyreel_composer.user_audio.check_audio_file`).
+        """
         s = self.settings
         # Keep the extension: ffmpeg uses it as a hint when probing.
         suffix = Path(self.store.key_of(audio_uri)).suffix[:10]
         path = self.store.download(audio_uri, work / f"user-audio{suffix}")
-        if path.stat().st_size == 0:
-            raise InvalidInput(f"audio_uri {audio_uri} is not usable audio: the file is empty")
-        try:
-            # The header first, so an overlong file is refused without decoding it.
-            header = probe(path, decode=False, timeout_s=s.ffmpeg_timeout_s)
-            if header.has_audio and header.duration_s > s.max_audio_s + 1:
-                raise InvalidInput(
-                    f"audio_uri {audio_uri} lasts {header.duration_s:.1f} s; "
-                    f"the limit is {s.max_audio_s:g} s"
-                )
-            info = probe(path, decode_video=False, timeout_s=s.ffmpeg_timeout_s)
-        except MediaError as exc:
-            raise InvalidInput(f"audio_uri {audio_uri} is not usable audio: {exc}") from None
-        if not info.has_audio:
-            raise InvalidInput(f"audio_uri {audio_uri} is not usable audio: it has no audio stream")
-        if info.duration_s <= 0:
-            raise InvalidInput(f"audio_uri {audio_uri} is not usable audio: it holds no samples")
-        if info.duration_s > s.max_audio_s:
-            raise InvalidInput(
-                f"audio_uri {audio_uri} lasts {info.duration_s:.1f} s; "
-                f"the limit is {s.max_audio_s:g} s"
-            )
+        info = check_audio_file(
+            path, audio_uri, max_audio_s=s.max_audio_s, timeout_s=s.ffmpeg_timeout_s
+        )
         return path, info
+
+    # --- facts for admission ------------------------------------------------------------------
+
+    def voices(self) -> VoiceCatalog:
+        """The narration voices a request may name, and the default one."""
+        return self.synthesizer.catalog()
+
+    async def probe_audio(self, uri: str) -> AudioFacts:
+        """Read an uploaded audio file as :meth:`compose` reads ``audio_uri``; what it holds.
+
+        Only objects under ``uploads/`` are read (InvalidInput otherwise).
+        Raises InvalidInput with the message :meth:`compose` would give for the
+        same audio, NotFound when the object does not exist, and Overloaded
+        when ``max_waiting_probes`` probes already wait for one of the
+        ``max_concurrent_probes`` slots (probes never wait for compositions).
+        """
+        s = self.settings
+        shown = uri if len(uri) <= 256 else uri[:256] + "..."
+        try:
+            key = self.store.key_of(uri)
+        except InvalidInput as exc:
+            raise InvalidInput(f"uri: {exc.message[:512]}") from None
+        if not key.startswith(UPLOADS_PREFIX):
+            raise InvalidInput(f"uri {shown} is not an upload: only {UPLOADS_PREFIX} is read")
+        if self._probe_slots.locked() and self._probe_waiting >= s.max_waiting_probes:
+            raise Overloaded(
+                f"the composer is busy: {self._probe_waiting} audio probes are already waiting"
+            )
+        self._probe_waiting += 1
+        try:
+            await self._probe_slots.acquire()
+        finally:
+            self._probe_waiting -= 1
+        work = asyncio.ensure_future(asyncio.to_thread(self._probe_blocking, uri))
+        work.add_done_callback(self._probe_done)
+        return await asyncio.shield(work)
+
+    def _probe_done(self, work: asyncio.Future) -> None:
+        self._probe_slots.release()
+        if not work.cancelled():
+            work.exception()
+
+    def _probe_blocking(self, uri: str) -> AudioFacts:
+        s = self.settings
+        if not self.store.exists(uri):
+            raise NotFound(f"audio_uri {uri} does not exist")
+        if s.work_dir is not None:
+            s.work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="storyreel-probe-", dir=s.work_dir) as tmp:
+            _path, info = self._checked_audio(uri, Path(tmp))
+        return AudioFacts.of(info)
 
     def _write_canvases(self, plan: ComposePlan, work: Path) -> tuple[int, int]:
         """Decode every scene image, fit it to the frame and write it raw for the renderer.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -17,6 +18,10 @@ from pathlib import Path
 
 class MediaError(ValueError):
     """The file is not media ffmpeg can read, or its data is corrupt or truncated."""
+
+
+class UnsupportedContainer(MediaError):
+    """ffmpeg recognised the file, but as a container outside the allowed ``formats``."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,8 @@ class MediaInfo:
     audio_codec: str | None = None
     sample_rate: int | None = None
     channels: int | None = None
+    #: The demuxer ffmpeg read the file with (e.g. "mp3", "wav", "mov,mp4,m4a,3gp,3g2,mj2").
+    container: str | None = None
 
 
 @cache
@@ -48,6 +55,7 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+_INPUT_RE = re.compile(r"^Input #0, (.+?), from '", re.MULTILINE)
 _DURATION_RE = re.compile(r"^\s*Duration: (\d+):(\d+):(\d+(?:\.\d+)?)", re.MULTILINE)
 _STREAM_RE = re.compile(r"^\s*Stream #\d+:\d+\S*: (Video|Audio): (.*)$", re.MULTILINE)
 _SIZE_RE = re.compile(r"^(\d+)x(\d+)\b")
@@ -73,12 +81,16 @@ def probe(
     decode: bool = True,
     decode_video: bool = True,
     timeout_s: float | None = None,
+    formats: Sequence[str] = (),
 ) -> MediaInfo:
     """Describe the media file at ``path``; MediaError if it is not readable media.
 
     ``decode=True`` decodes the first audio stream and (with ``decode_video``)
     the first video stream, which makes ``duration_s`` exact and finds corrupt
     or truncated data. Without ``decode_video`` the duration is the audio's.
+    ``formats`` (ffmpeg demuxer names), when given, are the only containers
+    ffmpeg may read the file as, in every pass: a playlist (HLS, ffconcat) or
+    any other demuxer that opens further files is never opened.
     """
     path = Path(path)
     try:
@@ -88,7 +100,10 @@ def probe(
     if size == 0:
         raise MediaError("the file is empty (0 bytes)")
 
-    header = _run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)], timeout_s)
+    only = input_formats(formats)
+    header = _run([ffmpeg_exe(), "-hide_banner", "-nostdin", *only, "-i", str(path)], timeout_s)
+    if formats and "not on whitelist" in header.stderr:
+        raise UnsupportedContainer("it is in a container that may not be read here")
     info = _parse_header(header.stderr)
     if not decode or not (info.has_audio or info.has_video):
         return info
@@ -99,7 +114,7 @@ def probe(
         decode_streams += ["-map", "0:V:0"]
     if not decode_streams:
         return info
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "warning", "-i", str(path)]
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "warning", *only, "-i", str(path)]
     cmd += [*decode_streams, "-f", "null", "-", "-nostats", "-progress", "pipe:1"]
     result = _run(cmd, timeout_s)
     if result.returncode != 0:
@@ -124,6 +139,11 @@ def probe(
     return replace(info, duration_s=duration_s, frames=frames if info.has_video else None)
 
 
+def input_formats(formats: Sequence[str]) -> list[str]:
+    """ffmpeg input options that allow only the demuxers ``formats`` (none: any)."""
+    return ["-format_whitelist", ",".join(formats)] if formats else []
+
+
 def _run(cmd: list[str], timeout_s: float | None) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(
@@ -144,6 +164,8 @@ def _parse_header(stderr: str) -> MediaInfo:
         duration_s = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
     fields: dict[str, object] = {"duration_s": duration_s, "has_audio": False, "has_video": False}
+    if match := _INPUT_RE.search(stderr):
+        fields["container"] = match.group(1)
     for kind, description in _STREAM_RE.findall(stderr):
         parts = _split_top_level(description)
         codec = parts[0].split()[0] if parts and parts[0].split() else None

@@ -75,10 +75,15 @@ class ComposeServicer(compose_pb2_grpc.ComposeServiceServicer):
     async def Compose(
         self, request: compose_pb2.ComposeRequest, context: grpc.aio.ServicerContext
     ) -> compose_pb2.ComposeResponse:
-        """Compose the video of the request's scenes and return where it is stored."""
+        """Compose the video of the request's scenes and return where it is stored.
+
+        Only the job's own images and an upload are read (checked before anything is).
+        """
+        scenes = [SceneInput(scene.image_uri, scene.narration) for scene in request.scenes]
+        self.composer.check_job_inputs(request.job_id, scenes, request.audio_uri or None)
         result = await self.composer.compose(
             request.job_id,
-            [SceneInput(scene.image_uri, scene.narration) for scene in request.scenes],
+            scenes,
             request.audio_uri or None,
             fps=request.fps,
             width=request.width,
@@ -97,6 +102,32 @@ class ComposeServicer(compose_pb2_grpc.ComposeServiceServicer):
             width=result.width,
             height=result.height,
             fps=result.fps,
+        )
+
+    async def ListVoices(
+        self, request: compose_pb2.ListVoicesRequest, context: grpc.aio.ServicerContext
+    ) -> compose_pb2.ListVoicesResponse:
+        """The voices a ComposeRequest may name, and the default one."""
+        catalog = self.composer.voices()
+        return compose_pb2.ListVoicesResponse(
+            voices=[
+                compose_pb2.Voice(name=v.name, language=v.language, sample_rate=v.sample_rate)
+                for v in catalog.voices
+            ],
+            default_voice=catalog.default_voice,
+        )
+
+    async def ProbeAudio(
+        self, request: compose_pb2.ProbeAudioRequest, context: grpc.aio.ServicerContext
+    ) -> compose_pb2.ProbeAudioResponse:
+        """Check an upload as Compose would check it as audio_uri; what it holds."""
+        facts = await self.composer.probe_audio(request.uri)
+        return compose_pb2.ProbeAudioResponse(
+            duration_s=facts.duration_s,
+            codec=facts.codec,
+            sample_rate=facts.sample_rate,
+            channels=facts.channels,
+            format=facts.format,
         )
 
 

@@ -148,6 +148,10 @@ class ComposerSettings(ServiceSettings):
     # before requests are refused with RESOURCE_EXHAUSTED.
     max_concurrent_compositions: int = Field(default=1, ge=1)
     max_waiting_compositions: int = Field(default=8, ge=0)
+    # ProbeAudio calls (the gateway checks each upload) decoding at once, and how many
+    # more may wait; they have slots of their own and never wait for a composition.
+    max_concurrent_probes: int = Field(default=2, ge=1)
+    max_waiting_probes: int = Field(default=16, ge=0)
     # Parent of the per-request temporary directories; None: the system default.
     work_dir: Path | None = None
 

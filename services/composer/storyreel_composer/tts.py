@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -16,6 +17,27 @@ from storyreel.errors import InvalidInput, NotReady
 from storyreel_composer.captions import split_sentences
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VoiceInfo:
+    """One narration voice: its exact name, language and sample rate (from its config)."""
+
+    name: str
+    language: str = ""
+    sample_rate: int = 0
+
+
+@dataclass(frozen=True)
+class VoiceCatalog:
+    """Every voice a request may name (sorted by name) and the one an empty name selects."""
+
+    voices: tuple[VoiceInfo, ...]
+    default_voice: str
+
+    @property
+    def names(self) -> list[str]:
+        return [voice.name for voice in self.voices]
 
 
 @dataclass(frozen=True)
@@ -57,6 +79,7 @@ class NarrationSynthesizer:
                 self._files[other] = (Path(path), None)
         self.sentence_pause_s = sentence_pause_s
         self._voices: dict[str, object] = {}
+        self._catalog: VoiceCatalog | None = None
         # piper phonemizes through espeak-ng, a C library with global state:
         # one synthesis at a time.
         self._lock = threading.Lock()
@@ -91,8 +114,38 @@ class NarrationSynthesizer:
         """Sample rate of ``voice`` (None: the default), in Hz."""
         return self._require_voice(voice).config.sample_rate
 
+    def catalog(self) -> VoiceCatalog:
+        """Every voice with its language and sample rate, loaded or not.
+
+        Names are exact: :meth:`check_voice` compares them case-sensitively.
+        The language and rate come from each voice's config file (the model
+        path plus ``.json`` unless given), read once; unknown values are empty/0.
+        """
+        if self._catalog is None:
+            self._catalog = VoiceCatalog(
+                tuple(self._describe(name) for name in self.voice_names), self.default_voice
+            )
+        return self._catalog
+
+    def _describe(self, name: str) -> VoiceInfo:
+        model, config = self._files[name]
+        path = config or model.with_name(model.name + ".json")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            language = data.get("language", {}).get("code") or data.get("espeak", {}).get(
+                "voice", ""
+            )
+            rate = int(data.get("audio", {}).get("sample_rate", 0))
+        except (OSError, ValueError, AttributeError, TypeError):
+            log.warning("voice config unreadable", extra={"voice": name, "config": str(path)})
+            return VoiceInfo(name)
+        return VoiceInfo(name, str(language), rate)
+
     def check_voice(self, voice: str | None) -> str:
-        """The name of ``voice`` (None or empty: the default); InvalidInput if unknown."""
+        """The name of ``voice`` (None or empty: the default); InvalidInput if unknown.
+
+        Names are exact (case-sensitive): "JOE" is not "joe".
+        """
         name = voice or self.default_voice
         if name not in self._files:
             raise InvalidInput(f"voice {name!r} is not one of {', '.join(self.voice_names)}")
