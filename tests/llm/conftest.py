@@ -94,6 +94,8 @@ class ServerDouble:
     health_statuses: list[int] = field(default_factory=list)
     health_checks: int = 0
     get_bodies: dict[str, Any] = field(default_factory=dict)
+    # Consulted before the script: a Reply for POST bodies it recognises, else None.
+    responder: Any = None
     # POSTs wait for this before answering; clear it to hold them.
     gate: threading.Event = field(default_factory=lambda: _opened(threading.Event()))
 
@@ -157,6 +159,11 @@ def _handler_for(ref: list[ServerDouble]) -> type[BaseHTTPRequestHandler]:
                 }
             )
             double.gate.wait(timeout=60)
+            body = double.requests[-1]["body"]
+            answered = double.responder(body) if double.responder is not None else None
+            if answered is not None:
+                self._send(answered.status, answered.body, answered.headers)
+                return
             if not double.replies:
                 self._send(500, {"error": "the test scripted no reply", "error_type": "test"})
                 return
@@ -257,6 +264,66 @@ class OpenAITestDouble:
     def answer_all(self, texts: Sequence[str]) -> None:
         for text in texts:
             self.answer(text)
+
+    def emulate(
+        self,
+        *,
+        json_schema: str = "enforce",
+        json_object: str = "enforce",
+        grammar: str = "enforce",
+        plain: str = "answer",
+        unknown_parameters: str = "accept",
+    ) -> None:
+        """Answer the backend's capability probes as a kind of server would.
+
+        Each format is "enforce" (the answer obeys the probe schema), "ignore" (an
+        answer that does not), or "refuse-<status>[:<message>]" (an error, as
+        llama-cpp-python's HTTP 500 for json_schema). ``plain`` is how a request
+        without constraint is answered ("answer" or "refuse-<status>");
+        ``unknown_parameters`` "refuse"
+        answers 400 to repetition_penalty / repeat_penalty, as a strict server does.
+        Requests that are no probe go on to the script.
+        """
+        # The probe's one valid answer (storyreel_llm.backends.openai.PROBE_ANSWER).
+        probe_answer = '{"probe":"storyreel-probe"}'
+
+        def reply(outcome: str) -> Reply:
+            if outcome.startswith("refuse-"):
+                status_text, _, message = outcome.removeprefix("refuse-").partition(":")
+                status = int(status_text)
+                message = message or f"this server does not take that request ({outcome})"
+                return Reply(status, {"error": {"message": message}})
+            content = probe_answer if outcome == "enforce" else "Hello! How can I help you?"
+            return Reply(200, self.completion(content))
+
+        def respond(body: Any) -> Reply | None:
+            if not isinstance(body, dict) or body.get("messages") != [
+                {"role": "user", "content": "Say hello."}
+            ]:
+                return None
+            if unknown_parameters == "refuse" and (
+                "repetition_penalty" in body or "repeat_penalty" in body
+            ):
+                return Reply(400, {"error": {"message": "Unrecognized request argument"}})
+            response_format = body.get("response_format") or {}
+            if response_format.get("type") == "json_schema":
+                return reply(json_schema)
+            if response_format.get("type") == "json_object":
+                return reply(json_object)
+            if "grammar" in body:
+                return reply(grammar)
+            return reply("ignore" if plain == "answer" else plain)
+
+        self.double.responder = respond
+
+    @property
+    def story_requests(self) -> list[dict[str, Any]]:
+        """The requests that were no capability probe."""
+        return [
+            r
+            for r in self.double.requests
+            if r["body"].get("messages") != [{"role": "user", "content": "Say hello."}]
+        ]
 
 
 @pytest.fixture

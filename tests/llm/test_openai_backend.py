@@ -19,7 +19,7 @@ from storyreel_llm.backends.openai import SCHEMA_NAME, OpenAIBackend, api_base
 from storyreel_llm.storyboard import cast_schema, shot_schema
 from storyreel_llm.writer import StoryboardWriter
 
-from storyreel.errors import Overloaded, UpstreamFailed
+from storyreel.errors import FailedPrecondition, Overloaded, UpstreamFailed
 
 MESSAGES = [
     {"role": "system", "content": "You write storyboards."},
@@ -36,6 +36,8 @@ def openai_for(settings_for, openai_double):
             "openai_url": openai_double.url,
             "openai_model": "zephyr-7b-beta",
             "tgi_startup_poll_s": 0.01,
+            # The wire tests name the format; the negotiation has tests of its own.
+            "openai_response_format": "json_schema",
         }
         values.update(overrides)
         return settings_for(**values)
@@ -78,6 +80,9 @@ def test_json_schema_request_payload(openai_for, openai_double):
         "top_p": settings.top_p,
         "seed": (2**40 + 3) % 2**31,
         "stream": False,
+        # vLLM and TGI read the first name, llama.cpp's servers the second.
+        "repetition_penalty": settings.repetition_penalty,
+        "repeat_penalty": settings.repetition_penalty,
         "stop": ["</s>"],
         "response_format": {
             "type": "json_schema",
@@ -135,7 +140,7 @@ def test_a_bad_request_is_not_retried_and_quotes_the_server(openai_for, openai_d
     openai_double.fail(400, {"error": {"message": "response_format is not supported"}})
     backend = OpenAIBackend(openai_for())
     with pytest.raises(
-        UpstreamFailed, match="HTTP 400: response_format is not supported"
+        FailedPrecondition, match="HTTP 400: response_format is not supported"
     ) as caught:
         backend.generate_json(MESSAGES, SCHEMA, 8, 1)
     assert backend.endpoint in caught.value.message

@@ -137,10 +137,12 @@ def test_re_asks_are_bounded_then_the_fallback_marks_the_storyboard_degraded(set
     assert [c.kind for c in backend.calls] == ["text", "json", "json", "json", "json", "json"]
     first = board.scenes[0]
     assert board.degraded is True
-    # The fallback picture is the narration itself, with whoever it names.
-    assert first.action == first.narration.rstrip(".")
+    # The fallback picture keeps what the last answer got right on its own (setting,
+    # action), a camera from the list, and whoever the narration names.
+    assert first.action == "Ada rows a small boat toward the whale"
+    assert first.setting == "on a rocky beach at dawn" and first.camera == "wide shot"
     assert first.characters == ("Ada",) and ADA_LOOK in first.image_prompt
-    assert first.camera == "" and first.setting == ""
+    assert first.narration not in first.image_prompt
     assert board.scenes[1].action == "Ada rows a small boat toward the whale"
 
 
@@ -265,11 +267,11 @@ def test_image_prompts_fit_clip_with_three_characters_at_the_appearance_cap(sett
     cast = dict(
         CAST,
         characters=[
-            {"name": n, "appearance": a} for n, a in zip(["Ada", "Moby", "Tom"], looks, strict=True)
+            {"name": n, "appearance": a} for n, a in zip(["Ada", "Moby", "Tib"], looks, strict=True)
         ],
     )
     long_shot = shot(
-        ["Ada", "Moby", "Tom"],
+        ["Ada", "Moby", "Tib"],
         setting="on a dark stormy sea at dawn near the old white lighthouse",
         action="Ada rows a small wooden boat through huge stormy waves toward",
     )
@@ -292,3 +294,76 @@ def test_a_phrase_cut_at_its_length_cap_loses_its_partial_word_and_dangling_word
     cast = tidy_cast({**CAST, "characters": [{"name": "Ada", "appearance": look}]}, caps)
     assert not cast["characters"][0]["appearance"].endswith((" a", " from", " at"))
     assert cast["characters"][0]["appearance"].startswith("a tall woman in a red coat")
+
+
+# --- Fallback pictures, caps under pattern-only grammars, small defects ---------------------------
+
+
+def test_a_fallback_picture_is_built_from_setting_action_and_characters_never_dialogue(
+    settings_for,
+):
+    settings = settings_for(repair_attempts=0)
+    story = (
+        '"Come home, Moby," whispered Ada across the bay. '
+        "「帰ろう」と彼女は言った。 Ada rowed her boat to the rocks at dawn."
+    )
+    unusable = '{"characters": ["Ada"], "setting": "Ada said hi", "camera": "dolly"'
+    answers = [story, json.dumps(CAST), unusable, unusable]
+    board, _ = write(settings, answers, scene_count=2)
+    assert board.degraded is True
+    for scene in board.scenes:
+        prompt = scene.image_prompt
+        assert not any(q in prompt for q in ('"', "「", "whispered", "Come home", "帰"))
+        assert prompt.isascii()
+        assert scene.camera == "wide shot"
+    last = board.scenes[-1]
+    assert last.action == "Ada rowed her boat to the rocks at dawn"
+    assert last.characters == ("Ada",) and ADA_LOOK in last.image_prompt
+
+
+def test_a_fallback_picture_keeps_the_previous_scenes_setting(settings_for):
+    settings = settings_for(repair_attempts=0)
+    good = json.dumps(shot(setting="in a lighthouse at night"))
+    answers = [STORY, json.dumps(CAST), good, "not json at all"]
+    board, _ = write(settings, answers, scene_count=2)
+    assert board.scenes[1].setting == "in a lighthouse at night"
+
+
+def test_text_past_its_cap_from_a_pattern_only_grammar_is_cut_at_a_word_not_refused(settings):
+    """llama.cpp's converter drops maxLength: a bounded pattern may still overrun the cap."""
+    caps = settings.text_caps()
+    long_setting = "on a small rocky beach below the old white lighthouse at dawn in the rain"
+    assert len(long_setting) > caps.setting
+    answers = [STORY, json.dumps(CAST), json.dumps(shot(setting=long_setting)), json.dumps(shot())]
+    board, backend = write(settings, answers)
+    assert len(backend.calls) == 4  # no re-ask
+    setting = board.scenes[0].setting
+    assert len(setting) <= caps.setting and long_setting.startswith(setting)
+    assert not setting.endswith((" the", " at", " in"))
+
+
+@pytest.mark.parametrize(
+    ("look", "fixed"),
+    [
+        ("the princess in a blue gown", "a princess in a blue gown"),
+        ("his old grey dog", "an old grey dog"),
+        ("tall woman with a red hat", "a tall woman with a red hat"),
+        ("an owl with big eyes", "an owl with big eyes"),
+    ],
+)
+def test_an_appearance_gets_one_article(settings, look, fixed):
+    from storyreel_llm.writer import tidy_cast
+
+    data = tidy_cast(
+        {**CAST, "characters": [{"name": "Ada", "appearance": look}]}, settings.text_caps()
+    )
+    assert data["characters"][0]["appearance"] == fixed
+
+
+def test_a_continuation_that_repeats_the_story_adds_only_its_new_sentences(settings):
+    first = "Ada kept the lighthouse on the cliff."
+    again = "Ada kept the lighthouse on the cliff. She saw a whale in the bay."
+    board, backend = write(settings, [first, again, *answers_for(2)[1:]], scene_count=2)
+    assert backend.calls[1].kind == "text"
+    narrations = [s.narration for s in board.scenes]
+    assert narrations == ["Ada kept the lighthouse on the cliff.", "She saw a whale in the bay."]

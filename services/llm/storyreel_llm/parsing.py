@@ -58,6 +58,8 @@ _LITERALS = {
     "None": None,
 }
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
+#: An unquoted word: letters of any script (the model may write in Spanish or Japanese).
+_BARE_WORD = re.compile(r"[^\W\d][\w\-]*")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "/": "/"}
 
 
@@ -98,18 +100,17 @@ def _tokens(text: str) -> list[_Token]:
         elif ch == "/" and text.startswith("//", i):
             end = text.find("\n", i)
             i = n if end < 0 else end + 1
-        elif _NUMBER.match(text, i) and (ch.isdigit() or ch in "-."):
-            match = _NUMBER.match(text, i)
-            assert match is not None
+        elif (ch.isdigit() or ch in "-.") and (match := _NUMBER.match(text, i)):
             literal = match.group(0)
             try:
                 out.append(_Token("num", json.loads(literal)))
             except ValueError:
-                out.append(_Token("num", float(literal)))
+                try:
+                    out.append(_Token("num", float(literal)))
+                except ValueError:  # digits of another script, a lone "-"
+                    out.append(_Token("word", literal))
             i = match.end()
-        elif ch.isalpha() or ch == "_":
-            match = re.compile(r"[A-Za-z_][\w\-]*").match(text, i)
-            assert match is not None
+        elif match := _BARE_WORD.match(text, i):
             word = match.group(0)
             out.append(
                 _Token("lit", _LITERALS[word]) if word in _LITERALS else _Token("word", word)
@@ -241,13 +242,23 @@ class LenientJSON:
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
 
 
+#: At most this many places are tried as the start of a JSON value: each try reads the
+#: rest of the text, so a degenerate answer ("[[[[...") would otherwise cost its length squared.
+_MAX_CANDIDATES = 64
+
+
 def _json_candidates(text: str) -> Iterable[str]:
     """Places in ``text`` a JSON value may start: fenced blocks, then each { or [."""
+    tried = 0
     for match in _FENCE.finditer(text):
         body = match.group(2).strip()
         if body[:1] in "{[":
+            tried += 1
             yield body
     for match in re.finditer(r"[{\[]", text):
+        if tried >= _MAX_CANDIDATES:
+            return
+        tried += 1
         yield text[match.start() :]
 
 
@@ -261,18 +272,18 @@ def loads_lenient(text: str) -> LenientJSON:
         value = json.loads(stripped)
         if isinstance(value, dict | list):
             return LenientJSON(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     for candidate in _json_candidates(stripped):
         try:
             value = json.loads(candidate)
             return LenientJSON(value, repaired=candidate != stripped)
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
         parser = _Parser(_tokens(candidate))
         try:
             value = parser.value()
-        except (ValueError, _Truncated):
+        except (ValueError, _Truncated, RecursionError):
             continue
         if isinstance(value, dict | list) and value and parser.looks_like_json:
             # The first value that reads is the answer; later braces are inside it.
@@ -392,7 +403,11 @@ def _clean(text: str) -> str:
 # --- Sentences ---------------------------------------------------------------------------------
 
 _ABBREVIATIONS = ("Mr", "Mrs", "Ms", "Dr", "St", "Mt", "Jr", "Sr", "Prof", "e.g", "i.e", "vs")
-_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])")
+# A sentence ends at . ! ? … before a capital (Latin, accented, or an opening «¿¡), or at
+# the CJK full stops, which need no space after them.
+_SENTENCE_END = re.compile(
+    r"(?<=[.!?…])[\"'”’»)\]]*\s+(?=[\"'“‘«¿¡(\[]?[A-Z0-9À-ÖØ-Þ])|(?<=[。！？])[」』”’)]*\s*"
+)
 _CLAUSE_BREAK = re.compile(r"(?:;|,\s+(?:and|but|so|then|while|until|when)\b|\s+and then\b)")
 
 
@@ -411,12 +426,13 @@ def split_sentences(text: str) -> list[str]:
         sentences.append(text[start : match.end()].strip())
         start = match.end()
     sentences.append(text[start:].strip())
-    return [s for s in sentences if re.search(r"[A-Za-z]", s)]
+    # A sentence has letters, of any script.
+    return [s for s in sentences if re.search(r"[^\W\d_]", s)]
 
 
 def ends_a_sentence(text: str) -> bool:
     """True when ``text`` ends with sentence punctuation (it was not cut off mid-way)."""
-    return bool(re.search(r"[.!?…][\"'”’)\]]*\s*$", text))
+    return bool(re.search(r"[.!?…。！？][\"'”’»」』)\]]*\s*$", text))
 
 
 def split_clauses(sentences: Sequence[str], wanted: int, min_words: int = 3) -> list[str]:

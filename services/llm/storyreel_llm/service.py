@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from storyreel.errors import NotReady, Overloaded
+from storyreel.errors import FailedPrecondition, NotReady, Overloaded, StoryreelError
 from storyreel.serving import Service
 from storyreel.story.v1 import story_pb2, story_pb2_grpc
 from storyreel_llm.backends import Backend, create_backend
@@ -84,6 +84,8 @@ class StoryServicer(story_pb2_grpc.StoryServiceServicer):
         self._writer = writer
         self._slot = slot
         self.ready = False
+        #: Why the model cannot serve, when loading it failed (None while loading or ready).
+        self.unusable: str | None = None
 
     async def WriteStoryboard(
         self, request: story_pb2.WriteStoryboardRequest, context: grpc.aio.ServicerContext
@@ -92,9 +94,12 @@ class StoryServicer(story_pb2_grpc.StoryServiceServicer):
 
         INVALID_ARGUMENT for a bad prompt, scene_count or style (checked before the
         model is touched); UNAVAILABLE while the model loads or when it fails;
-        RESOURCE_EXHAUSTED when too many requests wait.
+        FAILED_PRECONDITION when the model (server) cannot be used at all, or refuses a
+        request as a configuration error; RESOURCE_EXHAUSTED when too many requests wait.
         """
         self._writer.check_request(request.prompt, request.scene_count, request.style)
+        if self.unusable is not None:
+            raise FailedPrecondition(f"the story model cannot serve: {self.unusable}")
         if not self.ready:
             raise NotReady("the story model is still loading; retry shortly")
         storyboard = await self._slot.run(
@@ -131,7 +136,13 @@ class StoryService(Service):
         """
         log.info("loading model", extra={"backend": self.backend.name})
         await asyncio.to_thread(clip_tokenizer)
-        await self._slot.run(self.backend.load)
+        try:
+            await self._slot.run(self.backend.load)
+        except StoryreelError as exc:
+            # Health stays NOT_SERVING; requests are told why instead of "still loading".
+            self.servicer.unusable = exc.message
+            log.error("the model cannot serve", extra={"reason": exc.message})
+            raise
         self.servicer.ready = True
 
     async def close(self) -> None:

@@ -33,6 +33,9 @@ class LLMSettings(ServiceSettings):
     # Set it to the CPU share the process really gets: on 2 busy cores, 2 threads fell
     # to 0.9 tokens/s where 1 thread kept 11 (17.7 with 2 on idle cores).
     torch_threads: int = Field(default=0, ge=0)
+    # At load, the local backend asks the model for a one-word answer and refuses it
+    # if it does not end its turn: a base model continues text instead of answering.
+    check_instruct_model: bool = True
 
     # --- Remote model servers (tgi, openai) ----------------------------------------------------
     # Base URL of the TGI server, e.g. http://tgi:80.
@@ -50,10 +53,22 @@ class LLMSettings(ServiceSettings):
     openai_model: str = "default"
     # Sent as "Authorization: Bearer ..." when set.
     openai_api_key: SecretStr = SecretStr("")
-    # How the schema is sent: "json_schema" (OpenAI, vLLM, SGLang, Ollama),
-    # "json_object" (llama.cpp's and TGI's {"type": "json_object", schema/value}), or
-    # "none" for servers without grammar support (answers go through the tolerant parser).
-    openai_response_format: Literal["json_schema", "json_object", "none"] = "json_schema"
+    # How answers are held to the schema. "auto" asks the server at start-up, trying in
+    # turn "json_schema" (OpenAI, vLLM, SGLang, Ollama, llama-server), "json_object" with
+    # the schema (llama.cpp's servers and TGI: {"type": "json_object", schema/value}),
+    # "grammar" (a GBNF grammar: llama-server, llama-cpp-python), then "none" (no
+    # constraint: answers go through the tolerant parser). Naming one skips the search,
+    # and the service refuses to start if the server does not take it.
+    openai_response_format: Literal["auto", "json_schema", "json_object", "grammar", "none"] = (
+        "auto"
+    )
+    # Send repetition_penalty (vLLM, TGI) and repeat_penalty (llama.cpp) with each request.
+    # A server that refuses unknown parameters is detected at start-up and sent neither.
+    openai_repetition_penalty: bool = True
+    # False: the system text goes at the head of the first user turn, for chat formats
+    # without a system role (Mistral's first templates, Gemma 2) or that drop it
+    # (llama-cpp-python's "gemma" chat format).
+    openai_system_role: bool = True
     # Stop sequences for the OpenAI-compatible server; empty sends none.
     openai_stop: list[str] = Field(default_factory=list)
     # Seconds one request to a model server may take.

@@ -46,20 +46,57 @@ CAMERAS: tuple[str, ...] = (
 # Patterns of generated text. Words are capped at 20 characters and separated by
 # single spaces: without that a small model under a grammar runs words together
 # ("lionelwantedtosave...") or drifts into quotes, braces and escapes.
+#
+# Every repetition has an explicit upper bound, derived from the field's length
+# cap: some grammar converters (llama.cpp's, llama-cpp-python's) keep a string's
+# ``pattern`` and drop its ``maxLength`` when both are given, so the pattern alone
+# must stop the model. A word averages about five characters with its space, so
+# ``cap // 5`` words end near the cap; ``maxLength`` still holds for the engines
+# that honour it, and validation cuts a longer answer at a word boundary.
 _WORD = r"[A-Za-z0-9,.!?:;'-]{1,20}"
-#: A title: starts with a capital or digit.
-TITLE_PATTERN = rf"^[A-Z0-9][A-Za-z0-9,.!?:;'-]{{0,19}}( {_WORD})*$"
-#: A logline: one sentence starting with a capital.
-LOGLINE_PATTERN = rf"^[A-Z][A-Za-z0-9,.!?:;'-]{{0,19}}( {_WORD})*$"
+_LOWER_WORD = r"[a-z0-9,'-]{1,20}"
+#: Characters per word (with its space) the word bounds assume.
+_CHARS_PER_WORD = 5
+
+
+def _more_words(cap: int) -> int:
+    """How many words may follow the first in a phrase of at most ``cap`` characters."""
+    return max(cap // _CHARS_PER_WORD - 1, 1)
+
+
+def title_pattern(cap: int) -> str:
+    """A title: starts with a capital or digit; at most ``cap // 5`` words."""
+    return rf"^[A-Z0-9][A-Za-z0-9,.!?:;'-]{{0,19}}( {_WORD}){{0,{_more_words(cap)}}}$"
+
+
+def logline_pattern(cap: int) -> str:
+    """A logline: one sentence starting with a capital; at most ``cap // 5`` words."""
+    return rf"^[A-Z][A-Za-z0-9,.!?:;'-]{{0,19}}( {_WORD}){{0,{_more_words(cap)}}}$"
+
+
+def appearance_pattern(cap: int) -> str:
+    """An appearance: a lower-case noun phrase starting with "a" or "an"."""
+    return rf"^(a|an)( {_LOWER_WORD}){{1,{_more_words(cap)}}}$"
+
+
+def setting_pattern(cap: int) -> str:
+    """A setting: a lower-case phrase of two words or more ("on a rocky beach at dawn")."""
+    return rf"^{_LOWER_WORD}( {_LOWER_WORD}){{1,{_more_words(cap)}}}$"
+
+
+def action_pattern(cap: int) -> str:
+    """An action: a phrase of short words ("Ada rows a boat through the waves")."""
+    return rf"^[A-Za-z][a-z'-]{{0,14}}( [A-Za-z0-9,'-]{{1,15}}){{0,{_more_words(cap)}}}$"
+
+
+#: Patterns at the default caps (title 60, logline 120, appearance 80, setting 60, action 80).
+TITLE_PATTERN = title_pattern(60)
+LOGLINE_PATTERN = logline_pattern(120)
+APPEARANCE_PATTERN = appearance_pattern(80)
+SETTING_PATTERN = setting_pattern(60)
+ACTION_PATTERN = action_pattern(80)
 #: A name: one to three capitalised words ("Ada", "Captain Rook").
 NAME_PATTERN = r"^[A-Z][A-Za-z'-]{0,15}( [A-Z][A-Za-z'-]{0,15}){0,2}$"
-_LOWER_WORD = r"[a-z0-9,'-]{1,20}"
-#: An appearance: a lower-case noun phrase starting with "a" or "an".
-APPEARANCE_PATTERN = rf"^(a|an)( {_LOWER_WORD})+$"
-#: A setting: a lower-case phrase of two words or more ("on a rocky beach at dawn").
-SETTING_PATTERN = rf"^{_LOWER_WORD}( {_LOWER_WORD})+$"
-#: An action: a phrase of short words ("Ada rows a boat through the waves").
-ACTION_PATTERN = r"^[A-Za-z][a-z'-]{0,14}( [A-Za-z0-9,'-]{1,15})*$"
 #: Narration: one line, no control characters or backslashes.
 ONE_LINE_PATTERN = r"^[^\x00-\x1f\x7f\\]*$"
 
@@ -166,15 +203,20 @@ class TextCaps:
 class DraftContext:
     """What validating a draft needs beyond its schema.
 
-    ``names`` is the cast a shot may refer to; ``clip_tokens`` counts CLIP tokens
-    and ``max_appearance_tokens`` bounds an appearance; ``forbidden`` lists texts
-    no answer may repeat (the instructions the model was given).
+    ``names`` is the cast a shot may refer to (``cast_known`` False: no cast has
+    been checked, so any name goes); ``clip_tokens`` counts CLIP tokens and
+    ``max_appearance_tokens`` bounds an appearance; ``forbidden`` lists texts no
+    answer may repeat (the instructions the model was given); ``borrowed`` returns
+    the piece of a text that was taken from our prompts rather than the story
+    (see :func:`storyreel_llm.prompts.borrowed`), or None.
     """
 
     names: tuple[str, ...] = ()
     clip_tokens: Callable[[str], int] | None = None
     max_appearance_tokens: int | None = None
     forbidden: tuple[str, ...] = field(default_factory=tuple)
+    borrowed: Callable[[str], str | None] | None = None
+    cast_known: bool = False
 
 
 def _context(info: ValidationInfo) -> DraftContext:
@@ -215,7 +257,13 @@ class CastDraftBase(BaseModel):
         for character in self.characters:
             problems += appearance_problems(character.name, character.appearance, context)
         problems += _leaks(
-            context, [self.title, self.logline, *(c.appearance for c in self.characters)]
+            context,
+            [
+                ("title", self.title),
+                ("logline", self.logline),
+                *((f"name {c.name}", c.name) for c in self.characters),
+                *((f"appearance of {c.name}", c.appearance) for c in self.characters),
+            ],
         )
         if problems:
             raise ValueError("; ".join(problems))
@@ -235,26 +283,44 @@ class ShotDraftBase(BaseModel):
     @model_validator(mode="after")
     def _shot_checks(self, info: ValidationInfo) -> ShotDraftBase:
         context = _context(info)
-        if context.names:
+        problems = []
+        if context.names or context.cast_known:
             known = {n.casefold() for n in context.names}
             unknown = [n for n in self.characters if n.casefold() not in known]
-            if unknown:
-                raise ValueError(
+            if unknown and not context.names:
+                problems.append(
+                    f"characters {unknown} are not in the cast; the cast is empty, "
+                    "so leave characters empty"
+                )
+            elif unknown:
+                problems.append(
                     f"characters {unknown} are not in the cast; use only "
                     + ", ".join(context.names)
                 )
-        problems = _leaks(context, [self.setting, self.action])
+        problems += _leaks(context, [("setting", self.setting), ("action", self.action)])
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
 
-def _leaks(context: DraftContext, texts: list[str]) -> list[str]:
+def _leaks(context: DraftContext, texts: list[tuple[str, str]]) -> list[str]:
+    """Problems of ``(field, text)`` pairs that repeat our instructions or examples."""
     from storyreel_llm.prompts import repeats_instructions
 
-    if any(repeats_instructions(text, context.forbidden) for text in texts):
+    if context.forbidden and any(
+        repeats_instructions(text, context.forbidden) for _, text in texts
+    ):
         return ["the answer repeats the instructions instead of describing the story"]
-    return []
+    problems = []
+    if context.borrowed is not None:
+        for where, text in texts:
+            piece = context.borrowed(text)
+            if piece:
+                problems.append(
+                    f"the {where} copies {piece!r} from the instructions or the example, "
+                    "not from this story; describe this story only"
+                )
+    return problems
 
 
 @functools.lru_cache(maxsize=16)
@@ -265,7 +331,7 @@ def character_model(caps: TextCaps) -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid"),
         name=(_text(caps.name, NAME_PATTERN), Field(examples=["Ada"])),
         appearance=(
-            _text(caps.appearance, APPEARANCE_PATTERN, min_chars=8),
+            _text(caps.appearance, appearance_pattern(caps.appearance), min_chars=8),
             Field(examples=["a young woman with red hair and a yellow raincoat"]),
         ),
     )
@@ -291,9 +357,12 @@ def cast_model(caps: TextCaps) -> type[CastDraftBase]:
     return create_model(
         "CastDraft",
         __base__=CastDraftBase,
-        title=(_text(caps.title, TITLE_PATTERN), Field(examples=["The Keeper and the Whale"])),
+        title=(
+            _text(caps.title, title_pattern(caps.title)),
+            Field(examples=["The Keeper and the Whale"]),
+        ),
         logline=(
-            _text(caps.logline, LOGLINE_PATTERN, min_chars=12),
+            _text(caps.logline, logline_pattern(caps.logline), min_chars=12),
             Field(examples=["A lighthouse keeper helps a lost whale find its way home."]),
         ),
         characters=(
@@ -317,11 +386,11 @@ def shot_model(caps: TextCaps) -> type[ShotDraftBase]:
             ...,
         ),
         setting=(
-            _text(caps.setting, SETTING_PATTERN, min_chars=4),
+            _text(caps.setting, setting_pattern(caps.setting), min_chars=4),
             Field(examples=["on a rocky beach at dawn"]),
         ),
         action=(
-            _text(caps.action, ACTION_PATTERN, min_chars=6),
+            _text(caps.action, action_pattern(caps.action), min_chars=6),
             Field(examples=["Ada rows a small boat through the waves"]),
         ),
         camera=(Literal[CAMERAS], Field(examples=[CAMERAS[0]])),  # type: ignore[valid-type]

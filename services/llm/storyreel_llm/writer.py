@@ -36,13 +36,13 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from storyreel.errors import InvalidInput, UpstreamFailed
+from storyreel.prompts import check_prompt
 from storyreel_llm import parsing, prompts
 from storyreel_llm.backends.base import Backend, ChatMessage
 from storyreel_llm.clip import ClipTokenizer, assemble_image_prompt, clip_tokenizer
 from storyreel_llm.settings import LLMSettings
 from storyreel_llm.storyboard import (
-    LOGLINE_PATTERN,
-    TITLE_PATTERN,
+    CAMERAS,
     CastDraftBase,
     Character,
     DraftContext,
@@ -50,13 +50,17 @@ from storyreel_llm.storyboard import (
     ShotDraftBase,
     Storyboard,
     TextCaps,
+    action_pattern,
     appearance_problems,
     cast_model,
     cast_schema,
     character_model,
     is_third_person,
+    logline_pattern,
+    setting_pattern,
     shot_model,
     shot_schema,
+    title_pattern,
 )
 
 log = logging.getLogger(__name__)
@@ -114,14 +118,12 @@ class StoryboardWriter:
     def check_request(self, prompt: str, scene_count: int, style: str) -> None:
         """Raise :class:`InvalidInput` naming the field and its bound if the request is bad."""
         s = self._settings
-        if not prompt or not prompt.strip():
-            raise InvalidInput("prompt must not be empty")
+        # Empty, or only chat-template markup: the rule the gateway applies too.
+        check_prompt(prompt)
         if len(prompt) > s.max_prompt_chars:
             raise InvalidInput(
                 f"prompt must be at most {s.max_prompt_chars} characters (got {len(prompt)})"
             )
-        if not prompts.neutralize(prompt):
-            raise InvalidInput("prompt must contain text, not only chat-template markup")
         if not s.min_scenes <= scene_count <= s.max_scenes:
             raise InvalidInput(
                 f"scene_count must be between {s.min_scenes} and {s.max_scenes} (got {scene_count})"
@@ -156,14 +158,18 @@ class StoryboardWriter:
         if seed == 0:
             seed = secrets.randbelow(_SEED_SPACE - 1) + 1
         started = time.perf_counter()
-        narrations = self.narrations(prompt, scene_count, seed)
+        narrations, story_salvaged = self._story(prompt, scene_count, seed)
         story = " ".join(narrations)
         cast, title, logline, cast_fallback = self._cast(prompt, story, seed)
         scenes: list[Scene] = []
         previous: tuple[Character, ...] = ()
-        degraded = cast_fallback
+        degraded = story_salvaged or cast_fallback
+        setting = ""
         for index, narration in enumerate(narrations, start=1):
-            shot = self._shot(story, cast, narration, index, scene_count, seed)
+            shot = self._shot(
+                prompt, story, cast, narration, index, scene_count, seed, previous_setting=setting
+            )
+            setting = shot.setting or setting
             degraded |= shot.fallback
             present = self._present(cast, shot, narration, previous)
             previous = present
@@ -198,6 +204,14 @@ class StoryboardWriter:
             },
             context={"scene_count": scene_count},
         )
+        leaks = audit(storyboard, prompt)
+        if leaks:
+            # Every step checks its answers; this is the last line of defence.
+            raise UpstreamFailed(
+                f"the {self._backend.name} model's storyboard still holds text of our prompts "
+                f"after {1 + self._settings.repair_attempts} attempt(s) per step: "
+                + "; ".join(leaks)
+            )
         log.info(
             "storyboard written",
             extra={
@@ -214,31 +228,68 @@ class StoryboardWriter:
 
     def narrations(self, prompt: str, scene_count: int, seed: int) -> list[str]:
         """The prose story, as exactly ``scene_count`` narration lines."""
+        return self._story(prompt, scene_count, seed)[0]
+
+    def _story(self, prompt: str, scene_count: int, seed: int) -> tuple[list[str], bool]:
+        """(the narration lines, salvaged): the story, checked sentence by sentence.
+
+        An answer with a sentence copied from our prompts (the instructions, the
+        user turn, a continue turn) or about the task itself is rejected and asked
+        again with another seed. If every attempt fails, the clean sentences written so
+        far are used when they are enough (salvaged: the storyboard is degraded);
+        otherwise :class:`UpstreamFailed` says why.
+        """
         s = self._settings
         messages = prompts.story_messages(prompt, scene_count)
         budget = s.story_max_tokens(scene_count)
         text, problem = "", ""
+        salvage: list[str] = []
+        sent: list[str] = []  # our continue turns, which an answer must not copy either
         attempts = 1 + s.repair_attempts
         for attempt in range(attempts):
             answer = self._backend.generate_text(
-                messages, budget, (seed + attempt) % _SEED_SPACE
+                prompts.alternating(messages), budget, (seed + attempt) % _SEED_SPACE
             ).strip()
-            if prompts.repeats_instructions(answer):
-                # Asked again as before: the next attempt samples with another seed.
-                problem = "the story repeats the instructions"
+            if text:
+                answer = _new_sentences(text, answer)
+            sentences = parsing.story_sentences(answer)
+            copied = [
+                piece
+                for sentence in sentences
+                if (piece := prompts.borrowed(sentence, prompt, sent, story_step=True)) is not None
+            ]
+            if copied or prompts.repeats_instructions(answer):
+                # Asked again as before, with another seed: shown its own talk about the task,
+                # a small model goes on talking about it (seen with SmolLM2 on llama.cpp).
+                problem = (
+                    f"the story repeats {copied[0]!r} from the instructions instead of "
+                    "telling the story"
+                    if copied
+                    else "the story repeats the instructions"
+                )
+                clean = [
+                    x
+                    for x in sentences
+                    if prompts.borrowed(x, prompt, sent, story_step=True) is None
+                ]
+                salvage.append(f"{text} {' '.join(clean)}".strip())
                 log.info("story rejected", extra={"attempt": attempt + 1, "problems": problem})
                 continue
             text = f"{text} {answer}".strip() if text else answer
             lines = story_scenes(text, scene_count, s.max_narration_chars)
             if lines is not None:
-                return lines
+                return lines, False
             have = len(parsing.story_sentences(text))
             problem = f"the story has {have} sentence(s) for {scene_count} scenes"
             log.info("story too short", extra={"attempt": attempt + 1, "problems": problem})
-            messages = [
-                *prompts.story_messages(prompt, scene_count),
-                *prompts.continue_turns(text, scene_count + 1 - have),
-            ]
+            turns = prompts.continue_turns(text, scene_count + 1 - have)
+            sent.append(turns[-1]["content"])
+            messages = [*prompts.story_messages(prompt, scene_count), *turns]
+        for candidate in salvage:
+            lines = story_scenes(candidate, scene_count, s.max_narration_chars)
+            if lines is not None:
+                log.warning("story salvaged", extra={"attempts": attempts, "problems": problem})
+                return lines, True
         raise UpstreamFailed(
             f"the {self._backend.name} model wrote no usable story in {attempts} attempt(s): "
             f"{problem or 'the answer was empty'}"
@@ -264,17 +315,22 @@ class StoryboardWriter:
             seed + _CAST_SEED,
             context,
             lambda data: tidy_cast(data, self._caps),
+            source=f"{prompt}\n{story}",
         )
-        if draft is None:
+        if not isinstance(draft, CastDraftBase):
             # Keep what the last answer got right; fill in the rest from the prompt and story.
             cast, title, logline = salvage_cast(last or {}, self._caps, context)
             if not title:
                 title = fallback_title(prompt, self._caps.title)
             first = parsing.split_sentences(story)[:1]
-            if not logline and first and len(first[0]) <= self._caps.logline:
+            if (
+                not logline
+                and first
+                and len(first[0]) <= self._caps.logline
+                and is_third_person(first[0])
+            ):
                 logline = first[0]
             return cast, title, logline, True
-        assert isinstance(draft, CastDraftBase)
         cast = tuple(Character(name=c.name, appearance=c.appearance) for c in draft.characters)
         return cast, draft.title, draft.logline, False
 
@@ -282,16 +338,19 @@ class StoryboardWriter:
 
     def _shot(
         self,
+        prompt: str,
         story: str,
         cast: Sequence[Character],
         narration: str,
         index: int,
         scene_count: int,
         seed: int,
+        previous_setting: str = "",
     ) -> Shot:
         names = tuple(c.name for c in cast)
-        context = DraftContext(names=names, forbidden=prompts.INSTRUCTIONS)
-        draft, _ = self._extract(
+        context = DraftContext(names=names, forbidden=prompts.INSTRUCTIONS, cast_known=True)
+        looks = " ".join(f"{c.name} {c.appearance}" for c in cast)
+        draft, last = self._extract(
             f"shot {index}",
             prompts.shot_messages(story, cast, narration, index, scene_count),
             shot_model(self._caps),
@@ -300,20 +359,17 @@ class StoryboardWriter:
             seed + _SHOT_SEED + 16 * index,
             context,
             lambda data: tidy_shot(data, cast, self._caps),
+            source=f"{prompt}\n{story}\n{looks}",
         )
-        if draft is None:
-            # The fallback picture: the narration itself, with whoever it names.
-            return Shot(
-                characters=tuple(parsing.mentioned(narration, names)),
-                setting="",
-                action=narration.rstrip(" ."),
-                camera="",
-                fallback=True,
-            )
-        assert isinstance(draft, ShotDraftBase)
+        if not isinstance(draft, ShotDraftBase):
+            return fallback_shot(narration, cast, last or {}, self._caps, context, previous_setting)
         by_key = {n.casefold(): n for n in names}
         return Shot(
-            characters=tuple(dict.fromkeys(by_key[n.casefold()] for n in draft.characters)),
+            characters=tuple(
+                dict.fromkeys(
+                    by_key[n.casefold()] for n in draft.characters if n.casefold() in by_key
+                )
+            ),
             setting=draft.setting,
             action=draft.action,
             camera=draft.camera,
@@ -352,26 +408,37 @@ class StoryboardWriter:
         seed: int,
         context: DraftContext,
         tidy: Any,
+        source: str = "",
     ) -> tuple[BaseModel | None, dict[str, Any] | None]:
         """Ask for ``schema`` until an answer validates.
 
+        Every text of an answer is also checked against our prompts (the
+        instructions, the worked example, the re-asks sent so far): text that
+        ``source`` (the idea, the story) does not have itself is sent back.
         Returns (the draft, None), or (None, the last answer read as an object, if any)
         when every attempt failed.
         """
         attempts = 1 + self._settings.repair_attempts
-        base = list(messages)
         problems = ""
         last: dict[str, Any] | None = None
+        sent: list[str] = []  # the re-asks of this step, which an answer must not copy either
+        context.borrowed = lambda text: prompts.borrowed(text, source, sent)
         for attempt in range(attempts):
             started = time.perf_counter()
             answer = self._backend.generate_json(
-                messages, schema, max_new_tokens, (seed + attempt) % _SEED_SPACE
+                prompts.alternating(messages),
+                schema,
+                max_new_tokens,
+                (seed + attempt) % _SEED_SPACE,
             )
             try:
                 data = tidy(read_answer(answer, constrained=self._backend.constrains_json))
                 last = data
                 return model.model_validate(data, context=context), None
-            except (parsing.UnusableAnswer, ValidationError, ValueError) as exc:
+            except Exception as exc:
+                # Whatever the model wrote, a bad answer is a re-ask, never a crash.
+                if not isinstance(exc, parsing.UnusableAnswer | ValidationError | ValueError):
+                    log.warning("unreadable answer", exc_info=True, extra={"step": step})
                 problems = describe_problems(exc)
                 log.info(
                     "answer rejected",
@@ -382,7 +449,11 @@ class StoryboardWriter:
                         "seconds": round(time.perf_counter() - started, 2),
                     },
                 )
-                messages = [*base, *prompts.repair_turns(answer, problems)]
+                # The conversation keeps every failed attempt: each re-ask differs from the
+                # last even on a server that ignores the seed under a grammar.
+                turns = prompts.repair_turns(answer, problems)
+                sent.append(turns[-1]["content"])
+                messages = [*messages, *turns]
         log.warning(
             "step fell back", extra={"step": step, "attempts": attempts, "problems": problems}
         )
@@ -403,7 +474,7 @@ def story_scenes(text: str, scene_count: int, max_chars: int) -> list[str] | Non
     parts = parsing.structured_scenes(text)
     if parts is not None and len(parts) == scene_count:
         return [_shorten(part, max_chars) for part in parts]
-    sentences = parsing.story_sentences(text)
+    sentences = _distinct(parsing.story_sentences(text))
     if len(sentences) > scene_count and not parsing.ends_a_sentence(sentences[-1]):
         sentences = sentences[:-1]
     if len(sentences) < scene_count:
@@ -442,6 +513,133 @@ def _shorten(text: str, max_chars: int) -> str:
     return cut + "."
 
 
+def _sentence_key(sentence: str) -> str:
+    return " ".join(re.findall(r"\w+", sentence.casefold()))
+
+
+def _distinct(sentences: list[str]) -> list[str]:
+    """``sentences`` without a sentence said twice in a row, or a last one that only starts
+    an earlier one again (a repeat cut off by the token budget): a small model looping
+    would otherwise narrate one sentence in two scenes."""
+    kept: list[str] = []
+    keys: list[str] = []
+    for number, sentence in enumerate(sentences, start=1):
+        key = _sentence_key(sentence)
+        if not key or (keys and keys[-1] == key):
+            continue
+        last = number == len(sentences)
+        if last and any(k != key and k.startswith(key + " ") for k in keys):
+            continue
+        kept.append(sentence)
+        keys.append(key)
+    return kept
+
+
+def _new_sentences(story: str, answer: str) -> str:
+    """The sentences of a continuation ``answer`` that ``story`` does not have yet.
+
+    Asked to continue, a small model often writes the story again first: its
+    repeated sentences would become a scene's narration a second time.
+    """
+    have = {_sentence_key(s) for s in parsing.story_sentences(story)}
+    sentences = parsing.story_sentences(answer)
+    new = [s for s in sentences if _sentence_key(s) not in have]
+    return answer if len(new) == len(sentences) else " ".join(new)
+
+
+#: Quotes and speech: a sentence with them is dialogue, never a picture.
+_SPEECH = re.compile(
+    r"[\"“”«»„「」『』]|(?:^|\s)'|'(?:\s|$)|\b(?:said|says|asked|asks|replied|shouted|whispered|"
+    r"cried|yelled|called out|told|exclaimed|answered)\b",
+    re.IGNORECASE,
+)
+
+
+def picture_action(narration: str, cap: int) -> str:
+    """What a scene's picture can show, read from its narration; "" when nothing can be.
+
+    The first sentence that is not speech (no quotes, no "said"), cut at its first
+    clause and at ``cap`` characters, made of plain words only: a sentence with
+    letters outside ASCII is skipped whole rather than half-copied into a prompt
+    for an English CLIP encoder.
+    """
+    for sentence in parsing.split_sentences(narration):
+        if _SPEECH.search(sentence):
+            continue
+        clause = re.split(r"[;:()\[\]—–]|,\s+(?:and|but|so|then|while|when)\b", sentence)[0]
+        words = clause.strip().rstrip(".!?…").split()
+        if not words or not all(re.fullmatch(r"[A-Za-z0-9,'-]{1,15}", w) for w in words):
+            continue
+        action = _tidy_text(" ".join(words), cap)
+        if isinstance(action, str) and len(action) >= 6 and re.match(action_pattern(cap), action):
+            return action
+    return ""
+
+
+def fallback_shot(
+    narration: str,
+    cast: Sequence[Character],
+    last: dict[str, Any],
+    caps: TextCaps,
+    context: DraftContext,
+    previous_setting: str = "",
+) -> Shot:
+    """The picture of a scene whose shot could not be extracted: never the narration pasted.
+
+    Built from the parts of the last answer that are valid on their own (setting,
+    action, camera), else a setting carried over from the previous scene and an
+    action read from the narration (:func:`picture_action`); the characters are
+    the cast members the narration names.
+    """
+    borrowed = context.borrowed or (lambda text: None)
+
+    def valid(value: Any, pattern: str, cap: int, min_chars: int) -> str:
+        if not isinstance(value, str):
+            return ""
+        value = " ".join(value.split())
+        ok = min_chars <= len(value) <= cap and re.match(pattern, value) and not borrowed(value)
+        return value if ok else ""
+
+    setting = valid(last.get("setting"), setting_pattern(caps.setting), caps.setting, 4)
+    action = valid(last.get("action"), action_pattern(caps.action), caps.action, 6)
+    camera = last.get("camera")
+    return Shot(
+        characters=tuple(parsing.mentioned(narration, [c.name for c in cast])),
+        setting=setting or previous_setting,
+        action=action or picture_action(narration, caps.action),
+        camera=camera if camera in CAMERAS else CAMERAS[0],
+        fallback=True,
+    )
+
+
+def audit(storyboard: Storyboard, prompt: str) -> list[str]:
+    """Every text of ``storyboard`` that holds text of our prompts (the last check)."""
+    story = " ".join(s.narration for s in storyboard.scenes)
+    looks = " ".join(f"{c.name} {c.appearance}" for c in storyboard.characters)
+    found = [
+        f"narration {s.index} holds {piece!r}"
+        for s in storyboard.scenes
+        if (piece := prompts.borrowed(s.narration, prompt, story_step=True))
+    ]
+    checks = [
+        ("title", storyboard.title, f"{prompt}\n{story}"),
+        ("logline", storyboard.logline, f"{prompt}\n{story}"),
+        *(
+            (f"character {c.name}", f"{c.name} {c.appearance}", f"{prompt}\n{story}")
+            for c in storyboard.characters
+        ),
+        *(
+            (f"scene {s.index}", f"{s.setting}. {s.action}", f"{prompt}\n{story}\n{looks}")
+            for s in storyboard.scenes
+        ),
+    ]
+    for where, text, source in checks:
+        piece = prompts.borrowed(text, source)
+        if piece:
+            found.append(f"{where} holds {piece!r}")
+    return found
+
+
 def fallback_title(prompt: str, max_chars: int) -> str:
     """A title from the caller's prompt: its first words, capitalised."""
     words = prompts.neutralize(prompt).split()
@@ -459,6 +657,8 @@ def read_answer(answer: str, *, constrained: bool) -> dict[str, Any]:
     """The answer as a JSON object: strict for a grammar-constrained answer, else tolerant."""
     try:
         data = json.loads(answer)
+    except RecursionError:
+        raise parsing.UnusableAnswer("the answer nests too deeply to be read") from None
     except ValueError:
         if constrained and answer.lstrip().startswith("{"):
             # Under a grammar only the token budget cuts JSON short.
@@ -527,13 +727,21 @@ def _tidy_text(value: Any, cap: int | None = None, lower: bool = False) -> Any:
     """Whitespace collapsed, edge punctuation dropped; a phrase cut off at ``cap`` mended.
 
     A grammar ends a string at its length cap, often inside a word or after an
-    article: the partial word and dangling small words are dropped.
+    article: the partial word and dangling small words are dropped. A grammar that
+    kept only the pattern (llama.cpp's converter drops ``maxLength``) may run past
+    the cap: the phrase is cut there the same way.
     """
     if not isinstance(value, str):
         return value
     words = value.split()
-    if cap and len(value) >= cap and len(words) > 1:
-        words.pop()  # probably cut inside
+    if cap and len(" ".join(words)) >= cap and len(words) > 1:
+        # The word at the cap is probably cut inside: keep the words before it.
+        kept: list[str] = []
+        for word in words:
+            if len(" ".join([*kept, word])) >= cap:
+                break
+            kept.append(word)
+        words = kept or words[:1]
     while len(words) > 1 and words[-1].strip(",;:").casefold() in _DANGLING:
         words.pop()
     value = " ".join(words).strip(" .;:,")
@@ -577,21 +785,37 @@ def tidy_cast(data: dict[str, Any], caps: TextCaps) -> dict[str, Any]:
     return data
 
 
+#: Words an appearance may start with in place of "a"/"an" ("the princess", "his dog").
+_DETERMINERS = re.compile(r"^(?:the|this|that|his|her|their|its|our|my|your|one)\s+")
+
+
 def _tidy_appearance(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     value = " ".join(value.split()).strip(" .;:").lower()
+    # "the princess" is "a princess", never "a the princess".
+    value = _DETERMINERS.sub("", value) if _DETERMINERS.match(value) else value
     if value and not re.match(r"^(a|an) ", value):
         article = "an" if value[0] in "aeiou" else "a"
         value = f"{article} {value}"
     return value
 
 
+#: Words a model puts in a shot's characters that name nobody in particular.
+_NOBODY = frozenset(
+    [
+        *("i", "me", "he", "she", "it", "we", "they", "you", "him", "her", "us", "them"),
+        *("everyone", "everybody", "nobody", "none", "no one", "someone", "somebody"),
+    ]
+)
+
+
 def tidy_shot(data: dict[str, Any], cast: Sequence[Character], caps: TextCaps) -> dict[str, Any]:
     """Loose keys and whitespace fixed; names matched to the cast's spelling.
 
     "the whale", "WHALE" or "Ada's" name the cast's "Whale" and "Ada"; a name
-    matching nobody is left for validation (and so for a re-ask).
+    matching nobody is left for validation (and so for a re-ask), unless the cast
+    is empty: then nobody can be named, and the names are dropped.
     """
     data = _normalized(data, ("characters", "setting", "action", "camera"))
     data["setting"] = _tidy_text(data.get("setting"), caps.setting, lower=True)
@@ -602,34 +826,45 @@ def tidy_shot(data: dict[str, Any], cast: Sequence[Character], caps: TextCaps) -
     names = data.get("characters")
     if isinstance(names, str):
         names = [n for n in re.split(r",|\band\b", names) if n.strip()]
-    if isinstance(names, list):
-        matched = []
+    if isinstance(names, list) and not cast:
+        data["characters"] = []
+    elif isinstance(names, list):
+        matched: list[Any] = []
         for name in names:
+            if isinstance(name, str) and name.strip().casefold() in _NOBODY:
+                continue  # "I", "she", "everyone": no one to draw from the cast
             match = match_name(name, cast) if isinstance(name, str) else None
-            matched.append(match or name)
-        data["characters"] = list(dict.fromkeys(matched))
+            if (match or name) not in matched:
+                matched.append(match or name)
+        data["characters"] = matched
     return data
 
 
 def salvage_cast(
     data: dict[str, Any], caps: TextCaps, context: DraftContext
 ) -> tuple[tuple[Character, ...], str, str]:
-    """(characters, title, logline) of a rejected cast answer that are valid on their own."""
+    """(characters, title, logline) of a rejected cast answer that are valid on their own.
+
+    A part copied from our prompts (``context.borrowed``) is never kept.
+    """
+    borrowed = context.borrowed or (lambda text: None)
     title = data.get("title")
-    title = title if isinstance(title, str) and re.match(TITLE_PATTERN, title) else ""
-    title = title if len(title) <= caps.title else ""
+    title = title if isinstance(title, str) and re.match(title_pattern(caps.title), title) else ""
+    title = title if len(title) <= caps.title and not borrowed(title) else ""
     logline = data.get("logline")
     valid_logline = (
         isinstance(logline, str)
         and 12 <= len(logline) <= caps.logline
-        and re.match(LOGLINE_PATTERN, logline) is not None
+        and re.match(logline_pattern(caps.logline), logline) is not None
         and is_third_person(logline)
         and not prompts.repeats_instructions(logline)
+        and not borrowed(logline)
     )
     characters: list[Character] = []
     seen: set[str] = set()
     model = character_model(caps)
-    for item in data.get("characters") or []:
+    items = data.get("characters")
+    for item in items if isinstance(items, list) else []:
         try:
             character = model.model_validate(item)
         except ValidationError:
@@ -637,7 +872,7 @@ def salvage_cast(
         name, appearance = character.name, character.appearance  # type: ignore[attr-defined]
         if name.casefold() in seen or appearance_problems(name, appearance, context):
             continue
-        if prompts.repeats_instructions(appearance):
+        if prompts.repeats_instructions(appearance) or borrowed(appearance) or borrowed(name):
             continue
         seen.add(name.casefold())
         characters.append(Character(name=name, appearance=appearance))
@@ -669,8 +904,10 @@ def describe_problems(exc: Exception) -> str:
     """The validation errors as short lines a model (and a log reader) can act on."""
     if isinstance(exc, parsing.UnusableAnswer):
         return str(exc)
+    if isinstance(exc, ValueError) and not isinstance(exc, ValidationError):
+        return str(exc) or "the answer could not be used"
     if not isinstance(exc, ValidationError):
-        return str(exc) or type(exc).__name__
+        return "the answer could not be read; answer with the JSON object only"
     lines = []
     for error in exc.errors(include_url=False, include_input=False):
         where = _location(error["loc"])

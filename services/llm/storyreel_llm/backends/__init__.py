@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from storyreel_llm.backends.base import Backend, ChatMessage
+from storyreel_llm.backends.base import Backend, ChatMessage, fold_system
 
 if TYPE_CHECKING:
     from storyreel_llm.settings import LLMSettings
 
-__all__ = ["Backend", "ChatMessage", "create_backend"]
+__all__ = ["Backend", "ChatMessage", "create_backend", "fold_system"]
 
 
 def create_backend(settings: LLMSettings) -> Backend:

@@ -56,3 +56,25 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release the model and connections."""
+
+
+def fold_system(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """``messages`` with each system turn's text put at the head of the next user turn.
+
+    For chat formats without a system role: Gemma's and Mistral's first templates
+    refuse one, and llama-cpp-python's ``gemma`` chat format silently drops it.
+    """
+    out: list[ChatMessage] = []
+    pending: list[str] = []
+    for message in messages:
+        if message["role"] == "system":
+            pending.append(message["content"])
+        elif message["role"] == "user" and pending:
+            content = "\n\n".join([*pending, message["content"]])
+            out.append({"role": "user", "content": content})
+            pending = []
+        else:
+            out.append({"role": message["role"], "content": message["content"]})
+    if pending:
+        out.insert(0, {"role": "user", "content": "\n\n".join(pending)})
+    return out

@@ -6,6 +6,15 @@ works on a copy of it. Tokens the grammar forces (JSON keys, punctuation, the
 rest of an enum value) are fed to the model in one forward pass instead of being
 sampled one by one, so constrained decoding costs about what free decoding does.
 
+At load the model is checked before it is taken (:meth:`LocalBackend.load`): it
+must have a chat template that renders the service's conversations, a token that
+ends an answer (the template's own: Gemma's ``<end_of_turn>``, Llama 3's
+``<|eot_id|>``, added to the stop tokens when the configuration lacks it), and it
+must behave as an instruct model (end its turn after a one-word answer). A model
+that fails is refused with :class:`~storyreel.errors.FailedPrecondition` saying
+why, so the service never starts with it. A template without a system role gets
+the system text at the head of the first user turn.
+
 torch, transformers and llguidance are imported in :meth:`LocalBackend.load`,
 not at import time, so the rest of the service imports without them.
 """
@@ -21,14 +30,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storyreel.errors import UpstreamFailed
+from storyreel.errors import FailedPrecondition, UpstreamFailed
 from storyreel_llm.backends.base import ChatMessage
+from storyreel_llm.backends.chat import (
+    ChatFormat,
+    UnusableTemplate,
+    inspect_chat_template,
+    tokenizer_render,
+)
 from storyreel_llm.settings import LLMSettings
 
 log = logging.getLogger(__name__)
 
 #: Shared prompt heads shorter than this are computed again rather than reused.
 _MIN_REUSE = 16
+#: The instruct check: short questions with their complete answers, and how likely the
+#: model must find the end of its turn right after them. SmolLM2-135M-Instruct: 0.5-0.8;
+#: a model that never learned its template's turn end: about one in the vocabulary size.
+_INSTRUCT_ANSWERS = (
+    ("Reply with one word: hello.", "Hello."),
+    ("What colour is the sky? Answer in one word.", "Blue."),
+    ("Say yes.", "Yes."),
+)
+_INSTRUCT_MIN_END_PROBABILITY = 0.2
 
 
 @dataclass(frozen=True)
@@ -59,6 +83,7 @@ class LocalBackend:
         self._tokenizer: Any = None
         self._llg_tokenizer: Any = None
         self._eos_ids: frozenset[int] = frozenset()
+        self._chat: ChatFormat | None = None
         self._matchers: dict[str, Any] = {}
         # (token ids whose keys and values are in the cache, the cache) of the last run.
         self._prefix: tuple[list[int], Any] | None = None
@@ -75,6 +100,18 @@ class LocalBackend:
     def tokenizer(self) -> Any:
         """The model's tokenizer (after :meth:`load`)."""
         return self._tokenizer
+
+    @property
+    def chat_format(self) -> ChatFormat | None:
+        """What the model's chat template takes (after :meth:`load`)."""
+        return self._chat
+
+    @property
+    def stop_tokens(self) -> tuple[str, ...]:
+        """The tokens that end an answer (after :meth:`load`)."""
+        if self._tokenizer is None:
+            return ()
+        return tuple(self._tokenizer.convert_ids_to_tokens(sorted(self._eos_ids)))
 
     def load(self) -> None:
         """Load the model named by ``settings.model`` (a local dir, a hub id, or the GGUF)."""
@@ -107,10 +144,30 @@ class LocalBackend:
             model = AutoModelForCausalLM.from_pretrained(source)
             tokenizer = AutoTokenizer.from_pretrained(source)
         model.eval()
+        chat, turn_end = check_chat_model(tokenizer, source)
         eos = {tokenizer.eos_token_id}
         configured = getattr(model.generation_config, "eos_token_id", None)
         eos |= set(configured) if isinstance(configured, list) else {configured}
-        self._eos_ids = frozenset(i for i in eos if i is not None)
+        eos.discard(None)
+        if turn_end is not None and turn_end not in eos:
+            log.warning(
+                "the chat template ends a turn with a token the model's configuration does not "
+                "stop at; stopping at it too",
+                extra={"model": source, "token": tokenizer.convert_ids_to_tokens(turn_end)},
+            )
+            eos.add(turn_end)
+        if not eos:
+            raise FailedPrecondition(f"the model {source} cannot serve: no token ends an answer")
+        self._eos_ids = frozenset(eos)
+        self._chat = chat
+        if not chat.takes_system:
+            log.warning(
+                "the chat template has no system role; the system text goes to the first user turn",
+                extra={"model": source},
+            )
+        if self._settings.check_instruct_model:
+            chance = check_instruct(model, tokenizer, chat, self._eos_ids, source)
+            log.info("instruct model", extra={"model": source, "turn_end_p": round(chance, 3)})
         self._llg_tokenizer = llguidance.hf.from_tokenizer(tokenizer)
         self._model, self._tokenizer = model, tokenizer
         log.info(
@@ -187,9 +244,8 @@ class LocalBackend:
             raise UpstreamFailed("the local model is not loaded")
         import torch
 
-        prompt = self._tokenizer.apply_chat_template(
-            [dict(m) for m in messages], add_generation_prompt=True, return_dict=True
-        )["input_ids"]
+        assert self._chat is not None  # set by load()
+        prompt = self._tokenizer(self._chat.render(messages), add_special_tokens=False)["input_ids"]
         generator = torch.Generator().manual_seed(seed % 2**63)
         started = time.perf_counter()
         with torch.inference_mode():
@@ -329,6 +385,71 @@ class LocalBackend:
         self._matchers.clear()
         self._prefix = None
         self._model = self._tokenizer = self._llg_tokenizer = None
+
+
+def check_chat_model(tokenizer: Any, source: str) -> tuple[ChatFormat, int | None]:
+    """(what the chat template takes, the id of the token that ends a turn, if any).
+
+    Raises :class:`FailedPrecondition` when the model cannot serve: no chat template
+    (a base model, not an instruct one), a template that cannot render a re-ask, or
+    a turn that ends in plain text, which generation cannot stop at.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise FailedPrecondition(
+            f"the model {source} cannot serve: its tokenizer has no chat template, so it is "
+            "not an instruct (chat) model; use the instruct version of the model"
+        )
+    try:
+        chat = inspect_chat_template(tokenizer_render(tokenizer))
+    except UnusableTemplate as exc:
+        raise FailedPrecondition(f"the model {source} cannot serve: {exc}") from exc
+    end = chat.turn_end.lstrip(" \n\t")
+    if not end.strip():
+        return chat, None  # nothing after an answer: the end-of-sequence token ends it
+    ids = tokenizer.encode(end, add_special_tokens=False)
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    if not ids or ids[0] not in special:
+        raise FailedPrecondition(
+            f"the model {source} cannot serve: its chat template ends an answer with "
+            f"{end[:20]!r}, which is no special token, so generation cannot stop at the end "
+            "of a turn"
+        )
+    return chat, ids[0]
+
+
+def check_instruct(
+    model: Any, tokenizer: Any, chat: ChatFormat, eos_ids: frozenset[int], source: str
+) -> float:
+    """Refuse a model that would not end its turn after a short answer (a base model).
+
+    An instruct model, shown a complete one-word answer, puts most of its
+    probability on the token that ends the turn; a base model never learned that
+    token and continues the text instead. Returns the mean probability found.
+    """
+    import torch
+
+    chances = []
+    for question, answer in _INSTRUCT_ANSWERS:
+        rendered = chat.render(
+            [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            add_generation_prompt=False,
+        )
+        head = rendered[: rendered.rfind(answer) + len(answer)]
+        ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
+        probs = torch.softmax(logits.float(), dim=-1)
+        chances.append(float(probs[sorted(eos_ids)].sum()))
+    mean = sum(chances) / len(chances)
+    if mean < _INSTRUCT_MIN_END_PROBABILITY:
+        raise FailedPrecondition(
+            f"the model {source} cannot serve: after a complete one-word answer it ends its "
+            f"turn with probability {mean:.3f} (an instruct model: above "
+            f"{_INSTRUCT_MIN_END_PROBABILITY}), so it is not an instruct model (a base model "
+            "continues text instead of answering); use the instruct version, or set "
+            "STORYREEL_LLM_CHECK_INSTRUCT_MODEL=false to skip this check"
+        )
+    return mean
 
 
 _SHIFTS: dict[str, Any] = {}

@@ -29,7 +29,8 @@ from huggingface_hub.errors import (
 )
 
 from storyreel.errors import UpstreamFailed
-from storyreel_llm.backends.base import ChatMessage
+from storyreel_llm.backends.base import ChatMessage, fold_system
+from storyreel_llm.backends.chat import UnusableTemplate, inspect_chat_template
 from storyreel_llm.backends.retry import (
     TRANSIENT_STATUSES,
     RetryPolicy,
@@ -73,10 +74,12 @@ class ChatTemplate:
         self._special = special_tokens
         self.source = source
 
-    def render(self, messages: Sequence[ChatMessage]) -> str:
+    def render(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
         """The prompt for ``messages``, ending where the assistant's answer starts."""
         return self._template.render(
-            messages=[dict(m) for m in messages], add_generation_prompt=True, **self._special
+            messages=[dict(m) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            **self._special,
         )
 
     @classmethod
@@ -153,6 +156,7 @@ class TGIBackend:
             settings.retries, settings.retry_backoff_s, settings.retry_max_backoff_s, self._stop
         )
         self._template: ChatTemplate | None = None
+        self._takes_system = True
 
     @property
     def template_source(self) -> str:
@@ -176,7 +180,24 @@ class TGIBackend:
             # The model TGI serves, from the local cache only: no download at start-up.
             source, allow_download = self._served_model(), False
         self._template = find_chat_template(source, allow_download=allow_download)
-        log.info("tgi ready", extra={"url": self._url, "chat_template": self.template_source})
+        if self._template is not None:
+            try:
+                found = inspect_chat_template(self._template.render)
+                self._takes_system = found.takes_system
+            except UnusableTemplate as exc:
+                log.warning(
+                    "unusable chat template; using zephyr's format",
+                    extra={"source": self._template.source, "problem": str(exc)},
+                )
+                self._template = None
+        log.info(
+            "tgi ready",
+            extra={
+                "url": self._url,
+                "chat_template": self.template_source,
+                "system_role": self._takes_system,
+            },
+        )
 
     def _health_problem(self) -> str | None:
         try:
@@ -198,7 +219,9 @@ class TGIBackend:
         """``messages`` rendered for ``/generate``."""
         if self._template is not None:
             try:
-                return self._template.render(messages)
+                # A template without a system role gets the system text in the first user turn.
+                turns = list(messages) if self._takes_system else fold_system(messages)
+                return self._template.render(turns)
             except Exception as exc:  # e.g. a template that rejects a system turn
                 log.warning(
                     "chat template failed; using zephyr's format", extra={"problem": str(exc)}
