@@ -95,7 +95,7 @@ $(STAMPS)/models: $(STAMPS)/venv
 	@touch $@
 
 # The offline tiny model draws noise at any step count: keep local runs quick. Setting
-# STORYREEL_DIFFUSION_MODEL to a real checkpoint keeps the render service's own default.
+# STORYREEL_DIFFUSION_MODEL to a real checkpoint keeps the diffusion service's own default.
 ifeq ($(STORYREEL_DIFFUSION_MODEL),)
 run serve: export STORYREEL_GATEWAY_RENDER_STEPS ?= 4
 endif
@@ -159,4 +159,4 @@ $(CHECKOV_VENV)/bin/checkov: $(CHECKOV_REQUIREMENTS)
 
 clean:
 	rm -rf $(STAMPS) $(MODELS) data out tools/buf/node_modules $(NODE_CLIENT)/node_modules
-	rm -rf $(addprefix $(GEN_DIR)/storyreel/,story render compose gateway)
+	rm -rf $(addprefix $(GEN_DIR)/storyreel/,llm diffusion composer types gateway)

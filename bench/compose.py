@@ -157,7 +157,7 @@ class TreeMemory:
 
 def compose(work: Path, images, music, texts, *, width, height, fps, captions, threads=None):
     """One composition through the composer core; returns (Timed, ComposeResult)."""
-    from storyreel_composer.composer import ComposeOptions, SceneInput, VideoComposer
+    from storyreel_composer.composer import ComposeOptions, Scene, VideoComposer
     from storyreel_composer.settings import ComposerSettings
     from storyreel_composer.tts import NarrationSynthesizer
 
@@ -167,7 +167,7 @@ def compose(work: Path, images, music, texts, *, width, height, fps, captions, t
     shutil.rmtree(store_dir, ignore_errors=True)
     store = FileStore(store_dir)
     scenes = [
-        SceneInput(store.put_file(f"jobs/in/images/{p.name}", p), text)
+        Scene(store.put_file(f"jobs/in/images/{p.name}", p), text)
         for p, text in zip(images, texts, strict=True)
     ]
     audio_uri = store.put_file(f"jobs/in/audio/{music.name}", music)
@@ -231,10 +231,10 @@ def baseline(work: Path, images, music, *, seconds, width, height, fps, zoom=1.1
 
 def moviepy_speed(work: Path, images, *, seconds, width, height, fps) -> float:
     """Seconds of video per second of wall time when moviepy draws the same plan per frame."""
+    from storyreel_composer.filtergraph import FilterPlan
     from storyreel_composer.images import fit_image
     from storyreel_composer.motion import choose_moves
     from storyreel_composer.reference import reference_clip
-    from storyreel_composer.render import RenderPlan
     from storyreel_composer.timeline import Timeline, shots
 
     count = max(2, min(len(images), math.ceil(seconds / 2.5)))
@@ -243,7 +243,7 @@ def moviepy_speed(work: Path, images, *, seconds, width, height, fps) -> float:
     timeline = Timeline(fps, tuple(lengths))
     canvas = (2 * round(width * 0.75), 2 * round(height * 0.75))
     canvases = [fit_image(Image.open(p).convert("RGB"), *canvas) for p in images[:count]]
-    plan = RenderPlan(
+    plan = FilterPlan(
         width=width,
         height=height,
         fps=fps,

@@ -14,7 +14,7 @@ It renders one short story (two characters with fixed looks, eight scenes,
 each character alone in four of them) through the render core in each
 consistency mode: none, seed_lock, consistent_self_attention and, when an
 IP-Adapter is given, reference_images. Every scene prompt already holds its
-character's appearance, as the story service writes them, so the modes differ
+character's appearance, as the LLM service writes them, so the modes differ
 only in how they draw. For each mode it embeds every scene image with a CLIP
 image encoder and prints the mean cosine similarity between scenes of the
 same character (``same``, higher is more consistent), between scenes of
@@ -50,13 +50,11 @@ SCENES = [
 
 
 def story():
-    from storyreel_diffusion.planning import Character, SceneToRender
+    from storyreel_diffusion.planning import Character, Scene
 
     characters = [Character(name, look) for name, look in CHARACTERS.items()]
     scenes = [
-        SceneToRender(
-            i, f"{name}, {CHARACTERS[name]}, {action}, cinematic illustration", 0, (name,)
-        )
+        Scene(i, f"{name}, {CHARACTERS[name]}, {action}, cinematic illustration", 0, (name,))
         for i, (name, action) in enumerate(SCENES, start=1)
     ]
     return characters, scenes

@@ -209,7 +209,7 @@ class InProcessStory:
 
         self.writer.check_request(prompt, scene_count, style)
         board = await self.slot.run(self.writer.write, prompt, scene_count, style, seed)
-        # The gateway's record keeps the fields it shares with the story service's.
+        # The gateway's record keeps the fields it shares with the LLM service's.
         return Storyboard.model_validate(board.model_dump())
 
     async def close(self) -> None:
@@ -231,7 +231,7 @@ class InProcessRender:
         await self.renderer.load()
 
     async def render(self, job_id, scenes, settings, characters=()) -> AsyncIterator:
-        from storyreel_diffusion.planning import Character, SceneToRender
+        from storyreel_diffusion.planning import Character, Scene
         from storyreel_gateway.jobs import SceneImage
         from storyreel_gateway.pipeline import StageFailed
 
@@ -241,7 +241,7 @@ class InProcessRender:
         images = self.renderer.render(
             job_id,
             [
-                SceneToRender(
+                Scene(
                     index=s.index,
                     prompt=s.prompt,
                     seed=s.seed,
@@ -286,12 +286,12 @@ class InProcessCompose:
 
     @_stage_errors
     async def compose(self, job_id, scenes, options):
-        from storyreel_composer.composer import ComposeOptions, SceneInput
+        from storyreel_composer.composer import ComposeOptions, Scene
         from storyreel_gateway.jobs import ComposedVideo
 
         result = await self.composer.compose(
             job_id,
-            [SceneInput(uri, narration) for uri, narration in scenes],
+            [Scene(uri, narration) for uri, narration in scenes],
             options.audio_uri or None,
             fps=options.fps,
             width=options.width,
@@ -360,7 +360,7 @@ class InProcessWay:
         for noisy in ("httpx", "urllib3", "filelock", "PIL"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         # diffusers and transformers have handlers of their own: send their records to the
-        # root logger instead, as the render service does.
+        # root logger instead, as the diffusion service does.
         for library in (diffusers_logging, transformers_logging):
             library.disable_default_handler()
             library.enable_propagation()

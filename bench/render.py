@@ -1,4 +1,4 @@
-"""Benchmark of the render service: throughput by batch size, and its overhead.
+"""Benchmark of the diffusion service: throughput by batch size, and its overhead.
 
     .venv/bin/python bench/render.py                   # tiny model, CPU: about a minute
     .venv/bin/python bench/render.py --threads 1       # on a CPU shared with other work
@@ -6,7 +6,7 @@
 
 For each batch size it draws the same images twice: with a plain diffusers
 pipeline call (batches of that size, PIL output, nothing stored) and through
-the render service, a real gRPC server started in this process with
+the diffusion service, a real gRPC server started in this process with
 ``max_batch_size`` set to that size, one request for all the images, cache
 misses only, every PNG encoded and stored (job copy and cache entry) in a
 file store. It prints images per second for both, and on its last line
@@ -137,19 +137,20 @@ def plain_run(pipe, prompts: list[str], batch: int, args) -> float:
 
 async def service_run(stub, prompts: list[str], args) -> float:
     """Seconds for the service to draw, store and return ``prompts`` (one request)."""
-    from storyreel.render.v1 import render_pb2
+    from storyreel.diffusion.v1 import diffusion_pb2
+    from storyreel.types.v1 import types_pb2
 
-    request = render_pb2.RenderScenesRequest(
+    request = diffusion_pb2.RenderScenesRequest(
         job_id=f"bench-{uuid.uuid4().hex[:12]}",
         scenes=[
-            render_pb2.SceneToRender(index=i, prompt=prompt, seed=i - 1)
+            diffusion_pb2.Scene(index=i, prompt=prompt, seed=i - 1)
             for i, prompt in enumerate(prompts, start=1)
         ],
         width=args.size,
         height=args.size,
         steps=args.steps,
         guidance=args.guidance,
-        consistency=render_pb2.CONSISTENCY_MODE_NONE,
+        consistency=types_pb2.CONSISTENCY_MODE_NONE,
     )
     started = time.perf_counter()
     images = [r.image async for r in stub.RenderScenes(request, timeout=3600)]
@@ -182,7 +183,7 @@ async def measure(args, work: Path) -> int:
     from storyreel_diffusion.tiny import build_tiny_pipeline
 
     from storyreel.channels import open_channel
-    from storyreel.render.v1 import render_pb2_grpc
+    from storyreel.diffusion.v1 import diffusion_pb2_grpc
     from storyreel.serving import start_and_load
     from storyreel.settings import StorageSettings
     from storyreel.storage import open_store
@@ -227,7 +228,7 @@ async def measure(args, work: Path) -> int:
         running = await start_and_load(settings, service)
         try:
             async with open_channel(f"127.0.0.1:{running.port}", retries=False) as channel:
-                stub = render_pb2_grpc.RenderServiceStub(channel)
+                stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
                 # One untimed round each: first-call allocations and kernel choices.
                 salt = uuid.uuid4().hex[:8]
                 plain_run(plain, [f"warm {salt}"] * batch, batch, args)

@@ -1,13 +1,13 @@
 """A text-generation-inference test double that answers any JSON-schema grammar.
 
 TGI needs a GPU and hub weights, so it cannot run here. This real HTTP server
-on 127.0.0.1 speaks enough of TGI's API for the story service: ``/health``,
+on 127.0.0.1 speaks enough of TGI's API for the LLM service: ``/health``,
 ``/info``, and ``POST /`` or ``/generate``. A request with a JSON grammar gets
 the smallest document that satisfies the schema, taking a field's first
-``examples`` value where the schema gives one that fits (so every story service
+``examples`` value where the schema gives one that fits (so every LLM service
 request is answered validly and instantly); one without gets a short story, as
 many sentences long as its ``max_new_tokens`` allows (about four characters a
-token). It lets tests run the real story service many times over in seconds.
+token). It lets tests run the real LLM service many times over in seconds.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# storyreel render service: scene images with diffusers on a CUDA build of torch.
+# storyreel diffusion service: scene images with diffusers on a CUDA build of torch.
 # Runs on CPU too (STORYREEL_DIFFUSION_DEVICE=auto picks CUDA when a GPU is visible).
 # The image holds the tiny offline test pipeline (models/tiny-sd); real checkpoints come
 # from the Hugging Face cache under HF_HOME (a volume in compose, a PVC in Kubernetes).

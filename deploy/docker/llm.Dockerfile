@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# storyreel story service: writes storyboards with an LLM.
+# storyreel LLM service: writes storyboards with an LLM.
 # The image installs only what its backend needs:
 #   BACKEND=tgi (default)  talks to a text-generation-inference server; no torch, no model.
 #   BACKEND=local          in-process transformers on CPU torch, with SmolLM2-135M-Instruct

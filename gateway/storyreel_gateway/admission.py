@@ -11,7 +11,7 @@ What each later stage refuses, and where admission refuses it first:
 * **story** (``WriteStoryboard``): an empty prompt, or one made only of
   chat-template control tokens (the one shared rule, :func:`storyreel.prompts.check_prompt`);
   more than ``max_prompt_chars``; ``scene_count`` outside 1..24; a style over
-  200 characters. Same defaults as the story service's.
+  200 characters. Same defaults as the LLM service's.
 * **render**: sizes are the gateway's own settings or the video's shape;
   scene counts as above; a regenerated prompt empty or over ``max_prompt_chars``.
 * **compose**: an unknown voice (the composer's own list, :class:`VoiceCatalog`;
@@ -60,20 +60,20 @@ VOICES_RETRY_S = 15.0
 
 @dataclass(frozen=True)
 class VoiceList:
-    """The composer's voices (ComposeService.ListVoices): exact names and the default."""
+    """The composer's voices (ComposerService.ListVoices): exact names and the default."""
 
     names: tuple[str, ...]
     default: str
 
 
 class VoiceSource(Protocol):
-    """Asks the composer for its voices (``clients.ComposeClient``); UpstreamFailed if it cannot."""
+    """Asks the composer for its voices (``clients.ComposerClient``); UpstreamFailed if not."""
 
     async def list_voices(self) -> VoiceList: ...
 
 
 class ComposerFacts(VoiceSource, AudioProber, Protocol):
-    """What admission and uploads ask the composer (``clients.ComposeClient``)."""
+    """What admission and uploads ask the composer (``clients.ComposerClient``)."""
 
 
 class VoiceCatalog:
@@ -203,7 +203,7 @@ class Admission:
     def validate(self, spec: JobSpec, tenant: str) -> JobSpec:
         """Apply defaults and limits; InvalidInput names the first problem found."""
         s = self.settings
-        # Empty, or only chat-template markup: the story service's own rule.
+        # Empty, or only chat-template markup: the LLM service's own rule.
         prompt = check_prompt(spec.prompt)
         if len(prompt) > s.max_prompt_chars:
             raise InvalidInput(

@@ -1,4 +1,4 @@
-"""gRPC clients of the story, render and compose services.
+"""gRPC clients of the story, render and composer services.
 
 Each implements one stage protocol of :mod:`storyreel_gateway.pipeline`,
 converting messages to the gateway's records and every RPC error to
@@ -15,20 +15,19 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from storyreel.channels import open_channel
-from storyreel.compose.v1 import compose_pb2, compose_pb2_grpc
+from storyreel.composer.v1 import composer_pb2, composer_pb2_grpc
+from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from storyreel.errors import InvalidInput, Overloaded, UpstreamFailed
+from storyreel.llm.v1 import llm_pb2, llm_pb2_grpc
 from storyreel.options import (
     ASPECTS,
     AUDIO_MODES,
     CAPTIONS,
     CONSISTENCY,
-    RENDER_ASPECTS,
     RESOLUTIONS,
     to_enum,
 )
-from storyreel.render.v1 import render_pb2, render_pb2_grpc
 from storyreel.settings import InternalSettings
-from storyreel.story.v1 import story_pb2, story_pb2_grpc
 from storyreel_gateway.admission import VoiceList
 from storyreel_gateway.convert import image_from_proto, storyboard_from_proto, video_from_proto
 from storyreel_gateway.jobs import Character, ComposedVideo, SceneImage, Storyboard
@@ -66,19 +65,19 @@ def _status(error: grpc.aio.AioRpcError) -> str:
     return f"{code}: {_detail(error)}"
 
 
-class StoryClient:
+class LlmClient:
     def __init__(
         self, address: str, timeout_s: float, *, internal: InternalSettings | None = None
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.channel = open_channel(address, internal=internal)
-        self.stub = story_pb2_grpc.StoryServiceStub(self.channel)
+        self.stub = llm_pb2_grpc.LlmServiceStub(self.channel)
 
     async def write_storyboard(
         self, job_id: str, prompt: str, scene_count: int, style: str, seed: int
     ) -> Storyboard:
-        request = story_pb2.WriteStoryboardRequest(
+        request = llm_pb2.WriteStoryboardRequest(
             prompt=prompt, scene_count=scene_count, style=style, job_id=job_id, seed=seed
         )
         try:
@@ -91,7 +90,7 @@ class StoryClient:
         await self.channel.close()
 
 
-class RenderClient:
+class DiffusionClient:
     """Render calls, spread over every replica.
 
     ``address`` is one target (``host:port``, or ``dns:///name:port`` whose
@@ -113,7 +112,7 @@ class RenderClient:
         self.timeout_s = timeout_s
         targets = [a.strip() for a in address.split(",") if a.strip()]
         self.channels = [open_channel(target, internal=internal) for target in targets]
-        self.stubs = [render_pb2_grpc.RenderServiceStub(c) for c in self.channels]
+        self.stubs = [diffusion_pb2_grpc.DiffusionServiceStub(c) for c in self.channels]
         self.parallelism = parallelism or len(self.stubs)
         self._next = 0
 
@@ -125,10 +124,10 @@ class RenderClient:
         characters: Sequence[Character] = (),
     ) -> AsyncIterator[SceneImage]:
         known = {c.name for c in characters}
-        request = render_pb2.RenderScenesRequest(
+        request = diffusion_pb2.RenderScenesRequest(
             job_id=job_id,
             scenes=[
-                render_pb2.SceneToRender(
+                diffusion_pb2.Scene(
                     index=s.index,
                     prompt=s.prompt,
                     seed=s.seed,
@@ -141,11 +140,10 @@ class RenderClient:
             steps=settings.steps,
             guidance=settings.guidance,
             characters=[
-                render_pb2.CharacterToRender(name=c.name, appearance=c.appearance)
-                for c in characters
+                diffusion_pb2.Character(name=c.name, appearance=c.appearance) for c in characters
             ],
             consistency=to_enum(CONSISTENCY, settings.consistency),
-            aspect_ratio=to_enum(RENDER_ASPECTS, settings.aspect),
+            aspect=to_enum(ASPECTS, settings.aspect),
             revision=settings.revision,
         )
         if settings.job_seed is not None:
@@ -166,7 +164,7 @@ class RenderClient:
             await channel.close()
 
 
-class ComposeClient:
+class ComposerClient:
     """Compose calls, and the composer's facts that admission needs (voices, uploads)."""
 
     def __init__(
@@ -183,17 +181,17 @@ class ComposeClient:
         self.list_voices_timeout_s = list_voices_timeout_s
         self.probe_timeout_s = probe_timeout_s
         self.channel = open_channel(address, internal=internal)
-        self.stub = compose_pb2_grpc.ComposeServiceStub(self.channel)
+        self.stub = composer_pb2_grpc.ComposerServiceStub(self.channel)
 
     async def list_voices(self) -> VoiceList:
         """The composer's voices; UpstreamFailed (UNAVAILABLE) when it cannot say."""
         try:
             response = await self.stub.ListVoices(
-                compose_pb2.ListVoicesRequest(), timeout=self.list_voices_timeout_s
+                composer_pb2.ListVoicesRequest(), timeout=self.list_voices_timeout_s
             )
         except grpc.aio.AioRpcError as error:
             raise UpstreamFailed(
-                f"the compose service at {self.address} could not list its voices: {_status(error)}"
+                f"the composer service at {self.address} could not list its voices: {_status(error)}"
             ) from None
         return VoiceList(
             names=tuple(voice.name for voice in response.voices),
@@ -209,7 +207,7 @@ class ComposeClient:
         """
         try:
             response = await self.stub.ProbeAudio(
-                compose_pb2.ProbeAudioRequest(uri=uri), timeout=self.probe_timeout_s
+                composer_pb2.ProbeAudioRequest(uri=uri), timeout=self.probe_timeout_s
             )
         except grpc.aio.AioRpcError as error:
             code = error.code()
@@ -222,11 +220,11 @@ class ComposeClient:
                 ) from None
             if code == grpc.StatusCode.NOT_FOUND:
                 raise UpstreamFailed(
-                    f"the compose service at {self.address} cannot read the stored upload "
+                    f"the composer service at {self.address} cannot read the stored upload "
                     "(do the gateway and the composer share one artifact store?)"
                 ) from None
             raise UpstreamFailed(
-                f"the compose service at {self.address} could not check the upload: "
+                f"the composer service at {self.address} could not check the upload: "
                 f"{_status(error)}"
             ) from None
         return ProbedAudio(
@@ -240,11 +238,10 @@ class ComposeClient:
     async def compose(
         self, job_id: str, scenes: list[tuple[str, str]], options: ComposeOptions
     ) -> ComposedVideo:
-        request = compose_pb2.ComposeRequest(
+        request = composer_pb2.ComposeRequest(
             job_id=job_id,
             scenes=[
-                compose_pb2.SceneClip(image_uri=uri, narration=narration)
-                for uri, narration in scenes
+                composer_pb2.Scene(image_uri=uri, narration=narration) for uri, narration in scenes
             ],
             audio_uri=options.audio_uri,
             fps=options.fps,

@@ -13,19 +13,19 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from storyreel.compose.v1 import compose_pb2
+from storyreel.composer.v1 import composer_pb2
+from storyreel.diffusion.v1 import diffusion_pb2
 from storyreel.gateway.v1 import gateway_pb2
 from storyreel.options import (
-    API_ASPECTS,
-    API_AUDIO_MODES,
-    API_CAPTIONS,
-    API_CONSISTENCY,
-    API_RESOLUTIONS,
+    ASPECTS,
+    AUDIO_MODES,
+    CAPTIONS,
+    CONSISTENCY,
+    RESOLUTIONS,
     from_enum,
     to_enum,
 )
-from storyreel.render.v1 import render_pb2
-from storyreel.story.v1 import story_pb2
+from storyreel.types.v1 import types_pb2
 from storyreel_gateway.jobs import (
     ArtifactKind,
     Character,
@@ -95,24 +95,24 @@ def spec_from_request(request: gateway_pb2.CreateVideoRequest) -> JobSpec:
         width=request.width,
         height=request.height,
         fps=request.fps,
-        aspect=from_enum(API_ASPECTS, request.aspect, "aspect"),
-        resolution=from_enum(API_RESOLUTIONS, request.resolution, "resolution"),
-        consistency=from_enum(API_CONSISTENCY, request.consistency, "consistency"),
-        captions=from_enum(API_CAPTIONS, request.captions, "captions"),
-        audio_mode=from_enum(API_AUDIO_MODES, request.audio_mode, "audio_mode"),
+        aspect=from_enum(ASPECTS, request.aspect, "aspect"),
+        resolution=from_enum(RESOLUTIONS, request.resolution, "resolution"),
+        consistency=from_enum(CONSISTENCY, request.consistency, "consistency"),
+        captions=from_enum(CAPTIONS, request.captions, "captions"),
+        audio_mode=from_enum(AUDIO_MODES, request.audio_mode, "audio_mode"),
         voice=request.voice,
     )
 
 
-def storyboard_to_proto(board: Storyboard) -> gateway_pb2.Storyboard:
+def storyboard_to_proto(board: Storyboard) -> types_pb2.Storyboard:
     """The storyboard as the public API shows it (its own message, not story.v1's)."""
-    return gateway_pb2.Storyboard(
+    return types_pb2.Storyboard(
         title=board.title,
         characters=[
-            gateway_pb2.Character(name=c.name, appearance=c.appearance) for c in board.characters
+            types_pb2.Character(name=c.name, appearance=c.appearance) for c in board.characters
         ],
         scenes=[
-            gateway_pb2.Scene(
+            types_pb2.Scene(
                 index=s.index,
                 narration=s.narration,
                 image_prompt=s.image_prompt,
@@ -160,11 +160,11 @@ def job_to_proto(
         idempotency_key=record.idempotency_key,
         created_at=_timestamp(record.created_at),
         updated_at=_timestamp(record.updated_at),
-        aspect=to_enum(API_ASPECTS, spec.aspect),
-        resolution=to_enum(API_RESOLUTIONS, spec.resolution),
-        consistency=to_enum(API_CONSISTENCY, spec.consistency),
-        captions=to_enum(API_CAPTIONS, spec.captions),
-        audio_mode=to_enum(API_AUDIO_MODES, spec.audio_mode),
+        aspect=to_enum(ASPECTS, spec.aspect),
+        resolution=to_enum(RESOLUTIONS, spec.resolution),
+        consistency=to_enum(CONSISTENCY, spec.consistency),
+        captions=to_enum(CAPTIONS, spec.captions),
+        audio_mode=to_enum(AUDIO_MODES, spec.audio_mode),
         voice=spec.voice,
         width=record.video_width or spec.width,
         height=record.video_height or spec.height,
@@ -230,7 +230,7 @@ def event_to_proto(
 # -- upstream replies ----------------------------------------------------------------------
 
 
-def storyboard_from_proto(message: story_pb2.Storyboard) -> Storyboard:
+def storyboard_from_proto(message: types_pb2.Storyboard) -> Storyboard:
     return Storyboard(
         title=message.title,
         characters=[Character(name=c.name, appearance=c.appearance) for c in message.characters],
@@ -252,7 +252,7 @@ def storyboard_from_proto(message: story_pb2.Storyboard) -> Storyboard:
     )
 
 
-def image_from_proto(message: render_pb2.RenderedImage) -> SceneImage:
+def image_from_proto(message: diffusion_pb2.SceneImage) -> SceneImage:
     return SceneImage(
         index=message.index,
         uri=message.uri,
@@ -265,7 +265,7 @@ def image_from_proto(message: render_pb2.RenderedImage) -> SceneImage:
     )
 
 
-def video_from_proto(message: compose_pb2.ComposeResponse) -> ComposedVideo:
+def video_from_proto(message: composer_pb2.ComposeResponse) -> ComposedVideo:
     return ComposedVideo(
         uri=message.video_uri,
         duration_s=message.duration_s,

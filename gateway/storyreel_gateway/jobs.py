@@ -15,9 +15,16 @@ import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from storyreel.options import (
+    AspectName,
+    AudioModeName,
+    CaptionsName,
+    ConsistencyName,
+    ResolutionName,
+)
 
 
 def now() -> datetime:
@@ -91,7 +98,7 @@ class Storyboard(BaseModel):
 
 
 class SceneImage(BaseModel):
-    """One rendered scene, as the render service reported it."""
+    """One rendered scene, as the diffusion service reported it."""
 
     index: int
     uri: str
@@ -156,15 +163,13 @@ class JobSpec(BaseModel):
     height: int
     fps: int
     # Frame shape and short side of the video; "" leaves width and height to decide.
-    aspect: Literal["", "16:9", "9:16", "1:1"] = ""
-    resolution: Literal["", "480p", "720p", "1080p"] = ""
-    # How the images keep each character's look; "" is the render service's default.
-    consistency: Literal[
-        "", "none", "seed_lock", "consistent_self_attention", "reference_images"
-    ] = ""
-    captions: Literal["", "burned", "sidecar", "off"] = ""
+    aspect: AspectName = ""
+    resolution: ResolutionName = ""
+    # How the images keep each character's look; "" is the diffusion service's default.
+    consistency: ConsistencyName = ""
+    captions: CaptionsName = ""
     # What audio_uri is: the whole sound track, or music under the narration.
-    audio_mode: Literal["", "narration", "soundtrack", "music"] = ""
+    audio_mode: AudioModeName = ""
     voice: str = ""
 
 

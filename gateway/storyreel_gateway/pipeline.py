@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from storyreel.errors import StoryreelError
+from storyreel.frames import nearest_aspect
 from storyreel.logs import job_id_var
 from storyreel_gateway.jobs import (
     Character,
@@ -62,7 +63,7 @@ class RenderSettings:
     """How a job's images are drawn: the gateway's settings, then the job's own options.
 
     With no size configured the images take the video's shape (``aspect``), so
-    the composer crops little; ``consistency`` "" is the render service's default.
+    the composer crops little; ``consistency`` "" is the diffusion service's default.
     """
 
     width: int = 0
@@ -145,14 +146,6 @@ class ComposeStage(Protocol):
     ) -> ComposedVideo:
         """Compose (image URI, narration) scenes into the job's video."""
         ...
-
-
-def video_aspect(width: int, height: int) -> str:
-    """The frame shape nearest to ``width`` x ``height``: "16:9", "9:16" or "1:1"."""
-    if not (width and height):
-        return "16:9"
-    ratio = width / height
-    return min(("16:9", 16 / 9), ("9:16", 9 / 16), ("1:1", 1.0), key=lambda a: abs(a[1] - ratio))[0]
 
 
 def split_scenes(scenes: list[SceneRequest], parts: int) -> list[list[SceneRequest]]:
@@ -338,7 +331,7 @@ class JobPipeline:
         if len(storyboard.scenes) != spec.scene_count:
             raise StageFailed(
                 "INTERNAL",
-                f"story service wrote {len(storyboard.scenes)} scenes, "
+                f"LLM service wrote {len(storyboard.scenes)} scenes, "
                 f"{spec.scene_count} were asked for",
             )
         record.set_storyboard(storyboard)
@@ -397,7 +390,7 @@ class JobPipeline:
         base = self.render_settings
         aspect = ""
         if not (base.width or base.height):
-            aspect = spec.aspect or video_aspect(spec.width, spec.height)
+            aspect = spec.aspect or nearest_aspect(spec.width, spec.height)
         consistency = spec.consistency
         if consistency in ("", "seed_lock") and any(
             s.index in record.seed_overrides and s.characters for s in scenes

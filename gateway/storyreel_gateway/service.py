@@ -14,7 +14,7 @@ from storyreel.serving import Service
 from storyreel.settings import InternalSettings, StorageSettings
 from storyreel.storage import ArtifactStore, open_store
 from storyreel_gateway.auth import ApiKeys, tenant_var
-from storyreel_gateway.clients import ComposeClient, RenderClient, StoryClient
+from storyreel_gateway.clients import ComposerClient, DiffusionClient, LlmClient
 from storyreel_gateway.convert import (
     event_to_proto,
     job_to_proto,
@@ -230,7 +230,7 @@ class GatewayService(Service):
     service_names = (gateway_pb2.DESCRIPTOR.services_by_name["StoryReelService"].full_name,)
     # The public API: its callers are tenants with API keys (AuthInterceptor), not the
     # deployment's services. It presents the internal token (and, with mutual TLS, its
-    # client certificate) to the story, render and compose services.
+    # client certificate) to the story, render and composer services.
     internal = False
 
     def __init__(
@@ -251,14 +251,14 @@ class GatewayService(Service):
         self.jobs = JobStore(self.database)
         trust = self.internal_settings
         self.clients = (
-            StoryClient(settings.story_address, settings.storyboard_timeout_s, internal=trust),
-            RenderClient(
-                settings.render_address,
+            LlmClient(settings.llm_address, settings.storyboard_timeout_s, internal=trust),
+            DiffusionClient(
+                settings.diffusion_address,
                 settings.render_timeout_s,
                 settings.render_parallelism,
                 internal=trust,
             ),
-            ComposeClient(settings.compose_address, settings.compose_timeout_s, internal=trust),
+            ComposerClient(settings.composer_address, settings.compose_timeout_s, internal=trust),
         )
         pipeline = JobPipeline.from_settings(settings, self.jobs, *self.clients)
         self.runner = JobRunner(settings, self.store, self.jobs, pipeline, composer=self.clients[2])
@@ -283,7 +283,7 @@ class GatewayService(Service):
         """Check the store, migrate the database, start the runner, wait for the upstreams.
 
         Health is SERVING once this returns, so it stays NOT_SERVING until the story,
-        render and compose services report SERVING (see :meth:`_wait_for_upstreams`).
+        render and composer services report SERVING (see :meth:`_wait_for_upstreams`).
         """
         await asyncio.to_thread(self.store.check_ready)
         log.info("database", extra={"url": describe(str(self.database.url))})

@@ -21,9 +21,9 @@ class GatewaySettings(ServiceSettings):
     port: int = Field(default=50050, ge=0, le=65535)
 
     # Upstream services: host:port, or dns:///name:port to balance over every replica.
-    story_address: str = "127.0.0.1:50051"
-    render_address: str = "127.0.0.1:50052"
-    compose_address: str = "127.0.0.1:50053"
+    llm_address: str = "127.0.0.1:50051"
+    diffusion_address: str = "127.0.0.1:50052"
+    composer_address: str = "127.0.0.1:50053"
 
     # Deadlines of each upstream call, in seconds.
     storyboard_timeout_s: float = Field(default=600.0, gt=0)
@@ -41,7 +41,7 @@ class GatewaySettings(ServiceSettings):
     video_height: int = Field(default=720, ge=64, le=3840)
     video_fps: int = Field(default=24, ge=1, le=60)
     max_video_side: int = 3840
-    # Render settings passed to the render service (0 keeps its defaults).
+    # Render settings passed to the diffusion service (0 keeps its defaults).
     render_width: int = Field(default=0, ge=0)
     render_height: int = Field(default=0, ge=0)
     render_steps: int = Field(default=0, ge=0)

@@ -51,7 +51,7 @@ _LOCK = ".lock"
 
 @dataclass(frozen=True)
 class ProbedAudio:
-    """What the composer found in an upload (ComposeService.ProbeAudio)."""
+    """What the composer found in an upload (ComposerService.ProbeAudio)."""
 
     duration_s: float
     codec: str
@@ -71,7 +71,7 @@ class StoredUpload:
 
 
 class AudioProber(Protocol):
-    """Reads a stored upload as the composer would (``clients.ComposeClient``).
+    """Reads a stored upload as the composer would (``clients.ComposerClient``).
 
     Raises InvalidInput with the composer's reason for audio it would refuse.
     """

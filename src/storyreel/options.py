@@ -1,99 +1,81 @@
-"""Names of a job's video options and their protobuf enum values.
+"""The video options every contract shares, by name: one table per enum of ``types.v1``.
 
-The gateway's records keep readable names ("16:9", "sidecar", ...). Two sets of
-tables map them to enums, each serving both directions:
+Records, settings, the CLI and the services' cores keep readable names ("16:9",
+"720p", "sidecar", "seed_lock"); the contracts carry the enums of
+``storyreel/types/v1/types.proto``. Each table here is read from that enum's
+descriptor, so a value added to the proto is a valid name everywhere at once:
 
-* ``API_*``: the public API's own enums (``storyreel.gateway.v1.Aspect`` and so
-  on): the gateway's servicer and the CLI.
-* the others: the compose and render services' enums, for the upstream clients.
+* ``ASPECT_16_9`` is "16:9", ``RESOLUTION_720P`` is "720p";
+* the others are the value's name after the enum's prefix, in lower case
+  (``CAPTIONS_SIDECAR`` is "sidecar", ``CONSISTENCY_MODE_SEED_LOCK`` is "seed_lock").
 
-The public enums keep the numbers of the internal ones they mirror (so clients
-compiled against either decode the same values); ``tests/gateway/test_contract.py``
-checks that both sets name the same options.
+The zero (UNSPECIFIED) value is "" in every table: "the default".
 """
 
 from __future__ import annotations
 
-from storyreel.compose.v1 import compose_pb2
+from typing import Annotated
+
+from google.protobuf.descriptor import EnumDescriptor
+from pydantic import AfterValidator
+
 from storyreel.errors import InvalidInput
-from storyreel.gateway.v1 import gateway_pb2
-from storyreel.render.v1 import render_pb2
-
-# -- the public API (storyreel.gateway.v1) ---------------------------------------------------
-
-API_ASPECTS = {
-    "16:9": gateway_pb2.ASPECT_16_9,
-    "9:16": gateway_pb2.ASPECT_9_16,
-    "1:1": gateway_pb2.ASPECT_1_1,
-}
-API_RESOLUTIONS = {
-    "480p": gateway_pb2.RESOLUTION_480P,
-    "720p": gateway_pb2.RESOLUTION_720P,
-    "1080p": gateway_pb2.RESOLUTION_1080P,
-}
-API_CAPTIONS = {
-    "burned": gateway_pb2.CAPTIONS_BURNED,
-    "sidecar": gateway_pb2.CAPTIONS_SIDECAR,
-    "off": gateway_pb2.CAPTIONS_OFF,
-}
-API_AUDIO_MODES = {
-    "narration": gateway_pb2.AUDIO_MODE_NARRATION,
-    "soundtrack": gateway_pb2.AUDIO_MODE_SOUNDTRACK,
-    "music": gateway_pb2.AUDIO_MODE_MUSIC,
-}
-API_CONSISTENCY = {
-    "none": gateway_pb2.CONSISTENCY_MODE_NONE,
-    "seed_lock": gateway_pb2.CONSISTENCY_MODE_SEED_LOCK,
-    "consistent_self_attention": gateway_pb2.CONSISTENCY_MODE_CONSISTENT_SELF_ATTENTION,
-    "reference_images": gateway_pb2.CONSISTENCY_MODE_REFERENCE_IMAGES,
-}
-
-# -- the internal services (storyreel.compose.v1, storyreel.render.v1) -----------------------
-
-ASPECTS = {
-    "16:9": compose_pb2.ASPECT_16_9,
-    "9:16": compose_pb2.ASPECT_9_16,
-    "1:1": compose_pb2.ASPECT_1_1,
-}
-RESOLUTIONS = {
-    "480p": compose_pb2.RESOLUTION_480P,
-    "720p": compose_pb2.RESOLUTION_720P,
-    "1080p": compose_pb2.RESOLUTION_1080P,
-}
-CAPTIONS = {
-    "burned": compose_pb2.CAPTIONS_BURNED,
-    "sidecar": compose_pb2.CAPTIONS_SIDECAR,
-    "off": compose_pb2.CAPTIONS_OFF,
-}
-AUDIO_MODES = {
-    "narration": compose_pb2.AUDIO_MODE_NARRATION,
-    "soundtrack": compose_pb2.AUDIO_MODE_SOUNDTRACK,
-    "music": compose_pb2.AUDIO_MODE_MUSIC,
-}
-CONSISTENCY = {
-    "none": render_pb2.CONSISTENCY_MODE_NONE,
-    "seed_lock": render_pb2.CONSISTENCY_MODE_SEED_LOCK,
-    "consistent_self_attention": render_pb2.CONSISTENCY_MODE_CONSISTENT_SELF_ATTENTION,
-    "reference_images": render_pb2.CONSISTENCY_MODE_REFERENCE_IMAGES,
-}
-#: The render service's frame shapes, by the video aspect they match.
-RENDER_ASPECTS = {
-    "16:9": render_pb2.ASPECT_RATIO_LANDSCAPE_16_9,
-    "9:16": render_pb2.ASPECT_RATIO_PORTRAIT_9_16,
-    "1:1": render_pb2.ASPECT_RATIO_SQUARE,
-}
+from storyreel.types.v1 import types_pb2
 
 
-def to_enum(table: dict[str, int], name: str) -> int:
-    """The enum value of ``name``; "" is UNSPECIFIED (0)."""
+def _table(enum: EnumDescriptor, prefix: str, name) -> dict[str, int]:
+    return {
+        name(value.name.removeprefix(prefix)): value.number
+        for value in enum.values
+        if value.number != 0
+    }
+
+
+#: "16:9" -> ASPECT_16_9, ...: width:height of the frame.
+ASPECTS = _table(types_pb2.Aspect.DESCRIPTOR, "ASPECT_", lambda n: n.replace("_", ":"))
+#: "720p" -> RESOLUTION_720P, ...: the frame's short side.
+RESOLUTIONS = _table(types_pb2.Resolution.DESCRIPTOR, "RESOLUTION_", str.lower)
+#: "burned", "sidecar", "off".
+CAPTIONS = _table(types_pb2.Captions.DESCRIPTOR, "CAPTIONS_", str.lower)
+#: "narration", "soundtrack", "music".
+AUDIO_MODES = _table(types_pb2.AudioMode.DESCRIPTOR, "AUDIO_MODE_", str.lower)
+#: "none", "seed_lock", "consistent_self_attention", "reference_images".
+CONSISTENCY = _table(types_pb2.ConsistencyMode.DESCRIPTOR, "CONSISTENCY_MODE_", str.lower)
+
+
+def to_enum(table: dict[str, int], name: str | None) -> int:
+    """The enum value of ``name``; "" (or None) is UNSPECIFIED (0)."""
     return table[name] if name else 0
 
 
 def from_enum(table: dict[str, int], value: int, field: str) -> str:
-    """The name of enum ``value`` (0: ""); InvalidInput for a value the table lacks."""
+    """The name of enum ``value`` (0: ""); InvalidInput for a value the table lacks.
+
+    A number this build does not know (a newer client's) is refused, never mapped
+    to the default: the message lists the names that are known.
+    """
     if value == 0:
         return ""
     for name, number in table.items():
         if number == value:
             return name
-    raise InvalidInput(f"{field} has no value {value}")
+    raise InvalidInput(f"{field} has no value {value}; known values: {', '.join(table)}")
+
+
+def _named(table: dict[str, int], field: str) -> object:
+    """A pydantic ``str`` that is "" (the default) or one of ``table``'s names."""
+
+    def check(value: str) -> str:
+        if value and value not in table:
+            raise ValueError(f"{field} must be one of {', '.join(table)}; got {value!r}")
+        return value
+
+    return Annotated[str, AfterValidator(check)]
+
+
+#: Field types of settings and records that hold one of these names (or "").
+AspectName = _named(ASPECTS, "aspect")
+ResolutionName = _named(RESOLUTIONS, "resolution")
+CaptionsName = _named(CAPTIONS, "captions")
+AudioModeName = _named(AUDIO_MODES, "audio_mode")
+ConsistencyName = _named(CONSISTENCY, "consistency")

@@ -4,8 +4,8 @@ A prompt is data for a language model, never instructions: chat-template
 control tokens (``<|system|>``, ``</s>``, ``<|im_start|>``, ``[INST]``,
 ``<<SYS>>``, Gemma's turns) are stripped from it, so it cannot end the user's
 turn and forge a system turn. What is left must still say something. The
-story service applies this before any model work, and the gateway applies the
-same function at CreateVideo, so a prompt the story service would refuse is
+LLM service applies this before any model work, and the gateway applies the
+same function at CreateVideo, so a prompt the LLM service would refuse is
 refused before a job exists.
 """
 

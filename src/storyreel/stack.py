@@ -256,9 +256,9 @@ class LocalStack:
 
     def _upstream_env(self) -> dict[str, str]:
         return {
-            "STORYREEL_GATEWAY_STORY_ADDRESS": self.processes["llm"].address,
-            "STORYREEL_GATEWAY_RENDER_ADDRESS": self.processes["diffusion"].address,
-            "STORYREEL_GATEWAY_COMPOSE_ADDRESS": self.processes["composer"].address,
+            "STORYREEL_GATEWAY_LLM_ADDRESS": self.processes["llm"].address,
+            "STORYREEL_GATEWAY_DIFFUSION_ADDRESS": self.processes["diffusion"].address,
+            "STORYREEL_GATEWAY_COMPOSER_ADDRESS": self.processes["composer"].address,
         }
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

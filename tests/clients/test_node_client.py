@@ -1,7 +1,7 @@
-"""A client in another language: Node (@grpc/grpc-js), with nothing but gateway.proto.
+"""A client in another language: Node (@grpc/grpc-js), with nothing but the public contract.
 
 The stack is real (every service its own process, the tiny offline diffusion
-model, piper narration, ffmpeg), with the story service's TGI backend answered
+model, piper narration, ffmpeg), with the LLM service's TGI backend answered
 by the TGI test double so that the storyboard costs nothing. The client
 (tests/clients/node/client.js) creates a job, watches it to the end, downloads
 the video with ReadArtifact and reads the MP4's boxes itself; here the same
@@ -73,10 +73,13 @@ def stack(tmp_path_factory):
 
 
 def _run(node: str, stack: LocalStack, tmp_path, key: str = KEY) -> subprocess.CompletedProcess:
-    # The client gets gateway.proto and nothing else: the public contract stands alone.
+    # The client gets gateway.proto and the shared types and nothing else: the public
+    # contract stands alone.
+    for name in ("gateway/v1/gateway.proto", "types/v1/types.proto"):
+        copy = tmp_path / "protos" / "storyreel" / name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "protos/storyreel" / name, copy)
     proto = tmp_path / "protos" / "storyreel" / "gateway" / "v1" / "gateway.proto"
-    proto.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "protos/storyreel/gateway/v1/gateway.proto", proto)
     return subprocess.run(
         [
             node,

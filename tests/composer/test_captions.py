@@ -21,7 +21,7 @@ from storyreel_composer.captions import (
     to_vtt,
     wrap,
 )
-from storyreel_composer.render import RenderPlan, render
+from storyreel_composer.filtergraph import FilterPlan, encode
 from storyreel_composer.settings import PACKAGED_FONT, ComposerSettings
 from storyreel_composer.timeline import Timeline, shots
 from support import ffmpeg_decode
@@ -136,7 +136,7 @@ def test_burned_captions_have_a_dark_outline_and_show_only_during_their_cue(tmp_
     (tmp_path / "cue.txt").write_text(cue.text)
     shutil.copyfile(PACKAGED_FONT, tmp_path / "font.ttf")
     timeline = Timeline(fps, (20,))
-    plan = RenderPlan(
+    plan = FilterPlan(
         width=width,
         height=height,
         fps=fps,
@@ -148,7 +148,7 @@ def test_burned_captions_have_a_dark_outline_and_show_only_during_their_cue(tmp_
         audio="track.wav",
         captions=tuple(drawtext_filters([cue], style, "font.ttf", ["cue.txt"])),
     )
-    video = render(plan, tmp_path, timeout_s=60)
+    video = encode(plan, tmp_path, timeout_s=60)
     raw = ffmpeg_decode(video, "-f", "rawvideo", "-pix_fmt", "gray")
     frames = np.frombuffer(raw, np.uint8).reshape(-1, height, width)
     dark = frames < 60

@@ -15,7 +15,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 from PIL import Image
-from storyreel_composer.composer import ComposeOptions, SceneInput, VideoComposer
+from storyreel_composer.composer import ComposeOptions, Scene, VideoComposer
 from storyreel_composer.stills import thumbnail
 from storyreel_composer.tts import NarrationSynthesizer
 from support import ffmpeg_decode, probe_media, stored_uris
@@ -153,7 +153,7 @@ NARRATIONS = [
 async def test_narrated_video_is_h264_yuv420p_aac_with_even_size_and_exact_length(
     narrating_composer: VideoComposer, images, file_store, composer_settings
 ):
-    scenes = [SceneInput(uri, text) for uri, text in zip(images, NARRATIONS, strict=True)]
+    scenes = [Scene(uri, text) for uri, text in zip(images, NARRATIONS, strict=True)]
     result = await narrating_composer.compose("job-narrated", scenes, width=256, height=144)
 
     assert result.video_uri == file_store.uri_for("jobs/job-narrated/video/video.mp4")
@@ -176,7 +176,7 @@ async def test_narrated_video_is_h264_yuv420p_aac_with_even_size_and_exact_lengt
 async def test_scenes_last_their_narration_plus_padding_and_silent_scenes_the_default(
     narrating_composer: VideoComposer, voice: NarrationSynthesizer, images, tmp_path
 ):
-    scenes = [SceneInput(uri, text) for uri, text in zip(images, NARRATIONS, strict=True)]
+    scenes = [Scene(uri, text) for uri, text in zip(images, NARRATIONS, strict=True)]
     result = await narrating_composer.compose("job-timing", scenes)
     settings = narrating_composer.settings
 
@@ -196,7 +196,7 @@ async def test_scenes_last_their_narration_plus_padding_and_silent_scenes_the_de
 async def test_with_cuts_the_picture_changes_exactly_at_each_reported_scene_start(
     narrating_composer: VideoComposer, images, file_store
 ):
-    scenes = [SceneInput(uri, text) for uri, text in zip(images, NARRATIONS, strict=True)]
+    scenes = [Scene(uri, text) for uri, text in zip(images, NARRATIONS, strict=True)]
     result = await narrating_composer.compose("job-cuts", scenes, options=CUT)
 
     shown = dominant_channels(video_path(file_store, result.video_uri))
@@ -209,7 +209,7 @@ async def test_with_cuts_the_picture_changes_exactly_at_each_reported_scene_star
 async def test_crossfades_are_centred_on_the_scene_starts_that_follow_the_narration(
     narrating_composer: VideoComposer, images, file_store
 ):
-    scenes = [SceneInput(uri, text) for uri, text in zip(images, NARRATIONS, strict=True)]
+    scenes = [Scene(uri, text) for uri, text in zip(images, NARRATIONS, strict=True)]
     options = ComposeOptions(transition="crossfade", crossfade_s=0.5)
     result = await narrating_composer.compose("job-fades", scenes, options=options)
 
@@ -231,7 +231,7 @@ async def test_crossfades_are_centred_on_the_scene_starts_that_follow_the_narrat
 async def test_narration_is_heard_from_each_scene_start_and_the_padding_is_silent(
     narrating_composer: VideoComposer, images, file_store
 ):
-    scenes = [SceneInput(uri, text) for uri, text in zip(images, NARRATIONS, strict=True)]
+    scenes = [Scene(uri, text) for uri, text in zip(images, NARRATIONS, strict=True)]
     result = await narrating_composer.compose("job-speech", scenes)
     path = video_path(file_store, result.video_uri)
     padding = narrating_composer.settings.narration_padding_s
@@ -250,7 +250,7 @@ async def test_narration_is_heard_from_each_scene_start_and_the_padding_is_silen
 async def test_srt_and_vtt_captions_are_valid_and_in_step_with_the_narration(
     narrating_composer: VideoComposer, images, file_store
 ):
-    scenes = [SceneInput(uri, text) for uri, text in zip(images, NARRATIONS, strict=True)]
+    scenes = [Scene(uri, text) for uri, text in zip(images, NARRATIONS, strict=True)]
     result = await narrating_composer.compose("job-captions", scenes)
     path = video_path(file_store, result.video_uri)
     srt = parse_srt(file_store.get_bytes(result.captions_srt_uri).decode())
@@ -280,7 +280,7 @@ async def test_text_with_nothing_to_say_makes_a_silent_scene(
     narrating_composer: VideoComposer, images
 ):
     result = await narrating_composer.compose(
-        "job-punctuation", [SceneInput(images[0], "..."), SceneInput(images[1], "Hello.")]
+        "job-punctuation", [Scene(images[0], "..."), Scene(images[1], "Hello.")]
     )
     assert result.scene_starts_s[1] == pytest.approx(narrating_composer.settings.silent_scene_s)
 
@@ -289,7 +289,7 @@ async def test_text_with_nothing_to_say_makes_a_silent_scene(
 async def test_a_faster_speaking_rate_makes_shorter_scenes(
     narrating_composer: VideoComposer, images
 ):
-    scenes = [SceneInput(images[0], NARRATIONS[0]), SceneInput(images[1], "The end.")]
+    scenes = [Scene(images[0], NARRATIONS[0]), Scene(images[1], "The end.")]
     normal = await narrating_composer.compose("job-rate-1", scenes)
     fast = await narrating_composer.compose(
         "job-rate-2", scenes, options=ComposeOptions(speaking_rate=1.6, voice="joe")
@@ -307,7 +307,7 @@ async def test_music_under_narration_is_ducked_while_the_narrator_speaks_and_fad
     # A 4 kHz tone, 2 s long: shorter than the video, so it must loop.
     music = make_audio("tone.ogg", "sine=frequency=4000:sample_rate=44100", 2.0)
     music_uri = file_store.put_file("jobs/inputs/audio/tone.ogg", music)
-    scenes = [SceneInput(uri, text) for uri, text in zip(images, NARRATIONS, strict=True)]
+    scenes = [Scene(uri, text) for uri, text in zip(images, NARRATIONS, strict=True)]
     options = ComposeOptions(audio_mode="music")
     result = await narrating_composer.compose("job-music", scenes, music_uri, options=options)
     settings = narrating_composer.settings
@@ -351,9 +351,9 @@ async def test_video_with_user_audio_lasts_as_long_as_the_audio_within_one_frame
     audio_s = probe_media(audio).duration_s
     # Scene 2's narration is three times scene 1's; scene 3 has none and gets the mean.
     scenes = [
-        SceneInput(images[0], "a" * 10),
-        SceneInput(images[1], "b" * 30),
-        SceneInput(images[2], ""),
+        Scene(images[0], "a" * 10),
+        Scene(images[1], "b" * 30),
+        Scene(images[2], ""),
     ]
     result = await unvoiced_composer.compose(f"job-{extension}", scenes, audio_uri)
 
@@ -378,7 +378,7 @@ async def test_silent_mp3_is_valid_audio_and_scenes_share_it_evenly(
     audio = make_audio("silence.mp3", "anullsrc=r=44100:cl=stereo", 1.5, "-c:a", "libmp3lame")
     audio_uri = file_store.put_file("jobs/inputs/audio/silence.mp3", audio)
     result = await unvoiced_composer.compose(
-        "job-silence", [SceneInput(images[0]), SceneInput(images[1])], audio_uri
+        "job-silence", [Scene(images[0]), Scene(images[1])], audio_uri
     )
     assert result.scene_starts_s == [0.0, 0.75]
     path = video_path(file_store, result.video_uri)
@@ -399,7 +399,7 @@ async def test_quiet_and_loud_tracks_come_out_equally_loud(
         source = f"aevalsrc={volume}*sin(2*PI*330*t)*(0.6+0.4*sin(2*PI*2*t)):s=44100"
         audio = make_audio(f"{name}.flac", source, 4.0)
         audio_uri = file_store.put_file(f"jobs/inputs/audio/{name}.flac", audio)
-        result = await unvoiced_composer.compose(f"job-{name}", [SceneInput(images[0])], audio_uri)
+        result = await unvoiced_composer.compose(f"job-{name}", [Scene(images[0])], audio_uri)
         inputs.append(integrated_loudness(audio))
         outputs_.append(integrated_loudness(video_path(file_store, result.video_uri)))
     assert inputs[1] - inputs[0] > 30  # 33 dB apart going in...
@@ -413,7 +413,7 @@ async def test_aspect_ratio_renders_at_the_size_of_its_resolution_with_captions_
     aspect, size, unvoiced_composer: VideoComposer, images, file_store, make_audio
 ):
     audio_uri = file_store.put_file("jobs/inputs/a.wav", make_audio("a.wav", "sine", 1.0))
-    scenes = [SceneInput(images[0], "Captions stay inside the safe area of every frame shape.")]
+    scenes = [Scene(images[0], "Captions stay inside the safe area of every frame shape.")]
     options = ComposeOptions(aspect=aspect, resolution="480p", fit="blur", motion="none")
     result = await unvoiced_composer.compose(f"job-{size[0]}", scenes, audio_uri, options=options)
 
@@ -439,7 +439,7 @@ async def test_same_seed_gives_the_same_moves_and_another_seed_other_moves(
 ):
     pictures = pattern_images(file_store)
     audio_uri = file_store.put_file("jobs/inputs/a.wav", make_audio("a.wav", "sine", 1.5))
-    scenes = [SceneInput(uri) for uri in pictures]
+    scenes = [Scene(uri) for uri in pictures]
 
     async def frames(job: str, seed: int) -> np.ndarray:
         options = ComposeOptions(seed=seed, captions="off")
@@ -464,7 +464,7 @@ async def test_still_motion_keeps_the_picture_still(
     audio_uri = file_store.put_file("jobs/inputs/a.wav", make_audio("a.wav", "sine", 1.0))
     options = ComposeOptions(motion="none", captions="off")
     result = await unvoiced_composer.compose(
-        "job-still", [SceneInput(pictures[0])], audio_uri, options=options
+        "job-still", [Scene(pictures[0])], audio_uri, options=options
     )
     frames = video_frames(video_path(file_store, result.video_uri)).astype(int)
     assert np.abs(frames[2] - frames[-1]).mean() < 2
@@ -475,7 +475,7 @@ async def test_captions_can_be_burned_kept_to_sidecar_files_or_turned_off(
     mode, unvoiced_composer: VideoComposer, images, file_store, make_audio
 ):
     audio_uri = file_store.put_file("jobs/inputs/a.wav", make_audio("a.wav", "sine", 1.0))
-    scenes = [SceneInput(images[0], "Hello there.")]
+    scenes = [Scene(images[0], "Hello there.")]
     options = ComposeOptions(captions=mode, motion="none")
     result = await unvoiced_composer.compose(f"job-{mode}", scenes, audio_uri, options=options)
 
@@ -494,9 +494,7 @@ async def test_contact_sheet_shows_one_thumbnail_per_scene_in_order(
     unvoiced_composer: VideoComposer, images, file_store, make_audio
 ):
     audio_uri = file_store.put_file("jobs/inputs/a.wav", make_audio("a.wav", "sine", 1.5))
-    result = await unvoiced_composer.compose(
-        "job-sheet", [SceneInput(uri) for uri in images], audio_uri
-    )
+    result = await unvoiced_composer.compose("job-sheet", [Scene(uri) for uri in images], audio_uri)
     sheet = np.asarray(Image.open(file_store.path_of(result.contact_sheet_uri)).convert("RGB"))
     width = unvoiced_composer.settings.contact_sheet_thumb_width
     # One row of three 128x128 frames shrunk to the thumbnail width, 4 px margins and padding.
@@ -511,7 +509,7 @@ async def test_poster_is_the_rendered_middle_frame_of_scene_one_without_captions
 ):
     pictures = pattern_images(file_store)
     audio_uri = file_store.put_file("jobs/inputs/a.wav", make_audio("a.wav", "sine", 2.0))
-    scenes = [SceneInput(pictures[0], "A caption over the poster."), SceneInput(pictures[1])]
+    scenes = [Scene(pictures[0], "A caption over the poster."), Scene(pictures[1])]
     result = await unvoiced_composer.compose(
         "job-poster", scenes, audio_uri, options=ComposeOptions(seed=3, captions="sidecar")
     )
@@ -637,7 +635,7 @@ async def test_bad_user_audio_is_invalid_input_naming_the_problem_and_nothing_is
     audio_uri = file_store.put_file(f"uploads/tenant/x/{bad.name}", bad)
 
     with pytest.raises(InvalidInput, match=rf"audio_uri {re.escape(audio_uri)} .*{problem}") as c:
-        await composer.compose("job-bad-audio", [SceneInput(images[0], "Hi.")], audio_uri)
+        await composer.compose("job-bad-audio", [Scene(images[0], "Hi.")], audio_uri)
     with pytest.raises(InvalidInput) as probed:
         await composer.probe_audio(audio_uri)
     assert probed.value.message == c.value.message
@@ -648,7 +646,7 @@ def _request(images: list[str], **change) -> dict:
     """compose() arguments: a valid two-scene request with ``change`` applied."""
     request = {
         "job_id": "job-malformed",
-        "scenes": [SceneInput(images[0], "Hello."), SceneInput(images[1], "Bye.")],
+        "scenes": [Scene(images[0], "Hello."), Scene(images[1], "Bye.")],
         "audio_uri": None,
     }
     return request | change
@@ -664,16 +662,16 @@ def _with_audio(images: list[str], **options) -> dict:
 
 MALFORMED = {
     "missing-image-uri": (
-        lambda im: _request(im, scenes=[SceneInput(im[0]), SceneInput(""), SceneInput(im[1])]),
+        lambda im: _request(im, scenes=[Scene(im[0]), Scene(""), Scene(im[1])]),
         "scene 2 has no image_uri",
     ),
     "no-scenes": (lambda im: _request(im, scenes=[]), "scenes must hold 1 to 24 scenes, got 0"),
     "too-many-scenes": (
-        lambda im: _request(im, scenes=[SceneInput(im[0])] * 25),
+        lambda im: _request(im, scenes=[Scene(im[0])] * 25),
         "scenes must hold 1 to 24 scenes, got 25",
     ),
     "image-outside-store": (
-        lambda im: _request(im, scenes=[SceneInput("file:///etc/hosts")]),
+        lambda im: _request(im, scenes=[Scene("file:///etc/hosts")]),
         "scene 1 image_uri: URI 'file:///etc/hosts' is not in the artifact store",
     ),
     "odd-width": (
@@ -692,7 +690,7 @@ MALFORMED = {
     "negative-fps": (lambda im: _request(im, fps=-1), "fps must be between 1 and 60, got -1"),
     "bad-job-id": (lambda im: _request(im, job_id="../escape"), "job_id must be"),
     "long-narration": (
-        lambda im: _request(im, scenes=[SceneInput(im[0], "x" * 2001)]),
+        lambda im: _request(im, scenes=[Scene(im[0], "x" * 2001)]),
         "scene 1 narration is 2001 characters; the limit is 2000",
     ),
     "audio-outside-store": (
@@ -776,7 +774,7 @@ async def test_image_uri_that_does_not_exist_is_not_found_and_nothing_is_stored(
     missing = file_store.uri_for("jobs/inputs/images/missing.png")
     with pytest.raises(NotFound, match=rf"scene 2 image_uri {re.escape(missing)} does not exist"):
         await unvoiced_composer.compose(
-            "job-missing", [SceneInput(images[0]), SceneInput(missing)], audio_uri
+            "job-missing", [Scene(images[0]), Scene(missing)], audio_uri
         )
     assert_nothing_left(file_store, [*images, audio_uri], composer_settings.work_dir)
 
@@ -789,9 +787,7 @@ async def test_stored_file_that_is_not_an_image_is_invalid_input_naming_the_scen
     with pytest.raises(
         InvalidInput, match=rf"scene 2 image {re.escape(fake)} is not a readable image"
     ):
-        await unvoiced_composer.compose(
-            "job-fake", [SceneInput(images[0]), SceneInput(fake)], audio_uri
-        )
+        await unvoiced_composer.compose("job-fake", [Scene(images[0]), Scene(fake)], audio_uri)
     assert_nothing_left(file_store, [*images, audio_uri, fake], composer_settings.work_dir)
 
 
@@ -799,7 +795,7 @@ async def test_narration_before_the_voice_is_loaded_is_not_ready(
     unvoiced_composer: VideoComposer, images, file_store, composer_settings
 ):
     with pytest.raises(NotReady):
-        await unvoiced_composer.compose("job-early", [SceneInput(images[0], "Hello there.")])
+        await unvoiced_composer.compose("job-early", [Scene(images[0], "Hello there.")])
     assert_nothing_left(file_store, images, composer_settings.work_dir)
 
 
@@ -815,13 +811,13 @@ async def test_request_beyond_the_waiting_limit_is_overloaded_while_one_composes
         settings,
     )
     audio_uri = file_store.put_file("jobs/inputs/a.wav", make_audio("a.wav", "sine", 1.0))
-    first = asyncio.create_task(composer.compose("job-first", [SceneInput(images[0])], audio_uri))
+    first = asyncio.create_task(composer.compose("job-first", [Scene(images[0])], audio_uri))
     await asyncio.sleep(0)  # the first request takes the only slot and starts working
     with pytest.raises(Overloaded, match="busy"):
-        await composer.compose("job-second", [SceneInput(images[1])], audio_uri)
+        await composer.compose("job-second", [Scene(images[1])], audio_uri)
     result = await first
     # Once the slot is free again, the next request is served.
-    again = await composer.compose("job-second", [SceneInput(images[1])], audio_uri)
+    again = await composer.compose("job-second", [Scene(images[1])], audio_uri)
     assert sorted(stored_uris(file_store)) == sorted(
         [*images, audio_uri, *outputs(result), *outputs(again)]
     )

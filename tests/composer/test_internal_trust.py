@@ -1,6 +1,6 @@
-"""The compose service answers only the gateway, and reads only the job's own objects.
+"""The composer service answers only the gateway, and reads only the job's own objects.
 
-Real ComposeService servers on real ports. Finding 2 of issue 11: a direct Compose
+Real ComposerService servers on real ports. Finding 2 of issue 11: a direct Compose
 call from loopback replaced another tenant's video with one carrying a third tenant's
 private upload. Now a call without the deployment's internal token is UNAUTHENTICATED,
 and even with it a request naming another job's images, or audio outside the uploads,
@@ -15,15 +15,16 @@ import sys
 
 import grpc
 import pytest
-from storyreel_composer.composer import SceneInput
+from storyreel_composer.composer import Scene
 from storyreel_composer.service import ComposerService
 from support import stored_uris
 
 from storyreel.channels import open_channel
-from storyreel.compose.v1 import compose_pb2, compose_pb2_grpc
+from storyreel.composer.v1 import composer_pb2, composer_pb2_grpc
 from storyreel.errors import InvalidInput
 from storyreel.serving import create_server
 from storyreel.settings import InternalSettings
+from storyreel.types.v1 import types_pb2
 
 TOKEN = "compose-internal-token-0123456789"
 VICTIM = "job-of-another-tenant"
@@ -72,18 +73,18 @@ def victim(file_store, images, make_audio) -> dict[str, str]:
     }
 
 
-def hijack(victim: dict[str, str], job_id: str = VICTIM, **fields) -> compose_pb2.ComposeRequest:
+def hijack(victim: dict[str, str], job_id: str = VICTIM, **fields) -> composer_pb2.ComposeRequest:
     """What the attacker sent: the victim's job, its image and a third tenant's upload."""
     values = {
         "job_id": job_id,
-        "scenes": [compose_pb2.SceneClip(image_uri=victim["image"])],
+        "scenes": [composer_pb2.Scene(image_uri=victim["image"])],
         "audio_uri": victim["upload"],
         "fps": 8,
         "width": 64,
         "height": 64,
-        "captions": compose_pb2.CAPTIONS_OFF,
+        "captions": types_pb2.CAPTIONS_OFF,
     }
-    return compose_pb2.ComposeRequest(**(values | fields))
+    return composer_pb2.ComposeRequest(**(values | fields))
 
 
 async def test_direct_calls_without_the_token_are_unauthenticated(
@@ -92,13 +93,13 @@ async def test_direct_calls_without_the_token_are_unauthenticated(
     before = {uri: file_store.get_bytes(uri) for uri in stored_uris(file_store)}
     reads.clear()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = compose_pb2_grpc.ComposeServiceStub(channel)
+        stub = composer_pb2_grpc.ComposerServiceStub(channel)
         calls = {
             "Compose": lambda: stub.Compose(hijack(victim), timeout=60),
             "ProbeAudio": lambda: stub.ProbeAudio(
-                compose_pb2.ProbeAudioRequest(uri=victim["upload"]), timeout=60
+                composer_pb2.ProbeAudioRequest(uri=victim["upload"]), timeout=60
             ),
-            "ListVoices": lambda: stub.ListVoices(compose_pb2.ListVoicesRequest(), timeout=60),
+            "ListVoices": lambda: stub.ListVoices(composer_pb2.ListVoicesRequest(), timeout=60),
         }
         for name, call in calls.items():
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -119,7 +120,7 @@ async def test_direct_calls_without_the_token_are_unauthenticated(
         ),
         (
             "the victim's job_id, a third job's image",
-            lambda v: hijack(v, scenes=[compose_pb2.SceneClip(image_uri=v["third_image"])]),
+            lambda v: hijack(v, scenes=[composer_pb2.Scene(image_uri=v["third_image"])]),
             f"scene 1 image_uri {{third_image!r}} is not in this job's folder jobs/{VICTIM}/",
         ),
         (
@@ -137,7 +138,7 @@ async def test_with_the_token_only_the_jobs_own_images_and_uploads_are_read(
     internal = InternalSettings(token=TOKEN)
     address = f"127.0.0.1:{server.port}"
     async with open_channel(address, retries=False, internal=internal) as channel:
-        stub = compose_pb2_grpc.ComposeServiceStub(channel)
+        stub = composer_pb2_grpc.ComposerServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Compose(request_of(victim), timeout=60)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
@@ -153,15 +154,15 @@ def test_what_the_gateway_sends_passes_the_check(unvoiced_composer, file_store):
         file_store.uri_for(f"jobs/{job}/r3/images/scene-002.png"),  # a regenerated scene
     ]
     upload = file_store.uri_for("uploads/0123abcd/x/song.mp3")
-    unvoiced_composer.check_job_inputs(job, [SceneInput(uri) for uri in own], upload)
-    unvoiced_composer.check_job_inputs(job, [SceneInput(uri) for uri in own], None)
+    unvoiced_composer.check_job_inputs(job, [Scene(uri) for uri in own], upload)
+    unvoiced_composer.check_job_inputs(job, [Scene(uri) for uri in own], None)
     # A folder whose name starts like the job's is another job's.
     other = file_store.uri_for(f"jobs/{job}-2/images/scene-001.png")
     with pytest.raises(InvalidInput, match="is not in this job's folder"):
-        unvoiced_composer.check_job_inputs(job, [SceneInput(other)], None)
+        unvoiced_composer.check_job_inputs(job, [Scene(other)], None)
     escaped = file_store.root_uri + f"jobs/{job}/..%2F{job}-2/images/scene-001.png"
     with pytest.raises(InvalidInput):
-        unvoiced_composer.check_request(job, [SceneInput(escaped)], None)
+        unvoiced_composer.check_request(job, [Scene(escaped)], None)
 
 
 def test_the_service_refuses_to_start_beyond_the_loopback_without_a_token(tmp_path):

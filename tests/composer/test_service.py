@@ -1,4 +1,4 @@
-"""ComposeService through a real gRPC server on a real port, driven by the generated stub."""
+"""ComposerService through a real gRPC server on a real port, driven by the generated stub."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from storyreel_composer.settings import ComposerSettings
 from support import health_status, probe_media, stored_uris
 
 from storyreel.channels import open_channel
-from storyreel.compose.v1 import compose_pb2, compose_pb2_grpc
+from storyreel.composer.v1 import composer_pb2, composer_pb2_grpc
 from storyreel.serving import create_server
+from storyreel.types.v1 import types_pb2
 
-SERVICE_NAME = "storyreel.compose.v1.ComposeService"
+SERVICE_NAME = "storyreel.composer.v1.ComposerService"
 
 pytestmark = pytest.mark.model
 
@@ -41,7 +42,7 @@ async def load(server) -> None:
 async def stub(server):
     await load(server)
     async with open_channel(f"127.0.0.1:{server.port}", retries=False) as channel:
-        yield compose_pb2_grpc.ComposeServiceStub(channel)
+        yield composer_pb2_grpc.ComposerServiceStub(channel)
 
 
 @pytest.fixture
@@ -77,11 +78,11 @@ async def test_compose_through_the_stub_stores_a_narrated_h264_aac_mp4(
     stub, job_images, file_store
 ):
     images = job_images("job-grpc")
-    request = compose_pb2.ComposeRequest(
+    request = composer_pb2.ComposeRequest(
         job_id="job-grpc",
         scenes=[
-            compose_pb2.SceneClip(image_uri=images[0], narration="The sea was calm."),
-            compose_pb2.SceneClip(image_uri=images[1], narration="Then the whale came."),
+            composer_pb2.Scene(image_uri=images[0], narration="The sea was calm."),
+            composer_pb2.Scene(image_uri=images[1], narration="Then the whale came."),
         ],
         fps=12,
         width=160,
@@ -102,11 +103,11 @@ async def test_missing_image_uri_is_invalid_argument_and_nothing_is_stored(
     stub, job_images, file_store
 ):
     images = job_images("job-grpc-bad")
-    request = compose_pb2.ComposeRequest(
+    request = composer_pb2.ComposeRequest(
         job_id="job-grpc-bad",
         scenes=[
-            compose_pb2.SceneClip(image_uri=images[0], narration="Hello."),
-            compose_pb2.SceneClip(narration="This scene has no picture."),
+            composer_pb2.Scene(image_uri=images[0], narration="Hello."),
+            composer_pb2.Scene(narration="This scene has no picture."),
         ],
     )
     before = set(stored_uris(file_store))
@@ -121,9 +122,9 @@ async def test_bad_audio_is_invalid_argument_and_nothing_is_stored(stub, job_ima
     images = job_images("job-grpc-audio")
     audio_uri = file_store.put_bytes("uploads/tenant/x/voice.mp3", b"ID3 but no frames at all")
     before = set(stored_uris(file_store))
-    request = compose_pb2.ComposeRequest(
+    request = composer_pb2.ComposeRequest(
         job_id="job-grpc-audio",
-        scenes=[compose_pb2.SceneClip(image_uri=images[0], narration="Hello.")],
+        scenes=[composer_pb2.Scene(image_uri=images[0], narration="Hello.")],
         audio_uri=audio_uri,
     )
     with pytest.raises(grpc.aio.AioRpcError) as raised:
@@ -141,21 +142,21 @@ async def test_look_and_sound_options_travel_through_the_stub(
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=d=1.5"]
     subprocess.run([*cmd, str(audio)], check=True)
     audio_uri = file_store.put_file("uploads/tenant/x/music.flac", audio)
-    request = compose_pb2.ComposeRequest(
+    request = composer_pb2.ComposeRequest(
         job_id="job-grpc-options",
         scenes=[
-            compose_pb2.SceneClip(image_uri=images[0], narration="The sea was calm."),
-            compose_pb2.SceneClip(image_uri=images[1], narration="Then the whale came."),
+            composer_pb2.Scene(image_uri=images[0], narration="The sea was calm."),
+            composer_pb2.Scene(image_uri=images[1], narration="Then the whale came."),
         ],
         audio_uri=audio_uri,
         fps=12,
-        aspect=compose_pb2.ASPECT_9_16,
-        resolution=compose_pb2.RESOLUTION_480P,
-        fit=compose_pb2.FIT_BLUR,
-        transition=compose_pb2.TRANSITION_CUT,
-        motion=compose_pb2.MOTION_NONE,
-        captions=compose_pb2.CAPTIONS_SIDECAR,
-        audio_mode=compose_pb2.AUDIO_MODE_MUSIC,
+        aspect=types_pb2.ASPECT_9_16,
+        resolution=types_pb2.RESOLUTION_480P,
+        fit=composer_pb2.FIT_BLUR,
+        transition=composer_pb2.TRANSITION_CUT,
+        motion=composer_pb2.MOTION_NONE,
+        captions=types_pb2.CAPTIONS_SIDECAR,
+        audio_mode=types_pb2.AUDIO_MODE_MUSIC,
         speaking_rate=1.25,
         seed=7,
     )
@@ -180,9 +181,9 @@ async def test_look_and_sound_options_travel_through_the_stub(
 
 async def test_unknown_voice_is_invalid_argument(stub, job_images):
     images = job_images("job-grpc-voice")
-    request = compose_pb2.ComposeRequest(
+    request = composer_pb2.ComposeRequest(
         job_id="job-grpc-voice",
-        scenes=[compose_pb2.SceneClip(image_uri=images[0], narration="Hello.")],
+        scenes=[composer_pb2.Scene(image_uri=images[0], narration="Hello.")],
         voice="amy",
     )
     with pytest.raises(grpc.aio.AioRpcError) as raised:
@@ -194,7 +195,7 @@ async def test_unknown_voice_is_invalid_argument(stub, job_images):
 ARTIFACTS = ("video.mp4", "captions.srt", "captions.vtt", "poster.png", "contact-sheet.png")
 
 
-def artifact_uris(response: compose_pb2.ComposeResponse) -> list[str]:
+def artifact_uris(response: composer_pb2.ComposeResponse) -> list[str]:
     """URIs of everything a composition stored, in ARTIFACTS order."""
     return [
         response.video_uri,
@@ -211,14 +212,14 @@ async def test_a_later_revision_stores_every_artifact_under_its_own_folder(
     job = "job-grpc-revisions"
     images = job_images(job)
 
-    def run(revision: int, clips: list[tuple[str, str]]) -> compose_pb2.ComposeRequest:
-        return compose_pb2.ComposeRequest(
+    def run(revision: int, clips: list[tuple[str, str]]) -> composer_pb2.ComposeRequest:
+        return composer_pb2.ComposeRequest(
             job_id=job,
-            scenes=[compose_pb2.SceneClip(image_uri=u, narration=n) for u, n in clips],
+            scenes=[composer_pb2.Scene(image_uri=u, narration=n) for u, n in clips],
             fps=12,
             width=160,
             height=96,
-            captions=compose_pb2.CAPTIONS_SIDECAR,
+            captions=types_pb2.CAPTIONS_SIDECAR,
             revision=revision,
         )
 
@@ -251,9 +252,9 @@ async def test_a_revision_of_2_31_or_more_is_invalid_argument_and_nothing_is_sto
     stub, job_images, file_store, revision
 ):
     images = job_images("job-grpc-revision")
-    request = compose_pb2.ComposeRequest(
+    request = composer_pb2.ComposeRequest(
         job_id="job-grpc-revision",
-        scenes=[compose_pb2.SceneClip(image_uri=images[0], narration="Hello.")],
+        scenes=[composer_pb2.Scene(image_uri=images[0], narration="Hello.")],
         revision=revision,
     )
     before = set(stored_uris(file_store))

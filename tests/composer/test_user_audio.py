@@ -26,7 +26,7 @@ from storyreel_composer.user_audio import AudioFacts
 from support import probe_media
 
 from storyreel.channels import open_channel
-from storyreel.compose.v1 import compose_pb2, compose_pb2_grpc
+from storyreel.composer.v1 import composer_pb2, composer_pb2_grpc
 from storyreel.errors import InvalidInput, NotFound, Overloaded
 from storyreel.serving import create_server
 
@@ -151,8 +151,8 @@ async def test_list_voices_and_probe_audio_through_a_server_whose_voice_is_not_l
     running = await create_server(composer_settings, ComposerService(composer_settings, file_store))
     try:
         async with open_channel(f"127.0.0.1:{running.port}", retries=False) as channel:
-            stub = compose_pb2_grpc.ComposeServiceStub(channel)
-            voices = await stub.ListVoices(compose_pb2.ListVoicesRequest())
+            stub = composer_pb2_grpc.ComposerServiceStub(channel)
+            voices = await stub.ListVoices(composer_pb2.ListVoicesRequest())
             assert [(v.name, v.language, v.sample_rate) for v in voices.voices] == [
                 ("joe", "en_US", 22050)
             ]
@@ -162,7 +162,7 @@ async def test_list_voices_and_probe_audio_through_a_server_whose_voice_is_not_l
                 "uploads/t/x/audio.mp3",
                 make_audio("a.mp3", "sine=sample_rate=22050", 1.0, "-c:a", "libmp3lame"),
             )
-            facts = await stub.ProbeAudio(compose_pb2.ProbeAudioRequest(uri=uri))
+            facts = await stub.ProbeAudio(composer_pb2.ProbeAudioRequest(uri=uri))
             assert (facts.codec, facts.format, facts.sample_rate, facts.channels) == (
                 "mp3",
                 "mp3",
@@ -175,13 +175,13 @@ async def test_list_voices_and_probe_audio_through_a_server_whose_voice_is_not_l
                 "uploads/t/y/audio.mp3", file_store.get_bytes(uri)[:3000]
             )
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.ProbeAudio(compose_pb2.ProbeAudioRequest(uri=truncated))
+                await stub.ProbeAudio(composer_pb2.ProbeAudioRequest(uri=truncated))
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert caught.value.details().startswith(f"audio_uri {truncated} is not usable audio")
 
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.ProbeAudio(
-                    compose_pb2.ProbeAudioRequest(uri=uri.replace("/uploads/", "/jobs/"))
+                    composer_pb2.ProbeAudioRequest(uri=uri.replace("/uploads/", "/jobs/"))
                 )
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:

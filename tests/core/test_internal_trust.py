@@ -1,7 +1,7 @@
 """Trust between the services: the internal token, mutual TLS, and where a service may listen.
 
 Real servers on real ports, built by storyreel.serving like every service; the one
-here (``Echo``) stands in for the story, render and compose services, whose own
+here (``Echo``) stands in for the story, render and composer services, whose own
 tests (tests/llm, tests/diffusion, tests/composer) call them the same way.
 """
 

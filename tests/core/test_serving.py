@@ -19,13 +19,14 @@ from grpc_reflection.v1alpha import reflection_pb2
 from support import health_status
 
 from storyreel.errors import InvalidInput, Overloaded
+from storyreel.llm.v1 import llm_pb2, llm_pb2_grpc
 from storyreel.logs import JsonFormatter, job_id_var
 from storyreel.serving import Service, create_server, serve, start_and_load
 from storyreel.settings import ServiceSettings
-from storyreel.story.v1 import story_pb2, story_pb2_grpc
+from storyreel.types.v1 import types_pb2
 
 
-class RaisingStoryServicer(story_pb2_grpc.StoryServiceServicer):
+class RaisingLlmServicer(llm_pb2_grpc.LlmServiceServicer):
     """Raises whatever the prompt names, to exercise the error interceptor."""
 
     async def WriteStoryboard(self, request, context):
@@ -37,10 +38,10 @@ class RaisingStoryServicer(story_pb2_grpc.StoryServiceServicer):
 
 
 class RaisingService(Service):
-    service_names = ("storyreel.story.v1.StoryService",)
+    service_names = ("storyreel.llm.v1.LlmService",)
 
     def add_to_server(self, server):
-        story_pb2_grpc.add_StoryServiceServicer_to_server(RaisingStoryServicer(), server)
+        llm_pb2_grpc.add_LlmServiceServicer_to_server(RaisingLlmServicer(), server)
 
 
 @pytest.fixture
@@ -59,18 +60,18 @@ async def raising_server():
 )
 async def test_domain_errors_map_to_status_codes(raising_server, prompt, code, detail):
     async with grpc.aio.insecure_channel(raising_server) as channel:
-        stub = story_pb2_grpc.StoryServiceStub(channel)
+        stub = llm_pb2_grpc.LlmServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.WriteStoryboard(story_pb2.WriteStoryboardRequest(prompt=prompt))
+            await stub.WriteStoryboard(llm_pb2.WriteStoryboardRequest(prompt=prompt))
     assert caught.value.code() == code
     assert caught.value.details() == detail
 
 
 async def test_unexpected_errors_are_internal_without_details(raising_server):
     async with grpc.aio.insecure_channel(raising_server) as channel:
-        stub = story_pb2_grpc.StoryServiceStub(channel)
+        stub = llm_pb2_grpc.LlmServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.WriteStoryboard(story_pb2.WriteStoryboardRequest(prompt="crash"))
+            await stub.WriteStoryboard(llm_pb2.WriteStoryboardRequest(prompt="crash"))
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "secret internal detail" not in caught.value.details()
     assert "Traceback" not in caught.value.details()
@@ -83,7 +84,7 @@ async def test_health_is_not_serving_until_loaded():
     try:
         address = f"127.0.0.1:{running.port}"
         assert await health_status(address) == "NOT_SERVING"
-        assert await health_status(address, "storyreel.story.v1.StoryService") == "NOT_SERVING"
+        assert await health_status(address, "storyreel.llm.v1.LlmService") == "NOT_SERVING"
         await running.set_serving(True)
         assert await health_status(address) == "SERVING"
     finally:
@@ -129,7 +130,7 @@ def test_service_process_logs_json_and_drains_on_sigterm(tmp_path: Path):
 # --- Standard gRPC behaviour at the edges (issue 11, findings 5 and 6) ---------------
 
 
-class EchoingStoryServicer(story_pb2_grpc.StoryServiceServicer):
+class EchoingLlmServicer(llm_pb2_grpc.LlmServiceServicer):
     """Answers with what it was sent, records the job id the logs carry, or fails big."""
 
     def __init__(self) -> None:
@@ -141,19 +142,19 @@ class EchoingStoryServicer(story_pb2_grpc.StoryServiceServicer):
             raise InvalidInput("bad value " + "v" * (1024 * 1024) + " end of message")
         if request.prompt == "huge crash":
             raise OSError(36, "File name too long", "n" * (1024 * 1024))
-        return story_pb2.WriteStoryboardResponse(
-            storyboard=story_pb2.Storyboard(title=request.prompt)
+        return llm_pb2.WriteStoryboardResponse(
+            storyboard=types_pb2.Storyboard(title=request.prompt)
         )
 
 
 class EchoingService(Service):
-    service_names = ("storyreel.story.v1.StoryService",)
+    service_names = ("storyreel.llm.v1.LlmService",)
 
     def __init__(self) -> None:
-        self.servicer = EchoingStoryServicer()
+        self.servicer = EchoingLlmServicer()
 
     def add_to_server(self, server):
-        story_pb2_grpc.add_StoryServiceServicer_to_server(self.servicer, server)
+        llm_pb2_grpc.add_LlmServiceServicer_to_server(self.servicer, server)
 
 
 @pytest.fixture
@@ -168,7 +169,7 @@ async def echoing():
 
 async def test_a_malformed_message_is_invalid_argument(echoing):
     channel, service, _ = echoing
-    write = channel.unary_unary("/storyreel.story.v1.StoryService/WriteStoryboard")
+    write = channel.unary_unary("/storyreel.llm.v1.LlmService/WriteStoryboard")
     # Field 1 (prompt) as a length-delimited value that runs past the end of the message.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await write(b"\x0a\xff\xff\xff\x0f" + b"x" * 10)
@@ -176,22 +177,22 @@ async def test_a_malformed_message_is_invalid_argument(echoing):
     assert "malformed request" in caught.value.details()
     assert service.servicer.logged_job_ids == []  # the servicer never saw it
     # A good message on the same channel still works.
-    good = story_pb2.WriteStoryboardRequest(prompt="fine").SerializeToString()
-    assert story_pb2.WriteStoryboardResponse.FromString(await write(good)).storyboard.title == (
+    good = llm_pb2.WriteStoryboardRequest(prompt="fine").SerializeToString()
+    assert llm_pb2.WriteStoryboardResponse.FromString(await write(good)).storyboard.title == (
         "fine"
     )
 
 
 async def test_error_messages_and_logs_are_bounded(echoing, caplog):
     channel, service, _ = echoing
-    stub = story_pb2_grpc.StoryServiceStub(channel)
+    stub = llm_pb2_grpc.LlmServiceStub(channel)
     job_id = "j" * (3 * 1024 * 1024)
     with caplog.at_level("INFO", logger="storyreel"):
         errors = {}
         for prompt in ("huge error", "huge crash"):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.WriteStoryboard(
-                    story_pb2.WriteStoryboardRequest(prompt=prompt, job_id=job_id)
+                    llm_pb2.WriteStoryboardRequest(prompt=prompt, job_id=job_id)
                 )
             errors[prompt] = caught.value
     assert errors["huge error"].code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -213,9 +214,9 @@ async def test_health_list_and_watch_behave_as_the_standard_service(echoing):
     listed = await stub.List(health_pb2.HealthListRequest())
     assert {name: s.status for name, s in listed.statuses.items()} == {
         "": health_pb2.HealthCheckResponse.SERVING,
-        "storyreel.story.v1.StoryService": health_pb2.HealthCheckResponse.SERVING,
+        "storyreel.llm.v1.LlmService": health_pb2.HealthCheckResponse.SERVING,
     }
-    watch = stub.Watch(health_pb2.HealthCheckRequest(service="storyreel.story.v1.StoryService"))
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service="storyreel.llm.v1.LlmService"))
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
     await running.set_serving(False)
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -237,7 +238,7 @@ async def test_reflection_serves_v1_and_v1alpha(echoing, version):
     async def requests():
         yield reflection_pb2.ServerReflectionRequest(list_services="")
         yield reflection_pb2.ServerReflectionRequest(
-            file_containing_symbol="storyreel.story.v1.StoryService"
+            file_containing_symbol="storyreel.llm.v1.LlmService"
         )
         yield reflection_pb2.ServerReflectionRequest(
             file_containing_symbol="grpc.reflection.v1.ServerReflection"
@@ -246,7 +247,7 @@ async def test_reflection_serves_v1_and_v1alpha(echoing, version):
     answers = [answer async for answer in info(requests())]
     services = {s.name for s in answers[0].list_services_response.service}
     assert {
-        "storyreel.story.v1.StoryService",
+        "storyreel.llm.v1.LlmService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",

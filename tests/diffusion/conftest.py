@@ -1,4 +1,4 @@
-"""Fixtures of the render service tests: tiny models and loaded renderers, built once."""
+"""Fixtures of the diffusion service tests: tiny models and loaded renderers, built once."""
 
 from __future__ import annotations
 

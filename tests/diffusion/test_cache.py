@@ -7,7 +7,7 @@ import uuid
 
 import numpy as np
 from PIL import Image
-from storyreel_diffusion.renderer import SceneRenderer, SceneToRender
+from storyreel_diffusion.renderer import Scene, SceneRenderer
 
 from storyreel.storage import ArtifactStore
 
@@ -32,7 +32,7 @@ def pixels(store: ArtifactStore, uri: str) -> np.ndarray:
 async def test_cache_hit_returns_the_stored_image_without_calling_the_pipeline(
     cached_renderer, shared_store, record_calls
 ):
-    scenes = [SceneToRender(1, fresh("a lighthouse"), 3), SceneToRender(2, fresh("a whale"), 4)]
+    scenes = [Scene(1, fresh("a lighthouse"), 3), Scene(2, fresh("a whale"), 4)]
     recorder = record_calls(cached_renderer)
     hits_before = cached_renderer.metrics.value("storyreel_render_cache_hits_total")
 
@@ -55,7 +55,7 @@ async def test_cache_hit_returns_the_stored_image_without_calling_the_pipeline(
 
 
 async def test_images_are_cached_under_their_content_key(cached_renderer, shared_store):
-    [image] = await render_all(cached_renderer, new_job(), [SceneToRender(1, fresh("a fox"), 1)])
+    [image] = await render_all(cached_renderer, new_job(), [Scene(1, fresh("a fox"), 1)])
     assert len(image.content_key) == 64
     cached = shared_store.uri_for(f"cache/{image.content_key}.png")
     assert shared_store.get_bytes(cached) == shared_store.get_bytes(image.uri)
@@ -65,7 +65,7 @@ async def test_regenerating_one_scene_of_a_job_is_served_from_the_cache(
     cached_renderer, shared_store, record_calls
 ):
     job = new_job()
-    scenes = [SceneToRender(i, fresh(f"scene {i}"), i) for i in (1, 2, 3)]
+    scenes = [Scene(i, fresh(f"scene {i}"), i) for i in (1, 2, 3)]
     whole = await render_all(cached_renderer, job, scenes)
     recorder = record_calls(cached_renderer)
     shared_store.delete(whole[1].uri)  # e.g. a job resumed after losing an image
@@ -76,7 +76,7 @@ async def test_regenerating_one_scene_of_a_job_is_served_from_the_cache(
 
 
 async def test_a_change_that_affects_the_pixels_misses_the_cache(cached_renderer, record_calls):
-    scene = [SceneToRender(1, fresh("a storm"), 5)]
+    scene = [Scene(1, fresh("a storm"), 5)]
     await render_all(cached_renderer, new_job(), scene)
     recorder = record_calls(cached_renderer)
     [other] = await render_all(cached_renderer, new_job(), scene, steps=3)
@@ -88,13 +88,13 @@ async def test_a_change_that_affects_the_pixels_misses_the_cache(cached_renderer
 async def test_hits_and_misses_of_one_request_come_back_in_request_order(
     cached_renderer, record_calls
 ):
-    cached_scene = SceneToRender(2, fresh("a reef"), 2)
+    cached_scene = Scene(2, fresh("a reef"), 2)
     await render_all(cached_renderer, new_job(), [cached_scene])
     recorder = record_calls(cached_renderer)
     scenes = [
-        SceneToRender(1, fresh("a bay"), 1),
+        Scene(1, fresh("a bay"), 1),
         cached_scene,
-        SceneToRender(3, fresh("a cove"), 3),
+        Scene(3, fresh("a cove"), 3),
     ]
     images = await render_all(cached_renderer, new_job(), scenes)
     assert [(i.index, i.cached) for i in images] == [(1, False), (2, True), (3, False)]
@@ -104,7 +104,7 @@ async def test_hits_and_misses_of_one_request_come_back_in_request_order(
 async def test_scenes_are_drawn_in_batches_of_at_most_max_batch_size(cached_renderer, record_calls):
     assert cached_renderer.settings.max_batch_size == 3
     recorder = record_calls(cached_renderer)
-    scenes = [SceneToRender(i, fresh(f"shot {i}"), i) for i in range(1, 5)]
+    scenes = [Scene(i, fresh(f"shot {i}"), i) for i in range(1, 5)]
     images = await render_all(cached_renderer, new_job(), scenes)
     assert recorder.batch_sizes == [3, 1]
     assert [image.index for image in images] == [1, 2, 3, 4]
@@ -113,7 +113,7 @@ async def test_scenes_are_drawn_in_batches_of_at_most_max_batch_size(cached_rend
 async def test_a_batched_render_gives_the_images_of_rendering_one_by_one(
     cached_renderer, renderer, shared_store, record_calls
 ):
-    scenes = [SceneToRender(i, fresh(f"harbour {i}"), 10 + i) for i in (1, 2, 3)]
+    scenes = [Scene(i, fresh(f"harbour {i}"), 10 + i) for i in (1, 2, 3)]
     batched_calls, single_calls = record_calls(cached_renderer), record_calls(renderer)
     batched = await render_all(cached_renderer, new_job(), scenes)
     singles = await render_all(renderer, new_job(), scenes)

@@ -13,24 +13,24 @@ import numpy as np
 import pytest
 from PIL import Image
 from storyreel_diffusion.planning import derive_seed
-from storyreel_diffusion.renderer import Character, SceneRenderer, SceneToRender
+from storyreel_diffusion.renderer import Character, Scene, SceneRenderer
 
 from storyreel.errors import FailedPrecondition
 
 MIRA = Character("Mira", "a girl with red braids", seed=77)
 OTTO = Character("Otto", "an old grey whale")
 SCENES = [
-    SceneToRender(1, "Mira on a cliff", 1, ("Mira",)),
-    SceneToRender(2, "Mira in a boat", 2, ("Mira",)),
-    SceneToRender(3, "the open sea", 3),
+    Scene(1, "Mira on a cliff", 1, ("Mira",)),
+    Scene(2, "Mira in a boat", 2, ("Mira",)),
+    Scene(3, "the open sea", 3),
 ]
 
 
-def with_appearance(scene: SceneToRender) -> SceneToRender:
+def with_appearance(scene: Scene) -> Scene:
     """The scene as mode NONE must get it to draw the same prompt the other modes build."""
     if not scene.characters:
-        return SceneToRender(scene.index, scene.prompt, scene.seed)
-    return SceneToRender(scene.index, f"{scene.prompt}, Mira, {MIRA.appearance}", scene.seed)
+        return Scene(scene.index, scene.prompt, scene.seed)
+    return Scene(scene.index, f"{scene.prompt}, Mira, {MIRA.appearance}", scene.seed)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ async def test_adapter_scale_sets_how_far_references_move_a_scene(consistent, sh
 
 
 async def test_a_scene_with_two_characters_is_conditioned_on_both(consistent, shared_store):
-    scene = [SceneToRender(1, "Mira rides Otto", 5, ("Mira", "Otto"))]
+    scene = [Scene(1, "Mira rides Otto", 5, ("Mira", "Otto"))]
     [image] = await render(consistent, scene, (MIRA, OTTO), consistency="reference_images")
     assert [uri.rsplit("/", 1)[1] for uri in image.reference_uris] == [
         "01-mira.png",

@@ -1,10 +1,10 @@
-"""The render service answers only callers that present the deployment's internal token.
+"""The diffusion service answers only callers that present the deployment's internal token.
 
 Finding 2 of issue 11: a direct RenderScenes call from loopback overwrote another
 tenant's scene image. RenderScenes reads no object a request names (its only input
 from the store is its own content-addressed cache); what it writes is under the
 request's job, so the token is what keeps a stranger from naming someone else's job.
-A real RenderService on a real port; no model is loaded (the refusal comes first).
+A real DiffusionService on a real port; no model is loaded (the refusal comes first).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from storyreel_diffusion.service import DiffusionService
 from support import health_status, stored_uris
 
 from storyreel.channels import open_channel
-from storyreel.render.v1 import render_pb2, render_pb2_grpc
+from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from storyreel.serving import create_server
 from storyreel.settings import InternalSettings
 
@@ -33,11 +33,11 @@ async def server(diffusion_settings, file_store, monkeypatch):
     await running.stop(0)
 
 
-def overwrite() -> render_pb2.RenderScenesRequest:
+def overwrite() -> diffusion_pb2.RenderScenesRequest:
     """Draw scene 1 of someone else's job again: it would replace their image."""
-    return render_pb2.RenderScenesRequest(
+    return diffusion_pb2.RenderScenesRequest(
         job_id=VICTIM,
-        scenes=[render_pb2.SceneToRender(index=1, prompt="something else entirely", seed=1)],
+        scenes=[diffusion_pb2.Scene(index=1, prompt="something else entirely", seed=1)],
         width=64,
         height=64,
         steps=1,
@@ -49,7 +49,7 @@ async def test_a_direct_render_call_without_the_token_is_unauthenticated(server,
     address = f"127.0.0.1:{server.port}"
     for metadata in ((), (("authorization", "Bearer a-guess-at-the-internal-token"),)):
         async with grpc.aio.insecure_channel(address) as channel:
-            stub = render_pb2_grpc.RenderServiceStub(channel)
+            stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 async for _ in stub.RenderScenes(overwrite(), metadata=metadata, timeout=60):
                     pass
@@ -64,7 +64,7 @@ async def test_the_gateways_channel_gets_through(server):
     internal = InternalSettings(token=TOKEN)
     address = f"127.0.0.1:{server.port}"
     async with open_channel(address, retries=False, internal=internal) as channel:
-        stub = render_pb2_grpc.RenderServiceStub(channel)
+        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async for _ in stub.RenderScenes(overwrite(), timeout=60):
                 pass

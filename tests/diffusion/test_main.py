@@ -13,7 +13,7 @@ import grpc
 from support import health_status
 
 from storyreel.channels import open_channel
-from storyreel.render.v1 import render_pb2, render_pb2_grpc
+from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from storyreel.settings import StorageSettings
 from storyreel.storage import open_store
 
@@ -63,10 +63,10 @@ async def test_module_serves_renders_and_exits_cleanly_on_sigterm(tiny_sd, tmp_p
     try:
         address = await wait_until_serving(process, port_file)
         async with open_channel(address, retries=False) as channel:
-            stub = render_pb2_grpc.RenderServiceStub(channel)
-            req = render_pb2.RenderScenesRequest(
+            stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+            req = diffusion_pb2.RenderScenesRequest(
                 job_id="process-test",
-                scenes=[render_pb2.SceneToRender(index=1, prompt="a lighthouse", seed=3)],
+                scenes=[diffusion_pb2.Scene(index=1, prompt="a lighthouse", seed=3)],
                 width=64,
                 height=64,
             )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from storyreel_diffusion.planning import derive_seed
-from storyreel_diffusion.renderer import SceneRenderer, SceneToRender
+from storyreel_diffusion.renderer import Scene, SceneRenderer
 from storyreel_diffusion.tiny import build_tiny_pipeline
 
 from storyreel.errors import InvalidInput
@@ -39,7 +39,7 @@ async def test_sdxl_checkpoint_gets_the_sdxl_pipeline_and_64_pixel_multiples(
         assert facts.pipeline == "StableDiffusionXLPipeline"
         assert facts.side_multiple == 64
         assert (facts.native_width, facts.native_height) == (512, 512)
-        scene = [SceneToRender(1, "a lighthouse", 1)]
+        scene = [Scene(1, "a lighthouse", 1)]
         with pytest.raises(InvalidInput, match="width must be a multiple of 64"):
             await render(renderer, scene, width=96, height=64)
         [image] = await render(renderer, scene, width=128, height=64, steps=1)
@@ -101,7 +101,7 @@ async def test_flagged_image_is_redrawn_with_new_seeds_then_reported(
     try:
         assert renderer.facts.safety_retries == 2
         recorder = record_calls(renderer)
-        scenes = [SceneToRender(1, "a cat", 5), SceneToRender(2, "a dog", 6)]
+        scenes = [Scene(1, "a cat", 5), Scene(2, "a dog", 6)]
         images = await render(renderer, scenes, steps=1)
         assert recorder.batch_sizes == [2, 2, 2]  # first attempt and two retries
         assert [i.seed for i in images] == [
@@ -130,7 +130,7 @@ async def test_safety_checker_can_be_turned_off(flagging_sd, diffusion_settings,
     try:
         assert renderer.pipeline.safety_checker is None
         assert renderer.facts.safety_retries is None
-        [image] = await render(renderer, [SceneToRender(1, "a cat", 5)], steps=1)
+        [image] = await render(renderer, [Scene(1, "a cat", 5)], steps=1)
         assert (image.seed, image.safety_flagged, image.safety_retries) == (5, False, 0)
     finally:
         await renderer.close()

@@ -7,11 +7,10 @@ import hashlib
 
 import pytest
 from storyreel_diffusion.planning import (
-    AspectRatio,
     Character,
     ConsistencyMode,
     ModelFacts,
-    SceneToRender,
+    Scene,
     derive_seed,
     image_key,
     plan_batches,
@@ -44,30 +43,28 @@ OTTO = Character("Otto", "an old grey whale with a scarred fin", seed=1234)
 
 
 def plan(scenes=None, facts=SD15, settings=SETTINGS, **options):
-    scenes = scenes or [SceneToRender(1, "a lighthouse", 5)]
+    scenes = scenes or [Scene(1, "a lighthouse", 5)]
     return plan_render(settings, facts, "job-1", scenes, **options)
 
 
 def test_job_seed_derives_scene_seeds_as_the_gateway_does():
     expected = int.from_bytes(hashlib.blake2b(b"7:3", digest_size=8).digest(), "big") >> 1
     assert derive_seed(7, 3) == expected
-    planned = plan(
-        [SceneToRender(3, "a", 0), SceneToRender(4, "b", 99)], job_seed=7, consistency="none"
-    )
+    planned = plan([Scene(3, "a", 0), Scene(4, "b", 99)], job_seed=7, consistency="none")
     assert [image.seed for image in planned.images] == [expected, 99]
 
 
 def test_without_job_seed_scene_seeds_are_used_as_given():
-    planned = plan([SceneToRender(1, "a", 0), SceneToRender(2, "b", 42)], consistency="none")
+    planned = plan([Scene(1, "a", 0), Scene(2, "b", 42)], consistency="none")
     assert [image.seed for image in planned.images] == [0, 42]
 
 
 def test_seed_lock_draws_every_scene_of_a_character_from_its_lead_characters_seed():
     scenes = [
-        SceneToRender(1, "Mira on the cliff", 0, ("Mira",)),
-        SceneToRender(2, "Mira and Otto at sea", 0, ("Mira", "Otto")),
-        SceneToRender(3, "Otto dives", 0, ("Otto",)),
-        SceneToRender(4, "an empty beach", 0),
+        Scene(1, "Mira on the cliff", 0, ("Mira",)),
+        Scene(2, "Mira and Otto at sea", 0, ("Mira", "Otto")),
+        Scene(3, "Otto dives", 0, ("Otto",)),
+        Scene(4, "an empty beach", 0),
     ]
     planned = plan(scenes, characters=[MIRA, OTTO], job_seed=11, consistency="seed_lock")
     mira_seed = derive_seed(11, "character", "Mira")
@@ -83,8 +80,8 @@ def test_seed_lock_draws_every_scene_of_a_character_from_its_lead_characters_see
 
 def test_modes_other_than_none_add_each_missing_appearance_to_the_prompt():
     scenes = [
-        SceneToRender(1, "Mira on the cliff", 1, ("Mira",)),
-        SceneToRender(2, f"Otto, {OTTO.appearance}, sings", 2, ("Otto",)),
+        Scene(1, "Mira on the cliff", 1, ("Mira",)),
+        Scene(2, f"Otto, {OTTO.appearance}, sings", 2, ("Otto",)),
     ]
     for mode in ("seed_lock", "consistent_self_attention", "reference_images"):
         planned = plan(scenes, characters=[MIRA, OTTO], consistency=mode)
@@ -101,7 +98,7 @@ def test_unspecified_mode_takes_the_service_default():
 
 
 def test_only_the_image_modes_condition_scenes_on_characters():
-    scenes = [SceneToRender(1, "Mira", 1, ("Mira",)), SceneToRender(2, "sea", 2)]
+    scenes = [Scene(1, "Mira", 1, ("Mira",)), Scene(2, "sea", 2)]
     for mode, conditioned in (
         ("none", ()),
         ("seed_lock", ()),
@@ -129,11 +126,11 @@ def test_a_later_revision_keys_images_and_portraits_under_its_own_folder():
 
 
 def test_aspect_ratios_keep_the_default_area_on_the_models_pixel_multiple():
-    sizes = {ratio: plan(aspect=ratio) for ratio in AspectRatio}
+    sizes = {ratio: plan(aspect=ratio) for ratio in ("1:1", "16:9", "9:16")}
     assert {r: (p.width, p.height) for r, p in sizes.items()} == {
-        AspectRatio.SQUARE: (512, 512),
-        AspectRatio.LANDSCAPE: (680, 384),
-        AspectRatio.PORTRAIT: (384, 680),
+        "1:1": (512, 512),
+        "16:9": (680, 384),
+        "9:16": (384, 680),
     }
     xl = plan(facts=SDXL, aspect="16:9")
     assert (xl.width, xl.height) == (1344, 768)
@@ -147,7 +144,7 @@ def test_zero_size_is_the_models_native_size_unless_settings_give_one():
 
 def key_of(**changes) -> str:
     request = {
-        "scenes": [SceneToRender(1, "Mira on the cliff", 5, ("Mira",))],
+        "scenes": [Scene(1, "Mira on the cliff", 5, ("Mira",))],
         "characters": [MIRA],
         "width": 512,
         "height": 512,
@@ -167,8 +164,8 @@ def key_of(**changes) -> str:
 @pytest.mark.parametrize(
     "change",
     [
-        {"scenes": [SceneToRender(1, "Mira in the rain", 5, ("Mira",))]},
-        {"scenes": [SceneToRender(1, "Mira on the cliff", 6, ("Mira",))]},
+        {"scenes": [Scene(1, "Mira in the rain", 5, ("Mira",))]},
+        {"scenes": [Scene(1, "Mira on the cliff", 6, ("Mira",))]},
         {"negative_prompt": "fog"},
         {"width": 520},
         {"height": 640},
@@ -195,9 +192,9 @@ def test_content_key_ignores_the_job():
 
 
 def test_content_keys_ignore_the_revision_which_the_plan_carries():
-    first = plan([SceneToRender(1, "Mira", 5, ("Mira",))], characters=[MIRA])
+    first = plan([Scene(1, "Mira", 5, ("Mira",))], characters=[MIRA])
     later = plan(
-        [SceneToRender(1, "Mira", 5, ("Mira",))],
+        [Scene(1, "Mira", 5, ("Mira",))],
         characters=[MIRA],
         consistency="reference_images",
         revision=7,
@@ -208,19 +205,19 @@ def test_content_keys_ignore_the_revision_which_the_plan_carries():
 
 
 def test_seed_lock_and_none_share_a_key_when_they_draw_the_same_pixels():
-    scene = [SceneToRender(1, "Mira on the cliff", 5, ("Mira",))]
+    scene = [Scene(1, "Mira on the cliff", 5, ("Mira",))]
     same_seed = Character("Mira", MIRA.appearance, seed=5)
     locked = plan(scene, characters=[same_seed], consistency="seed_lock")
-    plain = plan([SceneToRender(1, locked.images[0].prompt, 5)], characters=[], consistency="none")
+    plain = plan([Scene(1, locked.images[0].prompt, 5)], characters=[], consistency="none")
     assert locked.images[0].key == plain.images[0].key
 
 
 def test_reference_batches_split_where_the_characters_change():
     scenes = [
-        SceneToRender(1, "a", 1, ("Mira",)),
-        SceneToRender(2, "b", 2, ("Mira",)),
-        SceneToRender(3, "c", 3, ("Otto",)),
-        SceneToRender(4, "d", 4, ("Otto",)),
+        Scene(1, "a", 1, ("Mira",)),
+        Scene(2, "b", 2, ("Mira",)),
+        Scene(3, "c", 3, ("Otto",)),
+        Scene(4, "d", 4, ("Otto",)),
     ]
     settings = SETTINGS.model_copy(update={"max_scenes": 8})
     reference = plan(scenes, characters=[MIRA, OTTO], consistency="reference_images")
@@ -234,16 +231,16 @@ def test_reference_batches_split_where_the_characters_change():
 
 INVALID = {
     "unknown character": (
-        dict(scenes=[SceneToRender(1, "a", 1, ("Nobody",))], characters=[MIRA]),
+        dict(scenes=[Scene(1, "a", 1, ("Nobody",))], characters=[MIRA]),
         "scenes[0] (index 1): character 'Nobody' is not in the request's characters",
     ),
     "character twice in a scene": (
-        dict(scenes=[SceneToRender(1, "a", 1, ("Mira", "Mira"))], characters=[MIRA]),
+        dict(scenes=[Scene(1, "a", 1, ("Mira", "Mira"))], characters=[MIRA]),
         "names a character more than once",
     ),
     "too many characters in a scene": (
         dict(
-            scenes=[SceneToRender(1, "a", 1, tuple("ABCDE"))],
+            scenes=[Scene(1, "a", 1, tuple("ABCDE"))],
             characters=[Character(n, "x") for n in "ABCDE"],
         ),
         "characters lists 5 names, the maximum is 4",
@@ -260,7 +257,7 @@ INVALID = {
         "characters must hold at most 8, got 9",
     ),
     "aspect with a width": (dict(aspect="16:9", width=512), "exclude each other"),
-    "unknown aspect": (dict(aspect="4:3"), "aspect_ratio must be one of 1:1, 16:9, 9:16"),
+    "unknown aspect": (dict(aspect="4:3"), "aspect must be one of 16:9, 9:16, 1:1"),
     "unknown consistency": (dict(consistency="magic"), "consistency must be one of none"),
     "strength above the maximum": (
         dict(consistency="consistent_self_attention", consistency_strength=2.5),

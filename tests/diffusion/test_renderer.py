@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from storyreel_diffusion.planning import derive_seed
 from storyreel_diffusion.renderer import (
-    RenderedImage,
+    Scene,
+    SceneImage,
     SceneRenderer,
-    SceneToRender,
     image_key,
 )
 from storyreel_diffusion.settings import DiffusionSettings
@@ -26,19 +26,17 @@ def new_job() -> str:
     return f"job-{uuid.uuid4().hex[:12]}"
 
 
-async def render_all(
-    renderer: SceneRenderer, job_id: str, scenes, **options
-) -> list[RenderedImage]:
+async def render_all(renderer: SceneRenderer, job_id: str, scenes, **options) -> list[SceneImage]:
     return [image async for image in renderer.render(job_id, scenes, **options)]
 
 
-def png(store: ArtifactStore, image: RenderedImage) -> bytes:
+def png(store: ArtifactStore, image: SceneImage) -> bytes:
     return store.get_bytes(image.uri)
 
 
 async def test_same_request_gives_identical_png_bytes(renderer, shared_store):
     job = new_job()
-    scenes = [SceneToRender(1, "a lighthouse at dusk", 42), SceneToRender(2, "a whale", 7)]
+    scenes = [Scene(1, "a lighthouse at dusk", 42), Scene(2, "a whale", 7)]
     first = [png(shared_store, image) for image in await render_all(renderer, job, scenes, steps=2)]
     second = [
         png(shared_store, image) for image in await render_all(renderer, job, scenes, steps=2)
@@ -50,7 +48,7 @@ async def test_same_request_gives_identical_png_bytes(renderer, shared_store):
 async def test_png_has_requested_size_and_lands_under_the_job(renderer, shared_store):
     job = new_job()
     [image] = await render_all(
-        renderer, job, [SceneToRender(3, "a boat", 1)], width=128, height=72, steps=2
+        renderer, job, [Scene(3, "a boat", 1)], width=128, height=72, steps=2
     )
     assert image.uri == shared_store.uri_for(f"jobs/{job}/images/scene-003.png")
     assert image.uri == shared_store.uri_for(image_key(job, 3))
@@ -63,7 +61,7 @@ async def test_different_seeds_give_different_images(renderer, shared_store):
     images = await render_all(
         renderer,
         new_job(),
-        [SceneToRender(1, "a forest", 1), SceneToRender(2, "a forest", 2)],
+        [Scene(1, "a forest", 1), Scene(2, "a forest", 2)],
         steps=2,
     )
     assert png(shared_store, images[0]) != png(shared_store, images[1])
@@ -73,32 +71,32 @@ async def test_different_prompts_with_one_seed_give_different_images(renderer, s
     images = await render_all(
         renderer,
         new_job(),
-        [SceneToRender(1, "a red fox in snow", 9), SceneToRender(2, "a city at night", 9)],
+        [Scene(1, "a red fox in snow", 9), Scene(2, "a city at night", 9)],
         steps=2,
     )
     assert png(shared_store, images[0]) != png(shared_store, images[1])
 
 
 async def test_image_depends_on_its_own_seed_not_on_earlier_scenes(renderer, shared_store):
-    alone = await render_all(renderer, new_job(), [SceneToRender(5, "a harbour", 5)], steps=2)
+    alone = await render_all(renderer, new_job(), [Scene(5, "a harbour", 5)], steps=2)
     after_another = await render_all(
         renderer,
         new_job(),
-        [SceneToRender(4, "a storm", 4), SceneToRender(5, "a harbour", 5)],
+        [Scene(4, "a storm", 4), Scene(5, "a harbour", 5)],
         steps=2,
     )
     assert png(shared_store, alone[0]) == png(shared_store, after_another[1])
 
 
 async def test_images_come_in_scene_order_with_their_seeds(renderer):
-    scenes = [SceneToRender(2, "b", 20), SceneToRender(1, "a", 10), SceneToRender(3, "c", 30)]
+    scenes = [Scene(2, "b", 20), Scene(1, "a", 10), Scene(3, "c", 30)]
     images = await render_all(renderer, new_job(), scenes, steps=1)
     assert [(image.index, image.seed) for image in images] == [(2, 20), (1, 10), (3, 30)]
 
 
 async def test_zero_fields_select_the_configured_defaults(renderer, shared_store):
     settings: DiffusionSettings = renderer.settings
-    scene = SceneToRender(1, "a meadow", 3)
+    scene = Scene(1, "a meadow", 3)
     [by_default] = await render_all(renderer, new_job(), [scene])
     [explicit] = await render_all(
         renderer,
@@ -115,7 +113,7 @@ async def test_zero_fields_select_the_configured_defaults(renderer, shared_store
 
 
 async def test_negative_prompt_changes_the_image(renderer, shared_store):
-    scene = SceneToRender(1, "a castle", 11)
+    scene = Scene(1, "a castle", 11)
     [plain] = await render_all(renderer, new_job(), [scene], steps=2)
     [negated] = await render_all(renderer, new_job(), [scene], steps=2, negative_prompt="fog")
     assert png(shared_store, plain) != png(shared_store, negated)
@@ -125,8 +123,8 @@ async def test_concurrent_requests_match_sequential_ones(renderer, shared_store)
     # Requests with different step counts share one pipeline (and its
     # scheduler state); drawing one image at a time keeps them apart.
     requests = [
-        ([SceneToRender(1, "a desert", 1), SceneToRender(2, "a dune", 2)], 2),
-        ([SceneToRender(1, "an island", 3), SceneToRender(2, "a reef", 4)], 3),
+        ([Scene(1, "a desert", 1), Scene(2, "a dune", 2)], 2),
+        ([Scene(1, "an island", 3), Scene(2, "a reef", 4)], 3),
     ]
     sequential = [
         [png(shared_store, i) for i in await render_all(renderer, new_job(), s, steps=n)]
@@ -139,9 +137,9 @@ async def test_concurrent_requests_match_sequential_ones(renderer, shared_store)
 
 
 async def test_job_seed_renders_what_the_derived_scene_seeds_render(renderer, shared_store):
-    scenes = [SceneToRender(1, "a bay", 0), SceneToRender(2, "a pier", 0)]
+    scenes = [Scene(1, "a bay", 0), Scene(2, "a pier", 0)]
     by_job_seed = await render_all(renderer, new_job(), scenes, job_seed=99, steps=1)
-    derived = [SceneToRender(s.index, s.prompt, derive_seed(99, s.index)) for s in scenes]
+    derived = [Scene(s.index, s.prompt, derive_seed(99, s.index)) for s in scenes]
     by_scene_seeds = await render_all(renderer, new_job(), derived, steps=1)
     assert [i.seed for i in by_job_seed] == [s.seed for s in derived]
     assert [png(shared_store, i) for i in by_job_seed] == [
@@ -150,7 +148,7 @@ async def test_job_seed_renders_what_the_derived_scene_seeds_render(renderer, sh
 
 
 async def test_scheduler_is_chosen_per_request(renderer, shared_store):
-    scene = [SceneToRender(1, "a comet", 8)]
+    scene = [Scene(1, "a comet", 8)]
     [default] = await render_all(renderer, new_job(), scene, steps=3)
     [ddim] = await render_all(renderer, new_job(), scene, steps=3, scheduler="ddim")
     [euler_a] = await render_all(renderer, new_job(), scene, steps=3, scheduler="euler_a")
@@ -165,14 +163,14 @@ async def test_scheduler_is_chosen_per_request(renderer, shared_store):
 
 
 async def test_aspect_ratio_gives_a_frame_of_that_shape(renderer, shared_store):
-    [image] = await render_all(renderer, new_job(), [SceneToRender(1, "a road", 2)], aspect="9:16")
+    [image] = await render_all(renderer, new_job(), [Scene(1, "a road", 2)], aspect="9:16")
     picture = Image.open(io.BytesIO(png(shared_store, image)))
     # About the area of the 64x80 default, on multiples of 8, at least 64 px a side.
     assert picture.size == (64, 112)
 
 
-def _scenes(count: int) -> list[SceneToRender]:
-    return [SceneToRender(i, f"scene {i}", i) for i in range(1, count + 1)]
+def _scenes(count: int) -> list[Scene]:
+    return [Scene(i, f"scene {i}", i) for i in range(1, count + 1)]
 
 
 INVALID_REQUESTS = {
@@ -181,16 +179,16 @@ INVALID_REQUESTS = {
     "no scenes": (dict(scenes=[]), "scenes must hold 1 to 4 scenes, got 0"),
     "too many scenes": (dict(scenes=_scenes(5)), "scenes must hold 1 to 4 scenes, got 5"),
     "blank prompt": (
-        dict(scenes=[SceneToRender(1, "ok", 1), SceneToRender(2, "  ", 2)]),
+        dict(scenes=[Scene(1, "ok", 1), Scene(2, "  ", 2)]),
         "scenes[1] (index 2): prompt must not be empty",
     ),
-    "oversized prompt": (dict(scenes=[SceneToRender(1, "x" * 2001, 1)]), "the maximum is 2000"),
-    "index 0": (dict(scenes=[SceneToRender(0, "a", 1)]), "index must be 1 or more"),
+    "oversized prompt": (dict(scenes=[Scene(1, "x" * 2001, 1)]), "the maximum is 2000"),
+    "index 0": (dict(scenes=[Scene(0, "a", 1)]), "index must be 1 or more"),
     "duplicate index": (
-        dict(scenes=[SceneToRender(1, "a", 1), SceneToRender(1, "b", 2)]),
+        dict(scenes=[Scene(1, "a", 1), Scene(1, "b", 2)]),
         "index 1 appears more than once",
     ),
-    "negative seed": (dict(scenes=[SceneToRender(1, "a", -1)]), "seed must be between 0"),
+    "negative seed": (dict(scenes=[Scene(1, "a", -1)]), "seed must be between 0"),
     "width not a multiple of 8": (dict(width=100), "width must be a multiple of 8"),
     "width above the maximum": (dict(width=4104), "between 64 and 4096 pixels"),
     "height below the minimum": (dict(height=56), "height must be a multiple of 8 between 64"),

@@ -1,4 +1,4 @@
-"""RenderService through a real gRPC server on a real port, driven by the generated stub."""
+"""DiffusionService through a real gRPC server on a real port, driven by the generated stub."""
 
 from __future__ import annotations
 
@@ -13,26 +13,27 @@ from storyreel_diffusion.service import DiffusionService
 from support import health_status, stored_uris
 
 from storyreel.channels import open_channel
-from storyreel.render.v1 import render_pb2, render_pb2_grpc
+from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from storyreel.serving import create_server, start_and_load
+from storyreel.types.v1 import types_pb2
 
-SERVICE_NAME = "storyreel.render.v1.RenderService"
+SERVICE_NAME = "storyreel.diffusion.v1.DiffusionService"
 
 
 def new_job() -> str:
     return f"job-{uuid.uuid4().hex[:12]}"
 
 
-def request(**fields) -> render_pb2.RenderScenesRequest:
+def request(**fields) -> diffusion_pb2.RenderScenesRequest:
     scenes = fields.pop(
         "scenes",
         [
-            render_pb2.SceneToRender(index=1, prompt="a lighthouse at dusk", seed=11),
-            render_pb2.SceneToRender(index=2, prompt="a whale under the moon", seed=22),
+            diffusion_pb2.Scene(index=1, prompt="a lighthouse at dusk", seed=11),
+            diffusion_pb2.Scene(index=2, prompt="a whale under the moon", seed=22),
         ],
     )
     fields = {"job_id": new_job(), "width": 64, "height": 64, "steps": 2} | fields
-    return render_pb2.RenderScenesRequest(scenes=scenes, **fields)
+    return diffusion_pb2.RenderScenesRequest(scenes=scenes, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +47,10 @@ async def server(diffusion_settings, shared_store):
 @pytest.fixture
 async def stub(server):
     async with open_channel(f"127.0.0.1:{server.port}", retries=False) as channel:
-        yield render_pb2_grpc.RenderServiceStub(channel)
+        yield diffusion_pb2_grpc.DiffusionServiceStub(channel)
 
 
-async def collect(stub, req) -> list[render_pb2.RenderedImage]:
+async def collect(stub, req) -> list[diffusion_pb2.SceneImage]:
     return [response.image async for response in stub.RenderScenes(req, timeout=120)]
 
 
@@ -62,7 +63,7 @@ async def test_health_is_not_serving_until_the_model_is_loaded(diffusion_setting
         assert await health_status(address, SERVICE_NAME) == "NOT_SERVING"
         async with open_channel(address, retries=False) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await collect(render_pb2_grpc.RenderServiceStub(channel), request())
+                await collect(diffusion_pb2_grpc.DiffusionServiceStub(channel), request())
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert stored_uris(file_store) == []
 
@@ -87,7 +88,7 @@ async def test_stream_returns_one_stored_image_per_scene(stub, shared_store):
 
 
 async def test_repeated_request_gives_identical_images_from_the_cache(stub, shared_store):
-    req = request(scenes=[render_pb2.SceneToRender(index=1, prompt=f"a tide {new_job()}", seed=4)])
+    req = request(scenes=[diffusion_pb2.Scene(index=1, prompt=f"a tide {new_job()}", seed=4)])
     first = await collect(stub, req)
     second = await collect(stub, req)
     assert [image.cached for image in first + second] == [False, True]
@@ -99,8 +100,8 @@ async def test_a_later_revision_stores_new_uris_and_leaves_the_first_readable(st
     job = new_job()
     prompt = f"a harbour at dawn {job}"  # no other request draws it: a cache miss at first
     scenes = [
-        render_pb2.SceneToRender(index=1, prompt=prompt, seed=11),
-        render_pb2.SceneToRender(index=2, prompt=f"a gull {job}", seed=22),
+        diffusion_pb2.Scene(index=1, prompt=prompt, seed=11),
+        diffusion_pb2.Scene(index=2, prompt=f"a gull {job}", seed=22),
     ]
     first = await collect(stub, request(job_id=job, scenes=scenes))
     assert [image.uri for image in first] == [
@@ -109,7 +110,7 @@ async def test_a_later_revision_stores_new_uris_and_leaves_the_first_readable(st
     before = [shared_store.get_bytes(image.uri) for image in first]
 
     # The second run draws scene 1 again with another seed, as a regenerated scene is.
-    redrawn = [render_pb2.SceneToRender(index=1, prompt=prompt, seed=12), scenes[1]]
+    redrawn = [diffusion_pb2.Scene(index=1, prompt=prompt, seed=12), scenes[1]]
     second = await collect(stub, request(job_id=job, scenes=redrawn, revision=2))
     assert [image.uri for image in second] == [
         shared_store.uri_for(f"jobs/{job}/r2/images/scene-00{n}.png") for n in (1, 2)
@@ -126,21 +127,21 @@ async def test_a_later_revision_stores_new_uris_and_leaves_the_first_readable(st
     )
 
 
-MIRA = render_pb2.CharacterToRender(name="Mira", appearance="a girl with red braids", seed=77)
+MIRA = diffusion_pb2.Character(name="Mira", appearance="a girl with red braids", seed=77)
 
 
 async def test_characters_and_seed_lock_travel_through_grpc(stub):
     scenes = [
-        render_pb2.SceneToRender(index=1, prompt="Mira on a cliff", characters=["Mira"]),
-        render_pb2.SceneToRender(index=2, prompt="Mira at sea", characters=["Mira"]),
-        render_pb2.SceneToRender(index=3, prompt="an empty beach"),
+        diffusion_pb2.Scene(index=1, prompt="Mira on a cliff", characters=["Mira"]),
+        diffusion_pb2.Scene(index=2, prompt="Mira at sea", characters=["Mira"]),
+        diffusion_pb2.Scene(index=3, prompt="an empty beach"),
     ]
     locked = await collect(
         stub,
         request(
             scenes=scenes,
             characters=[MIRA],
-            consistency=render_pb2.CONSISTENCY_MODE_SEED_LOCK,
+            consistency=types_pb2.CONSISTENCY_MODE_SEED_LOCK,
             job_seed=5,
         ),
     )
@@ -150,7 +151,7 @@ async def test_characters_and_seed_lock_travel_through_grpc(stub):
         request(
             scenes=scenes,
             characters=[MIRA],
-            consistency=render_pb2.CONSISTENCY_MODE_NONE,
+            consistency=types_pb2.CONSISTENCY_MODE_NONE,
             job_seed=5,
         ),
     )
@@ -163,8 +164,8 @@ async def test_aspect_ratio_sets_the_frame(stub, shared_store):
         request(
             width=0,
             height=0,
-            aspect_ratio=render_pb2.ASPECT_RATIO_LANDSCAPE_16_9,
-            scenes=[render_pb2.SceneToRender(index=1, prompt="a road", seed=1)],
+            aspect=types_pb2.ASPECT_16_9,
+            scenes=[diffusion_pb2.Scene(index=1, prompt="a road", seed=1)],
         ),
     )
     picture = Image.open(io.BytesIO(shared_store.get_bytes(image.uri)))
@@ -174,7 +175,7 @@ async def test_aspect_ratio_sets_the_frame(stub, shared_store):
 async def test_reference_images_without_an_adapter_is_failed_precondition(stub, shared_store):
     before = stored_uris(shared_store)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await collect(stub, request(consistency=render_pb2.CONSISTENCY_MODE_REFERENCE_IMAGES))
+        await collect(stub, request(consistency=types_pb2.CONSISTENCY_MODE_REFERENCE_IMAGES))
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "IP-Adapter" in raised.value.details()
     assert stored_uris(shared_store) == before
@@ -189,7 +190,7 @@ async def test_zero_size_and_steps_select_the_service_defaults(
             width=0,
             height=0,
             steps=0,
-            scenes=[render_pb2.SceneToRender(index=1, prompt="a fox", seed=1)],
+            scenes=[diffusion_pb2.Scene(index=1, prompt="a fox", seed=1)],
         ),
     )
     picture = Image.open(io.BytesIO(shared_store.get_bytes(image.uri)))
@@ -204,8 +205,8 @@ INVALID = {
     "empty prompt": (
         dict(
             scenes=[
-                render_pb2.SceneToRender(index=1, prompt="a cliff", seed=1),
-                render_pb2.SceneToRender(index=2, prompt="", seed=2),
+                diffusion_pb2.Scene(index=1, prompt="a cliff", seed=1),
+                diffusion_pb2.Scene(index=2, prompt="", seed=2),
             ]
         ),
         "(index 2): prompt must not be empty",
@@ -215,11 +216,11 @@ INVALID = {
     "guidance above the maximum": (dict(guidance=31.0), "guidance must be above 0 and at most 30"),
     "unknown consistency mode": (
         dict(consistency=99),
-        "consistency has unknown value 99; use one of CONSISTENCY_MODE_UNSPECIFIED",
+        "consistency has no value 99; known values: none, seed_lock",
     ),
-    "unknown aspect ratio": (dict(aspect_ratio=7), "aspect_ratio has unknown value 7"),
+    "unknown aspect ratio": (dict(aspect=7), "aspect has no value 7; known values: 16:9"),
     "unknown scene character": (
-        dict(scenes=[render_pb2.SceneToRender(index=1, prompt="a", seed=1, characters=["Bob"])]),
+        dict(scenes=[diffusion_pb2.Scene(index=1, prompt="a", seed=1, characters=["Bob"])]),
         "character 'Bob' is not in the request's characters",
     ),
     "unknown scheduler": (dict(scheduler="magic"), "scheduler must be one of"),
@@ -260,24 +261,20 @@ async def test_a_later_revision_stores_its_reference_portraits_under_its_own_fol
     adapter_server, shared_store
 ):
     job = new_job()
-    mira = render_pb2.CharacterToRender(
-        name="Mira", appearance=f"a girl with red braids {job}", seed=77
-    )
-    scenes = [
-        render_pb2.SceneToRender(index=1, prompt="Mira on a cliff", seed=1, characters=["Mira"])
-    ]
+    mira = diffusion_pb2.Character(name="Mira", appearance=f"a girl with red braids {job}", seed=77)
+    scenes = [diffusion_pb2.Scene(index=1, prompt="Mira on a cliff", seed=1, characters=["Mira"])]
 
     def run(character, revision):
         return request(
             job_id=job,
             scenes=scenes,
             characters=[character],
-            consistency=render_pb2.CONSISTENCY_MODE_REFERENCE_IMAGES,
+            consistency=types_pb2.CONSISTENCY_MODE_REFERENCE_IMAGES,
             revision=revision,
         )
 
     async with open_channel(f"127.0.0.1:{adapter_server.port}", retries=False) as channel:
-        stub = render_pb2_grpc.RenderServiceStub(channel)
+        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
         [first] = await collect(stub, run(mira, 0))
         [portrait_uri] = first.reference_uris
         assert portrait_uri == shared_store.uri_for(f"jobs/{job}/characters/01-mira.png")
@@ -293,7 +290,7 @@ async def test_a_later_revision_stores_its_reference_portraits_under_its_own_fol
         assert shared_store.get_bytes(again.reference_uris[0]) == portrait
 
         # Run 4 gives Mira another portrait: drawn afresh, stored under r4 only.
-        other = render_pb2.CharacterToRender(name="Mira", appearance=mira.appearance, seed=78)
+        other = diffusion_pb2.Character(name="Mira", appearance=mira.appearance, seed=78)
         [redrawn] = await collect(stub, run(other, 4))
         assert not redrawn.cached
         assert list(redrawn.reference_uris) == [

@@ -15,7 +15,7 @@ from storyreel_diffusion.service import DiffusionService
 from support import stored_uris
 
 from storyreel.channels import open_channel
-from storyreel.render.v1 import render_pb2, render_pb2_grpc
+from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from storyreel.serving import start_and_load
 
 # Only stops a hung test from hanging the suite; nothing is timed.
@@ -27,13 +27,13 @@ def new_job() -> str:
     return f"job-{uuid.uuid4().hex[:12]}"
 
 
-def request(scenes: int = 1, steps: int = 1, **fields) -> render_pb2.RenderScenesRequest:
+def request(scenes: int = 1, steps: int = 1, **fields) -> diffusion_pb2.RenderScenesRequest:
     """A request for ``scenes`` scenes no other test renders (so never a cache hit)."""
     salt = uuid.uuid4().hex[:8]
-    return render_pb2.RenderScenesRequest(
+    return diffusion_pb2.RenderScenesRequest(
         job_id=fields.pop("job_id", new_job()),
         scenes=[
-            render_pb2.SceneToRender(index=i, prompt=f"scene {i} {salt}", seed=i)
+            diffusion_pb2.Scene(index=i, prompt=f"scene {i} {salt}", seed=i)
             for i in range(1, scenes + 1)
         ],
         width=64,
@@ -51,7 +51,7 @@ def unused_port() -> int:
 
 @pytest.fixture(scope="module")
 async def service(diffusion_settings, shared_store):
-    """A render service admitting one request at a time, with cache and metrics on."""
+    """A diffusion service admitting one request at a time, with cache and metrics on."""
     settings = diffusion_settings.model_copy(
         update={
             "max_queue": 1,
@@ -70,10 +70,10 @@ async def service(diffusion_settings, shared_store):
 @pytest.fixture
 async def stub(service):
     async with open_channel(f"127.0.0.1:{service.port}", retries=False) as channel:
-        yield render_pb2_grpc.RenderServiceStub(channel)
+        yield diffusion_pb2_grpc.DiffusionServiceStub(channel)
 
 
-async def collect(stub, req) -> list[render_pb2.RenderedImage]:
+async def collect(stub, req) -> list[diffusion_pb2.SceneImage]:
     return [response.image async for response in stub.RenderScenes(req, timeout=HANG_GUARD_S)]
 
 
@@ -109,7 +109,7 @@ async def test_full_queue_refuses_at_once_but_cache_hits_still_pass(service, stu
         assert metric(service, "storyreel_render_rejected_total", reason="queue_full") >= 1
 
         # A request the cache can answer needs no place in the queue.
-        again = render_pb2.RenderScenesRequest()
+        again = diffusion_pb2.RenderScenesRequest()
         again.CopyFrom(cached)
         again.job_id = new_job()
         [image] = await collect(stub, again)

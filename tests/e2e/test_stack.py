@@ -125,7 +125,7 @@ def test_generate_makes_a_narrated_video_with_one_image_per_scene(stack, store, 
 
     # Each scene lasts as long as its narration: longer than the silent padding after it, so
     # every scene has speech. (SmolLM2 has written narrations as short as "1,": how long they
-    # are is the story service's quality, checked there, not the pipeline's.) On screen in
+    # are is the LLM service's quality, checked there, not the pipeline's.) On screen in
     # each scene's time span is that scene's own image: no other image is a closer match.
     # (Under the default seed lock, scenes led by one character share its seed, and the
     # random-weight model then draws them all but identically: either one matches.)

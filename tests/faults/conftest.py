@@ -1,7 +1,7 @@
 """The real stack for fault tests: every service its own process, storage on a real S3 server,
 job state on a real PostgreSQL server (pgserver).
 
-The story service runs its TGI backend against a TGI test double (TGI needs a GPU),
+The LLM service runs its TGI backend against a TGI test double (TGI needs a GPU),
 so storyboards are instant; render, compose and the gateway are the real services,
 with the tiny offline diffusion model and small images and videos.
 """

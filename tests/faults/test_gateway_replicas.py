@@ -2,7 +2,7 @@
 services as separate processes.
 
 The replicas share the database and the bucket, as behind a Kubernetes Service. The
-story service runs its TGI backend against a TGI test double (TGI needs a GPU); render
+LLM service runs its TGI backend against a TGI test double (TGI needs a GPU); render
 and compose are the real services with the tiny offline diffusion model.
 """
 

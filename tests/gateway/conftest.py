@@ -18,13 +18,14 @@ from grpc_health.v1 import health, health_pb2_grpc
 from storyreel_gateway.service import GatewayService
 from storyreel_gateway.settings import GatewaySettings
 
-from storyreel.compose.v1 import compose_pb2, compose_pb2_grpc
+from storyreel.composer.v1 import composer_pb2, composer_pb2_grpc
+from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from storyreel.errors import InvalidInput
 from storyreel.gateway.v1 import gateway_pb2_grpc
 from storyreel.ids import job_key
-from storyreel.render.v1 import render_pb2, render_pb2_grpc
+from storyreel.llm.v1 import llm_pb2, llm_pb2_grpc
 from storyreel.serving import Service, start_and_load
-from storyreel.story.v1 import story_pb2, story_pb2_grpc
+from storyreel.types.v1 import types_pb2
 
 
 @dataclass
@@ -45,7 +46,7 @@ class UpstreamDoubles:
     render_cancelled: int = 0
     story_requests: list = field(default_factory=list)
     compose_requests: list = field(default_factory=list)
-    # ComposeDouble's voices (ListVoices; Compose refuses others) and its default voice;
+    # ComposerDouble's voices (ListVoices; Compose refuses others) and its default voice;
     # voices_error makes ListVoices fail with that code. Calls are counted.
     voices: tuple = ("joe",)
     default_voice: str = "joe"
@@ -55,18 +56,18 @@ class UpstreamDoubles:
     probe_requests: list = field(default_factory=list)
 
 
-class StoryDouble(story_pb2_grpc.StoryServiceServicer):
+class LlmDouble(llm_pb2_grpc.LlmServiceServicer):
     def __init__(self, state: UpstreamDoubles) -> None:
         self.state = state
 
     async def WriteStoryboard(self, request, context):
         self.state.story_requests.append(request)
-        return story_pb2.WriteStoryboardResponse(
-            storyboard=story_pb2.Storyboard(
+        return llm_pb2.WriteStoryboardResponse(
+            storyboard=types_pb2.Storyboard(
                 title="Test title",
-                characters=[story_pb2.Character(name="Ada", appearance="red coat")],
+                characters=[types_pb2.Character(name="Ada", appearance="red coat")],
                 scenes=[
-                    story_pb2.Scene(
+                    types_pb2.Scene(
                         index=i,
                         narration=f"line {i}",
                         image_prompt=f"prompt {i}",
@@ -79,7 +80,7 @@ class StoryDouble(story_pb2_grpc.StoryServiceServicer):
         )
 
 
-class RenderDouble(render_pb2_grpc.RenderServiceServicer):
+class DiffusionDouble(diffusion_pb2_grpc.DiffusionServiceServicer):
     def __init__(self, state: UpstreamDoubles) -> None:
         self.state = state
 
@@ -102,8 +103,8 @@ class RenderDouble(render_pb2_grpc.RenderServiceServicer):
                     revision=request.revision,
                 )
                 uri = self.state.store.put_bytes(key, f"png {scene.seed}".encode())
-                yield render_pb2.RenderScenesResponse(
-                    image=render_pb2.RenderedImage(index=scene.index, uri=uri, seed=scene.seed)
+                yield diffusion_pb2.RenderScenesResponse(
+                    image=diffusion_pb2.SceneImage(index=scene.index, uri=uri, seed=scene.seed)
                 )
         except (asyncio.CancelledError, GeneratorExit):
             self.state.render_cancelled += 1
@@ -120,7 +121,7 @@ _VOICE_FACTS = {"joe": ("en_US", 22050)}
 def probe_like_the_composer(store, uri: str):
     """ProbeAudio's contract on WAV files: (status code, response or message).
 
-    Follows ComposeService.ProbeAudio: only URIs under uploads/ are read;
+    Follows ComposerService.ProbeAudio: only URIs under uploads/ are read;
     NOT_FOUND for a missing object; INVALID_ARGUMENT with the composer's own
     message for audio Compose would refuse ("audio_uri <uri> is not usable
     audio: ..."). The double reads only WAV (with the standard library), so any
@@ -165,7 +166,7 @@ def probe_like_the_composer(store, uri: str):
         return grpc.StatusCode.INVALID_ARGUMENT, (
             f"audio_uri {uri} lasts {duration:.1f} s; the limit is {DOUBLE_MAX_AUDIO_S:g} s"
         )
-    return grpc.StatusCode.OK, compose_pb2.ProbeAudioResponse(
+    return grpc.StatusCode.OK, composer_pb2.ProbeAudioResponse(
         duration_s=duration,
         codec=_PCM_CODECS[width],
         sample_rate=rate,
@@ -174,7 +175,7 @@ def probe_like_the_composer(store, uri: str):
     )
 
 
-class ComposeDouble(compose_pb2_grpc.ComposeServiceServicer):
+class ComposerDouble(composer_pb2_grpc.ComposerServiceServicer):
     def __init__(self, state: UpstreamDoubles) -> None:
         self.state = state
 
@@ -182,9 +183,9 @@ class ComposeDouble(compose_pb2_grpc.ComposeServiceServicer):
         self.state.list_voices_calls += 1
         if self.state.voices_error is not None:
             await context.abort(self.state.voices_error, "compose double cannot list voices")
-        return compose_pb2.ListVoicesResponse(
+        return composer_pb2.ListVoicesResponse(
             voices=[
-                compose_pb2.Voice(
+                composer_pb2.Voice(
                     name=name,
                     language=_VOICE_FACTS.get(name, ("", 0))[0],
                     sample_rate=_VOICE_FACTS.get(name, ("", 0))[1],
@@ -216,15 +217,15 @@ class ComposeDouble(compose_pb2_grpc.ComposeServiceServicer):
             "poster_uri": self.state.store.put_bytes(f"{folder}/poster.png", b"png"),
             "contact_sheet_uri": self.state.store.put_bytes(f"{folder}/contact-sheet.png", b"png"),
         }
-        if request.captions != compose_pb2.CAPTIONS_OFF:
+        if request.captions != types_pb2.CAPTIONS_OFF:
             extras["captions_srt_uri"] = self.state.store.put_bytes(f"{folder}/captions.srt", b"1")
             extras["captions_vtt_uri"] = self.state.store.put_bytes(f"{folder}/captions.vtt", b"W")
-        portrait = request.aspect == compose_pb2.ASPECT_9_16
+        portrait = request.aspect == types_pb2.ASPECT_9_16
         width, height = (request.width, request.height) if request.width else (1280, 720)
         if portrait:
             width, height = 720, 1280
         starts = [1.5 * i for i in range(len(request.scenes))]
-        return compose_pb2.ComposeResponse(
+        return composer_pb2.ComposeResponse(
             video_uri=uri,
             duration_s=4.5,
             scene_starts_s=starts,
@@ -239,9 +240,9 @@ class ComposeDouble(compose_pb2_grpc.ComposeServiceServicer):
 async def upstream(file_store):
     state = UpstreamDoubles(store=file_store)
     server = grpc.aio.server()
-    story_pb2_grpc.add_StoryServiceServicer_to_server(StoryDouble(state), server)
-    render_pb2_grpc.add_RenderServiceServicer_to_server(RenderDouble(state), server)
-    compose_pb2_grpc.add_ComposeServiceServicer_to_server(ComposeDouble(state), server)
+    llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmDouble(state), server)
+    diffusion_pb2_grpc.add_DiffusionServiceServicer_to_server(DiffusionDouble(state), server)
+    composer_pb2_grpc.add_ComposerServiceServicer_to_server(ComposerDouble(state), server)
     # The standard health service, SERVING: a gateway reports SERVING only once its
     # upstreams do. Tests may set another status through state.health.
     state.health = health.aio.HealthServicer()
@@ -259,18 +260,20 @@ class InternalDoubles(Service):
     a client certificate)."""
 
     service_names = (
-        "storyreel.story.v1.StoryService",
-        "storyreel.render.v1.RenderService",
-        "storyreel.compose.v1.ComposeService",
+        "storyreel.llm.v1.LlmService",
+        "storyreel.diffusion.v1.DiffusionService",
+        "storyreel.composer.v1.ComposerService",
     )
 
     def __init__(self, state: UpstreamDoubles) -> None:
         self.state = state
 
     def add_to_server(self, server) -> None:
-        story_pb2_grpc.add_StoryServiceServicer_to_server(StoryDouble(self.state), server)
-        render_pb2_grpc.add_RenderServiceServicer_to_server(RenderDouble(self.state), server)
-        compose_pb2_grpc.add_ComposeServiceServicer_to_server(ComposeDouble(self.state), server)
+        llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmDouble(self.state), server)
+        diffusion_pb2_grpc.add_DiffusionServiceServicer_to_server(
+            DiffusionDouble(self.state), server
+        )
+        composer_pb2_grpc.add_ComposerServiceServicer_to_server(ComposerDouble(self.state), server)
 
 
 @pytest.fixture
@@ -321,9 +324,9 @@ async def start_gateway(upstream, file_store, gateway_database, tmp_path):
     async def start(store=None, internal=None, **overrides) -> GatewayUnderTest:
         fields = {
             "port": 0,
-            "story_address": upstream.address,
-            "render_address": upstream.address,
-            "compose_address": upstream.address,
+            "llm_address": upstream.address,
+            "diffusion_address": upstream.address,
+            "composer_address": upstream.address,
             "max_upload_bytes": 64 * 1024,
             "retry_initial_s": 0.05,
             "retry_give_up_after_s": 4.0,

@@ -34,11 +34,12 @@ from storyreel_gateway.db import uploads as uploads_table
 from support import finished_job
 
 from storyreel.channels import open_channel
-from storyreel.compose.v1 import compose_pb2, compose_pb2_grpc
+from storyreel.composer.v1 import composer_pb2, composer_pb2_grpc
 from storyreel.errors import UpstreamFailed
 from storyreel.gateway.v1 import gateway_pb2 as pb
+from storyreel.llm.v1 import llm_pb2
 from storyreel.serving import create_server
-from storyreel.story.v1 import story_pb2
+from storyreel.types.v1 import types_pb2
 
 Code = grpc.StatusCode
 
@@ -112,7 +113,7 @@ async def gw(request, start_gateway, start_real_composer, upstream):
     """A gateway on the compose double or on the real composer."""
     if request.param == "double":
         return await start_gateway()
-    return await start_gateway(compose_address=await start_real_composer())
+    return await start_gateway(composer_address=await start_real_composer())
 
 
 async def _job_rows(under_test) -> list:
@@ -288,9 +289,9 @@ async def test_a_prompt_with_text_between_the_tokens_is_admitted_and_sent_as_giv
         )
     ).job_id
     await finished_job(gateway.stub, job_id)
-    # The story service strips the tokens itself (the same shared rule).
+    # The LLM service strips the tokens itself (the same shared rule).
     assert [r.prompt for r in upstream.story_requests] == ["<|user|> a fox"]
-    assert isinstance(upstream.story_requests[0], story_pb2.WriteStoryboardRequest)
+    assert isinstance(upstream.story_requests[0], llm_pb2.WriteStoryboardRequest)
 
 
 # -- uploads --------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ async def test_an_upload_with_an_audio_header_and_nothing_usable_is_refused_and_
 
 
 async def test_the_real_composer_names_the_reason(real_composer, start_gateway, tmp_path):
-    gateway = await start_gateway(compose_address=real_composer)
+    gateway = await start_gateway(composer_address=real_composer)
     expected = {
         "truncated-mp3": r"its data is corrupt|it is truncated",
         "hls-playlist": r"not a media file|not in a supported format",
@@ -370,7 +371,7 @@ async def test_audio_too_short_for_the_scenes_is_refused_unless_it_is_music(gw, 
     # Two scenes fit; as music under the narration it loops, so any length does.
     await gw.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=2, audio_uri=uri))
     music = pb.CreateVideoRequest(
-        prompt="x", scene_count=4, audio_uri=uri, audio_mode=compose_pb2.AUDIO_MODE_MUSIC
+        prompt="x", scene_count=4, audio_uri=uri, audio_mode=types_pb2.AUDIO_MODE_MUSIC
     )
     await gw.stub.CreateVideo(music)
 
@@ -378,7 +379,7 @@ async def test_audio_too_short_for_the_scenes_is_refused_unless_it_is_music(gw, 
 async def test_an_upload_the_composer_cannot_check_is_unavailable_and_not_kept(
     start_gateway, file_store, unused_tcp_port
 ):
-    gateway = await start_gateway(compose_address=f"127.0.0.1:{unused_tcp_port}")
+    gateway = await start_gateway(composer_address=f"127.0.0.1:{unused_tcp_port}")
     await _refused(gateway.stub.UploadAudio(_upload(wav_bytes(0.5), "a.wav")), Code.UNAVAILABLE)
     assert list(file_store.list()) == []
     assert await _upload_rows(gateway) == []
@@ -406,7 +407,7 @@ def _contract_corpus(tmp_path: Path) -> dict[str, tuple[str, bytes | None]]:
 
 async def _probe(stub, uri: str):
     try:
-        return Code.OK, await stub.ProbeAudio(compose_pb2.ProbeAudioRequest(uri=uri))
+        return Code.OK, await stub.ProbeAudio(composer_pb2.ProbeAudioRequest(uri=uri))
     except grpc.aio.AioRpcError as error:
         return error.code(), error.details()
 
@@ -421,8 +422,8 @@ async def test_the_compose_double_answers_probe_audio_and_list_voices_as_the_rea
         open_channel(real_composer, retries=False) as real_channel,
         open_channel(upstream.address, retries=False) as double_channel,
     ):
-        real = compose_pb2_grpc.ComposeServiceStub(real_channel)
-        double = compose_pb2_grpc.ComposeServiceStub(double_channel)
+        real = composer_pb2_grpc.ComposerServiceStub(real_channel)
+        double = composer_pb2_grpc.ComposerServiceStub(double_channel)
         for name, (key, data) in corpus.items():
             uri = file_store.put_bytes(key, data) if data is not None else file_store.root_uri + key
             code, answer = await _probe(double, uri)
@@ -442,5 +443,5 @@ async def test_the_compose_double_answers_probe_audio_and_list_voices_as_the_rea
                 assert answer.startswith(head + "is not usable audio: "), (name, answer)
             else:
                 assert answer == real_answer, name
-        request = compose_pb2.ListVoicesRequest()
+        request = composer_pb2.ListVoicesRequest()
         assert await double.ListVoices(request) == await real.ListVoices(request)

@@ -61,8 +61,7 @@ async def test_generate_uploads_the_audio_file(gateway, upstream, tmp_path: Path
 async def test_generate_passes_the_video_options_and_saves_the_captions_beside(
     gateway, upstream, tmp_path: Path
 ):
-    from storyreel.compose.v1 import compose_pb2
-    from storyreel.render.v1 import render_pb2
+    from storyreel.types.v1 import types_pb2
 
     audio = tmp_path / "music.wav"
     audio.write_bytes(_wav_bytes())
@@ -75,15 +74,15 @@ async def test_generate_passes_the_video_options_and_saves_the_captions_beside(
     assert code == 0, stderr
     compose = upstream.compose_requests[-1]
     assert (compose.aspect, compose.resolution) == (
-        compose_pb2.ASPECT_9_16,
-        compose_pb2.RESOLUTION_1080P,
+        types_pb2.ASPECT_9_16,
+        types_pb2.RESOLUTION_1080P,
     )
     assert (compose.captions, compose.audio_mode, compose.voice) == (
-        compose_pb2.CAPTIONS_SIDECAR,
-        compose_pb2.AUDIO_MODE_MUSIC,
+        types_pb2.CAPTIONS_SIDECAR,
+        types_pb2.AUDIO_MODE_MUSIC,
         "joe",
     )
-    assert upstream.render_messages[-1].consistency == render_pb2.CONSISTENCY_MODE_NONE
+    assert upstream.render_messages[-1].consistency == types_pb2.CONSISTENCY_MODE_NONE
     # What the compose double stored as the captions, fetched next to the video.
     assert (tmp_path / "short.srt").read_bytes() == b"1"
     assert (tmp_path / "short.vtt").read_bytes() == b"W"

@@ -1,8 +1,8 @@
 """The public contract: it stands alone, it stays compatible, and it gives remote clients
 their results.
 
-* gateway.proto imports nothing internal, so a client compiles that one file;
-  every contract names its Go, Java and C# packages.
+* gateway.proto imports nothing internal, only the shared types.v1, so a client
+  compiles those two files; every contract names its Go, Java and C# packages.
 * Against protos/baseline.binpb (the contracts as last released), every message
   of the public API keeps its wire and JSON encodings, buf's breaking check
   catches a breaking change, and its written exceptions are still needed.
@@ -38,6 +38,7 @@ from storyreel.errors import InvalidInput, NotFound
 from storyreel.gateway.v1 import gateway_pb2 as pb
 from storyreel.settings import StorageSettings
 from storyreel.storage import READ_CHUNK_BYTES, FileStore, open_store
+from storyreel.types.v1 import types_pb2
 
 PROTOS = REPO / "protos"
 BASELINE = PROTOS / "baseline.binpb"
@@ -51,10 +52,18 @@ def _protos() -> list[Path]:
 # -- a contract that stands alone ------------------------------------------------------------
 
 
-def test_gateway_proto_imports_nothing_but_well_known_types():
+SHARED = "storyreel/types/v1/types.proto"
+
+
+def test_gateway_proto_imports_only_well_known_types_and_the_shared_ones():
     imports = [dep.name for dep in pb.DESCRIPTOR.dependencies]
-    assert imports and all(name.startswith("google/protobuf/") for name in imports), imports
-    # Every message and enum a field of the public API uses is the API's own (or well-known).
+    assert SHARED in imports
+    assert all(name.startswith("google/protobuf/") or name == SHARED for name in imports), imports
+    shared = next(dep for dep in pb.DESCRIPTOR.dependencies if dep.name == SHARED)
+    # The shared types lean on nothing at all.
+    assert not list(shared.dependencies)
+    # Every message and enum a field of the public API uses is the API's own, shared or
+    # well-known.
     for message in pb.DESCRIPTOR.message_types_by_name.values():
         for field in message.fields:
             used = field.message_type or field.enum_type
@@ -64,13 +73,30 @@ def test_gateway_proto_imports_nothing_but_well_known_types():
                 )
 
 
-def test_a_client_compiles_gateway_proto_and_nothing_else(tmp_path):
-    """The one file a client copies is enough (the well-known types ship with protoc)."""
+def test_every_contract_takes_the_shared_values_from_the_shared_types():
+    """No contract defines an enum or message of its own under a shared type's name."""
+    shared = importlib.import_module("storyreel.types.v1.types_pb2").DESCRIPTOR
+    names = {*shared.enum_types_by_name, *shared.message_types_by_name}
+    for path in _protos():
+        relative = path.relative_to(PROTOS)
+        if relative.as_posix() == SHARED:
+            continue
+        module = importlib.import_module(
+            ".".join(relative.with_suffix("").parts[:-1]) + f".{path.stem}_pb2"
+        )
+        own = {*module.DESCRIPTOR.enum_types_by_name, *module.DESCRIPTOR.message_types_by_name}
+        # A contract may have a Scene or a Character of its own shape (diffusion.v1's carry
+        # seeds); the enums and the Storyboard are the shared ones.
+        assert not own & (names - {"Scene", "Character"}), (relative, own & names)
+
+
+def test_a_client_compiles_gateway_proto_and_the_shared_types_and_nothing_else(tmp_path):
+    """The two files a client copies are enough (the well-known types ship with protoc)."""
     from grpc_tools import protoc
 
-    source = tmp_path / "in" / "storyreel" / "gateway" / "v1"
-    source.mkdir(parents=True)
-    shutil.copy(PROTOS / "storyreel/gateway/v1/gateway.proto", source)
+    for name in ("storyreel/gateway/v1/gateway.proto", SHARED):
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(PROTOS / name, tmp_path / "in" / name)
     out = tmp_path / "out"
     out.mkdir()
     well_known = Path(protoc.__file__).parent / "_proto"
@@ -82,10 +108,12 @@ def test_a_client_compiles_gateway_proto_and_nothing_else(tmp_path):
             f"--python_out={out}",
             f"--grpc_python_out={out}",
             "storyreel/gateway/v1/gateway.proto",
+            SHARED,
         ]
     )
     assert code == 0
     assert (out / "storyreel/gateway/v1/gateway_pb2_grpc.py").is_file()
+    assert (out / "storyreel/types/v1/types_pb2.py").is_file()
 
 
 @pytest.mark.parametrize("path", _protos(), ids=lambda p: p.relative_to(PROTOS).as_posix())
@@ -190,12 +218,16 @@ def _findings(result: subprocess.CompletedProcess) -> set[tuple[str, str, str]]:
     for line in result.stdout.splitlines():
         if line.strip():
             finding = json.loads(line)
-            found.add((finding["type"], finding["path"], finding["message"]))
+            # A deleted file's finding has no path: the message names the file.
+            path = finding.get("path") or "protos/" + re.search(
+                r'file "([^"]+)"', finding["message"]
+            ).group(1)
+            found.add((finding["type"], path, finding["message"]))
     return found
 
 
 def _moved(number: int, field: str, message: str, old: str) -> tuple[str, str, str]:
-    new = "storyreel.gateway.v1." + old.rsplit(".", 1)[1]
+    new = "storyreel.types.v1." + old.rsplit(".", 1)[1]
     return (
         "FIELD_SAME_TYPE",
         "protos/storyreel/gateway/v1/gateway.proto",
@@ -218,14 +250,13 @@ def _option(area: str, option: str, before: str, after: str) -> tuple[str, str, 
     )
 
 
-_OPTIONS = [
-    ("story", "compose", "gateway", "render"),
-    ("csharp_namespace", "go_package", "java_multiple_files", "java_package"),
-]
+#: The internal contracts as the baseline named them, renamed after their services since.
+_RENAMED = {"story": "llm", "render": "diffusion", "compose": "composer"}
 #: What buf breaking finds against the baseline with buf.yaml's ignore_only taken out:
-#: exactly the findings that ignore_only documents (gateway.proto standing alone, the
-#: language options set for the first time), field by field. buf's ignore_only works per
-#: file; this list holds it to these findings, so any other change in those files fails.
+#: exactly the findings that ignore_only documents (gateway.proto on the shared types, the
+#: internal contracts renamed, the language options set for the first time), field by
+#: field. buf's ignore_only works per file; this list holds it to these findings, so any
+#: other change in those files fails.
 EXCEPTED = {
     *(
         _moved(number, field, message, old)
@@ -245,8 +276,16 @@ EXCEPTED = {
     ),
     _moved(9, "storyboard", "Job", "storyreel.story.v1.Storyboard"),
     *(
+        (
+            "FILE_NO_DELETE",
+            f"protos/storyreel/{old}/v1/{old}.proto",
+            f'Previously present file "storyreel/{old}/v1/{old}.proto" was deleted.',
+        )
+        for old in _RENAMED
+    ),
+    *(
         _option(area, option, *change)
-        for area in _OPTIONS[0]
+        for area in ("gateway",)
         for option, change in {
             "csharp_namespace": ("", f"Storyreel.{area.capitalize()}.V1"),
             "go_package": ("", f"storyreel.dev/gen/go/storyreel/{area}/v1;{area}v1"),
@@ -313,8 +352,8 @@ def test_the_breaking_exceptions_cover_exactly_the_documented_findings():
             "FIELD_SAME_TYPE",
         ),
         (
-            'java_package = "dev.storyreel.story.v1"',
-            'java_package = "dev.storyreel.story"',
+            'java_package = "dev.storyreel.gateway.v1"',
+            'java_package = "dev.storyreel.gateway"',
             "FILE_SAME_JAVA_PACKAGE",
         ),
     ],
@@ -322,8 +361,7 @@ def test_the_breaking_exceptions_cover_exactly_the_documented_findings():
 def test_a_breaking_change_is_caught(tmp_path, before, after, rule):
     shutil.copytree(PROTOS, tmp_path / "protos")
     shutil.copy(REPO / "buf.yaml", tmp_path / "buf.yaml")
-    area = "story" if "story.v1" in before else "gateway"
-    path = tmp_path / f"protos/storyreel/{area}/v1/{area}.proto"
+    path = tmp_path / "protos/storyreel/gateway/v1/gateway.proto"
     text = path.read_text()
     assert before in text
     path.write_text(text.replace(before, after, 1))
@@ -603,7 +641,7 @@ async def test_the_cli_downloads_through_the_gateway_when_the_files_are_on_its_m
     elsewhere = FileStore(file_store.root)
     elsewhere.public_url = lambda uri: f"/on/the/gateway/host/{elsewhere.key_of(uri)}"
     gateway = await start_gateway(store=elsewhere)
-    request = pb.CreateVideoRequest(prompt="x", scene_count=1, captions=pb.CAPTIONS_SIDECAR)
+    request = pb.CreateVideoRequest(prompt="x", scene_count=1, captions=types_pb2.CAPTIONS_SIDECAR)
     job_id = (await gateway.stub.CreateVideo(request)).job_id
     job = await finished_job(gateway.stub, job_id)
     assert job.video_url.startswith("/on/the/gateway/host/")

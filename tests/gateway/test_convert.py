@@ -33,11 +33,11 @@ from storyreel_gateway.jobs import (
     now,
 )
 
-from storyreel.compose.v1 import compose_pb2
+from storyreel.composer.v1 import composer_pb2
+from storyreel.diffusion.v1 import diffusion_pb2
 from storyreel.errors import InvalidInput
 from storyreel.gateway.v1 import gateway_pb2
-from storyreel.render.v1 import render_pb2
-from storyreel.story.v1 import story_pb2
+from storyreel.types.v1 import types_pb2
 
 
 def _fill(message: Message, seed: int = 1) -> Message:
@@ -94,35 +94,35 @@ def _unset(message: Message, path: str = "") -> list[str]:
 
 
 def test_every_storyboard_field_the_story_service_returns_is_kept():
-    sent = _fill(story_pb2.Storyboard())
+    sent = _fill(types_pb2.Storyboard())
     kept = storyboard_from_proto(sent)
     record = _done_record()
     record.storyboard = kept
     shown = job_to_proto(record, lambda uri: f"https://x/{uri}").storyboard
-    # The API shows its own Storyboard (gateway.proto imports nothing internal) ...
-    assert shown.DESCRIPTOR.full_name == "storyreel.gateway.v1.Storyboard"
+    # The API shows the shared Storyboard (gateway.proto imports nothing internal) ...
+    assert shown.DESCRIPTOR.full_name == "storyreel.types.v1.Storyboard"
     assert _unset(shown) == []
-    # ... with every field the story service sent, under the same numbers.
-    assert story_pb2.Storyboard.FromString(shown.SerializeToString()) == sent
+    # ... with every field the LLM service sent, under the same numbers.
+    assert types_pb2.Storyboard.FromString(shown.SerializeToString()) == sent
     assert json_format.MessageToDict(shown) == json_format.MessageToDict(sent)
 
 
 def test_every_fact_about_a_rendered_image_is_kept():
-    sent = _fill(render_pb2.RenderedImage())
+    sent = _fill(diffusion_pb2.SceneImage())
     image = image_from_proto(sent)
     record = _done_record()
     record.images = [image]
     shown = job_to_proto(record).images[0]
-    # The API's SceneImage carries every field the render service reports.
-    assert {f.name for f in render_pb2.RenderedImage.DESCRIPTOR.fields} == {
+    # The API's SceneImage carries every field the diffusion service reports.
+    assert {f.name for f in diffusion_pb2.SceneImage.DESCRIPTOR.fields} == {
         f.name for f in gateway_pb2.SceneImage.DESCRIPTOR.fields
     }
-    for field in render_pb2.RenderedImage.DESCRIPTOR.fields:
+    for field in diffusion_pb2.SceneImage.DESCRIPTOR.fields:
         assert getattr(shown, field.name) == getattr(sent, field.name), field.name
 
 
 def test_every_field_of_the_composers_reply_is_kept():
-    sent = _fill(compose_pb2.ComposeResponse())
+    sent = _fill(composer_pb2.ComposeResponse())
     video = video_from_proto(sent)
     record = _done_record()
     record.set_video(video)
@@ -137,13 +137,13 @@ def test_every_field_of_the_composers_reply_is_kept():
     used = {"video_uri", "duration_s", "scene_starts_s", "width", "height", "fps"} | {
         f"{name}_uri" for name in ("captions_srt", "captions_vtt", "poster", "contact_sheet")
     }
-    assert {f.name for f in compose_pb2.ComposeResponse.DESCRIPTOR.fields} == used
+    assert {f.name for f in composer_pb2.ComposeResponse.DESCRIPTOR.fields} == used
 
 
 def test_every_value_of_every_public_option_enum_reaches_the_job_and_comes_back():
     for field in ("aspect", "resolution", "consistency", "captions", "audio_mode"):
         enum = gateway_pb2.CreateVideoRequest.DESCRIPTOR.fields_by_name[field].enum_type
-        assert enum.file.name == "storyreel/gateway/v1/gateway.proto", field
+        assert enum.file.name == "storyreel/types/v1/types.proto", field
         for value in enum.values:
             request = gateway_pb2.CreateVideoRequest(prompt="p", **{field: value.number})
             job = job_to_proto(JobRecord(job_id="j", spec=spec_from_request(request)))
@@ -212,12 +212,12 @@ def _done_record() -> JobRecord:
             )
         ],
         error=JobError(stage=Stage.RENDER, code="UNAVAILABLE", message="earlier try"),
-        storyboard=storyboard_from_proto(_fill(story_pb2.Storyboard())),
-        images=[image_from_proto(_fill(render_pb2.RenderedImage()))],
+        storyboard=storyboard_from_proto(_fill(types_pb2.Storyboard())),
+        images=[image_from_proto(_fill(diffusion_pb2.SceneImage()))],
         eta_s=3.0,
         generation=1,
     )
-    record.set_video(video_from_proto(_fill(compose_pb2.ComposeResponse())))
+    record.set_video(video_from_proto(_fill(composer_pb2.ComposeResponse())))
     record.versions.insert(
         0, ArtifactVersion(kind=ArtifactKind.IMAGE, uri="file:///old.png", generation=0)
     )

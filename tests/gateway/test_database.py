@@ -209,13 +209,13 @@ async def test_jobs_kept_as_manifests_are_imported_once_and_resumed(
     )
     from storyreel_gateway.convert import storyboard_from_proto
 
-    from storyreel.story.v1 import story_pb2
+    from storyreel.types.v1 import types_pb2
 
     running.storyboard = storyboard_from_proto(
-        story_pb2.Storyboard(
+        types_pb2.Storyboard(
             title="t",
             scenes=[
-                story_pb2.Scene(index=i, narration=f"n{i}", image_prompt=f"p{i}") for i in (1, 2)
+                types_pb2.Scene(index=i, narration=f"n{i}", image_prompt=f"p{i}") for i in (1, 2)
             ],
         )
     )

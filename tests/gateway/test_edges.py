@@ -151,9 +151,9 @@ async def test_the_gateway_is_not_serving_until_its_upstreams_are(
     await upstream.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     settings = GatewaySettings(
         port=0,
-        story_address=upstream.address,
-        render_address=upstream.address,
-        compose_address=upstream.address,
+        llm_address=upstream.address,
+        diffusion_address=upstream.address,
+        composer_address=upstream.address,
         database_url=gateway_database,
         upload_tmp_dir=tmp_path / "spool",
     )

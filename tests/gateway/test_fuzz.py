@@ -58,6 +58,7 @@ from support import new_postgres_database
 
 from storyreel.gateway.v1 import gateway_pb2 as pb
 from storyreel.logs import JsonFormatter
+from storyreel.types.v1 import types_pb2
 
 #: Requests each call gets in one run (each example sends two); more with
 #: STORYREEL_FUZZ_REQUESTS=N for a longer run.
@@ -948,8 +949,8 @@ async def fuzz(start_gateway, upstream, file_store, gateway_database, tmp_path, 
                 prompt="A lighthouse keeper befriends a lost whale",
                 scene_count=3,
                 audio_uri=state.uploads["alpha"][0],
-                captions=pb.CAPTIONS_SIDECAR,
-                consistency=pb.CONSISTENCY_MODE_REFERENCE_IMAGES,
+                captions=types_pb2.CAPTIONS_SIDECAR,
+                consistency=types_pb2.CONSISTENCY_MODE_REFERENCE_IMAGES,
             ),
         ),
         (

@@ -137,7 +137,7 @@ async def test_a_transient_failure_that_persists_fails_the_job_in_the_end(gatewa
 
 async def test_unreachable_upstream_fails_the_job_and_names_the_service(file_store):
     settings = GatewaySettings(
-        port=0, story_address="127.0.0.1:1", storyboard_timeout_s=5, retry_give_up_after_s=1
+        port=0, llm_address="127.0.0.1:1", storyboard_timeout_s=5, retry_give_up_after_s=1
     )
     running = await start_and_load(settings, GatewayService(settings, file_store))
     try:

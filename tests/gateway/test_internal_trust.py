@@ -1,5 +1,5 @@
 """The gateway presents the deployment's internal token (and, with mutual TLS, its client
-certificate) to the story, render and compose services; and its secrets may be files.
+certificate) to the story, render and composer services; and its secrets may be files.
 
 The upstreams are the gateway's test doubles served by storyreel.serving as internal
 services (``internal_upstream``), so they want the token as the real ones do.
@@ -19,7 +19,7 @@ TOKEN = "gateway-internal-token-0123456789"
 
 
 def upstream_at(state) -> dict[str, str]:
-    return {f"{name}_address": state.address for name in ("story", "render", "compose")}
+    return {f"{name}_address": state.address for name in ("llm", "diffusion", "composer")}
 
 
 async def run_job(gateway, voice: str = "joe") -> pb.Job:
@@ -53,7 +53,7 @@ async def test_a_gateway_with_another_token_is_refused_and_its_job_fails_saying_
         await run_job(gateway)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "UNAUTHENTICATED" in caught.value.details()
-    # A job that needs no voice list runs, is refused by the story service (retried
+    # A job that needs no voice list runs, is refused by the LLM service (retried
     # while a new token might still be rolling out), and fails naming the cause.
     job = await run_job(gateway, voice="")
     assert job.state == pb.JOB_STATE_FAILED

@@ -1,4 +1,4 @@
-"""A job's video options reach the render and compose services, and come back in the job."""
+"""A job's video options reach the render and composer services, and come back in the job."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import wave
 
 from support import finished_job
 
-from storyreel.compose.v1 import compose_pb2
 from storyreel.gateway.v1 import gateway_pb2 as pb
-from storyreel.render.v1 import render_pb2
+from storyreel.types.v1 import types_pb2
 
 
 async def _upload(stub) -> str:
@@ -36,11 +35,11 @@ async def test_the_options_of_a_job_reach_the_services_and_come_back(gateway, up
         scene_count=3,
         seed=42,
         audio_uri=audio_uri,
-        aspect=compose_pb2.ASPECT_9_16,
-        resolution=compose_pb2.RESOLUTION_1080P,
-        consistency=render_pb2.CONSISTENCY_MODE_CONSISTENT_SELF_ATTENTION,
-        captions=compose_pb2.CAPTIONS_SIDECAR,
-        audio_mode=compose_pb2.AUDIO_MODE_MUSIC,
+        aspect=types_pb2.ASPECT_9_16,
+        resolution=types_pb2.RESOLUTION_1080P,
+        consistency=types_pb2.CONSISTENCY_MODE_CONSISTENT_SELF_ATTENTION,
+        captions=types_pb2.CAPTIONS_SIDECAR,
+        audio_mode=types_pb2.AUDIO_MODE_MUSIC,
         voice="joe",
     )
     job = await finished_job(gateway, (await gateway.CreateVideo(request)).job_id)
@@ -48,8 +47,8 @@ async def test_the_options_of_a_job_reach_the_services_and_come_back(gateway, up
 
     (render,) = upstream.render_messages
     assert render.job_seed == 42
-    assert render.consistency == render_pb2.CONSISTENCY_MODE_CONSISTENT_SELF_ATTENTION
-    assert render.aspect_ratio == render_pb2.ASPECT_RATIO_PORTRAIT_9_16
+    assert render.consistency == types_pb2.CONSISTENCY_MODE_CONSISTENT_SELF_ATTENTION
+    assert render.aspect == types_pb2.ASPECT_9_16
     assert (render.width, render.height) == (0, 0)
     # Only the cast's characters travel, each with its fixed appearance; a name the
     # storyboard never cast ("Ghost") is not sent.
@@ -57,17 +56,17 @@ async def test_the_options_of_a_job_reach_the_services_and_come_back(gateway, up
     assert {s.index: list(s.characters) for s in render.scenes} == {1: ["Ada"], 2: [], 3: ["Ada"]}
 
     (compose,) = upstream.compose_requests
-    assert compose.aspect == compose_pb2.ASPECT_9_16
-    assert compose.resolution == compose_pb2.RESOLUTION_1080P
+    assert compose.aspect == types_pb2.ASPECT_9_16
+    assert compose.resolution == types_pb2.RESOLUTION_1080P
     assert (compose.width, compose.height) == (0, 0)
-    assert compose.captions == compose_pb2.CAPTIONS_SIDECAR
-    assert compose.audio_mode == compose_pb2.AUDIO_MODE_MUSIC
+    assert compose.captions == types_pb2.CAPTIONS_SIDECAR
+    assert compose.audio_mode == types_pb2.AUDIO_MODE_MUSIC
     assert compose.audio_uri == audio_uri
     assert compose.voice == "joe"
     assert compose.seed == 42
 
-    assert job.aspect == compose_pb2.ASPECT_9_16
-    assert job.consistency == render_pb2.CONSISTENCY_MODE_CONSISTENT_SELF_ATTENTION
+    assert job.aspect == types_pb2.ASPECT_9_16
+    assert job.consistency == types_pb2.CONSISTENCY_MODE_CONSISTENT_SELF_ATTENTION
     assert (job.width, job.height) == (720, 1280)  # as the composer reported it
     for artifact, name in (
         (job.captions_srt, "captions.srt"),
@@ -88,9 +87,9 @@ async def test_images_take_the_video_shape_unless_the_gateway_fixes_a_size(start
     )
     await finished_job(free, jobs[0].job_id)
     await finished_job(fixed, jobs[1].job_id)
-    shapes = {r.job_id: (r.aspect_ratio, r.width, r.height) for r in upstream.render_messages}
-    assert shapes[jobs[0].job_id] == (render_pb2.ASPECT_RATIO_PORTRAIT_9_16, 0, 0)
-    assert shapes[jobs[1].job_id] == (render_pb2.ASPECT_RATIO_UNSPECIFIED, 512, 512)
+    shapes = {r.job_id: (r.aspect, r.width, r.height) for r in upstream.render_messages}
+    assert shapes[jobs[0].job_id] == (types_pb2.ASPECT_9_16, 0, 0)
+    assert shapes[jobs[1].job_id] == (types_pb2.ASPECT_UNSPECIFIED, 512, 512)
 
 
 async def test_a_scene_regenerated_with_a_new_seed_is_drawn_from_it_not_the_seed_lock(
@@ -100,15 +99,15 @@ async def test_a_scene_regenerated_with_a_new_seed_is_drawn_from_it_not_the_seed
         await gateway.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=2, seed=5))
     ).job_id
     await finished_job(gateway, job_id)
-    assert upstream.render_messages[0].consistency == render_pb2.CONSISTENCY_MODE_UNSPECIFIED
+    assert upstream.render_messages[0].consistency == types_pb2.CONSISTENCY_MODE_UNSPECIFIED
 
     await gateway.RegenerateScene(pb.RegenerateSceneRequest(job_id=job_id, index=1))
     await finished_job(gateway, job_id)
-    assert upstream.render_messages[1].consistency == render_pb2.CONSISTENCY_MODE_UNSPECIFIED
+    assert upstream.render_messages[1].consistency == types_pb2.CONSISTENCY_MODE_UNSPECIFIED
 
     await gateway.RegenerateScene(pb.RegenerateSceneRequest(job_id=job_id, index=1, seed=99))
     job = await finished_job(gateway, job_id)
     last = upstream.render_messages[2]
-    assert last.consistency == render_pb2.CONSISTENCY_MODE_NONE
+    assert last.consistency == types_pb2.CONSISTENCY_MODE_NONE
     assert [(s.index, s.seed, list(s.characters)) for s in last.scenes] == [(1, 99, ["Ada"])]
     assert job.state == pb.JOB_STATE_DONE

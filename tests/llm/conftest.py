@@ -1,4 +1,4 @@
-"""Fixtures of the story service tests: settings, the shared SmolLM2, model-server doubles.
+"""Fixtures of the LLM service tests: settings, the shared SmolLM2, model-server doubles.
 
 The doubles are real HTTP servers on 127.0.0.1:0 standing in for servers that
 cannot run here (TGI and OpenAI-compatible servers need GPUs and hub weights).

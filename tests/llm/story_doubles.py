@@ -1,4 +1,4 @@
-"""Canned model answers and a scripted backend for the story service tests.
+"""Canned model answers and a scripted backend for the LLM service tests.
 
 Imported by test modules as ``llm.story_doubles`` (``tests`` is on the path).
 """

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from llm.story_doubles import CAST, answers_for
-from storyreel_llm.service import StoryService
+from storyreel_llm.service import LlmService
 
 from storyreel.serving import start_and_load
 
@@ -95,7 +95,7 @@ async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, s
 @pytest.fixture
 async def story_service(settings_for, tgi_double):
     settings = settings_for(backend="tgi", tgi_url=tgi_double.url)
-    running = await start_and_load(settings, StoryService(settings))
+    running = await start_and_load(settings, LlmService(settings))
     yield f"127.0.0.1:{running.port}"
     await running.stop(0)
 
@@ -145,11 +145,11 @@ async def test_storyboard_unreachable_service_exits_3():
         address = f"127.0.0.1:{sock.getsockname()[1]}"
     code, _, err = await run_cli("storyboard", "a fox", "--address", address, "--timeout", "5")
     assert code == 3
-    assert f"story service at {address} unreachable" in err
+    assert f"LLM service at {address} unreachable" in err
 
 
 async def test_storyboard_local_runs_the_writer_in_process(tgi_double):
-    """--local needs no story service; here its backend is the TGI double (no model load)."""
+    """--local needs no LLM service; here its backend is the TGI double (no model load)."""
     tgi_double.answer_all(answers_for(1))
     env = {"STORYREEL_LLM_BACKEND": "tgi", "STORYREEL_LLM_TGI_URL": tgi_double.url}
     code, out, err = await run_cli(

@@ -1,8 +1,8 @@
-"""The story service answers only callers that present the deployment's internal token.
+"""The LLM service answers only callers that present the deployment's internal token.
 
 WriteStoryboard reads and writes no stored object (its job_id only tags the logs), so
 the token is its whole defence: a stranger on the network, or another user of the
-machine, cannot spend its model. A real StoryService on a real port, with a scripted
+machine, cannot spend its model. A real LlmService on a real port, with a scripted
 backend (no model).
 """
 
@@ -15,35 +15,35 @@ import sys
 import grpc
 import pytest
 from llm.story_doubles import CAST, ScriptedBackend, answers_for
-from storyreel_llm.service import StoryService
+from storyreel_llm.service import LlmService
 
 from storyreel.channels import open_channel
+from storyreel.llm.v1 import llm_pb2, llm_pb2_grpc
 from storyreel.serving import start_and_load
 from storyreel.settings import InternalSettings
-from storyreel.story.v1 import story_pb2, story_pb2_grpc
 
 TOKEN = "story-internal-token-0123456789"
 
 
 @pytest.fixture
 async def story(settings_for, monkeypatch):
-    """A story service that requires the token (from the environment, as deployed)."""
+    """A LLM service that requires the token (from the environment, as deployed)."""
     monkeypatch.setenv("STORYREEL_INTERNAL_TOKEN", TOKEN)
     settings = settings_for()
     backend = ScriptedBackend(answers_for(1))
-    running = await start_and_load(settings, StoryService(settings, backend=backend))
+    running = await start_and_load(settings, LlmService(settings, backend=backend))
     running.backend = backend
     yield running
     await running.stop(0)
 
 
-def request() -> story_pb2.WriteStoryboardRequest:
-    return story_pb2.WriteStoryboardRequest(prompt="a lighthouse keeper", scene_count=1)
+def request() -> llm_pb2.WriteStoryboardRequest:
+    return llm_pb2.WriteStoryboardRequest(prompt="a lighthouse keeper", scene_count=1)
 
 
 async def test_a_direct_storyboard_call_without_the_token_is_unauthenticated(story):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{story.port}") as channel:
-        stub = story_pb2_grpc.StoryServiceStub(channel)
+        stub = llm_pb2_grpc.LlmServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.WriteStoryboard(request(), timeout=60)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -53,7 +53,7 @@ async def test_a_direct_storyboard_call_without_the_token_is_unauthenticated(sto
 async def test_the_gateways_channel_gets_a_storyboard(story):
     internal = InternalSettings(token=TOKEN)
     async with open_channel(f"127.0.0.1:{story.port}", internal=internal) as channel:
-        stub = story_pb2_grpc.StoryServiceStub(channel)
+        stub = llm_pb2_grpc.LlmServiceStub(channel)
         response = await stub.WriteStoryboard(request(), timeout=60)
     assert response.storyboard.title == CAST["title"]
 

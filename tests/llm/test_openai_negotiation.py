@@ -15,14 +15,14 @@ import grpc
 import pytest
 from llm.story_doubles import answers_for
 from storyreel_llm.backends.openai import OpenAIBackend
-from storyreel_llm.service import StoryService
+from storyreel_llm.service import LlmService
 from storyreel_llm.storyboard import cast_schema, shot_schema
 from storyreel_llm.writer import StoryboardWriter
 from support import health_status
 
 from storyreel.errors import FailedPrecondition
+from storyreel.llm.v1 import llm_pb2, llm_pb2_grpc
 from storyreel.serving import create_server
-from storyreel.story.v1 import story_pb2, story_pb2_grpc
 
 #: What llama-cpp-python 0.3.36's server answers to json_schema (seen against the real one).
 # Imported where used, so that each test fails on its own where they are missing.
@@ -62,7 +62,7 @@ def test_auto_is_the_default_and_finds_json_object_on_llama_cpp_python(settings,
     assert backend.response_format == "json_object"
     assert backend.capabilities["json_schema"].startswith("refused: HTTP 500: ")
     assert "json_object" in backend.capabilities["json_schema"]
-    # The request the story service then sends carries the schema the llama.cpp way.
+    # The request the LLM service then sends carries the schema the llama.cpp way.
     openai_double.answer('{"ok": true}')
     backend.generate_json([{"role": "user", "content": "x"}], PROBE_SCHEMA, 8, 1)
     request = openai_double.story_requests[-1]["body"]
@@ -134,17 +134,17 @@ async def test_an_unusable_server_keeps_the_service_not_serving_and_says_why(
 ):
     openai_double.emulate(plain="refuse-401")
     config = settings()
-    running = await create_server(config, StoryService(config))
+    running = await create_server(config, LlmService(config))
     address = f"127.0.0.1:{running.port}"
     try:
         with pytest.raises(FailedPrecondition):
             await running.service.load()
         assert await health_status(address) == "NOT_SERVING"
         async with grpc.aio.insecure_channel(address) as channel:
-            stub = story_pb2_grpc.StoryServiceStub(channel)
+            stub = llm_pb2_grpc.LlmServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.WriteStoryboard(
-                    story_pb2.WriteStoryboardRequest(prompt="a fox", scene_count=1), timeout=30
+                    llm_pb2.WriteStoryboardRequest(prompt="a fox", scene_count=1), timeout=30
                 )
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "HTTP 401" in caught.value.details()

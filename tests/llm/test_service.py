@@ -1,39 +1,39 @@
-"""The story service over real gRPC: health, WriteStoryboard, and INVALID_ARGUMENT details."""
+"""The LLM service over real gRPC: health, WriteStoryboard, and INVALID_ARGUMENT details."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
 from storyreel_llm.backends.local import LocalBackend
-from storyreel_llm.service import StoryService
+from storyreel_llm.service import LlmService
 from support import health_status
 
+from storyreel.llm.v1 import llm_pb2, llm_pb2_grpc
 from storyreel.serving import create_server, start_and_load
-from storyreel.story.v1 import story_pb2, story_pb2_grpc
 
-SERVICE_NAME = "storyreel.story.v1.StoryService"
+SERVICE_NAME = "storyreel.llm.v1.LlmService"
 
 
 @pytest.fixture(scope="session")
 async def story_server(smollm2, settings_for):
-    """A real StoryService on a free port, serving the session's SmolLM2."""
-    running = await start_and_load(settings_for(), StoryService(settings_for(), backend=smollm2))
+    """A real LlmService on a free port, serving the session's SmolLM2."""
+    running = await start_and_load(settings_for(), LlmService(settings_for(), backend=smollm2))
     yield running
     await running.stop(0)
 
 
-async def write(port: int, **fields) -> story_pb2.WriteStoryboardResponse:
+async def write(port: int, **fields) -> llm_pb2.WriteStoryboardResponse:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = story_pb2_grpc.StoryServiceStub(channel)
+        stub = llm_pb2_grpc.LlmServiceStub(channel)
         # A hang guard, not a speed requirement.
-        return await stub.WriteStoryboard(story_pb2.WriteStoryboardRequest(**fields), timeout=600)
+        return await stub.WriteStoryboard(llm_pb2.WriteStoryboardRequest(**fields), timeout=600)
 
 
 @pytest.mark.model
 async def test_health_is_not_serving_until_the_model_has_loaded(settings_for):
     settings = settings_for()
     backend = LocalBackend(settings)  # a fresh model, so load() really loads it
-    running = await create_server(settings, StoryService(settings, backend=backend))
+    running = await create_server(settings, LlmService(settings, backend=backend))
     address = f"127.0.0.1:{running.port}"
     try:
         assert await health_status(address) == "NOT_SERVING"
@@ -57,7 +57,7 @@ async def test_health_is_not_serving_until_the_model_has_loaded(settings_for):
 async def test_invalid_request_is_rejected_even_while_the_model_loads(settings_for):
     """No model is loaded here: validation comes before the readiness check."""
     settings = settings_for()
-    running = await create_server(settings, StoryService(settings, backend=LocalBackend(settings)))
+    running = await create_server(settings, LlmService(settings, backend=LocalBackend(settings)))
     try:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await write(running.port, prompt="", scene_count=1)

@@ -1,4 +1,4 @@
-"""The story service over real gRPC with the TGI backend, against the TGI test double."""
+"""The LLM service over real gRPC with the TGI backend, against the TGI test double."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ import time
 import grpc
 import pytest
 from llm.story_doubles import CAST, answers_for
-from storyreel_llm.service import StoryService
+from storyreel_llm.service import LlmService
 from support import health_status
 
+from storyreel.llm.v1 import llm_pb2, llm_pb2_grpc
 from storyreel.serving import start_and_load
-from storyreel.story.v1 import story_pb2, story_pb2_grpc
 
 
-async def write(port: int, **fields) -> story_pb2.WriteStoryboardResponse:
+async def write(port: int, **fields) -> llm_pb2.WriteStoryboardResponse:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = story_pb2_grpc.StoryServiceStub(channel)
-        return await stub.WriteStoryboard(story_pb2.WriteStoryboardRequest(**fields), timeout=60)
+        stub = llm_pb2_grpc.LlmServiceStub(channel)
+        return await stub.WriteStoryboard(llm_pb2.WriteStoryboardRequest(**fields), timeout=60)
 
 
 async def wait_for_requests(double, count: int) -> None:
@@ -36,7 +36,7 @@ async def wait_for_requests(double, count: int) -> None:
 async def test_tgi_service_serves_once_tgi_is_healthy(settings_for, tgi_double):
     tgi_double.health_statuses[:] = [503]
     settings = settings_for(backend="tgi", tgi_url=tgi_double.url, tgi_startup_poll_s=0.01)
-    running = await start_and_load(settings, StoryService(settings))
+    running = await start_and_load(settings, LlmService(settings))
     try:
         assert tgi_double.health_checks == 2
         assert await health_status(f"127.0.0.1:{running.port}") == "SERVING"
@@ -59,7 +59,7 @@ async def test_tgi_service_serves_once_tgi_is_healthy(settings_for, tgi_double):
 
 async def test_no_usable_story_gives_unavailable_with_the_reason(settings_for, tgi_double):
     settings = settings_for(backend="tgi", tgi_url=tgi_double.url, repair_attempts=1)
-    running = await start_and_load(settings, StoryService(settings))
+    running = await start_and_load(settings, LlmService(settings))
     try:
         tgi_double.answer("")
         tgi_double.answer("   ")
@@ -73,7 +73,7 @@ async def test_no_usable_story_gives_unavailable_with_the_reason(settings_for, t
 
 async def test_unusable_extractions_still_give_a_degraded_storyboard(settings_for, tgi_double):
     settings = settings_for(backend="tgi", tgi_url=tgi_double.url, repair_attempts=0)
-    running = await start_and_load(settings, StoryService(settings))
+    running = await start_and_load(settings, LlmService(settings))
     try:
         tgi_double.answer("Rin ran up the hill. The moon rose over her.")
         tgi_double.answer('{"title": "cut off')
@@ -90,7 +90,7 @@ async def test_unusable_extractions_still_give_a_degraded_storyboard(settings_fo
 
 async def test_request_beyond_the_waiting_limit_gets_resource_exhausted(settings_for, tgi_double):
     settings = settings_for(backend="tgi", tgi_url=tgi_double.url, max_waiting_requests=0)
-    running = await start_and_load(settings, StoryService(settings))
+    running = await start_and_load(settings, LlmService(settings))
     try:
         tgi_double.gate.clear()  # hold the first generation at the model server
         tgi_double.answer_all(answers_for(1))
@@ -169,7 +169,7 @@ async def test_the_schema_answering_tgi_double_yields_valid_storyboards(settings
 
     double = TGISchemaDouble().start()
     settings = settings_for(backend="tgi", tgi_url=double.url)
-    running = await start_and_load(settings, StoryService(settings))
+    running = await start_and_load(settings, LlmService(settings))
     try:
         response = await write(running.port, prompt="a story", scene_count=scene_count)
     finally:

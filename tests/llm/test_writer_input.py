@@ -115,7 +115,7 @@ def test_prompt_is_embedded_as_a_json_string_not_as_instructions():
     ],
 )
 def test_a_prompt_of_only_template_markup_is_refused_by_the_shared_rule(writer, prompt):
-    """The story service applies storyreel.prompts.check_prompt, the rule the gateway's
+    """The LLM service applies storyreel.prompts.check_prompt, the rule the gateway's
     admission applies at CreateVideo (tests/gateway/test_admission.py), so both refuse
     the same prompts with the same message."""
     with pytest.raises(InvalidInput) as story:

@@ -7,7 +7,7 @@ Scenes are numbered from 1 in messages, as in the storyboard.
 
 The composition is planned in Python, frame-exact (:mod:`.timeline`,
 :mod:`.motion`, :mod:`.captions`, :mod:`.audio`) and drawn by one ffmpeg
-filtergraph (:mod:`.render`); :mod:`.reference` builds the same plan as a
+filtergraph (:mod:`.filtergraph`); :mod:`.reference` builds the same plan as a
 moviepy clip, the slow per-frame reference the filtergraph is checked against.
 """
 
@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storyreel.errors import InvalidInput, NotFound, NotReady, Overloaded
+from storyreel.frames import SHAPES, SHORT_SIDES, even, video_size
 from storyreel.ids import check_job_id, check_revision, job_key, shown
+from storyreel.options import AUDIO_MODES, CAPTIONS
 from storyreel.storage import ArtifactStore
 from storyreel_composer.audio import (
     LoudnessTarget,
@@ -41,11 +43,10 @@ from storyreel_composer.captions import (
     to_srt,
     to_vtt,
 )
-from storyreel_composer.formats import ASPECTS, RESOLUTIONS, even, frame_size
+from storyreel_composer.filtergraph import Encoding, FilterPlan, encode
 from storyreel_composer.images import decode_image, fit_image
 from storyreel_composer.motion import choose_moves
 from storyreel_composer.probe import MediaInfo, probe
-from storyreel_composer.render import Encoding, RenderPlan, render
 from storyreel_composer.settings import ComposerSettings
 from storyreel_composer.stills import (
     contact_sheet,
@@ -75,12 +76,10 @@ CONTACT_SHEET_NAME = "contact-sheet.png"
 FITS = ("cover", "blur")
 TRANSITIONS = ("crossfade", "cut")
 MOTIONS = ("ken_burns", "none")
-CAPTION_MODES = ("burned", "sidecar", "off")
-AUDIO_MODES = ("narration", "soundtrack", "music")
 
 
 @dataclass(frozen=True)
-class SceneInput:
+class Scene:
     """One scene: an image in the artifact store and what is said over it."""
 
     image_uri: str
@@ -89,7 +88,7 @@ class SceneInput:
 
 @dataclass(frozen=True)
 class ComposeOptions:
-    """How the video looks and sounds; None, "" and 0 select the service defaults.
+    """How the video looks and sounds; "" and 0 select the service defaults.
 
     ``audio_mode`` is "narration" (synthesized), "soundtrack" (the user's
     audio is the whole sound track and sets the length) or "music" (the
@@ -97,15 +96,15 @@ class ComposeOptions:
     "soundtrack" with an audio URI and "narration" without.
     """
 
-    aspect: str | None = None
-    resolution: str | None = None
-    fit: str | None = None
-    transition: str | None = None
+    aspect: str = ""
+    resolution: str = ""
+    fit: str = ""
+    transition: str = ""
     crossfade_s: float = 0.0
-    motion: str | None = None
+    motion: str = ""
     seed: int = 0
-    captions: str | None = None
-    audio_mode: str | None = None
+    captions: str = ""
+    audio_mode: str = ""
     voice: str = ""
     speaking_rate: float = 0.0
 
@@ -131,7 +130,7 @@ class ComposePlan:
     """A validated request with defaults filled in."""
 
     job_id: str
-    scenes: tuple[SceneInput, ...]
+    scenes: tuple[Scene, ...]
     audio_uri: str | None
     fps: int
     width: int
@@ -182,7 +181,7 @@ class VideoComposer:
     async def compose(
         self,
         job_id: str,
-        scenes: Sequence[SceneInput],
+        scenes: Sequence[Scene],
         audio_uri: str | None = None,
         *,
         fps: int = 0,
@@ -249,9 +248,9 @@ class VideoComposer:
             work.exception()
 
     def check_job_inputs(
-        self, job_id: str, scenes: Sequence[SceneInput], audio_uri: str | None = None
+        self, job_id: str, scenes: Sequence[Scene], audio_uri: str | None = None
     ) -> None:
-        """What the compose service may read for ``job_id``; InvalidInput otherwise, unread.
+        """What the composer service may read for ``job_id``; InvalidInput otherwise, unread.
 
         Scene images only from the job's own folder (``jobs/<job_id>/``, any of its
         revisions), the audio only from the uploads (``uploads/``, where the gateway
@@ -286,7 +285,7 @@ class VideoComposer:
     def check_request(
         self,
         job_id: str,
-        scenes: Sequence[SceneInput],
+        scenes: Sequence[Scene],
         audio_uri: str | None = None,
         *,
         fps: int = 0,
@@ -320,7 +319,7 @@ class VideoComposer:
             except InvalidInput as exc:
                 raise InvalidInput(f"audio_uri: {exc.message}") from None
 
-        audio_mode = _choice("audio_mode", o.audio_mode, AUDIO_MODES, None)
+        audio_mode = _choice("audio_mode", o.audio_mode, tuple(AUDIO_MODES), None)
         if audio_mode is None:
             audio_mode = "soundtrack" if audio_uri else "narration"
         if audio_mode == "narration" and audio_uri:
@@ -360,7 +359,7 @@ class VideoComposer:
             crossfade_s=crossfade_s,
             motion=_choice("motion", o.motion, MOTIONS, s.default_motion),
             seed=o.seed,
-            captions=_choice("captions", o.captions, CAPTION_MODES, s.default_captions),
+            captions=_choice("captions", o.captions, tuple(CAPTIONS), s.default_captions),
             audio_mode=audio_mode,
             voice=self.synthesizer.check_voice(o.voice or None),
             speaking_rate=rate,
@@ -372,11 +371,11 @@ class VideoComposer:
         if (width or height) and (o.aspect or o.resolution):
             raise InvalidInput("set either width and height or aspect and resolution, not both")
         if o.aspect or o.resolution:
-            aspect = _choice("aspect", o.aspect, tuple(ASPECTS), s.default_aspect)
+            aspect = _choice("aspect", o.aspect, tuple(SHAPES), s.default_aspect)
             resolution = _choice(
-                "resolution", o.resolution, tuple(RESOLUTIONS), s.default_resolution
+                "resolution", o.resolution, tuple(SHORT_SIDES), s.default_resolution
             )
-            return frame_size(aspect, resolution)
+            return video_size(aspect, resolution)
         width = width or s.default_width
         height = height or s.default_height
         for name, value in (("width", width), ("height", height)):
@@ -411,9 +410,9 @@ class VideoComposer:
             timeline, cues = self._sound_track(plan, audio, work)
             voiced = time.perf_counter()
 
-            made = self._render(plan, timeline, cues, canvas_size, work)
+            made = self._encode(plan, timeline, cues, canvas_size, work)
             self._check_output(made.video, plan)
-            rendered = time.perf_counter()
+            encoded = time.perf_counter()
             result = self._store(plan, made, work)
 
         log.info(
@@ -427,7 +426,7 @@ class VideoComposer:
                 "captions": plan.captions,
                 "check_s": round(checked - started, 2),
                 "audio_s": round(voiced - checked, 2),
-                "render_s": round(rendered - voiced, 2),
+                "encode_s": round(encoded - voiced, 2),
                 "total_s": round(time.perf_counter() - started, 2),
             },
         )
@@ -642,7 +641,7 @@ class VideoComposer:
             portrait_bottom_margin=s.caption_portrait_bottom_margin,
         )
 
-    def _render(
+    def _encode(
         self,
         plan: ComposePlan,
         timeline: Timeline,
@@ -666,7 +665,7 @@ class VideoComposer:
             for cue, name in zip(cues, names, strict=True):
                 (work / name).write_text(cue.text, encoding="utf-8")
             drawtext = drawtext_filters(cues, self._caption_style(plan), font, names)
-        render_plan = RenderPlan(
+        filter_plan = FilterPlan(
             width=plan.width,
             height=plan.height,
             fps=plan.fps,
@@ -682,11 +681,11 @@ class VideoComposer:
                 s.x264_preset, s.x264_crf, s.audio_bitrate, s.audio_sample_rate, s.encode_threads
             ),
         )
-        video = render(render_plan, work, timeout_s=s.render_timeout_s)
-        poster, sheet = self._stills(render_plan, timeline, work)
+        video = encode(filter_plan, work, timeout_s=s.encode_timeout_s)
+        poster, sheet = self._stills(filter_plan, timeline, work)
         return _Artifacts(video, timeline, cues if plan.captions != "off" else [], poster, sheet)
 
-    def _stills(self, plan: RenderPlan, timeline: Timeline, work: Path) -> tuple[Path, Path]:
+    def _stills(self, plan: FilterPlan, timeline: Timeline, work: Path) -> tuple[Path, Path]:
         """The poster (scene 1) and contact sheet (every scene): mid-scene, no captions."""
         s = self.settings
         poster, sheet = work / POSTER_NAME, work / CONTACT_SHEET_NAME

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from storyreel.errors import InvalidInput
 from storyreel.storage import FileStore
-from storyreel_composer.composer import ComposeOptions, ComposeResult, SceneInput, VideoComposer
+from storyreel_composer.composer import ComposeOptions, ComposeResult, Scene, VideoComposer
 from storyreel_composer.settings import ComposerSettings
 from storyreel_composer.tts import NarrationSynthesizer
 
@@ -109,7 +109,7 @@ def compose_files(
     with tempfile.TemporaryDirectory(prefix="storyreel-local-") as tmp:
         store = FileStore(Path(tmp) / "artifacts")
         scenes = [
-            SceneInput(store.put_file(f"jobs/local/images/scene-{n:03d}{path.suffix}", path), text)
+            Scene(store.put_file(f"jobs/local/images/scene-{n:03d}{path.suffix}", path), text)
             for n, (path, text) in enumerate(zip(images, texts, strict=True), start=1)
         ]
         audio_uri = (

@@ -1,6 +1,6 @@
 """The composition as a moviepy clip: the per-frame Python reference of the renderer.
 
-:func:`reference_clip` builds, from the same :class:`~.render.RenderPlan` the
+:func:`reference_clip` builds, from the same :class:`~.filtergraph.FilterPlan` the
 ffmpeg filtergraph draws, a moviepy ``CompositeVideoClip``: one clip per shot
 placed at its first frame, moved by its Ken Burns :class:`~.motion.Move`,
 crossfaded in by a mask over its ``fade_in`` frames, with the sound track as
@@ -19,8 +19,8 @@ import numpy as np
 from moviepy import AudioFileClip, CompositeVideoClip, VideoClip
 from PIL import Image
 
+from storyreel_composer.filtergraph import FilterPlan
 from storyreel_composer.motion import Move
-from storyreel_composer.render import RenderPlan
 from storyreel_composer.timeline import Shot
 
 
@@ -35,7 +35,7 @@ def shot_frame(canvas: Image.Image, move: Move | None, progress: float, size: tu
 
 
 def reference_clip(
-    plan: RenderPlan, canvases: Sequence[Image.Image], audio: Path | None = None
+    plan: FilterPlan, canvases: Sequence[Image.Image], audio: Path | None = None
 ) -> CompositeVideoClip:
     """The moviepy clip of ``plan`` (``canvases`` are its pictures, in scene order).
 

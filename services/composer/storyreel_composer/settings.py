@@ -8,17 +8,15 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from storyreel.options import AspectName, CaptionsName, ResolutionName
 from storyreel.settings import ServiceSettings
 
 #: The caption font shipped inside this package (DejaVu Sans Bold, license beside it).
 PACKAGED_FONT = Path(__file__).resolve().parent / "fonts" / "DejaVuSans-Bold.ttf"
 
-Aspect = Literal["16:9", "9:16", "1:1"]
-Resolution = Literal["480p", "720p", "1080p"]
 Fit = Literal["cover", "blur"]
 TransitionKind = Literal["crossfade", "cut"]
 MotionKind = Literal["ken_burns", "none"]
-CaptionMode = Literal["burned", "sidecar", "off"]
 
 
 def _default_voice_model() -> Path:
@@ -61,14 +59,14 @@ class ComposerSettings(ServiceSettings):
     default_height: int = 720
     default_fps: int = 24
     # Used for the half of aspect/resolution a request leaves unspecified.
-    default_aspect: Aspect = "16:9"
-    default_resolution: Resolution = "720p"
+    default_aspect: AspectName = "16:9"
+    default_resolution: ResolutionName = "720p"
 
     # Look defaults (a request may choose otherwise).
     default_fit: Fit = "cover"
     default_transition: TransitionKind = "crossfade"
     default_motion: MotionKind = "ken_burns"
-    default_captions: CaptionMode = "burned"
+    default_captions: CaptionsName = "burned"
     # Crossfade length when a request leaves it 0, and its limits, in seconds.
     crossfade_s: float = Field(default=0.5, gt=0)
     min_crossfade_s: float = Field(default=0.04, gt=0)
@@ -142,7 +140,7 @@ class ComposerSettings(ServiceSettings):
     # Longest any single ffmpeg probe or audio step may run, in seconds.
     ffmpeg_timeout_s: float = Field(default=300.0, gt=0)
     # Longest the video render may run, in seconds.
-    render_timeout_s: float = Field(default=3600.0, gt=0)
+    encode_timeout_s: float = Field(default=3600.0, gt=0)
 
     # Compositions encoded at once, and how many more may wait for a slot
     # before requests are refused with RESOURCE_EXHAUSTED.

@@ -1,1 +1,1 @@
-"""storyreel render service: draws scene images with a diffusion model."""
+"""storyreel diffusion service: draws scene images with a diffusion model."""

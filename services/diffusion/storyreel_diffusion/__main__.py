@@ -1,4 +1,4 @@
-"""Run the render service: ``python -m storyreel_diffusion``.
+"""Run the diffusion service: ``python -m storyreel_diffusion``.
 
 Settings come from ``STORYREEL_DIFFUSION_*`` (see
 :class:`~storyreel_diffusion.settings.DiffusionSettings`) and storage from

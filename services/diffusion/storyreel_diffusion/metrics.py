@@ -1,4 +1,4 @@
-"""Prometheus metrics of the render service.
+"""Prometheus metrics of the diffusion service.
 
 Each :class:`RenderMetrics` owns its registry, so several renderers can live in
 one process (as in tests) without clashing; the service exposes the registry

@@ -226,7 +226,7 @@ def load_pipeline(settings: DiffusionSettings) -> LoadedModel:
         raise FileNotFoundError(f"could not load model {settings.model!r}: {exc}") from exc
     if getattr(pipe, "unet", None) is None:
         raise ValueError(
-            f"{type(pipe).__name__} has no UNet: the render service serves the SD 1.x, "
+            f"{type(pipe).__name__} has no UNet: the diffusion service serves the SD 1.x, "
             "SD 2.x and SDXL families"
         )
     pipe.to(device)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from storyreel.errors import FailedPrecondition, InvalidInput
+from storyreel.frames import SHAPES, image_size
 from storyreel.ids import check_job_id, check_revision, job_key
 from storyreel_diffusion.settings import DiffusionSettings
 
@@ -43,14 +44,6 @@ class ConsistencyMode(StrEnum):
     REFERENCE_IMAGES = "reference_images"
 
 
-class AspectRatio(StrEnum):
-    """Frame shapes a request may ask for instead of a width and height."""
-
-    SQUARE = "1:1"
-    LANDSCAPE = "16:9"
-    PORTRAIT = "9:16"
-
-
 @dataclass(frozen=True)
 class Character:
     """A character of the story with a fixed look. ``seed`` 0 derives one from the name."""
@@ -61,7 +54,7 @@ class Character:
 
 
 @dataclass(frozen=True)
-class SceneToRender:
+class Scene:
     """One image to draw: ``index`` is the scene's 1-based position.
 
     ``seed`` is used as given when the request has no job seed; with a job seed,
@@ -200,26 +193,6 @@ def with_appearances(prompt: str, characters: Sequence[CharacterPlan | Character
     return ", ".join(parts)
 
 
-def frame_size(
-    aspect: AspectRatio, width: int, height: int, multiple: int, low: int, high: int
-) -> tuple[int, int]:
-    """The size of ``aspect`` with about the area of ``width`` x ``height``, on ``multiple``.
-
-    Both sides stay within ``low..high``; when one would not, the frame is scaled
-    as a whole, so the shape is kept.
-    """
-    across, down = (int(n) for n in aspect.value.split(":"))
-    ideal_h = math.sqrt(width * height * down / across)
-    ideal_w = ideal_h * across / down
-    scale = max(1.0, low / min(ideal_w, ideal_h))
-    scale = min(scale, high / max(ideal_w, ideal_h))
-
-    def snap(value: float) -> int:
-        return max(low, min(high, multiple * max(1, round(value / multiple))))
-
-    return snap(ideal_w * scale), snap(ideal_h * scale)
-
-
 def _content_key(facts: ModelFacts, fields: dict) -> str:
     payload = {
         "format": CACHE_FORMAT,
@@ -234,7 +207,7 @@ def _content_key(facts: ModelFacts, fields: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _check_scenes(settings: DiffusionSettings, scenes: Sequence[SceneToRender], names) -> None:
+def _check_scenes(settings: DiffusionSettings, scenes: Sequence[Scene], names) -> None:
     if not 1 <= len(scenes) <= settings.max_scenes:
         raise InvalidInput(f"scenes must hold 1 to {settings.max_scenes} scenes, got {len(scenes)}")
     seen: set[int] = set()
@@ -302,20 +275,20 @@ def _size(
     facts: ModelFacts,
     width: int,
     height: int,
-    aspect: AspectRatio | None,
+    aspect: str,
 ) -> tuple[int, int]:
     multiple = facts.side_multiple
     defaults = {
         "width": settings.default_width or facts.native_width,
         "height": settings.default_height or facts.native_height,
     }
-    if aspect is not None:
+    if aspect:
         if width or height:
             raise InvalidInput(
-                f"aspect_ratio {aspect.value} and width/height exclude each other: "
+                f"aspect {aspect} and width/height exclude each other: "
                 "leave width and height 0 to use an aspect ratio"
             )
-        width, height = frame_size(
+        width, height = image_size(
             aspect,
             defaults["width"],
             defaults["height"],
@@ -339,11 +312,11 @@ def plan_render(
     settings: DiffusionSettings,
     facts: ModelFacts,
     job_id: str,
-    scenes: Sequence[SceneToRender],
+    scenes: Sequence[Scene],
     *,
     width: int = 0,
     height: int = 0,
-    aspect: AspectRatio | str | None = None,
+    aspect: str = "",
     steps: int = 0,
     guidance: float = 0.0,
     negative_prompt: str = "",
@@ -379,11 +352,8 @@ def plan_render(
     except ValueError:
         choices = ", ".join(mode.value for mode in ConsistencyMode)
         raise InvalidInput(f"consistency must be one of {choices}; got {consistency!r}") from None
-    try:
-        aspect = AspectRatio(aspect) if aspect else None
-    except ValueError:
-        choices = ", ".join(ratio.value for ratio in AspectRatio)
-        raise InvalidInput(f"aspect_ratio must be one of {choices}; got {aspect!r}") from None
+    if aspect and aspect not in SHAPES:
+        raise InvalidInput(f"aspect must be one of {', '.join(SHAPES)}; got {aspect!r}")
     width, height = _size(settings, facts, width, height, aspect)
     steps = steps or settings.default_steps
     if not 1 <= steps <= settings.max_steps:
@@ -409,7 +379,7 @@ def plan_render(
     elif mode is ConsistencyMode.REFERENCE_IMAGES:
         if facts.ip_adapter is None:
             raise FailedPrecondition(
-                "consistency reference_images needs an IP-Adapter, and this render service "
+                "consistency reference_images needs an IP-Adapter, and this diffusion service "
                 "has none (set STORYREEL_DIFFUSION_IP_ADAPTER)"
             )
         strength = consistency_strength or settings.ip_adapter_scale

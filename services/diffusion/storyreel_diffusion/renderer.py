@@ -1,6 +1,6 @@
 """Scene rendering: prompts in, PNGs in the artifact store out.
 
-The core of the render service, with no gRPC in it. :class:`SceneRenderer`
+The core of the diffusion service, with no gRPC in it. :class:`SceneRenderer`
 loads one diffusers pipeline at start, checks every request before doing any
 work (:func:`~storyreel_diffusion.planning.plan_render`), serves what it can
 from the content-addressed cache, and draws the rest in micro-batches on a
@@ -43,13 +43,12 @@ from storyreel_diffusion.models import (
     resolve_dtype,
 )
 from storyreel_diffusion.planning import (
-    AspectRatio,
     Character,
     ConsistencyMode,
     ImagePlan,
     ModelFacts,
     RenderPlan,
-    SceneToRender,
+    Scene,
     cache_key,
     derive_seed,
     image_key,
@@ -60,12 +59,11 @@ from storyreel_diffusion.planning import (
 from storyreel_diffusion.settings import DiffusionSettings
 
 __all__ = [
-    "AspectRatio",
     "Character",
     "ConsistencyMode",
-    "RenderedImage",
+    "Scene",
+    "SceneImage",
     "SceneRenderer",
-    "SceneToRender",
     "image_key",
     "names_local_folder",
     "plan_render",
@@ -80,7 +78,7 @@ PNG_META = "storyreel"
 
 
 @dataclass(frozen=True)
-class RenderedImage:
+class SceneImage:
     """A stored scene image."""
 
     index: int
@@ -208,11 +206,11 @@ class SceneRenderer:
     async def render(
         self,
         job_id: str,
-        scenes: Sequence[SceneToRender],
+        scenes: Sequence[Scene],
         *,
         width: int = 0,
         height: int = 0,
-        aspect: AspectRatio | str | None = None,
+        aspect: str = "",
         steps: int = 0,
         guidance: float = 0.0,
         negative_prompt: str = "",
@@ -222,7 +220,7 @@ class SceneRenderer:
         consistency_strength: float = 0.0,
         job_seed: int | None = None,
         revision: int = 0,
-    ) -> AsyncIterator[RenderedImage]:
+    ) -> AsyncIterator[SceneImage]:
         """Render every scene, yielding each image in request order once it is stored.
 
         Every object is stored under the job's run ``revision`` (``jobs/<job_id>/``
@@ -278,24 +276,24 @@ class SceneRenderer:
 
     async def _produce(
         self, plan: RenderPlan, cached: dict[str, bytes]
-    ) -> AsyncIterator[RenderedImage]:
+    ) -> AsyncIterator[SceneImage]:
         """Copy the hits, draw the misses batch by batch, yield in request order."""
         loop = asyncio.get_running_loop()
         cancel = threading.Event()
-        stores: dict[int, asyncio.Future[RenderedImage]] = {}
+        stores: dict[int, asyncio.Future[SceneImage]] = {}
         drawing: asyncio.Future | None = None
         started = time.perf_counter()
 
         def submit(images: list[ImagePlan], kind: str, references: dict) -> asyncio.Future:
             executor = self._executor
             if executor is None:
-                raise NotReady("the render service is stopping")
+                raise NotReady("the diffusion service is stopping")
             try:
                 return loop.run_in_executor(
                     executor, self._draw_batch, plan, images, kind, references, cancel
                 )
             except RuntimeError:  # executor shut down
-                raise NotReady("the render service is stopping") from None
+                raise NotReady("the diffusion service is stopping") from None
 
         try:
             references, reference_uris = await self._references(plan, cached, submit)
@@ -423,13 +421,13 @@ class SceneRenderer:
 
     def _store_drawn(
         self, plan: RenderPlan, image: ImagePlan, drawn: _Drawn, references: dict[str, str]
-    ) -> RenderedImage:
+    ) -> SceneImage:
         png = self._encode(image, drawn)
         self._put_cached(image.key, png)
         uri = self.store.put_bytes(
             image_key(plan.job_id, image.index, plan.revision), png, "image/png"
         )
-        return RenderedImage(
+        return SceneImage(
             index=image.index,
             uri=uri,
             seed=drawn.seed,
@@ -442,14 +440,14 @@ class SceneRenderer:
 
     def _store_hit(
         self, plan: RenderPlan, image: ImagePlan, png: bytes, references: dict[str, str]
-    ) -> RenderedImage:
+    ) -> SceneImage:
         meta = _png_meta(png)
         # A copy under the job's revision: the job's images stay whole when cache entries are
         # evicted, and a hit for a later revision leaves the earlier revisions' copies alone.
         uri = self.store.put_bytes(
             image_key(plan.job_id, image.index, plan.revision), png, "image/png"
         )
-        return RenderedImage(
+        return SceneImage(
             index=image.index,
             uri=uri,
             seed=int(meta.get("seed", image.seed)),
@@ -469,7 +467,7 @@ class SceneRenderer:
             self.settings,
             model.facts,
             "warmup",
-            [SceneToRender(index=1, prompt="warm-up", seed=0)],
+            [Scene(index=1, prompt="warm-up", seed=0)],
             width=self.settings.warmup_side,
             height=self.settings.warmup_side,
             steps=self.settings.warmup_steps,

@@ -1,4 +1,4 @@
-"""gRPC side of the render service: storyreel.render.v1.RenderService.
+"""gRPC side of the diffusion service: storyreel.diffusion.v1.DiffusionService.
 
 The servicer only converts messages to and from the core's domain objects;
 validation, rendering, caching and storage live in
@@ -15,44 +15,19 @@ from typing import Any
 
 import grpc
 
-from storyreel.errors import InvalidInput
-from storyreel.render.v1 import render_pb2, render_pb2_grpc
+from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
+from storyreel.options import ASPECTS, CONSISTENCY, from_enum
 from storyreel.serving import Service
 from storyreel.storage import ArtifactStore
-from storyreel_diffusion.planning import AspectRatio, Character, ConsistencyMode, SceneToRender
-from storyreel_diffusion.renderer import RenderedImage, SceneRenderer
+from storyreel_diffusion.planning import Character, Scene
+from storyreel_diffusion.renderer import SceneImage, SceneRenderer
 from storyreel_diffusion.settings import DiffusionSettings
 
 log = logging.getLogger(__name__)
 
-_CONSISTENCY = {
-    render_pb2.CONSISTENCY_MODE_UNSPECIFIED: None,
-    render_pb2.CONSISTENCY_MODE_NONE: ConsistencyMode.NONE,
-    render_pb2.CONSISTENCY_MODE_SEED_LOCK: ConsistencyMode.SEED_LOCK,
-    render_pb2.CONSISTENCY_MODE_CONSISTENT_SELF_ATTENTION: (
-        ConsistencyMode.CONSISTENT_SELF_ATTENTION
-    ),
-    render_pb2.CONSISTENCY_MODE_REFERENCE_IMAGES: ConsistencyMode.REFERENCE_IMAGES,
-}
-_ASPECT = {
-    render_pb2.ASPECT_RATIO_UNSPECIFIED: None,
-    render_pb2.ASPECT_RATIO_SQUARE: AspectRatio.SQUARE,
-    render_pb2.ASPECT_RATIO_LANDSCAPE_16_9: AspectRatio.LANDSCAPE,
-    render_pb2.ASPECT_RATIO_PORTRAIT_9_16: AspectRatio.PORTRAIT,
-}
 
-
-def _enum(value: int, table: dict, field: str, enum: Any) -> Any:
-    """Map a proto enum number; unknown numbers (a newer client's) are bad input."""
-    try:
-        return table[value]
-    except KeyError:
-        names = ", ".join(enum.Name(number) for number in table)
-        raise InvalidInput(f"{field} has unknown value {value}; use one of {names}") from None
-
-
-def _image_message(image: RenderedImage) -> render_pb2.RenderedImage:
-    return render_pb2.RenderedImage(
+def _image_message(image: SceneImage) -> diffusion_pb2.SceneImage:
+    return diffusion_pb2.SceneImage(
         index=image.index,
         uri=image.uri,
         seed=image.seed,
@@ -64,22 +39,20 @@ def _image_message(image: RenderedImage) -> render_pb2.RenderedImage:
     )
 
 
-class RenderServicer(render_pb2_grpc.RenderServiceServicer):
-    """RenderService backed by a :class:`SceneRenderer`."""
+class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):
+    """DiffusionService backed by a :class:`SceneRenderer`."""
 
     def __init__(self, renderer: SceneRenderer) -> None:
         self.renderer = renderer
 
     async def RenderScenes(
-        self, request: render_pb2.RenderScenesRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[render_pb2.RenderScenesResponse]:
+        self, request: diffusion_pb2.RenderScenesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[diffusion_pb2.RenderScenesResponse]:
         """Render every scene, streaming each image's URI as soon as it is stored."""
-        consistency = _enum(
-            request.consistency, _CONSISTENCY, "consistency", render_pb2.ConsistencyMode
-        )
-        aspect = _enum(request.aspect_ratio, _ASPECT, "aspect_ratio", render_pb2.AspectRatio)
+        consistency = from_enum(CONSISTENCY, request.consistency, "consistency")
+        aspect = from_enum(ASPECTS, request.aspect, "aspect")
         scenes = [
-            SceneToRender(
+            Scene(
                 index=scene.index,
                 prompt=scene.prompt,
                 seed=scene.seed,
@@ -107,13 +80,13 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             revision=request.revision,
         )
         async for image in images:
-            yield render_pb2.RenderScenesResponse(image=_image_message(image))
+            yield diffusion_pb2.RenderScenesResponse(image=_image_message(image))
 
 
 class DiffusionService(Service):
-    """The render service: its servicer, the pipeline it loads and its metrics endpoint."""
+    """The diffusion service: its servicer, the pipeline it loads and its metrics endpoint."""
 
-    service_names = (render_pb2.DESCRIPTOR.services_by_name["RenderService"].full_name,)
+    service_names = (diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].full_name,)
 
     def __init__(self, settings: DiffusionSettings, store: ArtifactStore) -> None:
         self.settings = settings
@@ -122,8 +95,10 @@ class DiffusionService(Service):
         self._metrics_server: Any = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        """Add the RenderService servicer to ``server``."""
-        render_pb2_grpc.add_RenderServiceServicer_to_server(RenderServicer(self.renderer), server)
+        """Add the DiffusionService servicer to ``server``."""
+        diffusion_pb2_grpc.add_DiffusionServiceServicer_to_server(
+            DiffusionServicer(self.renderer), server
+        )
 
     async def load(self) -> None:
         """Start the metrics endpoint, check the store, load the model and warm it up."""

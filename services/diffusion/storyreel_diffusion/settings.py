@@ -1,4 +1,4 @@
-"""Settings of the render service (environment prefix ``STORYREEL_DIFFUSION_``)."""
+"""Settings of the diffusion service (environment prefix ``STORYREEL_DIFFUSION_``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ConsistencyName = Literal["none", "seed_lock", "consistent_self_attention", "ref
 
 
 class DiffusionSettings(ServiceSettings):
-    """Model, device, request defaults, limits, cache, queue and metrics of the render service."""
+    """Model, device, request defaults, limits, cache, queue and metrics of the diffusion service."""
 
     model_config = SettingsConfigDict(env_prefix="STORYREEL_DIFFUSION_", extra="ignore")
 

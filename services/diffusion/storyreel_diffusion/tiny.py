@@ -3,7 +3,7 @@
 No text-to-image weights can be downloaded where storyreel is built and
 tested, so ``make models`` builds one: the Stable Diffusion 1.5 architecture
 (UNet, VAE, CLIP text encoder with the real CLIP tokenizer, DDIM scheduler)
-shrunk to about 10 MB with seeded random weights. The render service loads it
+shrunk to about 10 MB with seeded random weights. The diffusion service loads it
 through the same ``from_pretrained`` path as a real checkpoint; its images are
 deterministic noise, not pictures.
 

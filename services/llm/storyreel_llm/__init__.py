@@ -1,1 +1,1 @@
-"""storyreel story service: writes storyboards (title, characters, scenes) with an LLM."""
+"""storyreel LLM service: writes storyboards (title, characters, scenes) with an LLM."""

@@ -1,4 +1,4 @@
-"""``python -m storyreel_llm``: run the story service until SIGTERM."""
+"""``python -m storyreel_llm``: run the LLM service until SIGTERM."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ def main() -> int:
         import transformers  # noqa: F401
 
     from storyreel.serving import serve
-    from storyreel_llm.service import StoryService
+    from storyreel_llm.service import LlmService
 
-    return asyncio.run(serve(settings, StoryService(settings)))
+    return asyncio.run(serve(settings, LlmService(settings)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""gRPC face of the story service: proto <-> domain, one generation at a time."""
+"""gRPC face of the LLM service: proto <-> domain, one generation at a time."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from storyreel.errors import FailedPrecondition, NotReady, Overloaded, StoryreelError
+from storyreel.llm.v1 import llm_pb2, llm_pb2_grpc
 from storyreel.serving import Service
-from storyreel.story.v1 import story_pb2, story_pb2_grpc
+from storyreel.types.v1 import types_pb2
 from storyreel_llm.backends import Backend, create_backend
 from storyreel_llm.clip import clip_tokenizer
 from storyreel_llm.settings import LLMSettings
@@ -21,16 +22,16 @@ from storyreel_llm.writer import StoryboardWriter
 log = logging.getLogger(__name__)
 
 
-def storyboard_to_proto(storyboard: Storyboard) -> story_pb2.Storyboard:
+def storyboard_to_proto(storyboard: Storyboard) -> types_pb2.Storyboard:
     """The domain storyboard as the contract's message."""
-    return story_pb2.Storyboard(
+    return types_pb2.Storyboard(
         title=storyboard.title,
         logline=storyboard.logline,
         characters=[
-            story_pb2.Character(name=c.name, appearance=c.appearance) for c in storyboard.characters
+            types_pb2.Character(name=c.name, appearance=c.appearance) for c in storyboard.characters
         ],
         scenes=[
-            story_pb2.Scene(
+            types_pb2.Scene(
                 index=s.index,
                 narration=s.narration,
                 image_prompt=s.image_prompt,
@@ -77,8 +78,8 @@ class GenerationSlot:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-class StoryServicer(story_pb2_grpc.StoryServiceServicer):
-    """storyreel.story.v1.StoryService: validates, then hands the request to the writer."""
+class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
+    """storyreel.llm.v1.LlmService: validates, then hands the request to the writer."""
 
     def __init__(self, writer: StoryboardWriter, slot: GenerationSlot) -> None:
         self._writer = writer
@@ -88,8 +89,8 @@ class StoryServicer(story_pb2_grpc.StoryServiceServicer):
         self.unusable: str | None = None
 
     async def WriteStoryboard(
-        self, request: story_pb2.WriteStoryboardRequest, context: grpc.aio.ServicerContext
-    ) -> story_pb2.WriteStoryboardResponse:
+        self, request: llm_pb2.WriteStoryboardRequest, context: grpc.aio.ServicerContext
+    ) -> llm_pb2.WriteStoryboardResponse:
         """Writes a storyboard with exactly ``scene_count`` scenes for ``prompt``.
 
         INVALID_ARGUMENT for a bad prompt, scene_count or style (checked before the
@@ -109,24 +110,24 @@ class StoryServicer(story_pb2_grpc.StoryServiceServicer):
             request.style,
             request.seed,
         )
-        return story_pb2.WriteStoryboardResponse(storyboard=storyboard_to_proto(storyboard))
+        return llm_pb2.WriteStoryboardResponse(storyboard=storyboard_to_proto(storyboard))
 
 
-class StoryService(Service):
-    """The story service: the servicer plus the model backend it loads."""
+class LlmService(Service):
+    """The LLM service: the servicer plus the model backend it loads."""
 
-    service_names = (story_pb2.DESCRIPTOR.services_by_name["StoryService"].full_name,)
+    service_names = (llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name,)
 
     def __init__(self, settings: LLMSettings, backend: Backend | None = None) -> None:
         self.settings = settings
         self.backend = backend if backend is not None else create_backend(settings)
         self._slot = GenerationSlot(settings.max_waiting_requests)
         self.writer = StoryboardWriter(self.backend, settings)
-        self.servicer = StoryServicer(self.writer, self._slot)
+        self.servicer = LlmServicer(self.writer, self._slot)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        """Register StoryService on ``server``."""
-        story_pb2_grpc.add_StoryServiceServicer_to_server(self.servicer, server)
+        """Register LlmService on ``server``."""
+        llm_pb2_grpc.add_LlmServiceServicer_to_server(self.servicer, server)
 
     async def load(self) -> None:
         """Load the model (or wait for the model server) on the generation thread.

@@ -1,4 +1,4 @@
-"""Settings of the story service (environment prefix ``STORYREEL_LLM_``)."""
+"""Settings of the LLM service (environment prefix ``STORYREEL_LLM_``)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from storyreel_llm.storyboard import TextCaps
 
 
 class LLMSettings(ServiceSettings):
-    """Everything the story service can be told, with its defaults.
+    """Everything the LLM service can be told, with its defaults.
 
-    Request limits mirror the contract in ``protos/storyreel/story/v1/story.proto``.
+    Request limits mirror the contract in ``protos/storyreel/llm/v1/llm.proto``.
     """
 
     model_config = SettingsConfigDict(env_prefix="STORYREEL_LLM_", extra="ignore")

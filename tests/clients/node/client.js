@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// A storyreel client in Node, with nothing but gateway.proto: it creates a job,
+// A storyreel client in Node, with nothing but the public contract (gateway.proto and
+// the shared types.proto beside it): it creates a job,
 // watches it to the end, downloads the video with ReadArtifact and checks that it
 // is an MP4 with an H.264 video track and an AAC audio track.
 //
@@ -35,8 +36,9 @@ function parseArgs(argv) {
   return args;
 }
 
-// The service from gateway.proto alone: it imports only google/protobuf/timestamp.proto,
-// which proto-loader (protobufjs) knows without a file.
+// The service from gateway.proto: it imports storyreel/types/v1/types.proto (found under
+// the same root) and google/protobuf/timestamp.proto, which proto-loader (protobufjs)
+// knows without a file.
 function loadService(protoFile) {
   const root = path.resolve(path.dirname(protoFile), "../../..");
   const definition = protoLoader.loadSync(path.relative(root, protoFile), {

@@ -1,4 +1,4 @@
-"""Model backends of the story service.
+"""Model backends of the LLM service.
 
 Only :mod:`.local` needs torch and transformers, and it imports them when it
 loads, so the tgi and openai images run without them.

@@ -26,7 +26,7 @@ _ASSISTANT = "Asst-9d0e: hello."
 
 
 class UnusableTemplate(ValueError):
-    """The chat template cannot render the conversations the story service sends."""
+    """The chat template cannot render the conversations the LLM service sends."""
 
 
 @dataclass(frozen=True)

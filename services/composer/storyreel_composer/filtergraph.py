@@ -35,7 +35,7 @@ class Encoding:
 
 
 @dataclass(frozen=True)
-class RenderPlan:
+class FilterPlan:
     """Everything the renderer draws, in output frames and work-directory file names."""
 
     width: int
@@ -56,7 +56,7 @@ class RenderPlan:
     encoding: Encoding = field(default_factory=Encoding)
 
 
-def filtergraph(plan: RenderPlan) -> str:
+def filtergraph(plan: FilterPlan) -> str:
     """The ``-filter_complex`` text of ``plan``."""
     fps = plan.fps
     size = f"{plan.width}x{plan.height}"
@@ -98,7 +98,7 @@ def _lead(index: int, shot: Shot) -> int:
     return 1 if index > 0 and not shot.fade_in else 0
 
 
-def command(plan: RenderPlan, graph_file: str) -> list[str]:
+def command(plan: FilterPlan, graph_file: str) -> list[str]:
     """The ffmpeg command line of ``plan``, its filtergraph read from ``graph_file``."""
     canvas_w, canvas_h = plan.canvas_size
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y"]
@@ -117,7 +117,7 @@ def command(plan: RenderPlan, graph_file: str) -> list[str]:
     return cmd
 
 
-def render(plan: RenderPlan, work_dir: Path, *, timeout_s: float) -> Path:
+def encode(plan: FilterPlan, work_dir: Path, *, timeout_s: float) -> Path:
     """Run ``plan`` in ``work_dir``; returns the path of the MP4."""
     graph_file = "filtergraph.txt"
     (work_dir / graph_file).write_text(filtergraph(plan))

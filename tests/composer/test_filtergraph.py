@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from storyreel_composer.filtergraph import Encoding, FilterPlan, encode, filtergraph
 from storyreel_composer.motion import Move
 from storyreel_composer.reference import reference_clip
-from storyreel_composer.render import Encoding, RenderPlan, filtergraph, render
 from storyreel_composer.timeline import Timeline, shots
 from support import ffmpeg_decode, probe_media
 
@@ -35,14 +35,14 @@ def decode_frames(path: Path, width: int, height: int) -> np.ndarray:
 
 def colour_plan(
     work: Path, timeline: Timeline, size=(96, 64), fade=0, moves=None, **more
-) -> RenderPlan:
+) -> FilterPlan:
     """A plan of solid-colour scenes (one per COLOURS entry used) with a silent track."""
     count = len(timeline.scene_frames)
     for number in range(count):
         image = np.full((size[1], size[0], 3), COLOURS[number % 3], np.uint8)
         (work / f"canvas-{number}.rgb").write_bytes(image.tobytes())
     silent_wav(work / "track.wav", timeline.duration_s)
-    return RenderPlan(
+    return FilterPlan(
         width=size[0],
         height=size[1],
         fps=timeline.fps,
@@ -61,7 +61,7 @@ def colour_plan(
 @pytest.mark.parametrize(("fps", "frames"), [(30, (5, 4, 41)), (7, (1, 1, 3))])
 def test_cuts_show_every_scene_on_exactly_its_frames(tmp_path, fps, frames):
     timeline = Timeline(fps, frames)
-    out = render(colour_plan(tmp_path, timeline), tmp_path, timeout_s=60)
+    out = encode(colour_plan(tmp_path, timeline), tmp_path, timeout_s=60)
 
     media = probe_media(out)
     assert (media.video_codec, media.pix_fmt, media.audio_codec) == ("h264", "yuv420p", "aac")
@@ -75,7 +75,7 @@ def test_crossfade_blends_over_the_frames_centred_on_the_scene_boundary(tmp_path
     timeline = Timeline(24, (24, 24))  # red then green, the boundary at frame 24
     plan = colour_plan(tmp_path, timeline, fade=8)
     assert "xfade=transition=fade:duration=0.333333:offset=0.833333" in filtergraph(plan)
-    frames = decode_frames(render(plan, tmp_path, timeout_s=60), 96, 64)
+    frames = decode_frames(encode(plan, tmp_path, timeout_s=60), 96, 64)
 
     assert len(frames) == 48
     green = frames[:, :, :, 1].mean(axis=(1, 2))
@@ -88,7 +88,7 @@ def test_crossfade_blends_over_the_frames_centred_on_the_scene_boundary(tmp_path
 
 
 def test_mp4_has_its_index_up_front_for_playing_while_downloading(tmp_path):
-    out = render(colour_plan(tmp_path, Timeline(10, (5, 5))), tmp_path, timeout_s=60)
+    out = encode(colour_plan(tmp_path, Timeline(10, (5, 5))), tmp_path, timeout_s=60)
     data = out.read_bytes()
     assert 0 < data.find(b"moov") < data.find(b"mdat")
 
@@ -105,7 +105,7 @@ def test_captions_are_drawn_over_the_pictures_on_the_frames_of_their_time(tmp_pa
         ":x=10:y=10:enable='gte(t,1)*lt(t,2)'"
     )
     plan = colour_plan(tmp_path, Timeline(12, (12, 12, 12)), captions=(caption,))
-    video = decode_frames(render(plan, tmp_path, timeout_s=60), 96, 64)
+    video = decode_frames(encode(plan, tmp_path, timeout_s=60), 96, 64)
     text = video[:, 10:25, 10:40].max(axis=(1, 2, 3))
     assert (text[12:24] > 240).all()  # from 1 s to 2 s
     assert (text[:12] < 240).all() and (text[24:] < 240).all()
@@ -120,7 +120,7 @@ def test_ken_burns_frames_match_the_moviepy_reference_frame_by_frame(tmp_path):
     silent_wav(tmp_path / "track.wav", 1.0)
     moves = [Move("pan_right", 1.2, 1.2, 0.0, 1.0), Move("zoom_in", 1.0, 1.25, 0.3, 0.3, 0.6, 0.6)]
     for move in moves:
-        plan = RenderPlan(
+        plan = FilterPlan(
             width=320,
             height=180,
             fps=24,
@@ -132,7 +132,7 @@ def test_ken_burns_frames_match_the_moviepy_reference_frame_by_frame(tmp_path):
             audio="track.wav",
             encoding=Encoding(crf=5),
         )
-        frames = decode_frames(render(plan, tmp_path, timeout_s=60), 320, 180)
+        frames = decode_frames(encode(plan, tmp_path, timeout_s=60), 320, 180)
         reference = reference_clip(plan, [canvas])
         expected = [reference.get_frame(k / 24).astype(np.float64) for k in range(24)]
         for k in (0, 7, 12, 23):
