@@ -191,7 +191,7 @@ class ComposerClient:
             )
         except grpc.aio.AioRpcError as error:
             raise UpstreamFailed(
-                f"the composer service at {self.address} could not list its voices: {_status(error)}"
+                f"the composer at {self.address} could not list its voices: {_status(error)}"
             ) from None
         return VoiceList(
             names=tuple(voice.name for voice in response.voices),

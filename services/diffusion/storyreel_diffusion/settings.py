@@ -13,7 +13,7 @@ ConsistencyName = Literal["none", "seed_lock", "consistent_self_attention", "ref
 
 
 class DiffusionSettings(ServiceSettings):
-    """Model, device, request defaults, limits, cache, queue and metrics of the diffusion service."""
+    """Model, device, request defaults, limits, cache, queue and metrics of the service."""
 
     model_config = SettingsConfigDict(env_prefix="STORYREEL_DIFFUSION_", extra="ignore")
 
