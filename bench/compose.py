@@ -157,10 +157,11 @@ class TreeMemory:
 
 def compose(work: Path, images, music, texts, *, width, height, fps, captions, threads=None):
     """One composition through the composer core; returns (Timed, ComposeResult)."""
-    from storyreel_composer.composer import ComposeOptions, Scene, VideoComposer
+    from storyreel_composer.composer import Scene, VideoComposer
     from storyreel_composer.settings import ComposerSettings
     from storyreel_composer.tts import NarrationSynthesizer
 
+    from storyreel.compose_options import ComposeOptions
     from storyreel.storage import FileStore
 
     store_dir = work / "store"

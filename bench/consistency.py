@@ -50,9 +50,9 @@ SCENES = [
 
 
 def story():
-    from storyreel_diffusion.planning import Character, Scene
+    from storyreel_diffusion.planning import CastMember, Scene
 
-    characters = [Character(name, look) for name, look in CHARACTERS.items()]
+    characters = [CastMember(name, look) for name, look in CHARACTERS.items()]
     scenes = [
         Scene(i, f"{name}, {CHARACTERS[name]}, {action}, cinematic illustration", 0, (name,))
         for i, (name, action) in enumerate(SCENES, start=1)

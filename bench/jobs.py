@@ -64,13 +64,13 @@ class NoopStory:
     """StoryStage: the same storyboard at once, with as many scenes as asked for."""
 
     async def write_storyboard(self, job_id, prompt, scene_count, style, seed):
-        from storyreel_gateway.jobs import Character, Storyboard, StoryScene
+        from storyreel.storyboard import Character, Scene, Storyboard
 
         return Storyboard(
             title="The keeper and the whale",
             characters=[Character(name="Keeper", appearance="an old man in a yellow coat")],
             scenes=[
-                StoryScene(
+                Scene(
                     index=index,
                     narration=f"Scene {index} of the story.",
                     image_prompt=f"the lighthouse keeper, scene {index}",
@@ -103,7 +103,7 @@ class NoopCompose:
     def __init__(self, video_uri: str) -> None:
         self.video_uri = video_uri
 
-    async def compose(self, job_id, scenes, options):
+    async def compose(self, job_id, scenes, audio_uri="", **request):
         from storyreel_gateway.jobs import ComposedVideo
 
         return ComposedVideo(uri=self.video_uri, duration_s=2.0 * len(scenes))

@@ -36,8 +36,8 @@ CPU shared with other work, as many threads as cores can be many times
 slower (SmolLM2 fell below one token a second on two busy cores).
 
 ``--story fixed`` takes the model out of the story stage, both ways: the story
-writer runs its ``tgi`` backend against the TGI test double of
-``tests/tgi_double.py`` (started in this process), which answers every request
+writer runs its ``tgi`` backend against ``TGITestDouble`` of
+``tests/model_server_doubles.py`` (started in this process), which answers every request
 at once with the same storyboard.
 """
 
@@ -205,12 +205,10 @@ class InProcessStory:
 
     @_stage_errors
     async def write_storyboard(self, job_id, prompt, scene_count, style, seed):
-        from storyreel_gateway.jobs import Storyboard
-
         self.writer.check_request(prompt, scene_count, style)
-        board = await self.slot.run(self.writer.write, prompt, scene_count, style, seed)
-        # The gateway's record keeps the fields it shares with the LLM service's.
-        return Storyboard.model_validate(board.model_dump())
+        # The LLM's storyboard is the shared storyreel.storyboard.Storyboard (a subclass
+        # with the writer's rules): the gateway's record keeps it as it is.
+        return await self.slot.run(self.writer.write, prompt, scene_count, style, seed)
 
     async def close(self) -> None:
         self.backend.interrupt()
@@ -231,7 +229,7 @@ class InProcessRender:
         await self.renderer.load()
 
     async def render(self, job_id, scenes, settings, characters=()) -> AsyncIterator:
-        from storyreel_diffusion.planning import Character, Scene
+        from storyreel_diffusion.planning import CastMember, Scene
         from storyreel_gateway.jobs import SceneImage
         from storyreel_gateway.pipeline import StageFailed
 
@@ -254,7 +252,7 @@ class InProcessRender:
             aspect=settings.aspect or None,
             steps=settings.steps,
             guidance=settings.guidance,
-            characters=[Character(name=c.name, appearance=c.appearance) for c in characters],
+            characters=[CastMember(name=c.name, appearance=c.appearance) for c in characters],
             consistency=settings.consistency or None,
             job_seed=settings.job_seed,
             revision=settings.revision,
@@ -285,26 +283,22 @@ class InProcessCompose:
         await asyncio.to_thread(self.synthesizer.load)
 
     @_stage_errors
-    async def compose(self, job_id, scenes, options):
-        from storyreel_composer.composer import ComposeOptions, Scene
+    async def compose(
+        self, job_id, scenes, audio_uri="", *, fps=0, width=0, height=0, options=None, revision=0
+    ):
+        from storyreel_composer.composer import Scene
         from storyreel_gateway.jobs import ComposedVideo
 
+        # The gateway's ComposeOptions is the composer's (storyreel.compose_options).
         result = await self.composer.compose(
             job_id,
             [Scene(uri, narration) for uri, narration in scenes],
-            options.audio_uri or None,
-            fps=options.fps,
-            width=options.width,
-            height=options.height,
-            options=ComposeOptions(
-                aspect=options.aspect or None,
-                resolution=options.resolution or None,
-                seed=options.seed,
-                captions=options.captions or None,
-                audio_mode=options.audio_mode or None,
-                voice=options.voice,
-            ),
-            revision=options.revision,
+            audio_uri or None,
+            fps=fps,
+            width=width,
+            height=height,
+            options=options,
+            revision=revision,
         )
         return ComposedVideo(
             uri=result.video_uri,
@@ -542,9 +536,9 @@ def main() -> int:
     double = None
     if args.story == "fixed":
         sys.path.insert(0, str(REPO / "tests"))
-        from tgi_double import TGISchemaDouble
+        from model_server_doubles import TGITestDouble
 
-        double = TGISchemaDouble().start()
+        double = TGITestDouble(schema_answers=True).start()
         env["STORYREEL_LLM_BACKEND"] = "tgi"
         env["STORYREEL_LLM_TGI_URL"] = double.url
     os.environ.update(env)

@@ -14,7 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import MODELS, S3_ACCESS_KEY, S3_ENDPOINT, S3_SECRET_KEY, new_postgres_database
+from support import (
+    MODELS,
+    S3_ACCESS_KEY,
+    S3_ENDPOINT,
+    S3_SECRET_KEY,
+    new_postgres_database,
+    stop_process,
+)
 
 from storyreel.settings import StorageSettings
 from storyreel.storage import FileStore, open_store
@@ -84,11 +91,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 time.sleep(0.2)
         yield S3_ENDPOINT
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process, timeout_s=15)
         log.close()
 
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
+import random
 import re
+import socket
 import subprocess
 import uuid
+import wave
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +24,131 @@ from storyreel.storage import ArtifactStore
 # folders have a conftest.py, so `from conftest import ...` can reach the wrong one.
 REPO = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("STORYREEL_MODELS_DIR", REPO / "models"))
+#: The Kubernetes overlays under deploy/, one folder each.
+OVERLAYS_DIR = REPO / "deploy" / "k8s" / "overlays"
 S3_ACCESS_KEY = "storyreel-test"
 S3_SECRET_KEY = "storyreel-test-secret"
 S3_ENDPOINT = "127.0.0.1:8333"
+#: Two tenants of a gateway, as metadata of their calls, and the api_keys setting naming both.
+ALICE = (("authorization", "Bearer alice-key"),)
+BOB = (("authorization", "Bearer bob-key"),)
+API_KEYS = {"alice": ["alice-key"], "bob": ["bob-key"]}
+
+
+def new_job() -> str:
+    """A fresh job id, shaped as the services want one."""
+    return f"job-{uuid.uuid4().hex[:12]}"
+
+
+def free_port(consecutive: int = 1) -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago (nothing listens on it).
+
+    With ``consecutive`` above 1, the first of that many consecutive ports free now.
+    """
+    if consecutive == 1:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    for _ in range(200):
+        base = random.randint(20_000, 60_000)
+        sockets = []
+        try:
+            for port in range(base, base + consecutive):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {consecutive} consecutive free ports")
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 15) -> None:
+    """Terminate ``process`` and wait for it; kill it when it outlives ``timeout_s``."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# --- audio -----------------------------------------------------------------------------------
+
+#: The 44 bytes a WAV file starts with (RIFF, WAVE, "fmt "), and nothing usable behind them:
+#: what a gateway sniffs as WAV and the composer then refuses.
+WAV_HEADER_ONLY = b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 32
+
+
+def wav_bytes(
+    seconds: float = 1.0, rate: int = 8000, channels: int = 1, sample: bytes = b"\x00\x00"
+) -> bytes:
+    """A real 16-bit PCM WAV of ``seconds``: silence, or ``sample`` over and over.
+
+    Real, because the composer (and the gateway's compose double) probes every upload.
+    """
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(sample * channels * round(rate * seconds))
+    return buffer.getvalue()
+
+
+def lavfi_media(path: Path | str, source: str, seconds: float, *options: str) -> Path:
+    """Write ``seconds`` of ffmpeg's lavfi ``source`` ("sine", "sine=frequency=330", ...)
+    to ``path`` with the bundled ffmpeg; ``options`` go before the output (more inputs,
+    codecs). Returns ``path``."""
+    import imageio_ffmpeg
+
+    path = Path(path)
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-f", "lavfi"]
+    cmd += ["-t", str(seconds), "-i", source, *options, str(path)]
+    subprocess.run(cmd, check=True, timeout=60)
+    return path
+
+
+def tone_level(samples, rate: int, frequency: float, start_s: float, end_s: float) -> float:
+    """Amplitude of one pure tone in a stretch of audio (a Hann-windowed DFT bin)."""
+    import numpy as np
+
+    window = samples[int(start_s * rate) : int(end_s * rate)]
+    t = np.arange(len(window)) / rate
+    hann = np.hanning(len(window))
+    return float(np.abs(np.sum(window * hann * np.exp(-2j * np.pi * frequency * t))) / hann.sum())
+
+
+def upload_requests(
+    data: bytes | Sequence[bytes], filename: str = "a.wav", chunk_bytes: int = 16_384
+):
+    """UploadAudio's request stream: the filename, then ``data`` in chunks.
+
+    ``data`` as bytes is cut into ``chunk_bytes`` pieces; a sequence of bytes is sent
+    one message a piece, as given.
+    """
+    from storyreel.gateway.v1 import gateway_pb2
+
+    if isinstance(data, bytes):
+        chunks = [data[start : start + chunk_bytes] for start in range(0, len(data), chunk_bytes)]
+    else:
+        chunks = list(data)
+
+    async def requests():
+        yield gateway_pb2.UploadAudioRequest(filename=filename)
+        for chunk in chunks:
+            yield gateway_pb2.UploadAudioRequest(chunk=chunk)
+
+    return requests()
+
+
+async def upload_audio(stub, data: bytes | None = None, filename: str = "a.wav", metadata=()):
+    """Upload ``data`` (default: one second of WAV silence) through a gateway stub."""
+    data = wav_bytes() if data is None else data
+    return await stub.UploadAudio(upload_requests(data, filename), metadata=metadata)
 
 
 def stored_uris(store: ArtifactStore) -> list[str]:
@@ -35,6 +162,25 @@ async def health_status(address: str, service: str = "") -> str:
         stub = health_pb2_grpc.HealthStub(channel)
         response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+async def reflection_answers(channel, version: str, *symbols: str) -> list:
+    """What a server's reflection service (``version`` "v1" or "v1alpha") answers on
+    ``channel`` to one stream: the list of services, then the file of each of ``symbols``."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    info = channel.stream_stream(
+        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+
+    async def requests():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        for symbol in symbols:
+            yield reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+
+    return [answer async for answer in info(requests())]
 
 
 @dataclass(frozen=True)
@@ -108,6 +254,41 @@ async def watch_events(stub, job_id: str, stop=lambda event: False, metadata=(),
 async def finished_job(stub, job_id: str, metadata=()):
     """The job as its WatchJob stream last showed it: watched to the end."""
     return (await watch_events(stub, job_id, metadata=metadata))[-1].job
+
+
+async def wait_until(condition, timeout_s: float = 5.0, pause_s: float = 0.1) -> bool:
+    """Poll ``condition()`` until it is true or ``timeout_s`` has passed; whether it became
+    true (the caller asserts what it needs)."""
+    for _ in range(max(1, round(timeout_s / pause_s))):
+        if condition():
+            return True
+        await asyncio.sleep(pause_s)
+    return bool(condition())
+
+
+async def listed_job_ids(stub, metadata=(), page_size: int = 2) -> list[str]:
+    """Every job ListJobs shows, newest first, read page by page (no page over its size)."""
+    from storyreel.gateway.v1 import gateway_pb2
+
+    seen, token = [], ""
+    while True:
+        request = gateway_pb2.ListJobsRequest(page_size=page_size, page_token=token)
+        page = await stub.ListJobs(request, metadata=metadata)
+        assert len(page.jobs) <= page_size
+        seen += [job.job_id for job in page.jobs]
+        token = page.next_page_token
+        if not token:
+            return seen
+
+
+async def manifest_written(store: ArtifactStore, job_id: str, wait_s: float = 30) -> None:
+    """Wait until the job's manifest.json is stored.
+
+    The manifest export may land just after the job's last event: tests that compare
+    what is stored wait for it, so nothing changes under them later.
+    """
+    manifest = store.uri_for(f"jobs/{job_id}/manifest.json")
+    await wait_until(lambda: store.exists(manifest), timeout_s=wait_s, pause_s=0.05)
 
 
 def ffmpeg_decode(path: Path | str, *options: str, seek: float | None = None) -> bytes:

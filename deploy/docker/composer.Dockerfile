@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # storyreel composer: scene images plus narration (piper, joe-us voice) or a music
 # track become an H.264/AAC MP4, encoded by the ffmpeg that imageio-ffmpeg bundles.
-# No torch, no system ffmpeg. Build from the repository root:
+# No torch, no system ffmpeg, no moviepy (only the tests' reference renderer, the `reference`
+# extra, uses it). Build from the repository root:
 #   docker build -f deploy/docker/composer.Dockerfile -t storyreel/composer:0.1.0 .
 
 FROM python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1 AS build

@@ -10,7 +10,8 @@ What each later stage refuses, and where admission refuses it first:
 
 * **story** (``WriteStoryboard``): an empty prompt, or one made only of
   chat-template control tokens (the one shared rule, :func:`storyreel.prompts.check_prompt`);
-  more than ``max_prompt_chars``; ``scene_count`` outside 1..24; a style over
+  more than ``max_prompt_chars``; ``scene_count`` outside ``min_scenes``..``max_scenes``
+  (the shared bounds of :mod:`storyreel.limits` unless narrowed); a style over
   200 characters. Same defaults as the LLM service's.
 * **render**: sizes are the gateway's own settings or the video's shape;
   scene counts as above; a regenerated prompt empty or over ``max_prompt_chars``.
@@ -29,7 +30,6 @@ import asyncio
 import hashlib
 import logging
 import re
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +37,7 @@ from typing import Protocol
 
 from storyreel.errors import FailedPrecondition, InvalidInput, StoryreelError, UpstreamFailed
 from storyreel.prompts import check_prompt
+from storyreel.seeds import MAX_SEED, choose_seed
 from storyreel.storage import ArtifactStore
 from storyreel_gateway.jobs import JobRecord, JobSpec
 from storyreel_gateway.settings import GatewaySettings
@@ -44,10 +45,6 @@ from storyreel_gateway.store import AdmissionLimits, JobStore
 from storyreel_gateway.uploads import AudioProber, upload_prefix
 
 log = logging.getLogger(__name__)
-
-#: Every seed a client may send (CreateVideo, RegenerateScene): 0 to 2^63-1, so it fits a
-#: signed 64-bit integer in every language and database. 0 means "choose for me".
-MAX_SEED = 2**63 - 1
 
 #: A voice name (empty: the composer's default voice).
 _VOICE = re.compile(r"[A-Za-z0-9_.-]*")
@@ -247,7 +244,7 @@ class Admission:
                 raise InvalidInput(f"audio_uri {spec.audio_uri} does not exist; upload it first")
             # The store checks, when it queues the job, that the upload is there.
         check_seed(spec.seed)
-        seed = spec.seed or secrets.randbits(62)
+        seed = spec.seed or choose_seed()
         return spec.model_copy(
             update={
                 "prompt": prompt,
@@ -287,7 +284,7 @@ class Admission:
 
 
 def check_seed(seed: int) -> None:
-    """InvalidInput unless ``seed`` is in the one documented range, 0 to 2^63-1."""
+    """InvalidInput unless ``seed`` is in the public range, 0 to 2^63-1 (storyreel.seeds)."""
     if not 0 <= seed <= MAX_SEED:
         raise InvalidInput(
             f"seed must be between 0 and 2^63-1 ({MAX_SEED}); 0 lets storyreel choose"

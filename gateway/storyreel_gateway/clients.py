@@ -3,7 +3,7 @@
 Each implements one stage protocol of :mod:`storyreel_gateway.pipeline`,
 converting messages to the gateway's records and every RPC error to
 :class:`~storyreel_gateway.pipeline.StageFailed`. Every call has a deadline;
-the channels retry UNAVAILABLE and RESOURCE_EXHAUSTED with backoff. Every call
+the pipeline retries transient failures (the channels retry nothing). Every call
 carries the deployment's internal token, over mutual TLS when it is configured
 (``internal``, :func:`storyreel.channels.open_channel`).
 """
@@ -15,28 +15,18 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from storyreel.channels import open_channel
+from storyreel.compose_options import ComposeOptions, request_fields
 from storyreel.composer.v1 import composer_pb2, composer_pb2_grpc
 from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from storyreel.errors import InvalidInput, Overloaded, UpstreamFailed
 from storyreel.llm.v1 import llm_pb2, llm_pb2_grpc
-from storyreel.options import (
-    ASPECTS,
-    AUDIO_MODES,
-    CAPTIONS,
-    CONSISTENCY,
-    RESOLUTIONS,
-    to_enum,
-)
+from storyreel.options import ASPECTS, CONSISTENCY, to_enum
 from storyreel.settings import InternalSettings
+from storyreel.storyboard import Character, Storyboard, storyboard_from_proto
 from storyreel_gateway.admission import VoiceList
-from storyreel_gateway.convert import image_from_proto, storyboard_from_proto, video_from_proto
-from storyreel_gateway.jobs import Character, ComposedVideo, SceneImage, Storyboard
-from storyreel_gateway.pipeline import (
-    ComposeOptions,
-    RenderSettings,
-    SceneRequest,
-    StageFailed,
-)
+from storyreel_gateway.convert import image_from_proto, video_from_proto
+from storyreel_gateway.jobs import ComposedVideo, SceneImage
+from storyreel_gateway.pipeline import RenderSettings, SceneToRender, StageFailed
 from storyreel_gateway.uploads import ProbedAudio
 
 #: Deadlines of the admission calls to the composer, in seconds: listing the voices
@@ -119,7 +109,7 @@ class DiffusionClient:
     async def render(
         self,
         job_id: str,
-        scenes: list[SceneRequest],
+        scenes: list[SceneToRender],
         settings: RenderSettings,
         characters: Sequence[Character] = (),
     ) -> AsyncIterator[SceneImage]:
@@ -236,24 +226,28 @@ class ComposerClient:
         )
 
     async def compose(
-        self, job_id: str, scenes: list[tuple[str, str]], options: ComposeOptions
+        self,
+        job_id: str,
+        scenes: list[tuple[str, str]],
+        audio_uri: str = "",
+        *,
+        fps: int = 0,
+        width: int = 0,
+        height: int = 0,
+        options: ComposeOptions | None = None,
+        revision: int = 0,
     ) -> ComposedVideo:
         request = composer_pb2.ComposeRequest(
             job_id=job_id,
             scenes=[
                 composer_pb2.Scene(image_uri=uri, narration=narration) for uri, narration in scenes
             ],
-            audio_uri=options.audio_uri,
-            fps=options.fps,
-            width=options.width,
-            height=options.height,
-            aspect=to_enum(ASPECTS, options.aspect),
-            resolution=to_enum(RESOLUTIONS, options.resolution),
-            seed=options.seed,
-            captions=to_enum(CAPTIONS, options.captions),
-            audio_mode=to_enum(AUDIO_MODES, options.audio_mode),
-            voice=options.voice,
-            revision=options.revision,
+            audio_uri=audio_uri,
+            fps=fps,
+            width=width,
+            height=height,
+            revision=revision,
+            **request_fields(options or ComposeOptions()),
         )
         try:
             response = await self.stub.Compose(request, timeout=self.timeout_s)

@@ -1,7 +1,9 @@
 """Messages to records and back: every conversion between protobuf and the job model.
 
 The servicer and the upstream clients call these and nothing else, so a field
-added to a contract is handled in one place.
+added to a contract is handled in one place. The storyboard's conversions are
+the shared model's (:func:`storyreel.storyboard.storyboard_to_proto` and
+``storyboard_from_proto``), which the LLM service sends with.
 ``tests/gateway/test_convert.py`` walks the message descriptors: a field of
 ``Job`` or of an upstream reply that is dropped here fails the suite.
 """
@@ -25,10 +27,9 @@ from storyreel.options import (
     from_enum,
     to_enum,
 )
-from storyreel.types.v1 import types_pb2
+from storyreel.storyboard import storyboard_to_proto
 from storyreel_gateway.jobs import (
     ArtifactKind,
-    Character,
     ComposedVideo,
     EventKind,
     JobEvent,
@@ -37,8 +38,6 @@ from storyreel_gateway.jobs import (
     JobState,
     SceneImage,
     Stage,
-    Storyboard,
-    StoryScene,
 )
 from storyreel_gateway.uploads import StoredUpload
 
@@ -101,31 +100,6 @@ def spec_from_request(request: gateway_pb2.CreateVideoRequest) -> JobSpec:
         captions=from_enum(CAPTIONS, request.captions, "captions"),
         audio_mode=from_enum(AUDIO_MODES, request.audio_mode, "audio_mode"),
         voice=request.voice,
-    )
-
-
-def storyboard_to_proto(board: Storyboard) -> types_pb2.Storyboard:
-    """The storyboard as the public API shows it (its own message, not story.v1's)."""
-    return types_pb2.Storyboard(
-        title=board.title,
-        characters=[
-            types_pb2.Character(name=c.name, appearance=c.appearance) for c in board.characters
-        ],
-        scenes=[
-            types_pb2.Scene(
-                index=s.index,
-                narration=s.narration,
-                image_prompt=s.image_prompt,
-                characters=s.characters,
-                setting=s.setting,
-                action=s.action,
-                camera=s.camera,
-            )
-            for s in board.scenes
-        ],
-        style=board.style,
-        degraded=board.degraded,
-        logline=board.logline,
     )
 
 
@@ -228,28 +202,6 @@ def event_to_proto(
 
 
 # -- upstream replies ----------------------------------------------------------------------
-
-
-def storyboard_from_proto(message: types_pb2.Storyboard) -> Storyboard:
-    return Storyboard(
-        title=message.title,
-        characters=[Character(name=c.name, appearance=c.appearance) for c in message.characters],
-        scenes=[
-            StoryScene(
-                index=s.index,
-                narration=s.narration,
-                image_prompt=s.image_prompt,
-                characters=list(s.characters),
-                setting=s.setting,
-                action=s.action,
-                camera=s.camera,
-            )
-            for s in message.scenes
-        ],
-        style=message.style,
-        degraded=message.degraded,
-        logline=message.logline,
-    )
 
 
 def image_from_proto(message: diffusion_pb2.SceneImage) -> SceneImage:

@@ -7,11 +7,30 @@ changes only through its own methods (:meth:`JobRecord.begin_run`,
 of a job (progress, stage records, the version history of its artifacts) are
 written once, here. No database or gRPC types: :mod:`storyreel_gateway.store`
 persists records and :mod:`storyreel_gateway.convert` turns them into messages.
+
+Which name belongs to which layer ("shared": the class of :mod:`storyreel.storyboard`,
+kept as the LLM service sent it; the other record types are defined here):
+
+=======================  =========================================  ======================
+contract                 service core                               gateway record
+=======================  =========================================  ======================
+types.v1.Storyboard      storyreel_llm.storyboard.Storyboard        Storyboard (shared)
+types.v1.Character       storyreel_llm.storyboard.Character         Character (shared)
+types.v1.Scene           storyreel_llm.storyboard.Scene             Scene (shared)
+diffusion.v1.SceneImage  storyreel_diffusion.renderer.SceneImage    :class:`SceneImage`
+composer.v1              storyreel_composer.composer.ComposeResult  :class:`ComposedVideo`
+ComposeResponse
+=======================  =========================================  ======================
+
+(The LLM service's three classes subclass the shared ones, adding its rules.)
+
+Who: the **tenant** is whom a job belongs to (the public API's word, named by
+the caller's API key); the **owner** is the gateway replica that holds the
+job's lease and runs it (the database's ``owner`` column), never the tenant.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -25,6 +44,7 @@ from storyreel.options import (
     ConsistencyName,
     ResolutionName,
 )
+from storyreel.storyboard import Scene, Storyboard
 
 
 def now() -> datetime:
@@ -64,37 +84,6 @@ def progress_before(stage: Stage) -> float:
             return total
         total += weight
     return total
-
-
-def scene_seed(job_seed: int, index: int) -> int:
-    """Seed of one scene, derived from the job seed so a job re-renders identically."""
-    digest = hashlib.blake2b(f"{job_seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1  # fits a signed 64-bit generator seed
-
-
-class Character(BaseModel):
-    name: str
-    appearance: str
-
-
-class StoryScene(BaseModel):
-    index: int
-    narration: str
-    image_prompt: str
-    characters: list[str] = Field(default_factory=list)
-    # The shot the image prompt was assembled from (empty for a fallback scene).
-    setting: str = ""
-    action: str = ""
-    camera: str = ""
-
-
-class Storyboard(BaseModel):
-    title: str
-    characters: list[Character] = Field(default_factory=list)
-    scenes: list[StoryScene]
-    style: str = ""
-    degraded: bool = False
-    logline: str = ""
 
 
 class SceneImage(BaseModel):
@@ -192,7 +181,8 @@ class ComposedVideo:
 class JobRecord(BaseModel):
     job_id: str
     spec: JobSpec
-    # Who owns the job; every read and action is checked against it.
+    # The tenant the job belongs to (whom the caller's API key names); every read
+    # and action is checked against it.
     tenant: str = ""
     idempotency_key: str = ""
     # Fingerprint of the original request, to tell a retry from a different request.
@@ -217,7 +207,8 @@ class JobRecord(BaseModel):
     contact_sheet_uri: str = ""
     # Every artifact of every run, oldest first (the current ones included).
     versions: list[ArtifactVersion] = Field(default_factory=list)
-    # Seeds chosen for single scenes by RegenerateScene (scene index -> seed).
+    # Seeds chosen for single scenes by RegenerateScene (scene index -> seed, never 0: a
+    # scene without one is drawn from the seed derived from the job's, storyreel.seeds).
     seed_overrides: dict[int, int] = Field(default_factory=dict)
     # Set by CancelJob: a run interrupted without it (the gateway stopping) resumes later.
     cancel_requested: bool = False
@@ -228,7 +219,8 @@ class JobRecord(BaseModel):
     eta_s: float = 0.0
     # Runs started by the user: 0 for CreateVideo, +1 for each RegenerateScene.
     generation: int = 0
-    # The gateway replica running the job (kept by the database, shown for operators).
+    # The gateway replica running the job, which holds its lease (the database's
+    # ``owner`` column, shown for operators); never the tenant.
     owner: str = Field(default="", exclude=True)
     # The claim this replica holds on the job; its writes are fenced on it.
     lease_id: str = Field(default="", exclude=True)
@@ -289,14 +281,19 @@ class JobRecord(BaseModel):
     def set_storyboard(self, storyboard: Storyboard) -> None:
         self.storyboard = storyboard
 
-    def missing_scenes(self) -> list[StoryScene]:
+    def missing_scenes(self) -> list[Scene]:
         if self.storyboard is None:
             return []
         done = {image.index for image in self.images}
         return [scene for scene in self.storyboard.scenes if scene.index not in done]
 
-    def seed_of(self, index: int) -> int:
-        return self.seed_overrides.get(index, scene_seed(self.spec.seed, index))
+    def requested_seed(self, index: int) -> int:
+        """The seed scene ``index`` is rendered with: its own (from RegenerateScene), or 0.
+
+        0 asks the diffusion service to derive the scene's seed from the job seed
+        (:func:`storyreel.seeds.scene_seed`) and lets its seed lock apply.
+        """
+        return self.seed_overrides.get(index, 0)
 
     def add_image(self, image: SceneImage) -> None:
         """A scene's image is stored: keep it, record the version, move the progress."""
@@ -337,17 +334,22 @@ class JobRecord(BaseModel):
             ArtifactVersion(kind=kind, uri=uri, generation=self.generation, scene_index=scene_index)
         ]
 
-    def reset_scene(self, index: int, prompt: str | None, seed: int | None) -> StoryScene:
+    def reset_scene(self, index: int, prompt: str | None, seed: int | None) -> Scene:
         """Prepare a new run that draws scene ``index`` again and composes the video again.
 
-        The scene's current image and the video stay in :attr:`versions`.
+        ``seed`` None keeps the scene's seed; 0 drops its own seed (back to the one
+        derived from the job seed); any other value becomes its own. The scene's
+        current image and the video stay in :attr:`versions`.
         """
         assert self.storyboard is not None
         scene = next(s for s in self.storyboard.scenes if s.index == index)
         if prompt is not None:
-            scene.image_prompt = prompt
-        if seed is not None:
+            scene = scene.model_copy(update={"image_prompt": prompt})
+            self.storyboard = self.storyboard.with_scene(scene)
+        if seed:
             self.seed_overrides[index] = seed
+        elif seed == 0:  # 0: back to the seed derived from the job's
+            self.seed_overrides.pop(index, None)
         self.images = [i for i in self.images if i.index != index]
         self.video_uri = ""
         self.captions_srt_uri = self.captions_vtt_uri = ""

@@ -10,6 +10,23 @@ video is composed once every image exists. That is how a gateway restart
 resumes a job and how one scene is regenerated. Transient upstream failures
 (a service restarting, a full queue) are retried with backoff; anything else
 fails the job with the stage, the status code and the message.
+
+What each stage is given and gives back, by layer:
+
+=======================  ============================  =========================================
+contract                 gateway (these protocols)     service core
+=======================  ============================  =========================================
+types.v1.Storyboard      storyreel.storyboard          storyreel_llm.storyboard.Storyboard
+                         .Storyboard                   (the shared model with the LLM's rules)
+diffusion.v1.Scene       :class:`SceneToRender`        storyreel_diffusion.planning.Scene
+diffusion.v1.Character   storyreel.storyboard          storyreel_diffusion.planning.CastMember
+                         .Character
+diffusion.v1.SceneImage  jobs.SceneImage               storyreel_diffusion.renderer.SceneImage
+composer.v1.Scene        (image URI, narration)        storyreel_composer.composer.Scene
+ComposeRequest options   storyreel.compose_options     the same ComposeOptions; the audio URI,
+                         .ComposeOptions               fps, size and revision are arguments
+ComposeResponse          jobs.ComposedVideo            storyreel_composer.composer.ComposeResult
+=======================  ============================  =========================================
 """
 
 from __future__ import annotations
@@ -20,11 +37,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from storyreel.compose_options import ComposeOptions
 from storyreel.errors import StoryreelError
 from storyreel.frames import nearest_aspect
 from storyreel.logs import job_id_var
+from storyreel.retries import RetryPolicy
+from storyreel.storyboard import Character, Storyboard
 from storyreel_gateway.jobs import (
-    Character,
     ComposedVideo,
     EventKind,
     JobError,
@@ -32,7 +51,6 @@ from storyreel_gateway.jobs import (
     JobState,
     SceneImage,
     Stage,
-    Storyboard,
 )
 from storyreel_gateway.settings import GatewaySettings
 from storyreel_gateway.store import JobStore, LeaseLost
@@ -78,40 +96,18 @@ class RenderSettings:
 
 
 @dataclass(frozen=True)
-class SceneRequest:
-    """One scene to draw, with the characters in it (scenes sharing one stay together)."""
+class SceneToRender:
+    """One scene of the storyboard as the render stage draws it (``diffusion.v1.Scene``).
+
+    The storyboard scene's index and image prompt, the seed to draw it from, and
+    the cast members in it (scenes sharing one stay in one render call).
+    """
 
     index: int
     prompt: str
+    # The scene's own seed, or 0: derived from the job seed by the diffusion service.
     seed: int
     characters: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ComposeOptions:
-    """The job's choices for its video; zero values select the composer's defaults."""
-
-    audio_uri: str = ""
-    fps: int = 0
-    width: int = 0
-    height: int = 0
-    aspect: str = ""
-    resolution: str = ""
-    seed: int = 0
-    captions: str = ""
-    audio_mode: str = ""
-    voice: str = ""
-    revision: int = 0
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Backoff for transient stage failures, bounded by time rather than attempts."""
-
-    initial_s: float = 0.5
-    max_backoff_s: float = 8.0
-    # Give up once a stage has kept failing this long.
-    give_up_after_s: float = 300.0
 
 
 class StoryStage(Protocol):
@@ -124,7 +120,7 @@ class RenderStage(Protocol):
     def render(
         self,
         job_id: str,
-        scenes: list[SceneRequest],
+        scenes: list[SceneToRender],
         settings: RenderSettings,
         characters: Sequence[Character] = (),
     ) -> AsyncIterator[SceneImage]:
@@ -142,23 +138,37 @@ class RenderStage(Protocol):
 
 class ComposeStage(Protocol):
     async def compose(
-        self, job_id: str, scenes: list[tuple[str, str]], options: ComposeOptions
+        self,
+        job_id: str,
+        scenes: list[tuple[str, str]],
+        audio_uri: str = "",
+        *,
+        fps: int = 0,
+        width: int = 0,
+        height: int = 0,
+        options: ComposeOptions | None = None,
+        revision: int = 0,
     ) -> ComposedVideo:
-        """Compose (image URI, narration) scenes into the job's video."""
+        """Compose (image URI, narration) scenes into the job's video.
+
+        As :meth:`storyreel_composer.composer.VideoComposer.compose`: the request's
+        own values (the user's audio, frame rate, explicit size, the job's run) are
+        arguments, the look and sound are ``options``; "" and 0 are the defaults.
+        """
         ...
 
 
-def split_scenes(scenes: list[SceneRequest], parts: int) -> list[list[SceneRequest]]:
+def split_scenes(scenes: list[SceneToRender], parts: int) -> list[list[SceneToRender]]:
     """Spread scenes over at most ``parts`` render calls, balancing their sizes.
 
     Scenes that share a character stay in one call, so that a consistency mode
     that draws a character from shared identity images sees all of its scenes.
     """
     # Union scenes that share a character into groups, keeping scene order.
-    groups: list[list[SceneRequest]] = []
-    owner: dict[str, int] = {}
+    groups: list[list[SceneToRender]] = []
+    group_of: dict[str, int] = {}
     for scene in scenes:
-        joined = sorted({owner[name] for name in scene.characters if name in owner})
+        joined = sorted({group_of[name] for name in scene.characters if name in group_of})
         if joined:
             target = joined[0]
             for other in reversed(joined[1:]):
@@ -171,10 +181,10 @@ def split_scenes(scenes: list[SceneRequest], parts: int) -> list[list[SceneReque
         for group_index, group in enumerate(groups):
             for member in group:
                 for name in member.characters:
-                    owner[name] = group_index
+                    group_of[name] = group_index
     groups = [sorted(group, key=lambda s: s.index) for group in groups if group]
     parts = max(1, min(parts, len(groups)))
-    bins: list[list[SceneRequest]] = [[] for _ in range(parts)]
+    bins: list[list[SceneToRender]] = [[] for _ in range(parts)]
     for group in sorted(groups, key=len, reverse=True):
         min(bins, key=len).extend(group)
     return [sorted(b, key=lambda s: s.index) for b in bins if b]
@@ -190,14 +200,15 @@ class JobPipeline:
         render: RenderStage,
         compose: ComposeStage,
         render_settings: RenderSettings,
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy,
     ) -> None:
         self.jobs = jobs
         self.story = story
         self.render = render
         self.compose = compose
         self.render_settings = render_settings
-        self.retry = retry or RetryPolicy()
+        # Transient stage failures, bounded by time (GatewaySettings.retry_policy).
+        self.retry = retry
 
     @classmethod
     def from_settings(
@@ -220,11 +231,7 @@ class JobPipeline:
                 steps=settings.render_steps,
                 guidance=settings.render_guidance,
             ),
-            RetryPolicy(
-                initial_s=settings.retry_initial_s,
-                max_backoff_s=settings.retry_max_backoff_s,
-                give_up_after_s=settings.retry_give_up_after_s,
-            ),
+            settings.retry_policy(),
         )
 
     async def run(self, record: JobRecord) -> None:
@@ -304,14 +311,19 @@ class JobPipeline:
     async def _with_retries(
         self, record: JobRecord, stage: Stage, step: Callable[[JobRecord], Awaitable[None]]
     ) -> None:
+        # The one retry of calls to the services: the channels retry nothing
+        # (storyreel.channels), and this loop also covers streaming calls, logs each
+        # retry, tells watchers and ends at once when the job is cancelled.
         loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + self.retry.give_up_after_s
-        backoff = self.retry.initial_s
+        started = loop.time()
+        retry = 0
         while True:
             try:
                 return await step(record)
             except StageFailed as exc:
-                if not exc.transient or loop.time() + backoff > give_up_at:
+                retry += 1
+                backoff = self.retry.wait_before(retry, loop.time() - started)
+                if not exc.transient or backoff is None:
                     raise
                 log.warning(
                     "stage failed, retrying",
@@ -321,7 +333,6 @@ class JobPipeline:
                     record, EventKind.RETRYING, stage, message=f"{exc.code}: {exc.message}"
                 )
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.retry.max_backoff_s)
 
     async def _storyboard(self, record: JobRecord) -> None:
         spec = record.spec
@@ -340,17 +351,17 @@ class JobPipeline:
         board = record.storyboard
         cast = {c.name for c in (board.characters if board else ()) if c.appearance}
         requests = [
-            SceneRequest(
+            SceneToRender(
                 index=scene.index,
                 prompt=scene.image_prompt,
-                seed=record.seed_of(scene.index),
+                seed=record.requested_seed(scene.index),
                 characters=tuple(name for name in scene.characters if name in cast),
             )
             for scene in record.missing_scenes()
         ]
         settings, characters = self._render_options(record, requests)
 
-        async def draw(part: list[SceneRequest]) -> None:
+        async def draw(part: list[SceneToRender]) -> None:
             async for image in self.render.render(record.job_id, part, settings, characters):
                 record.add_image(image)
                 await self.jobs.save(record, EventKind.SCENE_RENDERED, Stage.RENDER, image.index)
@@ -375,31 +386,25 @@ class JobPipeline:
             )
 
     def _render_options(
-        self, record: JobRecord, scenes: list[SceneRequest]
+        self, record: JobRecord, scenes: list[SceneToRender]
     ) -> tuple[RenderSettings, tuple[Character, ...]]:
         """The job's render settings and the characters its scenes name.
 
         Images take the video's shape unless the gateway's settings fix a size.
-        A character is drawn from a seed derived from the job seed and its name,
-        so it looks the same in every scene and in a regenerated one. Under seed
-        lock a scene with characters is drawn from its first character's seed,
-        so a scene given a new seed by RegenerateScene is drawn without the lock
-        (its prompt still spells out every appearance).
+        Seeds are the diffusion service's to derive: the job seed travels with
+        every call, and each scene is sent with its own seed or 0
+        (:meth:`JobRecord.requested_seed`), so the job's consistency mode applies
+        as the diffusion service defines it (:mod:`storyreel.seeds`).
         """
         spec = record.spec
         base = self.render_settings
         aspect = ""
         if not (base.width or base.height):
             aspect = spec.aspect or nearest_aspect(spec.width, spec.height)
-        consistency = spec.consistency
-        if consistency in ("", "seed_lock") and any(
-            s.index in record.seed_overrides and s.characters for s in scenes
-        ):
-            consistency = "none"
         settings = replace(
             base,
             aspect=aspect,
-            consistency=consistency,
+            consistency=spec.consistency,
             job_seed=spec.seed,
             revision=record.generation,
         )
@@ -415,16 +420,21 @@ class JobPipeline:
         scenes = [(image.uri, narration.get(image.index, "")) for image in record.images]
         spec = record.spec
         options = ComposeOptions(
-            audio_uri=spec.audio_uri,
-            fps=spec.fps,
-            width=spec.width,
-            height=spec.height,
             aspect=spec.aspect,
             resolution=spec.resolution,
             seed=spec.seed,
             captions=spec.captions,
             audio_mode=spec.audio_mode,
             voice=spec.voice,
+        )
+        video = await self.compose.compose(
+            record.job_id,
+            scenes,
+            spec.audio_uri,
+            fps=spec.fps,
+            width=spec.width,
+            height=spec.height,
+            options=options,
             revision=record.generation,
         )
-        record.set_video(await self.compose.compose(record.job_id, scenes, options))
+        record.set_video(video)

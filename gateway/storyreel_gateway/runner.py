@@ -266,7 +266,7 @@ class JobRunner:
         record = await self.jobs.requeue(tenant, job_id, change, self.admission.limits)
         log.info(
             "scene regenerating",
-            extra={"job_id": job_id, "scene": index, "seed": record.seed_of(index)},
+            extra={"job_id": job_id, "scene": index, "seed": record.requested_seed(index)},
         )
         return record
 

@@ -230,7 +230,7 @@ class GatewayService(Service):
     service_names = (gateway_pb2.DESCRIPTOR.services_by_name["StoryReelService"].full_name,)
     # The public API: its callers are tenants with API keys (AuthInterceptor), not the
     # deployment's services. It presents the internal token (and, with mutual TLS, its
-    # client certificate) to the story, render and composer services.
+    # client certificate) to the llm, diffusion and composer services.
     internal = False
 
     def __init__(

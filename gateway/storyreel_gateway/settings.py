@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from storyreel.limits import MAX_SCENES, MIN_SCENES
+from storyreel.retries import RetryPolicy
 from storyreel.settings import ServiceSettings, secret_setting
 from storyreel_gateway.auth import check_tenant_keys
 
@@ -33,9 +35,10 @@ class GatewaySettings(ServiceSettings):
     # Request limits and defaults.
     max_prompt_chars: int = 2000
     max_style_chars: int = 200
-    min_scenes: int = 1
-    max_scenes: int = 24
-    default_scenes: int = 4
+    # Scene counts: within the shared bounds (storyreel.limits); a deployment may narrow them.
+    min_scenes: int = Field(default=MIN_SCENES, ge=MIN_SCENES, le=MAX_SCENES)
+    max_scenes: int = Field(default=MAX_SCENES, ge=MIN_SCENES, le=MAX_SCENES)
+    default_scenes: int = Field(default=4, ge=MIN_SCENES, le=MAX_SCENES)
     # Video size and frame rate when the request leaves them at 0.
     video_width: int = Field(default=1280, ge=64, le=3840)
     video_height: int = Field(default=720, ge=64, le=3840)
@@ -86,8 +89,9 @@ class GatewaySettings(ServiceSettings):
     # Render calls one job's scenes are split over; 0 means one per render address.
     # Set it to the number of render replicas behind a dns:/// address.
     render_parallelism: int = Field(default=0, ge=0)
-    # Transient upstream failures (UNAVAILABLE, RESOURCE_EXHAUSTED) are retried with
-    # exponential backoff until a stage has failed for this long.
+    # Transient upstream failures (UNAVAILABLE, RESOURCE_EXHAUSTED, UNAUTHENTICATED) are
+    # retried with exponential backoff until a stage has failed for this long. The one
+    # place calls to the services are retried (see retry_policy and storyreel.retries).
     retry_initial_s: float = Field(default=0.5, gt=0)
     retry_max_backoff_s: float = Field(default=8.0, gt=0)
     retry_give_up_after_s: float = Field(default=300.0, ge=0)
@@ -176,6 +180,14 @@ class GatewaySettings(ServiceSettings):
             return {t: [v] if isinstance(v, str) else v for t, v in value.items()}
         return value
 
+    def retry_policy(self) -> RetryPolicy:
+        """How a stage that failed with a transient status is retried (storyreel.retries)."""
+        return RetryPolicy(
+            initial_s=self.retry_initial_s,
+            max_backoff_s=self.retry_max_backoff_s,
+            give_up_after_s=self.retry_give_up_after_s,
+        )
+
     @model_validator(mode="after")
     def _database_url_from_file(self) -> GatewaySettings:
         self.database_url = secret_setting(
@@ -185,6 +197,8 @@ class GatewaySettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _safe_defaults(self) -> GatewaySettings:
+        if not self.min_scenes <= self.default_scenes <= self.max_scenes:
+            raise ValueError("min_scenes <= default_scenes <= max_scenes must hold")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("set both tls_cert_file and tls_key_file, or neither")
         tenant_keys = self.tenant_keys()

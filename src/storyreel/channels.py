@@ -1,9 +1,24 @@
-"""Client channels to storyreel services, with retries on transient failures.
+"""Client channels to storyreel services.
 
 A channel to an internal service (story, render, compose) carries the deployment's
 trust (:class:`~storyreel.settings.InternalSettings`): the internal token on every
 call, as ``authorization: Bearer <token>`` metadata, and with mutual TLS this
 process's client certificate, the server checked against the deployment's CA.
+
+Retries: these channels have no retry policy. Their caller is the gateway
+(:mod:`storyreel_gateway.clients`), and it retries a failed call in one place, its
+pipeline (:meth:`storyreel_gateway.pipeline.JobPipeline.run`, bounded by time:
+:class:`storyreel.retries.RetryPolicy`), which also covers the streaming calls gRPC
+cannot retry once a response has arrived, stops at once when a job is cancelled and
+records every retry. A retry policy here as well would multiply the attempts behind
+each of the pipeline's. The calls the gateway makes while answering a client (the
+composer's voice list and audio probe at admission) are not retried either: the
+client is told the service is unavailable or busy and may send again. gRPC's
+transparent retries (of a call that never reached the server) stay on.
+
+The command line's channel to the gateway is not made here (:mod:`storyreel.cli`):
+it is another caller, a person who sees each failure, and it retries nothing
+either, but ``watch`` reconnects to a gateway that restarts.
 """
 
 from __future__ import annotations
@@ -15,23 +30,9 @@ import grpc
 
 from storyreel.settings import InternalSettings
 
-#: Retry UNAVAILABLE (a replica restarting) and RESOURCE_EXHAUSTED (a full
-#: queue) with exponential backoff. Applies to every method of the channel.
-RETRY_SERVICE_CONFIG = {
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [
-        {
-            "name": [{}],
-            "retryPolicy": {
-                "maxAttempts": 4,
-                "initialBackoff": "0.2s",
-                "maxBackoff": "5s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
-            },
-        }
-    ],
-}
+#: Spread calls over every address a name resolves to (dns:///name:port: each replica).
+#: No retryPolicy: calls are retried by their caller (see the module's docstring).
+SERVICE_CONFIG = {"loadBalancingConfig": [{"round_robin": {}}]}
 
 
 #: The metadata key that carries the internal token (as ``Bearer <token>``).
@@ -126,19 +127,18 @@ def open_channel(
     address: str,
     *,
     max_message_bytes: int = 4 * 1024 * 1024,
-    retries: bool = True,
     internal: InternalSettings | None = None,
 ) -> grpc.aio.Channel:
     """An aio channel to ``address`` (host:port, or dns:///name:port for every replica).
 
     With ``internal``, every call carries its token and, when it configures mutual TLS,
-    the channel speaks TLS with this process's client certificate.
+    the channel speaks TLS with this process's client certificate. A failed call is
+    not retried (see the module's docstring).
     """
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.enable_retries", 1 if retries else 0),
-        ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG)),
+        ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
     ]
     interceptors = metadata_interceptors(internal_metadata(internal)) or None
     credentials = internal_channel_credentials(internal)

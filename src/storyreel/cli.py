@@ -24,6 +24,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import grpc
@@ -31,8 +32,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from storyreel import options
+from storyreel import compose_options, options
 from storyreel.errors import UpstreamFailed
+from storyreel.limits import MAX_SCENES, MIN_SCENES
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -49,6 +51,36 @@ class CliError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
+
+
+#: The local commands (compose, storyboard --local, parse-storyboard) run a service's code in
+#: this process. The service package offers it through an entry point of this group, named
+#: after the root project's extra that installs the package (``pip install 'storyreel[llm]'``),
+#: so this core imports no service package (tests/core/test_layering.py).
+LOCAL_CODE_GROUP = "storyreel.local"
+
+
+def _local_code(extra: str, command: str):
+    """The module that the ``storyreel.local`` entry point ``extra`` names, imported.
+
+    Refused, naming the extra to install, when no installed package offers it or
+    what it needs is missing.
+    """
+    install = f"pip install 'storyreel[{extra}]'"
+    found = entry_points(group=LOCAL_CODE_GROUP, name=extra)
+    if not found:
+        raise CliError(
+            f"`storyreel {command}` runs the {extra} service in this process, and it is not "
+            f"installed: {install}",
+            EXIT_REFUSED,
+        )
+    try:
+        return next(iter(found)).load()
+    except ImportError as exc:
+        raise CliError(
+            f"`storyreel {command}` cannot load the {extra} service ({exc}): {install}",
+            EXIT_REFUSED,
+        ) from None
 
 
 def _rpc_error(error: grpc.RpcError, what: str) -> CliError:
@@ -424,13 +456,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_compose(args: argparse.Namespace) -> int:
     """Compose a video from local images and audio, without the other services."""
-    # Imported here: the composer (moviepy, piper, PIL) is needed by this command only.
-    from storyreel_composer.composer import ComposeOptions
-    from storyreel_composer.local import compose_files
-
     from storyreel.errors import StoryreelError
 
-    chosen = ComposeOptions(
+    # The composer (piper, PIL, ffmpeg) runs in this process: storyreel_composer.local, the
+    # `composer` extra, is needed by this command only.
+    compose_files = _local_code("composer", "compose").compose_files
+
+    chosen = compose_options.ComposeOptions(
         aspect=args.aspect or "",
         resolution=args.resolution or "",
         fit=args.fit or "",
@@ -469,7 +501,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_STORY_ADDRESS = os.environ.get("STORYREEL_STORY_ADDRESS", "127.0.0.1:50051")
+DEFAULT_LLM_ADDRESS = os.environ.get("STORYREEL_LLM", "127.0.0.1:50051")
 
 
 def _base_port(text: str) -> int:
@@ -486,13 +518,15 @@ def _base_port(text: str) -> int:
 
 
 def _scene_count(text: str) -> int:
-    """argparse type: a scene count of 1 to 24 (the story contract's bounds)."""
+    """argparse type: a scene count within the shared bounds (:mod:`storyreel.limits`)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 1 <= value <= 24:
-        raise argparse.ArgumentTypeError(f"scene count must be between 1 and 24 (got {value})")
+    if not MIN_SCENES <= value <= MAX_SCENES:
+        raise argparse.ArgumentTypeError(
+            f"scene count must be between {MIN_SCENES} and {MAX_SCENES} (got {value})"
+        )
     return value
 
 
@@ -581,16 +615,11 @@ def _storyboard_remote(args: argparse.Namespace) -> dict:
 
 
 def _storyboard_local(args: argparse.Namespace) -> dict:
-    # Imported here: the LLM service (and the model it loads) is needed by --local only.
-    from storyreel_llm.backends import create_backend
-    from storyreel_llm.settings import LLMSettings
-    from storyreel_llm.writer import StoryboardWriter
-
     from storyreel.errors import InvalidInput, StoryreelError
 
-    settings = LLMSettings()
-    backend = create_backend(settings)
-    writer = StoryboardWriter(backend, settings)
+    # The LLM service's writer (and the model it loads) runs in this process:
+    # storyreel_llm.local, the `llm` extra, is needed by --local only.
+    backend, writer = _local_code("llm", "storyboard --local").local_writer()
     try:
         writer.check_request(args.prompt, args.scenes, args.style)
         with console.status(f"loading the {backend.name} model..."):
@@ -622,13 +651,13 @@ def cmd_parse_storyboard(args: argparse.Namespace) -> int:
     """Read a model's raw answer on stdin; print the storyboard it holds as JSON."""
     import json
 
-    # Imported here: the parser lives in the LLM service's package.
-    from storyreel_llm.parsing import UnusableAnswer, parse_storyboard
-
+    # The free-form reader lives in the LLM service's package: storyreel_llm.local, the `llm`
+    # extra.
+    llm = _local_code("llm", "parse-storyboard")
     text = sys.stdin.read()
     try:
-        board = parse_storyboard(text, args.scenes)
-    except UnusableAnswer as exc:
+        board = llm.parse_storyboard(text, args.scenes)
+    except llm.UnusableAnswer as exc:
         raise CliError(f"no usable storyboard: {exc}", EXIT_JOB_FAILED) from None
     print(json.dumps(board.to_dict(), indent=2, ensure_ascii=False))
     return 0
@@ -657,7 +686,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = client_command("generate", "make a video from a prompt", cmd_generate)
     gen.add_argument("prompt")
     gen.add_argument("--audio", type=Path, help="your own audio track (wav, mp3, ogg, flac, m4a)")
-    gen.add_argument("--scenes", type=int, default=0, help="number of scenes (1-24)")
+    gen.add_argument(
+        "--scenes",
+        type=int,
+        default=0,
+        help=f"number of scenes ({MIN_SCENES}-{MAX_SCENES}; 0: the gateway's default)",
+    )
     gen.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
     gen.add_argument("--style", default="", help="style preset or free text")
     gen.add_argument("--width", type=int, default=0)
@@ -700,7 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     regen.add_argument("job")
     regen.add_argument("index", type=int, help="scene number (1-based)")
     regen.add_argument("--prompt", help="new image prompt for the scene")
-    regen.add_argument("--seed", type=int, help="new seed for the scene")
+    regen.add_argument(
+        "--seed", type=int, help="new seed for the scene (0: back to the job's derived one)"
+    )
     regen.add_argument("-o", "--output", type=Path, help="also save the new video here")
     regen.add_argument("--no-wait", action="store_true", help="return at once")
 
@@ -738,10 +774,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--aspect", choices=list(options.ASPECTS))
     comp.add_argument("--resolution", choices=list(options.RESOLUTIONS))
     comp.add_argument("--fps", type=int, default=0)
-    comp.add_argument("--fit", choices=["cover", "blur"])
-    comp.add_argument("--transition", choices=["crossfade", "cut"])
+    comp.add_argument("--fit", choices=list(compose_options.FITS))
+    comp.add_argument("--transition", choices=list(compose_options.TRANSITIONS))
     comp.add_argument("--crossfade", type=float, default=0.0, help="crossfade length in seconds")
-    comp.add_argument("--motion", choices=["ken_burns", "none"])
+    comp.add_argument("--motion", choices=list(compose_options.MOTIONS))
     comp.add_argument("--seed", type=int, default=0, help="seed of the Ken Burns moves")
     comp.add_argument("--captions", choices=list(options.CAPTIONS))
     comp.add_argument("--voice", default="", help="narration voice name")
@@ -752,19 +788,24 @@ def build_parser() -> argparse.ArgumentParser:
     board = sub.add_parser(
         "storyboard",
         help="write a storyboard (title, characters, scenes) without making a video",
-        description="Asks the LLM service (STORYREEL_STORY_ADDRESS, default 127.0.0.1:50051) "
+        description="Asks the LLM service (STORYREEL_LLM, default 127.0.0.1:50051) "
         "for a storyboard and prints it, presenting the internal token of "
         "STORYREEL_INTERNAL_TOKEN (or ..._TOKEN_FILE) when the service wants one. With --local "
         "the story writer runs in this process instead, configured by the same "
         "STORYREEL_LLM_* settings as the service.",
     )
     board.add_argument("prompt")
-    board.add_argument("--scenes", type=_scene_count, default=3, help="number of scenes (1-24)")
+    board.add_argument(
+        "--scenes",
+        type=_scene_count,
+        default=3,
+        help=f"number of scenes ({MIN_SCENES}-{MAX_SCENES})",
+    )
     board.add_argument("--style", default="", help="style preset or free text")
     board.add_argument("--seed", type=int, default=0, help="the same seed gives the same story")
     board.add_argument("--json", action="store_true", help="print the storyboard as JSON")
     board.add_argument(
-        "--address", default=DEFAULT_STORY_ADDRESS, help="LLM service address (host:port)"
+        "--address", default=DEFAULT_LLM_ADDRESS, help="LLM service address (host:port)"
     )
     board.add_argument(
         "--local", action="store_true", help="run the story writer in this process (no service)"

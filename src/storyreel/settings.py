@@ -133,7 +133,7 @@ class InternalSettings(BaseSettings):
     """How storyreel's services trust each other (environment prefix ``STORYREEL_INTERNAL_``).
 
     The deployment's internal token: the gateway presents it with every call to the
-    story, render and composer services, which refuse calls without it. Optionally
+    llm, diffusion and composer services, which refuse calls without it. Optionally
     mutual TLS: servers require a client certificate signed by ``tls_ca_file``, and
     clients present ``tls_cert_file`` and verify the server against the same CA.
     Every service of one deployment gets the same settings.

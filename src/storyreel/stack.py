@@ -6,7 +6,7 @@ a local folder (file:// storage) unless STORYREEL_STORAGE_URL says otherwise.
 The services trust each other through an internal token that each stack makes up
 when it is created (unless ``STORYREEL_INTERNAL_TOKEN`` or ``..._TOKEN_FILE`` is
 set): it reaches the four processes in their environment, which only this user can
-read, so other users of the machine cannot call the story, render and compose
+read, so other users of the machine cannot call the llm, diffusion and composer
 services directly.
 """
 

@@ -18,8 +18,8 @@ import shutil
 import subprocess
 
 import pytest
+from model_server_doubles import TGITestDouble
 from support import MODELS, REPO, probe_media
-from tgi_double import TGISchemaDouble
 
 from storyreel.settings import StorageSettings
 from storyreel.stack import LocalStack
@@ -44,7 +44,7 @@ def node() -> str:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    tgi = TGISchemaDouble().start()
+    tgi = TGITestDouble(schema_answers=True).start()
     data = tmp_path_factory.mktemp("node-client")
     local = LocalStack(
         data,

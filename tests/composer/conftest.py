@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import io
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import imageio_ffmpeg
 import pytest
 from PIL import Image
+from storyreel_composer.captions import CaptionStyle, caption_style
 from storyreel_composer.composer import VideoComposer
-from storyreel_composer.settings import ComposerSettings
+from storyreel_composer.settings import PACKAGED_FONT, ComposerSettings
 from storyreel_composer.tts import NarrationSynthesizer
+from support import lavfi_media
 
 from storyreel.storage import FileStore
 
@@ -56,6 +56,26 @@ def narrating_composer(
     return VideoComposer(file_store, voice, composer_settings)
 
 
+@pytest.fixture(scope="session")
+def style_for() -> Callable[..., CaptionStyle]:
+    """``style_for(width, height, **change)``: the caption style of a frame, with the
+    composer's default caption settings but for ``change``."""
+    defaults = dict(
+        font_path=PACKAGED_FONT,
+        font_scale=0.055,
+        outline_scale=0.09,
+        max_lines=2,
+        max_chars=42,
+        margin=0.05,
+        portrait_bottom_margin=0.18,
+    )
+
+    def style(width: int, height: int, **change) -> CaptionStyle:
+        return caption_style(width, height, **(defaults | change))
+
+    return style
+
+
 def _png(colour: tuple[int, int, int], size: tuple[int, int]) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, "PNG")
@@ -79,9 +99,6 @@ def make_audio(tmp_path: Path) -> Callable[..., Path]:
     def make(name: str, source: str, duration_s: float, *options: str) -> Path:
         path = tmp_path / "audio-sources" / name
         path.parent.mkdir(exist_ok=True)
-        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-y"]
-        cmd += ["-f", "lavfi", "-t", str(duration_s), "-i", source, *options, str(path)]
-        subprocess.run(cmd, check=True, timeout=60)
-        return path
+        return lavfi_media(path, source, duration_s, *options)
 
     return make

@@ -16,6 +16,7 @@ from storyreel_composer.audio import (
     normalise_track,
     speech_spans,
 )
+from support import tone_level
 
 TARGET = LoudnessTarget(-16.0, -1.5, 11.0)
 
@@ -27,13 +28,6 @@ def read_wav(path: Path) -> np.ndarray:
         [*cmd, "-ac", "1", "-f", "f32le", "-"], capture_output=True, check=True
     ).stdout
     return np.frombuffer(raw, np.float32).astype(np.float64)
-
-
-def tone_level(samples, rate, frequency, start_s, end_s) -> float:
-    window = samples[int(start_s * rate) : int(end_s * rate)]
-    t = np.arange(len(window)) / rate
-    hann = np.hanning(len(window))
-    return float(np.abs(np.sum(window * hann * np.exp(-2j * np.pi * frequency * t))) / hann.sum())
 
 
 def test_pauses_shorter_than_the_hold_keep_the_music_down():

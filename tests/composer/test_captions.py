@@ -12,7 +12,6 @@ import pytest
 from PIL import ImageFont
 from storyreel_composer.captions import (
     Cue,
-    caption_style,
     chunk,
     drawtext_filters,
     split_sentences,
@@ -30,19 +29,6 @@ TEXT = (
     "A lighthouse keeper watches the grey sea every night, counting the waves that roll in "
     "from the north. One morning, a whale sings back! Is it real?"
 )
-
-
-def style_for(width: int, height: int, **change):
-    options = dict(
-        font_path=PACKAGED_FONT,
-        font_scale=0.055,
-        outline_scale=0.09,
-        max_lines=2,
-        max_chars=42,
-        margin=0.05,
-        portrait_bottom_margin=0.18,
-    )
-    return caption_style(width, height, **(options | change))
 
 
 def test_the_caption_font_ships_inside_the_package_with_its_license():
@@ -64,7 +50,7 @@ def test_sentences_split_after_their_end_marks():
 
 
 @pytest.mark.parametrize("size", [(1280, 720), (720, 1280), (480, 480), (128, 128)])
-def test_wrapped_lines_fit_the_safe_width_measured_with_the_font(size):
+def test_wrapped_lines_fit_the_safe_width_measured_with_the_font(size, style_for):
     style = style_for(*size)
     font = ImageFont.truetype(str(PACKAGED_FONT), style.font_size)
     lines = wrap(TEXT, style)
@@ -75,7 +61,7 @@ def test_wrapped_lines_fit_the_safe_width_measured_with_the_font(size):
 
 
 @pytest.mark.parametrize("size", [(1280, 720), (720, 1280), (128, 128)])
-def test_cues_hold_at_most_two_lines_never_cross_a_sentence_and_keep_every_word(size):
+def test_cues_hold_at_most_two_lines_never_cross_a_sentence_and_keep_every_word(size, style_for):
     style = style_for(*size)
     cues = chunk(TEXT, style)
     assert all(1 <= len(lines) <= 2 for lines in cues)
@@ -88,7 +74,7 @@ def test_cues_hold_at_most_two_lines_never_cross_a_sentence_and_keep_every_word(
     assert all(len(" ".join(lines).split()) > 1 for lines in cues[:-1])
 
 
-def test_a_word_longer_than_a_line_is_broken_to_fit():
+def test_a_word_longer_than_a_line_is_broken_to_fit(style_for):
     style = style_for(128, 128)
     lines = wrap("Supercalifragilisticexpialidocious", style)
     assert "".join(lines) == "Supercalifragilisticexpialidocious" and len(lines) > 1
@@ -122,7 +108,9 @@ def test_rounding_never_makes_cues_overlap_or_leaves_empty_ones():
     assert "00:00:01,001 --> 00:00:02,000\nc" in srt
 
 
-def test_burned_captions_have_a_dark_outline_and_show_only_during_their_cue(tmp_path: Path):
+def test_burned_captions_have_a_dark_outline_and_show_only_during_their_cue(
+    tmp_path: Path, style_for
+):
     # A near-white picture: white letters are legible only through their outline.
     width, height, fps = 320, 180, 10
     (tmp_path / "canvas.rgb").write_bytes(bytes([235]) * (width * height * 3))

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import imageio_ffmpeg
 import pytest
-from storyreel_composer.captions import Cue, caption_style, chunk, spread, to_srt, to_vtt
-from storyreel_composer.settings import PACKAGED_FONT
+from storyreel_composer.captions import Cue, chunk, spread, to_srt, to_vtt
 
 NARRATIONS = {
     "script": "<script>alert(1)</script>",
@@ -46,19 +45,8 @@ def normalised(text: str) -> str:
     return " ".join(text.split())
 
 
-def cues_for(narration: str) -> list[list[Cue]]:
-    """The narration as the composer cues it, and as one raw cue."""
-    style = caption_style(
-        1280,
-        720,
-        font_path=PACKAGED_FONT,
-        font_scale=0.055,
-        outline_scale=0.09,
-        max_lines=2,
-        max_chars=42,
-        margin=0.05,
-        portrait_bottom_margin=0.18,
-    )
+def cues_for(narration: str, style) -> list[list[Cue]]:
+    """The narration as the composer cues it in ``style``, and as one raw cue."""
     return [spread(chunk(narration, style), 1.0, 4.0), [Cue(1.0, 4.0, (narration,))]]
 
 
@@ -126,8 +114,8 @@ def parse_vtt(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("narration", NARRATIONS.values(), ids=NARRATIONS.keys())
-def test_caption_files_are_valid_cues_that_show_the_narration_as_text(narration: str):
-    for cues in cues_for(narration):
+def test_caption_files_are_valid_cues_that_show_the_narration_as_text(narration: str, style_for):
+    for cues in cues_for(narration, style_for(1280, 720)):
         srt = parse_srt(to_srt(cues))
         vtt = parse_vtt(to_vtt(cues))
         assert len(srt) == len(vtt) == len(cues)

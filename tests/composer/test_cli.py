@@ -6,11 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 import pytest
 from PIL import Image
-from support import ffmpeg_decode, probe_media
+from support import ffmpeg_decode, lavfi_media, probe_media
 
 # Named so that plain string order would differ from number order.
 PICTURES = {
@@ -38,21 +37,7 @@ def folder(tmp_path: Path) -> Path:
     for name, colour in PICTURES.items():
         Image.new("RGB", (320, 240), colour).save(images / name)
     (images / "notes.txt").write_text("not an image")
-    subprocess.run(
-        [
-            imageio_ffmpeg.get_ffmpeg_exe(),
-            "-v",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=d=3",
-            "-c:a",
-            "libmp3lame",
-            str(tmp_path / "song.mp3"),
-        ],
-        check=True,
-    )
+    lavfi_media(tmp_path / "song.mp3", "sine", 3.0, "-c:a", "libmp3lame")
     (tmp_path / "lines.txt").write_text("The red one.\nThe green one.\n\n")
     return tmp_path
 

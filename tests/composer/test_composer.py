@@ -15,11 +15,12 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 from PIL import Image
-from storyreel_composer.composer import ComposeOptions, Scene, VideoComposer
+from storyreel_composer.composer import Scene, VideoComposer
 from storyreel_composer.stills import thumbnail
 from storyreel_composer.tts import NarrationSynthesizer
-from support import ffmpeg_decode, probe_media, stored_uris
+from support import ffmpeg_decode, probe_media, stored_uris, tone_level
 
+from storyreel.compose_options import ComposeOptions
 from storyreel.errors import InvalidInput, NotFound, NotReady, Overloaded
 
 FPS = 24
@@ -52,14 +53,6 @@ def audio_rms(path: Path, start_s: float, end_s: float) -> float:
     """Loudness of the video's sound track between two times (16-bit sample units)."""
     window = audio_samples(path)[int(start_s * 16000) : int(end_s * 16000)]
     return float(np.sqrt(np.mean(window**2)))
-
-
-def tone_level(samples: np.ndarray, rate: int, frequency: float, start_s: float, end_s: float):
-    """Amplitude of one pure tone in a stretch of audio (a Hann-windowed DFT bin)."""
-    window = samples[int(start_s * rate) : int(end_s * rate)]
-    t = np.arange(len(window)) / rate
-    hann = np.hanning(len(window))
-    return float(np.abs(np.sum(window * hann * np.exp(-2j * np.pi * frequency * t))) / hann.sum())
 
 
 def integrated_loudness(path: Path) -> float:

@@ -137,7 +137,7 @@ async def test_with_the_token_only_the_jobs_own_images_and_uploads_are_read(
     reads.clear()
     internal = InternalSettings(token=TOKEN)
     address = f"127.0.0.1:{server.port}"
-    async with open_channel(address, retries=False, internal=internal) as channel:
+    async with open_channel(address, internal=internal) as channel:
         stub = composer_pb2_grpc.ComposerServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Compose(request_of(victim), timeout=60)

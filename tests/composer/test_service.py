@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import grpc
-import imageio_ffmpeg
 import pytest
 from storyreel_composer.service import ComposerService
 from storyreel_composer.settings import ComposerSettings
-from support import health_status, probe_media, stored_uris
+from support import health_status, lavfi_media, probe_media, stored_uris
 
 from storyreel.channels import open_channel
 from storyreel.composer.v1 import composer_pb2, composer_pb2_grpc
@@ -41,7 +38,7 @@ async def load(server) -> None:
 @pytest.fixture
 async def stub(server):
     await load(server)
-    async with open_channel(f"127.0.0.1:{server.port}", retries=False) as channel:
+    async with open_channel(f"127.0.0.1:{server.port}") as channel:
         yield composer_pb2_grpc.ComposerServiceStub(channel)
 
 
@@ -138,9 +135,7 @@ async def test_look_and_sound_options_travel_through_the_stub(
     stub, job_images, file_store, tmp_path
 ):
     images = job_images("job-grpc-options")
-    audio = tmp_path / "music.flac"
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=d=1.5"]
-    subprocess.run([*cmd, str(audio)], check=True)
+    audio = lavfi_media(tmp_path / "music.flac", "sine", 1.5)
     audio_uri = file_store.put_file("uploads/tenant/x/music.flac", audio)
     request = composer_pb2.ComposeRequest(
         job_id="job-grpc-options",

@@ -150,7 +150,7 @@ async def test_list_voices_and_probe_audio_through_a_server_whose_voice_is_not_l
 ):
     running = await create_server(composer_settings, ComposerService(composer_settings, file_store))
     try:
-        async with open_channel(f"127.0.0.1:{running.port}", retries=False) as channel:
+        async with open_channel(f"127.0.0.1:{running.port}") as channel:
             stub = composer_pb2_grpc.ComposerServiceStub(channel)
             voices = await stub.ListVoices(composer_pb2.ListVoicesRequest())
             assert [(v.name, v.language, v.sample_rate) for v in voices.voices] == [

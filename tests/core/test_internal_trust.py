@@ -155,7 +155,7 @@ async def test_the_token_from_a_file_gets_calls_of_every_kind_through(start, tmp
     assert internal.token_value == TOKEN
     service = Echo()
     running = await start(service, internal=internal)
-    async with open_channel(address(running), retries=False, internal=internal) as channel:
+    async with open_channel(address(running), internal=internal) as channel:
         assert (await say(channel)).status == Response.SERVING
         assert len(await stream(channel)) == 2
         # A call's own authorization header never travels beside the channel's.
@@ -292,13 +292,13 @@ async def test_with_mutual_tls_only_clients_with_the_deployments_certificate_get
     assert service.calls == 0
 
     # The deployment's certificate without the token: the token is still required.
-    async with open_channel(target, retries=False, internal=mtls(tls, token="")) as channel:
+    async with open_channel(target, internal=mtls(tls, token="")) as channel:
         assert await outcome(channel) == grpc.StatusCode.UNAUTHENTICATED
         # ... while health answers (over TLS) without it.
         answer = await health_pb2_grpc.HealthStub(channel).Check(Request(), timeout=10)
         assert answer.status == Response.NOT_SERVING
     # Both: through, on every kind of call (the server is checked against the CA too).
-    async with open_channel(target, retries=False, internal=mtls(tls)) as channel:
+    async with open_channel(target, internal=mtls(tls)) as channel:
         assert await outcome(channel) == grpc.StatusCode.OK
         assert len(await stream(channel)) == 2
     assert service.calls == 2
@@ -307,7 +307,7 @@ async def test_with_mutual_tls_only_clients_with_the_deployments_certificate_get
 async def test_mutual_tls_alone_lets_a_service_listen_beyond_the_loopback(start, tls):
     running = await start(host="0.0.0.0", internal=mtls(tls, token=""))
     target = f"127.0.0.1:{running.port}"
-    async with open_channel(target, retries=False, internal=mtls(tls, token="")) as channel:
+    async with open_channel(target, internal=mtls(tls, token="")) as channel:
         assert (await say(channel)).status == Response.SERVING
 
 

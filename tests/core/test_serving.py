@@ -15,8 +15,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2
-from support import health_status
+from support import health_status, reflection_answers
 
 from storyreel.errors import InvalidInput, Overloaded
 from storyreel.llm.v1 import llm_pb2, llm_pb2_grpc
@@ -229,22 +228,9 @@ async def test_health_list_and_watch_behave_as_the_standard_service(echoing):
 @pytest.mark.parametrize("version", ["v1", "v1alpha"])
 async def test_reflection_serves_v1_and_v1alpha(echoing, version):
     channel, _, _ = echoing
-    info = channel.stream_stream(
-        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
-        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
-        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    answers = await reflection_answers(
+        channel, version, "storyreel.llm.v1.LlmService", "grpc.reflection.v1.ServerReflection"
     )
-
-    async def requests():
-        yield reflection_pb2.ServerReflectionRequest(list_services="")
-        yield reflection_pb2.ServerReflectionRequest(
-            file_containing_symbol="storyreel.llm.v1.LlmService"
-        )
-        yield reflection_pb2.ServerReflectionRequest(
-            file_containing_symbol="grpc.reflection.v1.ServerReflection"
-        )
-
-    answers = [answer async for answer in info(requests())]
     services = {s.name for s in answers[0].list_services_response.service}
     assert {
         "storyreel.llm.v1.LlmService",

@@ -7,11 +7,10 @@ with an empty storyreel server (storyreel.serving.serve), so no model is loaded.
 from __future__ import annotations
 
 import os
-import random
-import socket
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 from storyreel import cli
 from storyreel.errors import UpstreamFailed
@@ -63,25 +62,6 @@ def fake_services(tmp_path: Path) -> dict:
     return {"services": specs, "env": {"PYTHONPATH": path}}
 
 
-def _free_ports(count: int) -> int:
-    """The first of ``count`` consecutive ports that are free now."""
-    for _ in range(200):
-        base = random.randint(20_000, 60_000)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no free ports")
-
-
 def _scrub_port_env(monkeypatch):
     for name in NAMES:
         monkeypatch.delenv(f"STORYREEL_{name.upper()}_PORT", raising=False)
@@ -89,7 +69,7 @@ def _scrub_port_env(monkeypatch):
 
 def test_each_service_listens_on_its_port_setting(tmp_path, fake_services, monkeypatch):
     _scrub_port_env(monkeypatch)
-    base = _free_ports(8)
+    base = free_port(8)
     wanted = {"gateway": base + 7, "llm": base + 5, "diffusion": base + 1, "composer": base + 3}
     for name, port in wanted.items():
         monkeypatch.setenv(f"STORYREEL_{name.upper()}_PORT", str(port))
@@ -104,7 +84,7 @@ def test_base_port_puts_the_services_on_four_consecutive_ports(
 ):
     _scrub_port_env(monkeypatch)
     monkeypatch.setenv("STORYREEL_LLM_PORT", "1")  # --base-port wins over the environment
-    base = _free_ports(4)
+    base = free_port(4)
     with LocalStack(tmp_path / "data", base_port=base, **fake_services) as stack:
         assert stack.start(timeout_s=120) == f"127.0.0.1:{base}"
         ports = {name: p.port for name, p in stack.processes.items()}
@@ -115,7 +95,7 @@ def test_a_second_stack_on_the_same_ports_fails_naming_the_port(
     tmp_path, fake_services, monkeypatch
 ):
     _scrub_port_env(monkeypatch)
-    base = _free_ports(4)
+    base = free_port(4)
     with LocalStack(tmp_path / "a", base_port=base, **fake_services) as first:
         first.start(timeout_s=120)
         second = LocalStack(tmp_path / "b", base_port=base, **fake_services)

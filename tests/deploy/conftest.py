@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[2]
-OVERLAYS_DIR = REPO / "deploy" / "k8s" / "overlays"
+from support import OVERLAYS_DIR
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,8 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "deploy" / "compose.yaml"
 SERVICES = {"gateway": 50050, "llm": 50051, "diffusion": 50052, "composer": 50053}
 DATABASE_URL = "STORYREEL_GATEWAY_DATABASE_URL"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
 
 import pytest
+from support import free_port
 
 from storyreel.serving import Service, create_server
 from storyreel.settings import ServiceSettings
@@ -72,10 +72,7 @@ async def test_healthcheck_asks_about_a_named_service(loading_server):
 
 
 async def test_healthcheck_fails_when_nothing_listens():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free_port = probe.getsockname()[1]
-    code, output = await run_healthcheck(f"127.0.0.1:{free_port}", "--timeout", "2")
+    code, output = await run_healthcheck(f"127.0.0.1:{free_port()}", "--timeout", "2")
     assert code == 1
     assert "UNAVAILABLE" in output or "DEADLINE_EXCEEDED" in output
 

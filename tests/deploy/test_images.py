@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = REPO / "deploy" / "docker"
 #: The storyreel services and their gRPC ports (each service's settings.py default).
 SERVICES = {"gateway": 50050, "llm": 50051, "diffusion": 50052, "composer": 50053}
@@ -226,7 +226,7 @@ def test_build_context_leaves_out_the_venv_models_and_generated_stubs():
     needed = {"constraints.txt", "pyproject.toml", "README.md", "protos", "src"}
     needed |= {"services", "gateway"}
     assert needed <= allowed
-    for area in ("story", "render", "compose", "gateway"):
+    for area in ("llm", "diffusion", "composer", "types", "gateway"):
         assert f"src/storyreel/{area}/" in ignore
 
 

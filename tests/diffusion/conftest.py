@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -137,11 +136,3 @@ def record_calls():
     for renderer, real in reversed(swapped):
         if renderer.loaded:
             renderer.swap_pipeline(real)
-
-
-@pytest.fixture
-def free_port() -> int:
-    """A TCP port that was free a moment ago (for endpoints that cannot bind port 0)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

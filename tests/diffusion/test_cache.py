@@ -8,12 +8,9 @@ import uuid
 import numpy as np
 from PIL import Image
 from storyreel_diffusion.renderer import Scene, SceneRenderer
+from support import new_job
 
 from storyreel.storage import ArtifactStore
-
-
-def new_job() -> str:
-    return f"job-{uuid.uuid4().hex[:12]}"
 
 
 def fresh(prompt: str) -> str:

@@ -7,18 +7,18 @@ mechanism: what changes, what must not, and what is shared between scenes.
 from __future__ import annotations
 
 import io
-import uuid
 
 import numpy as np
 import pytest
 from PIL import Image
 from storyreel_diffusion.planning import derive_seed
-from storyreel_diffusion.renderer import Character, Scene, SceneRenderer
+from storyreel_diffusion.renderer import CastMember, Scene, SceneRenderer
+from support import new_job
 
 from storyreel.errors import FailedPrecondition
 
-MIRA = Character("Mira", "a girl with red braids", seed=77)
-OTTO = Character("Otto", "an old grey whale")
+MIRA = CastMember("Mira", "a girl with red braids", seed=77)
+OTTO = CastMember("Otto", "an old grey whale")
 SCENES = [
     Scene(1, "Mira on a cliff", 1, ("Mira",)),
     Scene(2, "Mira in a boat", 2, ("Mira",)),
@@ -51,7 +51,7 @@ async def consistent(diffusion_settings, ip_adapter_settings, shared_store):
 
 
 async def render(renderer, scenes=SCENES, characters=(MIRA,), **options):
-    job = f"job-{uuid.uuid4().hex[:12]}"
+    job = new_job()
     return [
         image
         async for image in renderer.render(job, scenes, characters=list(characters), **options)
@@ -73,9 +73,13 @@ def distance(store, a, b) -> float:
 
 
 async def test_seed_lock_draws_a_characters_scenes_from_one_seed(consistent, shared_store):
-    locked = await render(consistent, consistency="seed_lock")
+    # Mira's scenes have no seed of their own (0): the lock gives them hers.
+    unseeded = [Scene(s.index, s.prompt, 0, s.characters) if s.characters else s for s in SCENES]
+    locked = await render(consistent, unseeded, consistency="seed_lock")
     plain = await render(consistent, consistency="none")
     assert [image.seed for image in locked] == [77, 77, 3]
+    own = await render(consistent, consistency="seed_lock")
+    assert [image.seed for image in own] == [1, 2, 3]  # a scene's own seed beats the lock
     assert [image.seed for image in plain] == [1, 2, 3]
     # Same starting noise: Mira's two scenes come out far closer to each other.
     assert distance(shared_store, *locked[:2]) < distance(shared_store, *plain[:2]) / 4
@@ -130,7 +134,7 @@ async def test_reference_images_condition_scenes_on_stored_portraits(consistent,
 async def test_a_different_portrait_changes_the_scene_it_conditions(consistent, shared_store):
     scene = [SCENES[0]]
     first = await render(consistent, scene, consistency="reference_images")
-    other_look = Character("Mira", MIRA.appearance, seed=78)  # same prompts, another portrait
+    other_look = CastMember("Mira", MIRA.appearance, seed=78)  # same prompts, another portrait
     second = await render(consistent, scene, [other_look], consistency="reference_images")
     assert shared_store.get_bytes(first[0].reference_uris[0]) != shared_store.get_bytes(
         second[0].reference_uris[0]

@@ -63,7 +63,7 @@ async def test_a_direct_render_call_without_the_token_is_unauthenticated(server,
 async def test_the_gateways_channel_gets_through(server):
     internal = InternalSettings(token=TOKEN)
     address = f"127.0.0.1:{server.port}"
-    async with open_channel(address, retries=False, internal=internal) as channel:
+    async with open_channel(address, internal=internal) as channel:
         stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async for _ in stub.RenderScenes(overwrite(), timeout=60):

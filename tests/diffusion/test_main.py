@@ -62,7 +62,7 @@ async def test_module_serves_renders_and_exits_cleanly_on_sigterm(tiny_sd, tmp_p
     )
     try:
         address = await wait_until_serving(process, port_file)
-        async with open_channel(address, retries=False) as channel:
+        async with open_channel(address) as channel:
             stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
             req = diffusion_pb2.RenderScenesRequest(
                 job_id="process-test",

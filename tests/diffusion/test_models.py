@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +11,13 @@ from PIL import Image
 from storyreel_diffusion.planning import derive_seed
 from storyreel_diffusion.renderer import Scene, SceneRenderer
 from storyreel_diffusion.tiny import build_tiny_pipeline
+from support import new_job
 
 from storyreel.errors import InvalidInput
 
 
 async def render(renderer, scenes, **options):
-    job = f"job-{uuid.uuid4().hex[:12]}"
+    job = new_job()
     return [image async for image in renderer.render(job, scenes, **options)]
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import pytest
 from storyreel_diffusion.planning import (
-    Character,
+    CastMember,
     ConsistencyMode,
     ModelFacts,
     Scene,
@@ -20,6 +19,7 @@ from storyreel_diffusion.planning import (
 from storyreel_diffusion.settings import DiffusionSettings
 
 from storyreel.errors import FailedPrecondition, InvalidInput
+from storyreel.seeds import scene_seed
 
 SD15 = ModelFacts(
     fingerprint="sha256:weights",
@@ -38,8 +38,8 @@ SDXL = dataclasses.replace(
     native_height=1024,
 )  # fmt: skip
 SETTINGS = DiffusionSettings(_env_file=None, metrics_port=0)
-MIRA = Character("Mira", "a girl with red braids and a yellow raincoat")
-OTTO = Character("Otto", "an old grey whale with a scarred fin", seed=1234)
+MIRA = CastMember("Mira", "a girl with red braids and a yellow raincoat")
+OTTO = CastMember("Otto", "an old grey whale with a scarred fin", seed=1234)
 
 
 def plan(scenes=None, facts=SD15, settings=SETTINGS, **options):
@@ -47,11 +47,9 @@ def plan(scenes=None, facts=SD15, settings=SETTINGS, **options):
     return plan_render(settings, facts, "job-1", scenes, **options)
 
 
-def test_job_seed_derives_scene_seeds_as_the_gateway_does():
-    expected = int.from_bytes(hashlib.blake2b(b"7:3", digest_size=8).digest(), "big") >> 1
-    assert derive_seed(7, 3) == expected
+def test_job_seed_derives_scene_seeds_by_the_shared_rule():
     planned = plan([Scene(3, "a", 0), Scene(4, "b", 99)], job_seed=7, consistency="none")
-    assert [image.seed for image in planned.images] == [expected, 99]
+    assert [image.seed for image in planned.images] == [scene_seed(7, 3), 99]
 
 
 def test_without_job_seed_scene_seeds_are_used_as_given():
@@ -76,6 +74,22 @@ def test_seed_lock_draws_every_scene_of_a_character_from_its_lead_characters_see
     ]
     unlocked = plan(scenes, characters=[MIRA, OTTO], job_seed=11, consistency="none")
     assert len({image.seed for image in unlocked.images}) == 4
+
+
+def test_a_scenes_own_seed_beats_the_seed_lock_and_seed_0_gets_the_lock():
+    scenes = [
+        Scene(1, "Mira on the cliff", 0, ("Mira",)),
+        Scene(2, "Mira at sea", 99, ("Mira",)),
+        Scene(3, "Otto dives", 0, ("Otto",)),
+    ]
+    planned = plan(scenes, characters=[MIRA, OTTO], job_seed=11, consistency="seed_lock")
+    assert [image.seed for image in planned.images] == [
+        derive_seed(11, "character", "Mira"),
+        99,
+        1234,
+    ]
+    # Its prompt still spells out the appearance: only the seed is the scene's own.
+    assert MIRA.appearance in planned.images[1].prompt
 
 
 def test_modes_other_than_none_add_each_missing_appearance_to_the_prompt():
@@ -175,8 +189,8 @@ def key_of(**changes) -> str:
         {"consistency_strength": 0.6},
         {"consistency": "consistent_self_attention"},
         {"consistency": "none"},
-        {"characters": [Character("Mira", "a girl with blue braids")]},
-        {"characters": [Character("Mira", MIRA.appearance, seed=5)]},  # another portrait
+        {"characters": [CastMember("Mira", "a girl with blue braids")]},
+        {"characters": [CastMember("Mira", MIRA.appearance, seed=5)]},  # another portrait
         {"facts": dataclasses.replace(SD15, fingerprint="sha256:other-weights")},
         {"facts": dataclasses.replace(SD15, dtype="float16")},
         {"facts": dataclasses.replace(SD15, ip_adapter="sha256:other-adapter")},
@@ -205,8 +219,8 @@ def test_content_keys_ignore_the_revision_which_the_plan_carries():
 
 
 def test_seed_lock_and_none_share_a_key_when_they_draw_the_same_pixels():
-    scene = [Scene(1, "Mira on the cliff", 5, ("Mira",))]
-    same_seed = Character("Mira", MIRA.appearance, seed=5)
+    scene = [Scene(1, "Mira on the cliff", 0, ("Mira",))]
+    same_seed = CastMember("Mira", MIRA.appearance, seed=5)
     locked = plan(scene, characters=[same_seed], consistency="seed_lock")
     plain = plan([Scene(1, locked.images[0].prompt, 5)], characters=[], consistency="none")
     assert locked.images[0].key == plain.images[0].key
@@ -241,19 +255,19 @@ INVALID = {
     "too many characters in a scene": (
         dict(
             scenes=[Scene(1, "a", 1, tuple("ABCDE"))],
-            characters=[Character(n, "x") for n in "ABCDE"],
+            characters=[CastMember(n, "x") for n in "ABCDE"],
         ),
         "characters lists 5 names, the maximum is 4",
     ),
     "duplicate character names": (dict(characters=[MIRA, MIRA]), "appears more than once"),
-    "empty character name": (dict(characters=[Character(" ", "x")]), "name must not be empty"),
-    "long character name": (dict(characters=[Character("x" * 65, "y")]), "the maximum is 64"),
+    "empty character name": (dict(characters=[CastMember(" ", "x")]), "name must not be empty"),
+    "long character name": (dict(characters=[CastMember("x" * 65, "y")]), "the maximum is 64"),
     "empty appearance": (
-        dict(characters=[Character("Mira", "")]),
+        dict(characters=[CastMember("Mira", "")]),
         "characters[0] (Mira): appearance must not be empty",
     ),
     "too many characters": (
-        dict(characters=[Character(f"c{i}", "x") for i in range(9)]),
+        dict(characters=[CastMember(f"c{i}", "x") for i in range(9)]),
         "characters must hold at most 8, got 9",
     ),
     "aspect with a width": (dict(aspect="16:9", width=512), "exclude each other"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import uuid
 
 import pytest
 from PIL import Image
@@ -16,14 +15,10 @@ from storyreel_diffusion.renderer import (
     image_key,
 )
 from storyreel_diffusion.settings import DiffusionSettings
-from support import stored_uris
+from support import new_job, stored_uris
 
 from storyreel.errors import InvalidInput, NotReady
 from storyreel.storage import ArtifactStore
-
-
-def new_job() -> str:
-    return f"job-{uuid.uuid4().hex[:12]}"
 
 
 async def render_all(renderer: SceneRenderer, job_id: str, scenes, **options) -> list[SceneImage]:
@@ -57,23 +52,16 @@ async def test_png_has_requested_size_and_lands_under_the_job(renderer, shared_s
     assert picture.size == (128, 72)
 
 
-async def test_different_seeds_give_different_images(renderer, shared_store):
-    images = await render_all(
-        renderer,
-        new_job(),
+@pytest.mark.parametrize(
+    "scenes",
+    [
         [Scene(1, "a forest", 1), Scene(2, "a forest", 2)],
-        steps=2,
-    )
-    assert png(shared_store, images[0]) != png(shared_store, images[1])
-
-
-async def test_different_prompts_with_one_seed_give_different_images(renderer, shared_store):
-    images = await render_all(
-        renderer,
-        new_job(),
         [Scene(1, "a red fox in snow", 9), Scene(2, "a city at night", 9)],
-        steps=2,
-    )
+    ],
+    ids=["different-seeds", "different-prompts-one-seed"],
+)
+async def test_a_different_seed_or_prompt_gives_a_different_image(renderer, shared_store, scenes):
+    images = await render_all(renderer, new_job(), scenes, steps=2)
     assert png(shared_store, images[0]) != png(shared_store, images[1])
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import uuid
 
 import grpc
 import pytest
 from PIL import Image
 from storyreel_diffusion.planning import derive_seed
 from storyreel_diffusion.service import DiffusionService
-from support import health_status, stored_uris
+from support import health_status, new_job, stored_uris
 
 from storyreel.channels import open_channel
 from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
@@ -18,10 +17,6 @@ from storyreel.serving import create_server, start_and_load
 from storyreel.types.v1 import types_pb2
 
 SERVICE_NAME = "storyreel.diffusion.v1.DiffusionService"
-
-
-def new_job() -> str:
-    return f"job-{uuid.uuid4().hex[:12]}"
 
 
 def request(**fields) -> diffusion_pb2.RenderScenesRequest:
@@ -46,7 +41,7 @@ async def server(diffusion_settings, shared_store):
 
 @pytest.fixture
 async def stub(server):
-    async with open_channel(f"127.0.0.1:{server.port}", retries=False) as channel:
+    async with open_channel(f"127.0.0.1:{server.port}") as channel:
         yield diffusion_pb2_grpc.DiffusionServiceStub(channel)
 
 
@@ -61,7 +56,7 @@ async def test_health_is_not_serving_until_the_model_is_loaded(diffusion_setting
     try:
         assert await health_status(address) == "NOT_SERVING"
         assert await health_status(address, SERVICE_NAME) == "NOT_SERVING"
-        async with open_channel(address, retries=False) as channel:
+        async with open_channel(address) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await collect(diffusion_pb2_grpc.DiffusionServiceStub(channel), request())
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -136,26 +131,13 @@ async def test_characters_and_seed_lock_travel_through_grpc(stub):
         diffusion_pb2.Scene(index=2, prompt="Mira at sea", characters=["Mira"]),
         diffusion_pb2.Scene(index=3, prompt="an empty beach"),
     ]
-    locked = await collect(
-        stub,
-        request(
-            scenes=scenes,
-            characters=[MIRA],
-            consistency=types_pb2.CONSISTENCY_MODE_SEED_LOCK,
-            job_seed=5,
-        ),
-    )
-    assert [image.seed for image in locked] == [77, 77, derive_seed(5, 3)]
-    plain = await collect(
-        stub,
-        request(
-            scenes=scenes,
-            characters=[MIRA],
-            consistency=types_pb2.CONSISTENCY_MODE_NONE,
-            job_seed=5,
-        ),
-    )
-    assert [image.seed for image in plain] == [derive_seed(5, i) for i in (1, 2, 3)]
+
+    async def seeds(consistency: int) -> list[int]:
+        req = request(scenes=scenes, characters=[MIRA], consistency=consistency, job_seed=5)
+        return [image.seed for image in await collect(stub, req)]
+
+    assert await seeds(types_pb2.CONSISTENCY_MODE_SEED_LOCK) == [77, 77, derive_seed(5, 3)]
+    assert await seeds(types_pb2.CONSISTENCY_MODE_NONE) == [derive_seed(5, i) for i in (1, 2, 3)]
 
 
 async def test_aspect_ratio_sets_the_frame(stub, shared_store):
@@ -273,7 +255,7 @@ async def test_a_later_revision_stores_its_reference_portraits_under_its_own_fol
             revision=revision,
         )
 
-    async with open_channel(f"127.0.0.1:{adapter_server.port}", retries=False) as channel:
+    async with open_channel(f"127.0.0.1:{adapter_server.port}") as channel:
         stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
         [first] = await collect(stub, run(mira, 0))
         [portrait_uri] = first.reference_uris

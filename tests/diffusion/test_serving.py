@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.request
 import uuid
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from storyreel_diffusion.service import DiffusionService
-from support import stored_uris
+from support import free_port, new_job, stored_uris
 
 from storyreel.channels import open_channel
 from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
@@ -21,10 +20,6 @@ from storyreel.serving import start_and_load
 # Only stops a hung test from hanging the suite; nothing is timed.
 HANG_GUARD_S = 120
 LONG_STEPS = 150
-
-
-def new_job() -> str:
-    return f"job-{uuid.uuid4().hex[:12]}"
 
 
 def request(scenes: int = 1, steps: int = 1, **fields) -> diffusion_pb2.RenderScenesRequest:
@@ -43,12 +38,6 @@ def request(scenes: int = 1, steps: int = 1, **fields) -> diffusion_pb2.RenderSc
     )
 
 
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 async def service(diffusion_settings, shared_store):
     """A diffusion service admitting one request at a time, with cache and metrics on."""
@@ -57,7 +46,7 @@ async def service(diffusion_settings, shared_store):
             "max_queue": 1,
             "max_batch_size": 4,
             "cache_enabled": True,
-            "metrics_port": unused_port(),
+            "metrics_port": free_port(),
         }
     )
     service = DiffusionService(settings, shared_store)
@@ -69,7 +58,7 @@ async def service(diffusion_settings, shared_store):
 
 @pytest.fixture
 async def stub(service):
-    async with open_channel(f"127.0.0.1:{service.port}", retries=False) as channel:
+    async with open_channel(f"127.0.0.1:{service.port}") as channel:
         yield diffusion_pb2_grpc.DiffusionServiceStub(channel)
 
 

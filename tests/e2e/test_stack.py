@@ -12,11 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 import pytest
 from PIL import Image
-from support import ffmpeg_decode, probe_media
+from support import MODELS, ffmpeg_decode, lavfi_media, probe_media
 
 from storyreel.settings import StorageSettings
 from storyreel.stack import LocalStack
@@ -29,8 +28,6 @@ WIDTH, HEIGHT, FPS = 320, 240, 12
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, request) -> LocalStack:
-    from support import MODELS
-
     data = tmp_path_factory.mktemp("stack")
     local = LocalStack(
         data,
@@ -100,10 +97,46 @@ def scene_image(store: FileStore, uri: str) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + WIDTH, top + HEIGHT)), np.float32)
 
 
+#: How much closer (in mean absolute difference) a scene's frame must be to its own image
+#: than to any other scene's image.
+OWN_IMAGE_MARGIN = 0.8
+#: The size frames and images are compared at: the layout of colour, not its detail, so the
+#: Ken Burns move within a scene and the burned-in captions weigh little.
+COMPARED_SIZE = (16, 12)
+
+
+def small(picture: np.ndarray) -> np.ndarray:
+    image = Image.fromarray(picture.astype(np.uint8))
+    return np.asarray(image.resize(COMPARED_SIZE, Image.Resampling.BOX), np.float32)
+
+
+def scenes_not_showing_their_own_image(
+    frames: list[np.ndarray], images: list[np.ndarray], margin: float = OWN_IMAGE_MARGIN
+) -> list[tuple[int, list[float]]]:
+    """The scenes whose frame is not clearly its own image: (scene, its frame's distance to
+    every image) for each whose own image is not ``margin`` times closer than any other.
+
+    Scenes whose images are alike cannot pass: the own image must win by the margin.
+    """
+    failures = []
+    for scene, frame in enumerate(frames):
+        distances = [float(np.abs(small(frame) - small(image)).mean()) for image in images]
+        others = [d for index, d in enumerate(distances) if index != scene]
+        if not distances[scene] < margin * min(others):
+            failures.append((scene, distances))
+    return failures
+
+
 def test_generate_makes_a_narrated_video_with_one_image_per_scene(stack, store, tmp_path):
     output = tmp_path / "story.mp4"
+    # No character consistency: under seed lock, scenes led by one character share its
+    # seed, and the random-weight model then draws them all but identically, so no frame
+    # could tell which scene's image it shows.
     result = generate(
-        stack, output, "A lighthouse keeper befriends a lost whale", "--scenes", "3", "--seed", "11"
+        stack,
+        output,
+        "A lighthouse keeper befriends a lost whale",
+        *("--scenes", "3", "--seed", "11", "--consistency", "none"),
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(output.resolve())
@@ -126,35 +159,18 @@ def test_generate_makes_a_narrated_video_with_one_image_per_scene(stack, store, 
     # Each scene lasts as long as its narration: longer than the silent padding after it, so
     # every scene has speech. (SmolLM2 has written narrations as short as "1,": how long they
     # are is the LLM service's quality, checked there, not the pipeline's.) On screen in
-    # each scene's time span is that scene's own image: no other image is a closer match.
-    # (Under the default seed lock, scenes led by one character share its seed, and the
-    # random-weight model then draws them all but identically: either one matches.)
+    # the middle of each scene's time span is that scene's own image, clearly closer to it
+    # than to any other scene's image.
     starts = job["scene_starts_s"] + [job["duration_s"]]
     assert all(b - a > 0.45 for a, b in itertools.pairwise(starts)), starts
+    assert job["spec"]["consistency"] == "none"
     images = [scene_image(store, image["uri"]) for image in job["images"]]
-    for scene, (start, end) in enumerate(itertools.pairwise(starts)):
-        frame = frame_at(output, (start + end) / 2)
-        errors = [np.abs(frame - image).mean() for image in images]
-        assert errors[scene] <= min(errors) * 1.01, (scene, errors)
+    frames = [frame_at(output, (start + end) / 2) for start, end in itertools.pairwise(starts)]
+    assert scenes_not_showing_their_own_image(frames, images) == []
 
 
 def test_generate_with_user_audio_lasts_as_long_as_the_audio(stack, store, tmp_path):
-    audio = tmp_path / "music.mp3"
-    subprocess.run(
-        [
-            imageio_ffmpeg.get_ffmpeg_exe(),
-            "-v",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=330:duration=5",
-            "-c:a",
-            "libmp3lame",
-            str(audio),
-        ],
-        check=True,
-    )
+    audio = lavfi_media(tmp_path / "music.mp3", "sine=frequency=330", 5, "-c:a", "libmp3lame")
     output = tmp_path / "music.mp4"
     result = generate(
         stack,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from model_server_doubles import TGITestDouble
 from support import MODELS, S3_ACCESS_KEY, S3_SECRET_KEY, new_postgres_database
-from tgi_double import TGISchemaDouble
 
 from storyreel.settings import StorageSettings
 from storyreel.stack import LocalStack
@@ -21,7 +21,8 @@ from storyreel.storage import open_store
 
 @pytest.fixture(scope="module")
 def tgi():
-    double = TGISchemaDouble().start()
+    """A TGI double that answers every request validly, at once."""
+    double = TGITestDouble(schema_answers=True).start()
     yield double
     double.stop()
 

@@ -9,6 +9,7 @@ and compose are the real services with the tiny offline diffusion model.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import time
 
 import grpc
@@ -43,6 +44,19 @@ def stack(start_stack):
     return local
 
 
+@contextlib.contextmanager
+def replica_stubs(stack):
+    """Stubs of replica A (the stack's gateway) and replica B (gateway-b)."""
+    with (
+        grpc.insecure_channel(stack.gateway_address) as to_a,
+        grpc.insecure_channel(stack.processes["gateway-b"].address) as to_b,
+    ):
+        yield (
+            gateway_pb2_grpc.StoryReelServiceStub(to_a),
+            gateway_pb2_grpc.StoryReelServiceStub(to_b),
+        )
+
+
 def _owner(stack, job_id: str) -> str | None:
     return query_database(stack.database_url, select(jobs.c.owner).where(jobs.c.job_id == job_id))[
         0
@@ -50,12 +64,7 @@ def _owner(stack, job_id: str) -> str | None:
 
 
 def test_a_cancel_sent_to_the_replica_that_does_not_run_the_job_lands_at_once(stack):
-    with (
-        grpc.insecure_channel(stack.gateway_address) as to_a,
-        grpc.insecure_channel(stack.processes["gateway-b"].address) as to_b,
-    ):
-        a = gateway_pb2_grpc.StoryReelServiceStub(to_a)
-        b = gateway_pb2_grpc.StoryReelServiceStub(to_b)
+    with replica_stubs(stack) as (a, b):
         request = pb.CreateVideoRequest(prompt="a long voyage", scene_count=12, seed=5)
         job_id = a.CreateVideo(request, metadata=KEY, timeout=30).job_id
         _watch_to_the_end(a, job_id, until=lambda e: e.kind == pb.EVENT_KIND_SCENE_RENDERED)
@@ -73,11 +82,7 @@ def test_a_cancel_sent_to_the_replica_that_does_not_run_the_job_lands_at_once(st
 
 
 def test_twenty_jobs_over_two_replicas_each_run_once(stack):
-    with (
-        grpc.insecure_channel(stack.gateway_address) as to_a,
-        grpc.insecure_channel(stack.processes["gateway-b"].address) as to_b,
-    ):
-        replicas = [gateway_pb2_grpc.StoryReelServiceStub(c) for c in (to_a, to_b)]
+    with replica_stubs(stack) as replicas:
 
         def create(i: int) -> str:
             request = pb.CreateVideoRequest(prompt=f"tale {i}", scene_count=1, seed=i + 1)
@@ -123,12 +128,7 @@ def _watch_to_the_end(stub, job_id: str, until=None, timeout_s: float = 240) -> 
 
 
 def test_a_job_whose_replica_is_killed_completes_on_the_other_and_is_watched_there(stack):
-    with (
-        grpc.insecure_channel(stack.gateway_address) as to_a,
-        grpc.insecure_channel(stack.processes["gateway-b"].address) as to_b,
-    ):
-        a = gateway_pb2_grpc.StoryReelServiceStub(to_a)
-        b = gateway_pb2_grpc.StoryReelServiceStub(to_b)
+    with replica_stubs(stack) as (a, b):
         request = pb.CreateVideoRequest(prompt="a lighthouse keeper", scene_count=12, seed=11)
         job_id = a.CreateVideo(request, metadata=KEY, timeout=30).job_id
         # B follows the job A runs, and sees the first scene drawn.

@@ -21,9 +21,12 @@ from storyreel_gateway.settings import GatewaySettings
 from storyreel.composer.v1 import composer_pb2, composer_pb2_grpc
 from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from storyreel.errors import InvalidInput
+from storyreel.frames import video_size
 from storyreel.gateway.v1 import gateway_pb2_grpc
 from storyreel.ids import job_key
 from storyreel.llm.v1 import llm_pb2, llm_pb2_grpc
+from storyreel.options import ASPECTS, RESOLUTIONS, from_enum
+from storyreel.seeds import scene_seed
 from storyreel.serving import Service, start_and_load
 from storyreel.types.v1 import types_pb2
 
@@ -96,15 +99,20 @@ class DiffusionDouble(diffusion_pb2_grpc.DiffusionServiceServicer):
         try:
             for scene in request.scenes:
                 await asyncio.sleep(self.state.render_delay_s)
+                # Seed 0 derives the scene's seed from the job seed, as the real service does
+                # (its seed lock is not modelled: the double has no characters' seeds).
+                seed = scene.seed
+                if seed == 0 and request.HasField("job_seed"):
+                    seed = scene_seed(request.job_seed, scene.index)
                 key = job_key(
                     request.job_id,
                     "images",
                     f"scene-{scene.index:03d}.png",
                     revision=request.revision,
                 )
-                uri = self.state.store.put_bytes(key, f"png {scene.seed}".encode())
+                uri = self.state.store.put_bytes(key, f"png {seed}".encode())
                 yield diffusion_pb2.RenderScenesResponse(
-                    image=diffusion_pb2.SceneImage(index=scene.index, uri=uri, seed=scene.seed)
+                    image=diffusion_pb2.SceneImage(index=scene.index, uri=uri, seed=seed)
                 )
         except (asyncio.CancelledError, GeneratorExit):
             self.state.render_cancelled += 1
@@ -175,6 +183,36 @@ def probe_like_the_composer(store, uri: str):
     )
 
 
+#: The real composer's defaults (ComposerSettings): the frame and rate of a request that
+#: names neither width/height nor aspect/resolution, and the half of aspect/resolution a
+#: request leaves unset. tests/gateway/test_doubles.py holds the double to them.
+COMPOSER_DEFAULTS = {
+    "width": 1280,
+    "height": 720,
+    "fps": 24,
+    "aspect": "16:9",
+    "resolution": "720p",
+}
+
+
+def composed_frame_size(request: composer_pb2.ComposeRequest) -> tuple[int, int]:
+    """Width and height of the video the real composer makes for a (valid) ``request``.
+
+    As VideoComposer._frame_size: aspect and resolution, either half defaulted, give
+    storyreel.frames.video_size; otherwise width and height, each defaulted.
+    """
+    aspect = from_enum(ASPECTS, request.aspect, "aspect")
+    resolution = from_enum(RESOLUTIONS, request.resolution, "resolution")
+    if aspect or resolution:
+        return video_size(
+            aspect or COMPOSER_DEFAULTS["aspect"], resolution or COMPOSER_DEFAULTS["resolution"]
+        )
+    return (
+        request.width or COMPOSER_DEFAULTS["width"],
+        request.height or COMPOSER_DEFAULTS["height"],
+    )
+
+
 class ComposerDouble(composer_pb2_grpc.ComposerServiceServicer):
     def __init__(self, state: UpstreamDoubles) -> None:
         self.state = state
@@ -220,10 +258,7 @@ class ComposerDouble(composer_pb2_grpc.ComposerServiceServicer):
         if request.captions != types_pb2.CAPTIONS_OFF:
             extras["captions_srt_uri"] = self.state.store.put_bytes(f"{folder}/captions.srt", b"1")
             extras["captions_vtt_uri"] = self.state.store.put_bytes(f"{folder}/captions.vtt", b"W")
-        portrait = request.aspect == types_pb2.ASPECT_9_16
-        width, height = (request.width, request.height) if request.width else (1280, 720)
-        if portrait:
-            width, height = 720, 1280
+        width, height = composed_frame_size(request)
         starts = [1.5 * i for i in range(len(request.scenes))]
         return composer_pb2.ComposeResponse(
             video_uri=uri,
@@ -231,7 +266,7 @@ class ComposerDouble(composer_pb2_grpc.ComposerServiceServicer):
             scene_starts_s=starts,
             width=width,
             height=height,
-            fps=request.fps or 24,
+            fps=request.fps or COMPOSER_DEFAULTS["fps"],
             **extras,
         )
 

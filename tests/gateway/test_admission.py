@@ -14,16 +14,12 @@ ListVoices and ProbeAudio need none), so the double is held to the real contract
 
 from __future__ import annotations
 
-import io
 import math
 import re
 import struct
-import subprocess
-import wave
 from pathlib import Path
 
 import grpc
-import imageio_ffmpeg
 import pytest
 from sqlalchemy import select
 from storyreel_composer.service import ComposerService
@@ -31,7 +27,14 @@ from storyreel_composer.settings import ComposerSettings
 from storyreel_gateway.admission import VoiceCatalog, VoiceList
 from storyreel_gateway.db import jobs as jobs_table
 from storyreel_gateway.db import uploads as uploads_table
-from support import finished_job
+from support import (
+    WAV_HEADER_ONLY,
+    finished_job,
+    free_port,
+    lavfi_media,
+    upload_requests,
+    wav_bytes,
+)
 
 from storyreel.channels import open_channel
 from storyreel.composer.v1 import composer_pb2, composer_pb2_grpc
@@ -47,23 +50,8 @@ Code = grpc.StatusCode
 ONLY_MARKUP = "<|im_start|> <|im_end|>\n</s><s> [INST] [/INST] <<SYS>><</SYS>> <start_of_turn>"
 
 
-def wav_bytes(seconds: float, rate: int = 16000, channels: int = 1) -> bytes:
-    """A real 16-bit PCM WAV of silence."""
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(channels)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(b"\x00\x00" * channels * round(rate * seconds))
-    return buffer.getvalue()
-
-
 def tone_mp3(tmp_path: Path, seconds: float = 3.0) -> bytes:
-    path = tmp_path / "tone.mp3"
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-f", "lavfi"]
-    cmd += ["-t", str(seconds), "-i", "sine", "-c:a", "libmp3lame", str(path)]
-    subprocess.run(cmd, check=True, timeout=60)
-    return path.read_bytes()
+    return lavfi_media(tmp_path / "tone.mp3", "sine", seconds, "-c:a", "libmp3lame").read_bytes()
 
 
 #: An ID3v2 header (an MP3's valid start, as the gateway sniffs it) with an empty tag.
@@ -78,8 +66,8 @@ def doomed_uploads(tmp_path: Path) -> dict[str, bytes]:
         "hls-playlist": ID3
         + b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:3,\naudio.mp3\n#EXT-X-ENDLIST\n",
         "ffconcat-playlist": ID3 + b"ffconcat version 1.0\nfile audio.mp3\nfile audio.wav\n",
-        "wav-header-only": b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 32,
-        "wav-without-samples": wav_bytes(0.0),
+        "wav-header-only": WAV_HEADER_ONLY,
+        "wav-without-samples": wav_bytes(0.0, 16000),
     }
 
 
@@ -133,15 +121,6 @@ async def _upload_rows(under_test) -> list:
                 )
             )
         ).all()
-
-
-def _upload(data: bytes, filename: str = "song.mp3"):
-    async def chunks():
-        yield pb.UploadAudioRequest(filename=filename)
-        for start in range(0, len(data), 16_384):
-            yield pb.UploadAudioRequest(chunk=data[start : start + 16_384])
-
-    return chunks()
 
 
 async def _refused(call, code=Code.INVALID_ARGUMENT) -> str:
@@ -312,7 +291,7 @@ async def test_an_upload_with_an_audio_header_and_nothing_usable_is_refused_and_
 ):
     data = doomed_uploads(tmp_path)[name]
     filename = "song.wav" if name.startswith("wav") else "song.mp3"
-    details = await _refused(gw.stub.UploadAudio(_upload(data, filename)))
+    details = await _refused(gw.stub.UploadAudio(upload_requests(data, filename)))
     assert details.startswith("the upload is not usable audio: "), details
     assert "uploads/" not in details  # the deleted object is not named
     assert list(file_store.list()) == []  # object deleted
@@ -329,13 +308,13 @@ async def test_the_real_composer_names_the_reason(real_composer, start_gateway, 
         "wav-without-samples": r"holds no samples",
     }
     for name, data in doomed_uploads(tmp_path).items():
-        details = await _refused(gateway.stub.UploadAudio(_upload(data)))
+        details = await _refused(gateway.stub.UploadAudio(upload_requests(data, "song.mp3")))
         assert re.search(expected[name], details), (name, details)
 
 
 async def test_a_good_upload_is_probed_and_its_length_and_codec_are_stored(gw, file_store):
-    data = wav_bytes(0.5)
-    response = await gw.stub.UploadAudio(_upload(data, "a.wav"))
+    data = wav_bytes(0.5, 16000)
+    response = await gw.stub.UploadAudio(upload_requests(data, "a.wav"))
     assert response.size_bytes == len(data)
     assert file_store.get_bytes(response.audio_uri) == data
     [(uri, state, duration_s, codec)] = await _upload_rows(gw)
@@ -347,7 +326,9 @@ async def test_the_probed_facts_are_stored_and_read_back_on_both_databases(
     start_gateway, database_url, file_store
 ):
     gateway = await start_gateway(database_url=database_url)
-    uri = (await gateway.stub.UploadAudio(_upload(wav_bytes(0.25, 8000), "a.wav"))).audio_uri
+    uri = (
+        await gateway.stub.UploadAudio(upload_requests(wav_bytes(0.25, 8000), "a.wav"))
+    ).audio_uri
     [(stored_uri, state, duration_s, codec)] = await _upload_rows(gateway)
     assert (stored_uri, state, codec) == (uri, "stored", "pcm_s16le")
     assert math.isclose(duration_s, 0.25, abs_tol=1e-3)
@@ -359,7 +340,7 @@ async def test_the_probed_facts_are_stored_and_read_back_on_both_databases(
 
 
 async def test_audio_too_short_for_the_scenes_is_refused_unless_it_is_music(gw, file_store):
-    uri = (await gw.stub.UploadAudio(_upload(wav_bytes(0.1), "short.wav"))).audio_uri
+    uri = (await gw.stub.UploadAudio(upload_requests(wav_bytes(0.1, 16000), "short.wav"))).audio_uri
     before = sorted(file_store.list())
     # 0.1 s at 24 fps is 2 frames: too few for 4 scenes (the composer's own rule).
     details = await _refused(
@@ -377,10 +358,12 @@ async def test_audio_too_short_for_the_scenes_is_refused_unless_it_is_music(gw, 
 
 
 async def test_an_upload_the_composer_cannot_check_is_unavailable_and_not_kept(
-    start_gateway, file_store, unused_tcp_port
+    start_gateway, file_store
 ):
-    gateway = await start_gateway(composer_address=f"127.0.0.1:{unused_tcp_port}")
-    await _refused(gateway.stub.UploadAudio(_upload(wav_bytes(0.5), "a.wav")), Code.UNAVAILABLE)
+    gateway = await start_gateway(composer_address=f"127.0.0.1:{free_port()}")
+    await _refused(
+        gateway.stub.UploadAudio(upload_requests(wav_bytes(0.5, 16000), "a.wav")), Code.UNAVAILABLE
+    )
     assert list(file_store.list()) == []
     assert await _upload_rows(gateway) == []
 
@@ -390,15 +373,15 @@ async def test_an_upload_the_composer_cannot_check_is_unavailable_and_not_kept(
 
 def _contract_corpus(tmp_path: Path) -> dict[str, tuple[str, bytes | None]]:
     """name -> (object key, bytes or None for a missing object)."""
-    long_header = bytearray(wav_bytes(0.2))
+    long_header = bytearray(wav_bytes(0.2, 16000))
     # A data chunk that claims 4 s of samples but holds 0.2 s: cut off.
     struct.pack_into("<I", long_header, 40, 16000 * 2 * 4)
     corpus = {
-        "wav-mono": ("uploads/t/a/audio.wav", wav_bytes(0.75)),
+        "wav-mono": ("uploads/t/a/audio.wav", wav_bytes(0.75, 16000)),
         "wav-stereo-44k": ("uploads/t/b/audio.wav", wav_bytes(0.5, 44100, 2)),
         "wav-truncated": ("uploads/t/c/audio.wav", bytes(long_header)),
         "missing": ("uploads/t/d/audio.wav", None),
-        "not-an-upload": ("jobs/j/video/audio.wav", wav_bytes(0.5)),
+        "not-an-upload": ("jobs/j/video/audio.wav", wav_bytes(0.5, 16000)),
     }
     for name, data in doomed_uploads(tmp_path).items():
         corpus[name] = (f"uploads/t/{name}/audio.wav", data)
@@ -419,8 +402,8 @@ async def test_the_compose_double_answers_probe_audio_and_list_voices_as_the_rea
     (for ffmpeg's refusals, the same message up to ffmpeg's own words)."""
     corpus = _contract_corpus(tmp_path)
     async with (
-        open_channel(real_composer, retries=False) as real_channel,
-        open_channel(upstream.address, retries=False) as double_channel,
+        open_channel(real_composer) as real_channel,
+        open_channel(upstream.address) as double_channel,
     ):
         real = composer_pb2_grpc.ComposerServiceStub(real_channel)
         double = composer_pb2_grpc.ComposerServiceStub(double_channel)

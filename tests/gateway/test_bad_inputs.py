@@ -5,10 +5,9 @@ Runs against a real S3 server; the object listing is compared before and after e
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
+from support import WAV_HEADER_ONLY, manifest_written
 
 from storyreel.gateway.v1 import gateway_pb2 as pb
 from storyreel.storage import open_store
@@ -24,8 +23,6 @@ def _upload(*messages):
 
     return stream
 
-
-WAV = b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 32
 
 CASES = [
     # CreateVideo
@@ -117,13 +114,13 @@ CASES = [
         "upload",
         [
             pb.UploadAudioRequest(filename="a.wav"),
-            pb.UploadAudioRequest(chunk=WAV),
+            pb.UploadAudioRequest(chunk=WAV_HEADER_ONLY),
             pb.UploadAudioRequest(chunk=b"\x00" * 70_000),
         ],
         Code.INVALID_ARGUMENT,
         "larger than",
     ),
-    ("upload", [pb.UploadAudioRequest(chunk=WAV)], Code.INVALID_ARGUMENT, "first"),
+    ("upload", [pb.UploadAudioRequest(chunk=WAV_HEADER_ONLY)], Code.INVALID_ARGUMENT, "first"),
     (
         "upload",
         [pb.UploadAudioRequest(filename="a.wav"), pb.UploadAudioRequest(filename="b")],
@@ -173,13 +170,7 @@ async def s3_gateway(start_gateway, upstream, s3_settings):
     ).job_id
     async for _ in stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=KEY):
         pass
-    # The manifest export may land just after the job's last event: wait for it, so the
-    # listing each test compares is not still changing.
-    manifest = store.uri_for(f"jobs/{job_id}/manifest.json")
-    for _ in range(600):
-        if store.exists(manifest):
-            break
-        await asyncio.sleep(0.05)
+    await manifest_written(store, job_id)  # so the listing each test compares stays put
     return stub, store, job_id
 
 

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import sys
-import wave
 from pathlib import Path
 
+from support import wav_bytes
+
 STORYREEL = [sys.executable, "-m", "storyreel.cli"]
-
-
-def _wav_bytes(seconds: float = 1.0) -> bytes:
-    """A real WAV of silence: the composer probes every upload."""
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(8000)
-        out.writeframes(b"\x00\x00" * round(8000 * seconds))
-    return buffer.getvalue()
 
 
 async def _run(*args: str, timeout: float = 120) -> tuple[int, str, str]:
@@ -43,7 +32,7 @@ async def test_generate_writes_the_video_and_prints_its_path(gateway, tmp_path: 
 
 async def test_generate_uploads_the_audio_file(gateway, upstream, tmp_path: Path):
     audio = tmp_path / "voice.wav"
-    audio.write_bytes(_wav_bytes())
+    audio.write_bytes(wav_bytes())
     code, _, stderr = await _run(
         "generate",
         "a fox",
@@ -64,7 +53,7 @@ async def test_generate_passes_the_video_options_and_saves_the_captions_beside(
     from storyreel.types.v1 import types_pb2
 
     audio = tmp_path / "music.wav"
-    audio.write_bytes(_wav_bytes())
+    audio.write_bytes(wav_bytes())
     output = tmp_path / "short.mp4"
     code, _, stderr = await _run(
         "generate", "a fox", "--audio", str(audio), "--music", "--aspect", "9:16",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import io
 import json
 import os
 import re
@@ -22,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import tracemalloc
-import wave
 from pathlib import Path
 
 import grpc
@@ -32,7 +30,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from storyreel_gateway.admission import MAX_SEED
-from support import REPO, finished_job
+from support import ALICE, API_KEYS, BOB, REPO, finished_job, upload_requests, wav_bytes
 
 from storyreel.errors import InvalidInput, NotFound
 from storyreel.gateway.v1 import gateway_pb2 as pb
@@ -413,9 +411,6 @@ async def test_a_seed_beyond_the_range_is_refused_the_same_way_by_every_call(gat
 
 # -- results for remote clients: ReadArtifact -------------------------------------------------
 
-ALICE = (("authorization", "Bearer alice-key"),)
-BOB = (("authorization", "Bearer bob-key"),)
-
 
 async def _read(stub, job_id: str, uri: str, offset: int = 0, metadata=()):
     """(first message, the chunks' sizes, the bytes) of one ReadArtifact call."""
@@ -429,16 +424,6 @@ async def _refused(stub, job_id: str, uri: str, metadata=(), offset: int = 0):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await _read(stub, job_id, uri, offset, metadata)
     return caught.value
-
-
-def _wav(seconds: float, rate: int = 44100) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(bytes(int(seconds * rate) * 2))
-    return buffer.getvalue()
 
 
 async def test_a_finished_jobs_every_artifact_streams_back_byte_for_byte(gateway, file_store):
@@ -503,15 +488,10 @@ async def test_an_artifact_streams_in_256_kib_chunks_and_the_jobs_own_upload_is_
     start_gateway,
 ):
     stub = (await start_gateway(max_upload_bytes=4 * 1024 * 1024)).stub
-    audio = _wav(8.0)  # about 690 KiB: three chunks
+    audio = wav_bytes(8.0, rate=44100)  # about 690 KiB: three chunks
     assert 2 * READ_CHUNK_BYTES < len(audio) < 3 * READ_CHUNK_BYTES
 
-    async def upload():
-        yield pb.UploadAudioRequest(filename="song.wav")
-        for start in range(0, len(audio), 60_000):
-            yield pb.UploadAudioRequest(chunk=audio[start : start + 60_000])
-
-    uri = (await stub.UploadAudio(upload())).audio_uri
+    uri = (await stub.UploadAudio(upload_requests(audio, "song.wav", 60_000))).audio_uri
     job_id = (await stub.CreateVideo(pb.CreateVideoRequest(prompt="x", audio_uri=uri))).job_id
     head, sizes, data = await _read(stub, job_id, uri)
     assert data == audio and head.size_bytes == len(audio)
@@ -538,7 +518,7 @@ async def test_every_version_of_a_regenerated_job_stays_readable(gateway, file_s
 
 
 async def test_nothing_but_the_callers_own_artifacts_can_be_read(start_gateway, file_store):
-    stub = (await start_gateway(api_keys={"alice": ["alice-key"], "bob": ["bob-key"]})).stub
+    stub = (await start_gateway(api_keys=API_KEYS)).stub
     create = pb.CreateVideoRequest(prompt="x", scene_count=1)
     alice_job = (await stub.CreateVideo(create, metadata=ALICE)).job_id
     alice_other = (await stub.CreateVideo(create, metadata=ALICE)).job_id

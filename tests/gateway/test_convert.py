@@ -7,6 +7,7 @@ gateway fails here, not in a user's hands.
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -17,7 +18,6 @@ from storyreel_gateway.convert import (
     image_from_proto,
     job_to_proto,
     spec_from_request,
-    storyboard_from_proto,
     video_from_proto,
 )
 from storyreel_gateway.jobs import (
@@ -37,6 +37,7 @@ from storyreel.composer.v1 import composer_pb2
 from storyreel.diffusion.v1 import diffusion_pb2
 from storyreel.errors import InvalidInput
 from storyreel.gateway.v1 import gateway_pb2
+from storyreel.storyboard import Storyboard, storyboard_from_proto
 from storyreel.types.v1 import types_pb2
 
 
@@ -256,3 +257,37 @@ def test_every_fact_the_composer_probed_in_an_upload_is_returned():
         audio=ProbedAudio(duration_s=1.5, codec="mp3", sample_rate=44100, channels=2, format="mp3"),
     )
     assert _unset(upload_to_proto(stored)) == []
+
+
+def test_a_storyboard_stored_by_an_earlier_gateway_still_loads_and_keeps_its_shape():
+    """Records keep the storyboard as JSON; the shared model reads the old records' shape."""
+    stored = {
+        "title": "The Keeper",
+        "characters": [{"name": "Ada", "appearance": "a keeper in a red coat"}],
+        "scenes": [
+            {
+                "index": 1,
+                "narration": "Ada climbs the tower.",
+                "image_prompt": "ink, a keeper in a red coat climbs a tower",
+                "characters": ["Ada"],
+                "setting": "in a lighthouse",
+                "action": "Ada climbs",
+                "camera": "wide shot",
+            }
+        ],
+        "style": "ink",
+        "degraded": False,
+        "logline": "A keeper keeps a light.",
+    }
+    data = json.loads(_done_record().model_dump_json())
+    data["storyboard"] = stored
+    record = JobRecord.model_validate_json(json.dumps(data))
+    assert isinstance(record.storyboard, Storyboard)
+    assert record.storyboard.scenes[0].characters == ("Ada",)
+    assert json.loads(record.model_dump_json())["storyboard"] == stored
+    # Without the shot (a record from before the shot fields), the scene still loads.
+    for scene in stored["scenes"]:
+        for key in ("setting", "action", "camera"):
+            del scene[key]
+    data["storyboard"] = stored
+    assert JobRecord.model_validate_json(json.dumps(data)).storyboard.scenes[0].camera == ""

@@ -19,13 +19,9 @@ from storyreel_gateway.db import Database, job_events, jobs, metadata
 from storyreel_gateway.imports import import_manifests
 from storyreel_gateway.jobs import JobRecord, JobSpec, JobState, SceneImage, Stage, StageRecord, now
 from storyreel_gateway.store import JobStore
-from support import finished_job, watch_events
+from support import ALICE, API_KEYS, BOB, finished_job, watch_events
 
 from storyreel.gateway.v1 import gateway_pb2 as pb
-
-ALICE = (("authorization", "Bearer alice-key"),)
-BOB = (("authorization", "Bearer bob-key"),)
-KEYS = {"alice": ["alice-key"], "bob": ["bob-key"]}
 
 
 @pytest.fixture
@@ -131,7 +127,7 @@ async def test_one_tenants_burst_never_refuses_or_delays_anothers_first_job(
 ):
     upstream.render_delay_s = 0.3
     gateway = await start_gateway(
-        api_keys=KEYS, max_jobs_in_flight=2, max_jobs_queued=10, max_jobs_queued_per_tenant=3
+        api_keys=API_KEYS, max_jobs_in_flight=2, max_jobs_queued=10, max_jobs_queued_per_tenant=3
     )
     stub = gateway.stub
     alices = []
@@ -163,7 +159,7 @@ async def test_one_tenants_burst_never_refuses_or_delays_anothers_first_job(
 async def test_the_queue_limit_counts_every_tenant(start_gateway, upstream):
     upstream.render_delay_s = 0.5
     gateway = await start_gateway(
-        api_keys=KEYS, max_jobs_in_flight=1, max_jobs_queued=2, max_jobs_queued_per_tenant=0
+        api_keys=API_KEYS, max_jobs_in_flight=1, max_jobs_queued=2, max_jobs_queued_per_tenant=0
     )
     stub = gateway.stub
     for i in range(3):
@@ -207,8 +203,7 @@ async def test_jobs_kept_as_manifests_are_imported_once_and_resumed(
         stage=Stage.RENDER,
         stages=[StageRecord(stage=Stage.RENDER, state=JobState.RUNNING, started_at=now())],
     )
-    from storyreel_gateway.convert import storyboard_from_proto
-
+    from storyreel.storyboard import storyboard_from_proto
     from storyreel.types.v1 import types_pb2
 
     running.storyboard = storyboard_from_proto(

@@ -13,10 +13,9 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2
 from storyreel_gateway.service import GatewayService
 from storyreel_gateway.settings import GatewaySettings
-from support import health_status, stored_uris
+from support import health_status, reflection_answers, stored_uris, upload_requests
 
 from storyreel.gateway.v1 import gateway_pb2 as pb
 from storyreel.logs import JsonFormatter
@@ -122,19 +121,9 @@ async def test_health_list_and_watch_answer_as_the_standard_service(keyed):
 
 @pytest.mark.parametrize("version", ["v1", "v1alpha"])
 async def test_reflection_v1_and_v1alpha_describe_the_public_service(keyed, version):
-    info = keyed.channel.stream_stream(
-        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
-        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
-        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    listed, described = await reflection_answers(
+        keyed.channel, version, "storyreel.gateway.v1.StoryReelService"
     )
-
-    async def requests():
-        yield reflection_pb2.ServerReflectionRequest(list_services="")
-        yield reflection_pb2.ServerReflectionRequest(
-            file_containing_symbol="storyreel.gateway.v1.StoryReelService"
-        )
-
-    listed, described = [answer async for answer in info(requests())]
     names = {s.name for s in listed.list_services_response.service}
     assert "storyreel.gateway.v1.StoryReelService" in names
     assert "grpc.reflection.v1.ServerReflection" in names
@@ -199,11 +188,8 @@ def _everything_under(root) -> set[str]:
 async def test_an_upload_the_composer_refuses_leaves_no_empty_folder(keyed, file_store):
     before = _everything_under(file_store.root)
 
-    async def upload():
-        yield pb.UploadAudioRequest(filename="track.flac")
-        yield pb.UploadAudioRequest(chunk=b"fLaC" + b"\x00" * 100)  # a header, then nothing
-
-    code, details = await _code_of(keyed.stub.UploadAudio(upload(), metadata=KEY))
+    upload = upload_requests(b"fLaC" + b"\x00" * 100, "track.flac")  # a header, then nothing
+    code, details = await _code_of(keyed.stub.UploadAudio(upload, metadata=KEY))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "not usable audio" in details
     # The object was stored, probed and deleted: its folder (uploads/<tenant>/<id>/) too.
@@ -211,14 +197,12 @@ async def test_an_upload_the_composer_refuses_leaves_no_empty_folder(keyed, file
 
 
 async def test_an_upload_whose_metadata_grpc_refuses_logs_no_crash(keyed, caplog):
-    async def upload():
-        yield pb.UploadAudioRequest(filename="track.wav")
-
+    upload = upload_requests([], "track.wav")
     # Over gRPC's 16 KiB metadata limit: gRPC answers RESOURCE_EXHAUSTED itself, yet runs
     # the client-streaming handler, whose refusal then finds the call ended.
     too_big = (("authorization", "Bearer " + "k" * 20_000),)
     with caplog.at_level(logging.INFO):
-        code, _ = await _code_of(keyed.stub.UploadAudio(upload(), metadata=too_big))
+        code, _ = await _code_of(keyed.stub.UploadAudio(upload, metadata=too_big))
         await asyncio.sleep(0.2)  # the handler's end is logged after the client's answer
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     errors = [r.getMessage()[:200] for r in caplog.records if r.levelno >= logging.ERROR]

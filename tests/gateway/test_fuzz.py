@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import logging
 import operator
 import os
 import re
 import sqlite3
 import struct
-import wave
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +52,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from storyreel_gateway.auth import key_digest
 from storyreel_gateway.uploads import upload_prefix
-from support import new_postgres_database
+from support import manifest_written, new_postgres_database, upload_audio, wav_bytes
 
 from storyreel.gateway.v1 import gateway_pb2 as pb
 from storyreel.logs import JsonFormatter
@@ -127,17 +125,7 @@ WRITERS = {"CreateVideo", "UploadAudio", "CancelJob", "RegenerateScene"}
 FINISHED = {pb.JOB_STATE_DONE, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 
 
-def _wav(seconds: float, rate: int = 8000) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(b"\x00\x01" * int(seconds * rate))
-    return buffer.getvalue()
-
-
-WAV = _wav(0.5)
+WAV = wav_bytes(0.5, sample=b"\x00\x01")
 
 
 # -- strategies -------------------------------------------------------------------------------
@@ -933,11 +921,8 @@ async def fuzz(start_gateway, upstream, file_store, gateway_database, tmp_path, 
 
     # Finished jobs with artifacts to read and regenerate, and an upload per tenant.
     async def upload(tenant: str) -> str:
-        async def stream():
-            yield pb.UploadAudioRequest(filename="track.wav")
-            yield pb.UploadAudioRequest(chunk=WAV)
-
-        return (await state.stub.UploadAudio(stream(), metadata=_md(tenant))).audio_uri
+        response = await upload_audio(state.stub, WAV, "track.wav", metadata=_md(tenant))
+        return response.audio_uri
 
     for tenant in ("alpha", "bravo"):
         state.uploads[tenant].append(await upload(tenant))
@@ -965,12 +950,7 @@ async def fuzz(start_gateway, upstream, file_store, gateway_database, tmp_path, 
         job_id = (await state.stub.CreateVideo(create, metadata=_md(tenant))).job_id
         async for _ in state.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=_md(tenant)):
             pass
-        # The manifest export lands just after the last event: wait, so nothing changes later.
-        manifest = file_store.uri_for(f"jobs/{job_id}/manifest.json")
-        for _ in range(600):
-            if file_store.exists(manifest):
-                break
-            await asyncio.sleep(0.02)
+        await manifest_written(file_store, job_id)  # so nothing changes later
         return job_id
 
     job_ids = await asyncio.gather(*(run(tenant, create) for tenant, create in finished))
@@ -1257,7 +1237,7 @@ UPLOAD_BODIES = {
     "wav with empty chunks": [b"", WAV, b""],
     "truncated wav": [_truncated_wav()],
     "wav header only": [WAV[:44]],
-    "wav with no frames": [_wav(0.0)],
+    "wav with no frames": [wav_bytes(0.0)],
     "too large": [WAV, b"\x00" * 70_000],
     "text": [b"plain text, not audio"],
     "mp3 header, then junk": [b"\xff\xfb\x90\x00" + b"\x00" * 400],

@@ -9,13 +9,19 @@ import asyncio
 import io
 import json
 import logging
-import wave
 
 import grpc
 import pytest
 from storyreel_gateway.service import GatewayService
 from storyreel_gateway.settings import GatewaySettings
-from support import health_status, stored_uris
+from support import (
+    health_status,
+    stored_uris,
+    upload_audio,
+    upload_requests,
+    watch_events,
+    wav_bytes,
+)
 
 from storyreel.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from storyreel.logs import JsonFormatter
@@ -23,20 +29,8 @@ from storyreel.serving import start_and_load
 
 
 async def _finish(stub, job_id: str) -> tuple[list, gateway_pb2.Job]:
-    events = []
-    async for event in stub.WatchJob(gateway_pb2.WatchJobRequest(job_id=job_id), timeout=30):
-        events.append(event)
+    events = await watch_events(stub, job_id, timeout=30)
     return events, events[-1].job
-
-
-def _wav_bytes(seconds: float = 0.5) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(16000)
-        wav.writeframes(b"\x00\x00" * int(16000 * seconds))
-    return buffer.getvalue()
 
 
 async def test_health_is_serving_once_started(gateway):
@@ -110,8 +104,8 @@ async def test_upstream_failure_marks_job_failed_with_stage_and_code(gateway, up
 
 
 async def test_transient_render_failures_are_retried_until_the_job_completes(gateway, upstream):
-    # More failures than the channel's own retry policy absorbs (4 attempts a call),
-    # so the gateway's stage-level retry has to step in as well.
+    # The channels retry nothing: every failed call is one retry of the stage, so six
+    # calls in all (storyreel.channels, storyreel.retries).
     upstream.render_error = grpc.StatusCode.UNAVAILABLE
     upstream.render_failures = 5
     job_id = (
@@ -199,18 +193,9 @@ async def test_unknown_job_is_not_found(gateway):
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def _upload(chunks: list[bytes], filename: str = "track.wav"):
-    async def requests():
-        yield gateway_pb2.UploadAudioRequest(filename=filename)
-        for chunk in chunks:
-            yield gateway_pb2.UploadAudioRequest(chunk=chunk)
-
-    return requests()
-
-
 async def test_upload_audio_stores_the_file_and_returns_its_uri(gateway, file_store):
-    data = _wav_bytes()
-    response = await gateway.UploadAudio(_upload([data[:1000], data[1000:]], "my song.WAV"))
+    data = wav_bytes(0.5, 16000)
+    response = await gateway.UploadAudio(upload_requests([data[:1000], data[1000:]], "my song.WAV"))
     assert response.size_bytes == len(data)
     assert response.audio_uri.endswith("/audio.wav")
     assert "my song" not in response.audio_uri  # keys never come from user text
@@ -222,19 +207,19 @@ async def test_upload_audio_stores_the_file_and_returns_its_uri(gateway, file_st
     [
         ([b"this is plain text, not audio at all"], "not audio"),
         ([], "empty"),
-        ([_wav_bytes(3.0)], "larger than"),
+        ([wav_bytes(3.0, 16000)], "larger than"),
     ],
 )
 async def test_bad_uploads_are_invalid_and_store_nothing(gateway, file_store, chunks, message):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await gateway.UploadAudio(_upload(chunks))
+        await gateway.UploadAudio(upload_requests(chunks, "track.wav"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in caught.value.details()
     assert stored_uris(file_store) == []
 
 
 async def test_uploaded_audio_is_passed_to_the_composer(gateway, upstream):
-    audio_uri = (await gateway.UploadAudio(_upload([_wav_bytes()]))).audio_uri
+    audio_uri = (await upload_audio(gateway, wav_bytes(0.5, 16000), "track.wav")).audio_uri
     job_id = (
         await gateway.CreateVideo(
             gateway_pb2.CreateVideoRequest(prompt="x", scene_count=1, audio_uri=audio_uri)

@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 import pytest
-from support import finished_job, watch_events
+from support import finished_job, listed_job_ids, wait_until, watch_events
 
 from storyreel.gateway.v1 import gateway_pb2 as pb
 
@@ -32,16 +32,7 @@ async def test_list_jobs_pages_newest_first(gateway):
     ids = []
     for i in range(5):
         ids.append((await gateway.CreateVideo(pb.CreateVideoRequest(prompt=f"job {i}"))).job_id)
-    seen = []
-    token = ""
-    while True:
-        page = await gateway.ListJobs(pb.ListJobsRequest(page_size=2, page_token=token))
-        assert len(page.jobs) <= 2
-        seen += [job.job_id for job in page.jobs]
-        token = page.next_page_token
-        if not token:
-            break
-    assert seen == list(reversed(ids))
+    assert await listed_job_ids(gateway, page_size=2) == list(reversed(ids))
 
 
 async def test_cancel_stops_a_running_render_within_seconds(gateway, upstream):
@@ -52,19 +43,14 @@ async def test_cancel_stops_a_running_render_within_seconds(gateway, upstream):
         job_id,
         lambda e: e.kind == pb.EVENT_KIND_STAGE_STARTED and e.stage == pb.STAGE_RENDER,
     )
-    for _ in range(50):  # the stage has started; wait until its call reaches the render double
-        if upstream.render_requests:
-            break
-        await asyncio.sleep(0.1)
+    # The stage has started; wait until its call reaches the render double.
+    await wait_until(lambda: upstream.render_requests)
     response = await gateway.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=5)
     assert response.job.state == pb.JOB_STATE_CANCELLED
     assert response.job.stages[-1].state == pb.JOB_STATE_CANCELLED
     job = await finished_job(gateway, job_id)
     assert job.state == pb.JOB_STATE_CANCELLED and len(job.images) == 0
-    for _ in range(50):  # the render call sees the cancellation too
-        if upstream.render_cancelled:
-            break
-        await asyncio.sleep(0.1)
+    await wait_until(lambda: upstream.render_cancelled)  # the render call sees it too
     assert upstream.render_cancelled == 1
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gateway.CancelJob(pb.CancelJobRequest(job_id=job_id))

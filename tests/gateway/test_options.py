@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import io
-import wave
 
-from support import finished_job
+from support import finished_job, upload_audio
 
 from storyreel.gateway.v1 import gateway_pb2 as pb
+from storyreel.seeds import scene_seed
 from storyreel.types.v1 import types_pb2
 
 
-async def _upload(stub) -> str:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:  # a real WAV: the composer probes every upload
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(8000)
-        out.writeframes(b"\x00\x00" * 8000)
-    wav = buffer.getvalue()
-
-    async def chunks():
-        yield pb.UploadAudioRequest(filename="music.wav")
-        yield pb.UploadAudioRequest(chunk=wav)
-
-    return (await stub.UploadAudio(chunks())).audio_uri
-
-
 async def test_the_options_of_a_job_reach_the_services_and_come_back(gateway, upstream):
-    audio_uri = await _upload(gateway)
+    audio_uri = (await upload_audio(gateway, filename="music.wav")).audio_uri
     request = pb.CreateVideoRequest(
         prompt="a lighthouse",
         scene_count=3,
@@ -67,7 +50,7 @@ async def test_the_options_of_a_job_reach_the_services_and_come_back(gateway, up
 
     assert job.aspect == types_pb2.ASPECT_9_16
     assert job.consistency == types_pb2.CONSISTENCY_MODE_CONSISTENT_SELF_ATTENTION
-    assert (job.width, job.height) == (720, 1280)  # as the composer reported it
+    assert (job.width, job.height) == (1080, 1920)  # as the composer reported it
     for artifact, name in (
         (job.captions_srt, "captions.srt"),
         (job.captions_vtt, "captions.vtt"),
@@ -92,22 +75,44 @@ async def test_images_take_the_video_shape_unless_the_gateway_fixes_a_size(start
     assert shapes[jobs[1].job_id] == (types_pb2.ASPECT_UNSPECIFIED, 512, 512)
 
 
-async def test_a_scene_regenerated_with_a_new_seed_is_drawn_from_it_not_the_seed_lock(
+async def test_a_regenerated_scene_keeps_its_own_seed_and_the_job_its_consistency(
     gateway, upstream
 ):
-    job_id = (
-        await gateway.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=2, seed=5))
-    ).job_id
-    await finished_job(gateway, job_id)
-    assert upstream.render_messages[0].consistency == types_pb2.CONSISTENCY_MODE_UNSPECIFIED
+    request = pb.CreateVideoRequest(
+        prompt="x", scene_count=2, seed=5, consistency=types_pb2.CONSISTENCY_MODE_SEED_LOCK
+    )
+    job_id = (await gateway.CreateVideo(request)).job_id
+    first = await finished_job(gateway, job_id)
+    # Every scene is sent with seed 0: the diffusion service derives it from the job seed
+    # and applies its seed lock.
+    render = upstream.render_messages[0]
+    assert render.job_seed == 5
+    assert [s.seed for s in render.scenes] == [0, 0]
+    assert [i.seed for i in first.images] == [scene_seed(5, 1), scene_seed(5, 2)]
 
-    await gateway.RegenerateScene(pb.RegenerateSceneRequest(job_id=job_id, index=1))
-    await finished_job(gateway, job_id)
-    assert upstream.render_messages[1].consistency == types_pb2.CONSISTENCY_MODE_UNSPECIFIED
+    def last_render():
+        last = upstream.render_messages[-1]
+        assert last.consistency == types_pb2.CONSISTENCY_MODE_SEED_LOCK
+        assert last.job_seed == 5
+        return [(s.index, s.seed, list(s.characters)) for s in last.scenes]
 
     await gateway.RegenerateScene(pb.RegenerateSceneRequest(job_id=job_id, index=1, seed=99))
     job = await finished_job(gateway, job_id)
-    last = upstream.render_messages[2]
-    assert last.consistency == types_pb2.CONSISTENCY_MODE_NONE
-    assert [(s.index, s.seed, list(s.characters)) for s in last.scenes] == [(1, 99, ["Ada"])]
+    assert last_render() == [(1, 99, ["Ada"])]
+    assert job.consistency == types_pb2.CONSISTENCY_MODE_SEED_LOCK
+    assert {i.index: i.seed for i in job.images} == {1: 99, 2: scene_seed(5, 2)}
+
+    # The other scene is still sent without a seed of its own; scene 1 keeps 99.
+    await gateway.RegenerateScene(pb.RegenerateSceneRequest(job_id=job_id, index=2))
+    await finished_job(gateway, job_id)
+    assert last_render() == [(2, 0, [])]
+    await gateway.RegenerateScene(pb.RegenerateSceneRequest(job_id=job_id, index=1))
+    await finished_job(gateway, job_id)
+    assert last_render() == [(1, 99, ["Ada"])]
+
+    # Seed 0 removes the scene's own seed: it goes back to the derived one.
+    await gateway.RegenerateScene(pb.RegenerateSceneRequest(job_id=job_id, index=1, seed=0))
+    job = await finished_job(gateway, job_id)
+    assert last_render() == [(1, 0, ["Ada"])]
+    assert {i.index: i.seed for i in job.images} == {1: scene_seed(5, 1), 2: scene_seed(5, 2)}
     assert job.state == pb.JOB_STATE_DONE

@@ -14,13 +14,17 @@ import grpc
 import pytest
 from sqlalchemy import func, select
 from storyreel_gateway.db import jobs
-from support import finished_job, watch_events
+from support import (
+    ALICE,
+    API_KEYS,
+    BOB,
+    finished_job,
+    listed_job_ids,
+    wait_until,
+    watch_events,
+)
 
 from storyreel.gateway.v1 import gateway_pb2 as pb
-
-ALICE = (("authorization", "Bearer alice-key"),)
-BOB = (("authorization", "Bearer bob-key"),)
-KEYS = {"alice": ["alice-key"], "bob": ["bob-key"]}
 
 
 @pytest.fixture
@@ -91,8 +95,8 @@ async def test_a_job_created_on_one_replica_is_read_and_watched_on_another(
 
 
 async def test_listing_on_any_replica_shows_every_replicas_jobs_newest_first(start_gateway):
-    a = await start_gateway(instance_id="replica-a", api_keys=KEYS)
-    b = await start_gateway(instance_id="replica-b", api_keys=KEYS)
+    a = await start_gateway(instance_id="replica-a", api_keys=API_KEYS)
+    b = await start_gateway(instance_id="replica-b", api_keys=API_KEYS)
     ids = []
     for i in range(5):
         stub = (a, b)[i % 2].stub
@@ -101,16 +105,7 @@ async def test_listing_on_any_replica_shows_every_replicas_jobs_newest_first(sta
     bobs = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="bob"), metadata=BOB)).job_id
 
     for replica in (a, b):
-        seen, token = [], ""
-        while True:
-            page = await replica.stub.ListJobs(
-                pb.ListJobsRequest(page_size=2, page_token=token), metadata=ALICE
-            )
-            assert len(page.jobs) <= 2
-            seen += [job.job_id for job in page.jobs]
-            token = page.next_page_token
-            if not token:
-                break
+        seen = await listed_job_ids(replica.stub, ALICE, page_size=2)
         assert seen == list(reversed(ids))
     listed = await b.stub.ListJobs(pb.ListJobsRequest(), metadata=BOB)
     assert [job.job_id for job in listed.jobs] == [bobs]
@@ -152,19 +147,14 @@ async def test_cancel_on_another_replica_stops_the_job_within_seconds(
     b = await start_gateway(instance_id="replica-b", watch_poll_s=0.1)
     job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=3))).job_id
     await watch_events(b.stub, job_id, _render_started)
-    for _ in range(50):  # the stage has started; wait until its call reaches the render double
-        if upstream.render_requests:
-            break
-        await asyncio.sleep(0.1)
+    # The stage has started; wait until its call reaches the render double.
+    await wait_until(lambda: upstream.render_requests)
 
     response = await b.stub.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=15)
     assert response.job.state == pb.JOB_STATE_CANCELLED
     assert response.job.stages[-1].state == pb.JOB_STATE_CANCELLED
     assert len(response.job.images) == 0
-    for _ in range(50):  # A's render call is cancelled too
-        if upstream.render_cancelled:
-            break
-        await asyncio.sleep(0.1)
+    await wait_until(lambda: upstream.render_cancelled)  # A's render call is cancelled too
     assert upstream.render_cancelled == 1
     assert await _owner(b, job_id) == "replica-a"
     assert await _claims_left(b) == 0

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import io
-import wave
-
 import grpc
 import pytest
 from storyreel_gateway.settings import GatewaySettings
+from support import ALICE, BOB, finished_job, upload_audio
 
 from storyreel.gateway.v1 import gateway_pb2 as pb
-
-ALICE = (("authorization", "Bearer alice-key"),)
-BOB = (("authorization", "Bearer bob-key"),)
 
 
 @pytest.fixture
@@ -22,17 +17,10 @@ async def shared_gateway(start_gateway, tmp_path):
     return (await start_gateway(api_keys={"alice": ["alice-key"]}, api_keys_file=keys_file)).stub
 
 
-async def _finish(stub, job_id, metadata):
-    job = None
-    async for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=metadata):
-        job = event.job
-    return job
-
-
 async def test_each_tenant_sees_only_its_own_jobs(shared_gateway):
     gw = shared_gateway
     job_id = (await gw.CreateVideo(pb.CreateVideoRequest(prompt="alice's"), metadata=ALICE)).job_id
-    assert (await _finish(gw, job_id, ALICE)).state == pb.JOB_STATE_DONE
+    assert (await finished_job(gw, job_id, ALICE)).state == pb.JOB_STATE_DONE
 
     calls = {
         "get": gw.GetJob(pb.GetJobRequest(job_id=job_id), metadata=BOB),
@@ -40,7 +28,7 @@ async def test_each_tenant_sees_only_its_own_jobs(shared_gateway):
         "regenerate": gw.RegenerateScene(
             pb.RegenerateSceneRequest(job_id=job_id, index=1), metadata=BOB
         ),
-        "watch": _finish(gw, job_id, BOB),
+        "watch": finished_job(gw, job_id, BOB),
     }
     for name, call in calls.items():
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -54,17 +42,7 @@ async def test_each_tenant_sees_only_its_own_jobs(shared_gateway):
 async def test_a_tenant_cannot_use_another_tenants_upload(shared_gateway):
     gw = shared_gateway
 
-    async def upload():
-        yield pb.UploadAudioRequest(filename="a.wav")
-        buffer = io.BytesIO()
-        with wave.open(buffer, "wb") as out:  # a real WAV: the composer probes every upload
-            out.setnchannels(1)
-            out.setsampwidth(2)
-            out.setframerate(8000)
-            out.writeframes(b"\x00\x00" * 8000)
-        yield pb.UploadAudioRequest(chunk=buffer.getvalue())
-
-    uri = (await gw.UploadAudio(upload(), metadata=ALICE)).audio_uri
+    uri = (await upload_audio(gw, metadata=ALICE)).audio_uri
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gw.CreateVideo(pb.CreateVideoRequest(prompt="x", audio_uri=uri), metadata=BOB)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

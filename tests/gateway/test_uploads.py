@@ -4,37 +4,34 @@ never left behind, and uploads no job used deleted when they expire."""
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import signal
 import subprocess
 import sys
 import time
-import wave
 from pathlib import Path
 
 import grpc
 import pytest
-from support import REPO, health_status
+from support import (
+    ALICE,
+    API_KEYS,
+    BOB,
+    REPO,
+    WAV_HEADER_ONLY,
+    health_status,
+    upload_audio,
+    wait_until,
+    wav_bytes,
+)
 
 from storyreel.gateway.v1 import gateway_pb2 as pb
 from storyreel.gateway.v1 import gateway_pb2_grpc
 
-ALICE = (("authorization", "Bearer alice-key"),)
-BOB = (("authorization", "Bearer bob-key"),)
-KEYS = {"alice": ["alice-key"], "bob": ["bob-key"]}
-WAV_HEAD = b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 32
-
 
 def _wav(size: int) -> bytes:
     """A real 16-bit mono WAV of silence, about ``size`` bytes (the composer accepts it)."""
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(8000)
-        out.writeframes(b"\x00" * max(2, (size - 44) // 2 * 2))
-    return buffer.getvalue()
+    return wav_bytes(max(1, (size - 44) // 2) / 8000)
 
 
 def _spooled(folder: Path) -> list[Path]:
@@ -44,24 +41,15 @@ def _spooled(folder: Path) -> list[Path]:
 async def _stalled(stall: asyncio.Event):
     """An upload that sends its head, then nothing until ``stall`` is set."""
     yield pb.UploadAudioRequest(filename="a.wav")
-    yield pb.UploadAudioRequest(chunk=WAV_HEAD)
+    yield pb.UploadAudioRequest(chunk=WAV_HEADER_ONLY)
     await stall.wait()
-
-
-async def _upload(stub, data: bytes, metadata=()):
-    async def chunks():
-        yield pb.UploadAudioRequest(filename="a.wav")
-        for start in range(0, len(data), 16_384):
-            yield pb.UploadAudioRequest(chunk=data[start : start + 16_384])
-
-    return await stub.UploadAudio(chunks(), metadata=metadata)
 
 
 async def test_four_stalled_uploads_are_cut_off_by_the_quota_and_the_idle_timeout(
     start_gateway, tmp_path
 ):
     gateway = await start_gateway(
-        api_keys=KEYS, max_uploads_per_tenant=2, upload_idle_timeout_s=1.0
+        api_keys=API_KEYS, max_uploads_per_tenant=2, upload_idle_timeout_s=1.0
     )
     stub = gateway.stub
     stall = asyncio.Event()
@@ -73,7 +61,7 @@ async def test_four_stalled_uploads_are_cut_off_by_the_quota_and_the_idle_timeou
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "uploads of yours are in progress" in caught.value.details()
     # Another tenant is not held back by Alice's uploads.
-    assert (await _upload(stub, _wav(440), BOB)).size_bytes == len(_wav(440))
+    assert (await upload_audio(stub, _wav(440), metadata=BOB)).size_bytes == len(_wav(440))
 
     for call in calls:  # the idle timeout ends both stalled streams
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -83,33 +71,31 @@ async def test_four_stalled_uploads_are_cut_off_by_the_quota_and_the_idle_timeou
     stall.set()
     assert _spooled(tmp_path / "upload-spool") == []
     # Their places are free again.
-    assert (await _upload(stub, _wav(176), ALICE)).size_bytes == len(_wav(176))
+    assert (await upload_audio(stub, _wav(176), metadata=ALICE)).size_bytes == len(_wav(176))
 
 
 async def test_a_tenants_stored_bytes_are_bounded(start_gateway):
-    gateway = await start_gateway(api_keys=KEYS, max_upload_bytes_per_tenant=100_000)
+    gateway = await start_gateway(api_keys=API_KEYS, max_upload_bytes_per_tenant=100_000)
     stub = gateway.stub
     data = _wav(50_044)
-    await _upload(stub, data, ALICE)
+    await upload_audio(stub, data, metadata=ALICE)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await _upload(stub, data, ALICE)
+        await upload_audio(stub, data, metadata=ALICE)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "the limit is 100000 bytes" in caught.value.details()
-    await _upload(stub, data, BOB)  # each tenant has its own quota
+    await upload_audio(stub, data, metadata=BOB)  # each tenant has its own quota
 
 
 async def test_an_upload_no_job_used_expires_and_one_a_job_used_stays(start_gateway, file_store):
     gateway = await start_gateway(upload_ttl_s=0.5)
     stub = gateway.stub
-    used = (await _upload(stub, _wav(2_000))).audio_uri
-    unused = (await _upload(stub, _wav(2_000))).audio_uri
+    used = (await upload_audio(stub, _wav(2_000))).audio_uri
+    unused = (await upload_audio(stub, _wav(2_000))).audio_uri
     job_id = (
         await stub.CreateVideo(pb.CreateVideoRequest(prompt="a", scene_count=1, audio_uri=used))
     ).job_id
-    for _ in range(100):  # the gateway's housekeeping deletes it (every ttl / 4 here)
-        if not file_store.exists(unused):
-            break
-        await asyncio.sleep(0.05)
+    # The gateway's housekeeping deletes it (every ttl / 4 here).
+    await wait_until(lambda: not file_store.exists(unused), timeout_s=5.0, pause_s=0.05)
     assert file_store.exists(used) and not file_store.exists(unused)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.CreateVideo(pb.CreateVideoRequest(prompt="a", audio_uri=unused))

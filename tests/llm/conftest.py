@@ -8,21 +8,14 @@ exact payload the backends send.
 
 from __future__ import annotations
 
-import json
-import os
-import threading
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
+from model_server_doubles import Reply, ServerDouble, TGITestDouble
 from storyreel_llm.settings import LLMSettings
+from support import MODELS
 
-REPO = Path(__file__).resolve().parents[2]
-MODELS = Path(os.environ.get("STORYREEL_MODELS_DIR", REPO / "models"))
 SMOLLM2_DIR = MODELS / "smollm2-135m-instruct"
 
 
@@ -65,184 +58,37 @@ def smollm2():
     torch.set_num_threads(threads)  # other suites in this process get their cores back
 
 
-# --- HTTP doubles ----------------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    """What a double answers to one POST: HTTP status, JSON body, headers, delay."""
-
-    status: int
-    body: Any
-    headers: dict[str, str] = field(default_factory=dict)
-    delay_s: float = 0.0
-    drop: bool = False  # close the connection without answering
-
-
-@dataclass
-class ServerDouble:
-    """A real HTTP server on 127.0.0.1:0 that answers POSTs from a script.
-
-    It records every POST (path, headers, JSON body). GETs of ``health_path``
-    answer the next of ``health_statuses`` (200 once they run out).
-    """
-
-    server: ThreadingHTTPServer
-    health_path: str
-    replies: list[Reply] = field(default_factory=list)
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    health_statuses: list[int] = field(default_factory=list)
-    health_checks: int = 0
-    get_bodies: dict[str, Any] = field(default_factory=dict)
-    # Consulted before the script: a Reply for POST bodies it recognises, else None.
-    responder: Any = None
-    # POSTs wait for this before answering; clear it to hold them.
-    gate: threading.Event = field(default_factory=lambda: _opened(threading.Event()))
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def fail(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        """Queue an error answer."""
-        self.replies.append(Reply(status, body, headers or {}))
-
-    def drop(self) -> None:
-        """Queue a dropped connection (closed without an answer)."""
-        self.replies.append(Reply(0, None, drop=True))
-
-    def slow(self, delay_s: float, body: Any) -> None:
-        """Queue an answer that comes after ``delay_s``."""
-        self.replies.append(Reply(200, body, delay_s=delay_s))
-
-
-def _opened(event: threading.Event) -> threading.Event:
-    event.set()
-    return event
-
-
-def _handler_for(ref: list[ServerDouble]) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:  # keep pytest output clean
-            pass
-
-        def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            double = ref[0]
-            if self.path == double.health_path:
-                double.health_checks += 1
-                status = double.health_statuses.pop(0) if double.health_statuses else 200
-                self._send(status, {} if status == 200 else {"error": "loading"})
-            elif self.path in double.get_bodies:
-                self._send(200, double.get_bodies[self.path])
-            else:
-                self._send(404, {"error": "not found"})
-
-        def do_POST(self) -> None:
-            double = ref[0]
-            length = int(self.headers.get("Content-Length", "0"))
-            double.requests.append(
-                {
-                    "path": self.path,
-                    "headers": {k.lower(): v for k, v in self.headers.items()},
-                    "body": json.loads(self.rfile.read(length) or b"null"),
-                }
-            )
-            double.gate.wait(timeout=60)
-            body = double.requests[-1]["body"]
-            answered = double.responder(body) if double.responder is not None else None
-            if answered is not None:
-                self._send(answered.status, answered.body, answered.headers)
-                return
-            if not double.replies:
-                self._send(500, {"error": "the test scripted no reply", "error_type": "test"})
-                return
-            reply = double.replies.pop(0)
-            if reply.drop:
-                self.close_connection = True
-                self.connection.close()
-                return
-            if reply.delay_s:
-                time.sleep(reply.delay_s)
-            self._send(reply.status, reply.body, reply.headers)
-
-    return Handler
+# --- HTTP doubles (tests/model_server_doubles.py) --------------------------------------------
 
 
 @pytest.fixture
 def start_double() -> Iterator[Any]:
-    """``start_double(health_path)`` starts a :class:`ServerDouble`; all stop after the test."""
-    started: list[tuple[ServerDouble, threading.Thread]] = []
+    """``start_double(double)`` starts a :class:`ServerDouble`; all stop after the test."""
+    started: list[ServerDouble] = []
 
-    def start(health_path: str) -> ServerDouble:
-        ref: list[ServerDouble] = []
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(ref))
-        server.daemon_threads = True
-        double = ServerDouble(server, health_path)
-        ref.append(double)
-        thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        thread.start()
-        started.append((double, thread))
+    def start(double: ServerDouble) -> ServerDouble:
+        started.append(double.start())
         return double
 
     yield start
-    for double, thread in started:
-        double.gate.set()
-        double.server.shutdown()
-        double.server.server_close()
-        thread.join(timeout=5)
-
-
-class TGITestDouble:
-    """Script helpers for a :class:`ServerDouble` speaking TGI's ``/generate``."""
-
-    def __init__(self, double: ServerDouble) -> None:
-        self.double = double
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.double, name)
-
-    def answer(self, generated_text: str) -> None:
-        """Queue a successful generation (TGI's `/` route answers a one-element list)."""
-        self.double.replies.append(Reply(200, [{"generated_text": generated_text}]))
-
-    def answer_all(self, texts: Sequence[str]) -> None:
-        for text in texts:
-            self.answer(text)
-
-    def error(self, status: int, error: str, error_type: str, **headers: str) -> None:
-        """Queue a TGI error answer."""
-        self.double.fail(status, {"error": error, "error_type": error_type}, headers)
+    for double in started:
+        double.stop()
 
 
 @pytest.fixture
 def tgi_double(start_double) -> TGITestDouble:
-    """A running TGI double; ``/info`` reports a model that is in no cache."""
-    double = start_double("/health")
-    double.get_bodies["/info"] = {"model_id": "storyreel-tests/tgi-double"}
-    return TGITestDouble(double)
+    """A running TGI double answering from its script; ``/info`` names a model in no cache."""
+    return start_double(TGITestDouble())
 
 
-class OpenAITestDouble:
-    """Script helpers for a :class:`ServerDouble` speaking ``/v1/chat/completions``."""
+class OpenAITestDouble(ServerDouble):
+    """An OpenAI-compatible server answering ``/v1/chat/completions`` from a script.
 
-    def __init__(self, double: ServerDouble) -> None:
-        self.double = double
+    ``/v1/models`` is its readiness check.
+    """
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.double, name)
+    def __init__(self) -> None:
+        super().__init__("/v1/models")
 
     @staticmethod
     def completion(content: str, finish_reason: str = "stop") -> dict[str, Any]:
@@ -259,7 +105,7 @@ class OpenAITestDouble:
         }
 
     def answer(self, content: str) -> None:
-        self.double.replies.append(Reply(200, self.completion(content)))
+        self.replies.append(Reply(200, self.completion(content)))
 
     def answer_all(self, texts: Sequence[str]) -> None:
         for text in texts:
@@ -314,14 +160,14 @@ class OpenAITestDouble:
                 return reply(grammar)
             return reply("ignore" if plain == "answer" else plain)
 
-        self.double.responder = respond
+        self.responder = respond
 
     @property
     def story_requests(self) -> list[dict[str, Any]]:
         """The requests that were no capability probe."""
         return [
             r
-            for r in self.double.requests
+            for r in self.requests
             if r["body"].get("messages") != [{"role": "user", "content": "Say hello."}]
         ]
 
@@ -329,4 +175,4 @@ class OpenAITestDouble:
 @pytest.fixture
 def openai_double(start_double) -> OpenAITestDouble:
     """A running OpenAI-compatible double (``/v1/models`` is its readiness check)."""
-    return OpenAITestDouble(start_double("/v1/models"))
+    return start_double(OpenAITestDouble())

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script: find `support`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from support import free_port, stop_process
 
 VERSION = "0.3.36"
 REQUIREMENTS = Path(__file__).resolve().parent / "llamacpp-server.txt"
@@ -80,12 +83,6 @@ def server_python(log: Path | None = None) -> tuple[Path, float]:
     if result.returncode != 0 or not _works(python):
         raise RuntimeError(f"building llama-cpp-python {VERSION} failed:\n{output[-3000:]}")
     return python, time.monotonic() - started
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def smollm2_gguf() -> Path:
@@ -158,12 +155,7 @@ def serve(
                 time.sleep(0.5)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=20)
         if log:
             out.close()
 

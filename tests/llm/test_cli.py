@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 from llm.story_doubles import CAST, answers_for
 from storyreel_llm.service import LlmService
+from support import free_port
 
 from storyreel.serving import start_and_load
 
@@ -140,9 +140,7 @@ async def test_storyboard_refused_request_exits_2(story_service, tgi_double):
 
 
 async def test_storyboard_unreachable_service_exits_3():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    address = f"127.0.0.1:{free_port()}"
     code, _, err = await run_cli("storyboard", "a fox", "--address", address, "--timeout", "5")
     assert code == 3
     assert f"LLM service at {address} unreachable" in err

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from llm.story_doubles import CAST, STORY, ScriptedBackend, shot
-from storyreel_llm import parsing
+from storyreel_llm import freeform, reader
 from storyreel_llm.storyboard import Storyboard
 from storyreel_llm.writer import StoryboardWriter
 
@@ -80,8 +80,8 @@ PROPERTY = settings(
 @example(text='{"scenes": [{"narration": "١٢٣ ٤", "prompt": "-"}]}', scene_count=1)
 def test_the_parser_reads_any_answer_or_says_why_not(text, scene_count):
     try:
-        board = parsing.parse_storyboard(text, scene_count)
-    except parsing.UnusableAnswer as exc:
+        board = freeform.parse_storyboard(text, scene_count)
+    except reader.UnusableAnswer as exc:
         assert str(exc)
         return
     Storyboard.model_validate(board.model_dump(), context={"scene_count": scene_count})
@@ -92,8 +92,8 @@ def test_the_parser_reads_any_answer_or_says_why_not(text, scene_count):
 @example(text="{name: José, appearance: ñandú}")
 def test_a_step_answer_is_read_or_refused_with_a_reason(text):
     try:
-        data = parsing.read_object(text)
-    except parsing.UnusableAnswer as exc:
+        data = reader.read_object(text)
+    except reader.UnusableAnswer as exc:
         assert str(exc)
         return
     assert isinstance(data, dict)

@@ -8,7 +8,6 @@ response_format (both shapes), stop sequences, token limit, seed, key.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -18,6 +17,7 @@ from storyreel_llm.backends import create_backend
 from storyreel_llm.backends.openai import SCHEMA_NAME, OpenAIBackend, api_base
 from storyreel_llm.storyboard import cast_schema, shot_schema
 from storyreel_llm.writer import StoryboardWriter
+from support import free_port
 
 from storyreel.errors import FailedPrecondition, Overloaded, UpstreamFailed
 
@@ -155,9 +155,7 @@ def test_a_slow_answer_times_out_with_the_limit_in_the_message(openai_for, opena
 
 
 def test_an_unreachable_server_gives_an_error_naming_the_endpoint(settings_for):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     settings = settings_for(backend="openai", openai_url=f"http://127.0.0.1:{port}", retries=1)
     endpoint = f"http://127.0.0.1:{port}/v1/chat/completions"
     with pytest.raises(

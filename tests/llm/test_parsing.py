@@ -12,13 +12,12 @@ import json
 from pathlib import Path
 
 import pytest
-from storyreel_llm.parsing import (
+from storyreel_llm.freeform import group_sentences, parse_storyboard
+from storyreel_llm.reader import (
     UnusableAnswer,
-    group_sentences,
     labeled_fields,
     loads_lenient,
     mentioned,
-    parse_storyboard,
     read_object,
     split_clauses,
     split_sentences,

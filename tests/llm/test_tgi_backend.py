@@ -8,7 +8,6 @@ token budget, seed; and the retries, timeouts and errors.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -18,6 +17,7 @@ from storyreel_llm.backends import create_backend
 from storyreel_llm.backends.tgi import TGIBackend, zephyr_prompt
 from storyreel_llm.storyboard import cast_schema, shot_schema
 from storyreel_llm.writer import StoryboardWriter
+from support import free_port
 
 from storyreel.errors import Overloaded, UpstreamFailed
 
@@ -130,16 +130,14 @@ def test_a_server_error_is_not_retried_and_names_the_url(tgi_settings, tgi_doubl
 
 def test_a_slow_answer_times_out_with_the_limit_in_the_message(settings_for, tgi_double):
     settings = settings_for(backend="tgi", tgi_url=tgi_double.url, request_timeout_s=0.3)
-    tgi_double.slow(2.0, [{"generated_text": "late"}])
+    tgi_double.slow(2.0, "late")
     with pytest.raises(UpstreamFailed, match=r"did not answer within 0\.3 s"):
         TGIBackend(settings).generate_text(MESSAGES, 8, 1)
     assert len(tgi_double.requests) == 1  # a timeout is not retried onto a slow server
 
 
 def test_an_unreachable_server_gives_an_error_naming_the_endpoint(settings_for):
-    with socket.socket() as sock:  # a port nothing listens on once closed
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens on it
     url = f"http://127.0.0.1:{port}"
     backend = TGIBackend(settings_for(backend="tgi", tgi_url=url, retries=1))
     with pytest.raises(UpstreamFailed, match=f"cannot reach TGI server at {url}"):

@@ -20,7 +20,7 @@ def main() -> int:
     settings = ComposerSettings()
     configure_logging("composer", settings.log_level)
 
-    # Heavy imports (moviepy, numpy, piper) only after logging is set up.
+    # Heavy imports (numpy, PIL, piper) only after logging is set up.
     from storyreel.serving import serve
     from storyreel.storage import open_store
     from storyreel_composer.service import ComposerService

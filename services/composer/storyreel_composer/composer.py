@@ -5,6 +5,20 @@ work, works in a temporary directory that is always removed, and stores the
 finished, checked MP4 with its captions, poster and contact sheet, or nothing.
 Scenes are numbered from 1 in messages, as in the storyboard.
 
+Which name belongs to which layer:
+
+====================  =============================  ===========================================
+contract              composer core (here)           gateway
+====================  =============================  ===========================================
+composer.v1.Scene     :class:`Scene`                 (image URI, narration) pairs
+ComposeRequest        storyreel.compose_options      the same ComposeOptions (shared core; the
+option fields         .ComposeOptions                ``storyreel compose`` command's too)
+ComposeResponse       :class:`ComposeResult`         storyreel_gateway.jobs.ComposedVideo
+====================  =============================  ===========================================
+
+The audio URI, frame rate, width, height and revision are the request's own,
+arguments of :meth:`VideoComposer.compose` beside the options.
+
 The composition is planned in Python, frame-exact (:mod:`.timeline`,
 :mod:`.motion`, :mod:`.captions`, :mod:`.audio`) and drawn by one ffmpeg
 filtergraph (:mod:`.filtergraph`); :mod:`.reference` builds the same plan as a
@@ -22,9 +36,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storyreel.compose_options import FITS, MOTIONS, TRANSITIONS, ComposeOptions
 from storyreel.errors import InvalidInput, NotFound, NotReady, Overloaded
 from storyreel.frames import SHAPES, SHORT_SIDES, even, video_size
 from storyreel.ids import check_job_id, check_revision, job_key, shown
+from storyreel.limits import MIN_SCENES
 from storyreel.options import AUDIO_MODES, CAPTIONS
 from storyreel.storage import ArtifactStore
 from storyreel_composer.audio import (
@@ -73,10 +89,6 @@ VTT_NAME = "captions.vtt"
 POSTER_NAME = "poster.png"
 CONTACT_SHEET_NAME = "contact-sheet.png"
 
-FITS = ("cover", "blur")
-TRANSITIONS = ("crossfade", "cut")
-MOTIONS = ("ken_burns", "none")
-
 
 @dataclass(frozen=True)
 class Scene:
@@ -84,29 +96,6 @@ class Scene:
 
     image_uri: str
     narration: str = ""
-
-
-@dataclass(frozen=True)
-class ComposeOptions:
-    """How the video looks and sounds; "" and 0 select the service defaults.
-
-    ``audio_mode`` is "narration" (synthesized), "soundtrack" (the user's
-    audio is the whole sound track and sets the length) or "music" (the
-    user's audio plays, ducked, under synthesized narration); unset, it is
-    "soundtrack" with an audio URI and "narration" without.
-    """
-
-    aspect: str = ""
-    resolution: str = ""
-    fit: str = ""
-    transition: str = ""
-    crossfade_s: float = 0.0
-    motion: str = ""
-    seed: int = 0
-    captions: str = ""
-    audio_mode: str = ""
-    voice: str = ""
-    speaking_rate: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -299,8 +288,10 @@ class VideoComposer:
         o = options or ComposeOptions()
         check_job_id(job_id)
         check_revision(revision)
-        if not 1 <= len(scenes) <= s.max_scenes:
-            raise InvalidInput(f"scenes must hold 1 to {s.max_scenes} scenes, got {len(scenes)}")
+        if not MIN_SCENES <= len(scenes) <= s.max_scenes:
+            raise InvalidInput(
+                f"scenes must hold {MIN_SCENES} to {s.max_scenes} scenes, got {len(scenes)}"
+            )
         for number, scene in enumerate(scenes, start=1):
             if not scene.image_uri:
                 raise InvalidInput(f"scene {number} has no image_uri")
@@ -332,7 +323,7 @@ class VideoComposer:
             raise InvalidInput(f"fps must be between {s.min_fps} and {s.max_fps}, got {fps}")
         width, height = self._frame_size(width, height, o)
 
-        transition = _choice("transition", o.transition, TRANSITIONS, s.default_transition)
+        transition = _choice("transition", o.transition, tuple(TRANSITIONS), s.default_transition)
         crossfade_s = o.crossfade_s or s.crossfade_s
         if not s.min_crossfade_s <= crossfade_s <= s.max_crossfade_s:
             raise InvalidInput(
@@ -354,10 +345,10 @@ class VideoComposer:
             fps,
             width,
             height,
-            fit=_choice("fit", o.fit, FITS, s.default_fit),
+            fit=_choice("fit", o.fit, tuple(FITS), s.default_fit),
             transition=transition,
             crossfade_s=crossfade_s,
-            motion=_choice("motion", o.motion, MOTIONS, s.default_motion),
+            motion=_choice("motion", o.motion, tuple(MOTIONS), s.default_motion),
             seed=o.seed,
             captions=_choice("captions", o.captions, tuple(CAPTIONS), s.default_captions),
             audio_mode=audio_mode,

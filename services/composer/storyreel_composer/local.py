@@ -4,6 +4,11 @@ The user's own images (taken in name order) and audio become a video through
 the same :class:`~storyreel_composer.composer.VideoComposer` the service
 runs, over a private file store in a temporary directory; the results are
 copied next to the requested output.
+
+The ``storyreel`` command line finds this module through the ``storyreel.local``
+entry point this package declares (its pyproject.toml) and calls
+:func:`compose_files`: the shared core imports no service package.
+``pip install 'storyreel[composer]'`` installs it.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from storyreel.compose_options import ComposeOptions
 from storyreel.errors import InvalidInput
 from storyreel.storage import FileStore
-from storyreel_composer.composer import ComposeOptions, ComposeResult, Scene, VideoComposer
+from storyreel_composer.composer import ComposeResult, Scene, VideoComposer
 from storyreel_composer.settings import ComposerSettings
 from storyreel_composer.tts import NarrationSynthesizer
+
+__all__ = ["LocalResult", "compose_files", "narration_lines", "scene_images"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 

@@ -2,12 +2,18 @@
 
 :func:`reference_clip` builds, from the same :class:`~.filtergraph.FilterPlan` the
 ffmpeg filtergraph draws, a moviepy ``CompositeVideoClip``: one clip per shot
-placed at its first frame, moved by its Ken Burns :class:`~.motion.Move`,
+placed at its first frame, moved by its Ken Burns :class:`~.motion.Move`
+(each frame drawn by :func:`~.stills.shot_frame`, as the poster's are),
 crossfaded in by a mask over its ``fade_in`` frames, with the sound track as
 its audio. Rendering it with moviepy gives the same pictures frame by frame
 (captions aside) at a fraction of the speed, which is what it is for: tests
 compare the filtergraph's frames against it, and ``bench/compose.py --moviepy``
 measures the difference.
+
+Only the tests and the benchmark import this module, and it is the only one
+that imports moviepy: the service, ``storyreel compose`` and the rest of the
+package never load it (tests/core/test_layering.py). moviepy comes with the
+package's ``reference`` extra (``pip install 'storyreel-composer[reference]'``).
 """
 
 from __future__ import annotations
@@ -21,17 +27,8 @@ from PIL import Image
 
 from storyreel_composer.filtergraph import FilterPlan
 from storyreel_composer.motion import Move
+from storyreel_composer.stills import shot_frame
 from storyreel_composer.timeline import Shot
-
-
-def shot_frame(canvas: Image.Image, move: Move | None, progress: float, size: tuple[int, int]):
-    """One frame of a shot: the move's window at ``progress`` scaled to ``size``, as RGB."""
-    if move is None:
-        return np.asarray(canvas.resize(size, Image.Resampling.LANCZOS))
-    left, top, zoom = move.window(progress, canvas.width, canvas.height)
-    box = (left, top, left + canvas.width / zoom, top + canvas.height / zoom)
-    frame = canvas.transform(size, Image.Transform.EXTENT, box, Image.Resampling.BICUBIC)
-    return np.asarray(frame)
 
 
 def reference_clip(

@@ -1,9 +1,12 @@
 """gRPC side of the composer: storyreel.composer.v1.ComposerService.
 
-The servicer only converts messages to and from the core's domain objects;
-validation, narration, rendering and storage live in
-:mod:`storyreel_composer.composer`. Domain errors it raises become status codes
-in the shared interceptor.
+The servicer only converts messages to and from the core's domain objects (the
+options through the shared :func:`storyreel.compose_options.options_from_request`,
+which refuses an enum number it does not know with INVALID_ARGUMENT). Every
+other check (:meth:`storyreel_composer.composer.VideoComposer.check_request`),
+narration, the render (one ffmpeg filtergraph, :mod:`storyreel_composer.filtergraph`)
+and storage are run by :mod:`storyreel_composer.composer`. Domain errors it
+raises become status codes in the shared interceptor.
 """
 
 from __future__ import annotations
@@ -12,39 +15,13 @@ import asyncio
 
 import grpc
 
+from storyreel.compose_options import options_from_request
 from storyreel.composer.v1 import composer_pb2, composer_pb2_grpc
-from storyreel.options import ASPECTS, AUDIO_MODES, CAPTIONS, RESOLUTIONS, from_enum
 from storyreel.serving import Service
 from storyreel.storage import ArtifactStore
-from storyreel_composer.composer import ComposeOptions, Scene, VideoComposer
+from storyreel_composer.composer import Scene, VideoComposer
 from storyreel_composer.settings import ComposerSettings
 from storyreel_composer.tts import NarrationSynthesizer
-
-# The composer's own enums, by the core's names (the shared ones are in storyreel.options).
-_FITS = {"cover": composer_pb2.FIT_COVER, "blur": composer_pb2.FIT_BLUR}
-_TRANSITIONS = {"crossfade": composer_pb2.TRANSITION_CROSSFADE, "cut": composer_pb2.TRANSITION_CUT}
-_MOTIONS = {"ken_burns": composer_pb2.MOTION_KEN_BURNS, "none": composer_pb2.MOTION_NONE}
-
-
-def options_of(request: composer_pb2.ComposeRequest) -> ComposeOptions:
-    """The core's options of a request; "" selects the service default.
-
-    An enum number this build does not know is INVALID_ARGUMENT (InvalidInput),
-    as the contract says, never silently the default.
-    """
-    return ComposeOptions(
-        aspect=from_enum(ASPECTS, request.aspect, "aspect"),
-        resolution=from_enum(RESOLUTIONS, request.resolution, "resolution"),
-        fit=from_enum(_FITS, request.fit, "fit"),
-        transition=from_enum(_TRANSITIONS, request.transition, "transition"),
-        crossfade_s=request.crossfade_s,
-        motion=from_enum(_MOTIONS, request.motion, "motion"),
-        seed=request.seed,
-        captions=from_enum(CAPTIONS, request.captions, "captions"),
-        audio_mode=from_enum(AUDIO_MODES, request.audio_mode, "audio_mode"),
-        voice=request.voice,
-        speaking_rate=request.speaking_rate,
-    )
 
 
 class ComposerServicer(composer_pb2_grpc.ComposerServiceServicer):
@@ -69,7 +46,7 @@ class ComposerServicer(composer_pb2_grpc.ComposerServiceServicer):
             fps=request.fps,
             width=request.width,
             height=request.height,
-            options=options_of(request),
+            options=options_from_request(request),
             revision=request.revision,
         )
         return composer_pb2.ComposeResponse(

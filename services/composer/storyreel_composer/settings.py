@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from storyreel.limits import MAX_SCENES, MIN_SCENES
 from storyreel.options import AspectName, CaptionsName, ResolutionName
 from storyreel.settings import ServiceSettings
 
@@ -99,7 +100,8 @@ class ComposerSettings(ServiceSettings):
     max_side: int = Field(default=3840, ge=2)
     min_fps: int = Field(default=1, ge=1)
     max_fps: int = Field(default=60, ge=1)
-    max_scenes: int = Field(default=24, ge=1)
+    # Within the shared bound (storyreel.limits); a deployment may lower it.
+    max_scenes: int = Field(default=MAX_SCENES, ge=MIN_SCENES, le=MAX_SCENES)
     max_narration_chars: int = Field(default=2000, ge=1)
     # Longest user audio track accepted, in seconds.
     max_audio_s: float = Field(default=600.0, gt=0)

@@ -1,11 +1,12 @@
 """The poster and the contact sheet, drawn from the plan rather than decoded from the video.
 
 Each is the picture the renderer shows in the middle of a scene, without
-captions: the scene's fitted picture through its move at that frame (the same
-window the filtergraph's ``zoompan`` takes, see :mod:`.reference`). Drawing a
-few frames in Python costs milliseconds; extracting them from the video would
-mean decoding it, and extra outputs of the render's filtergraph make ffmpeg
-queue frames for the whole video.
+captions: the scene's fitted picture through its move at that frame, drawn by
+:func:`shot_frame` (the window the filtergraph's ``zoompan`` takes; the moviepy
+reference of :mod:`.reference` draws every frame with it). Drawing a few frames
+in Python costs milliseconds; extracting them from the video would mean decoding
+it, and extra outputs of the render's filtergraph make ffmpeg queue frames for
+the whole video.
 """
 
 from __future__ import annotations
@@ -18,11 +19,20 @@ import numpy as np
 from PIL import Image
 
 from storyreel_composer.motion import Move
-from storyreel_composer.reference import shot_frame
 from storyreel_composer.timeline import Shot
 
 #: Black border around the contact sheet and between its thumbnails, in pixels.
 SHEET_GAP = 4
+
+
+def shot_frame(canvas: Image.Image, move: Move | None, progress: float, size: tuple[int, int]):
+    """One frame of a shot: the move's window at ``progress`` scaled to ``size``, as RGB."""
+    if move is None:
+        return np.asarray(canvas.resize(size, Image.Resampling.LANCZOS))
+    left, top, zoom = move.window(progress, canvas.width, canvas.height)
+    box = (left, top, left + canvas.width / zoom, top + canvas.height / zoom)
+    frame = canvas.transform(size, Image.Transform.EXTENT, box, Image.Resampling.BICUBIC)
+    return np.asarray(frame)
 
 
 def middle_frames(starts: Sequence[int], lengths: Sequence[int]) -> list[int]:

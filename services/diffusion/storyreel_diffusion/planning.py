@@ -6,6 +6,20 @@ No torch and no gRPC here. :func:`plan_render` turns a request into a
 model's :class:`ModelFacts`, every default filled in, each image's final
 prompt and seed chosen, and each image's content key computed, so that a
 rejected request has done no work and stored nothing.
+
+Which name belongs to which layer:
+
+=======================  ==============================  ==================================
+contract                 diffusion core (here)           gateway
+=======================  ==============================  ==================================
+diffusion.v1.Scene       :class:`Scene`                  storyreel_gateway.pipeline
+                                                         .SceneToRender
+diffusion.v1.Character   :class:`CastMember`             storyreel.storyboard.Character
+                         (:class:`CharacterPlan` once    (the storyboard's, without a seed)
+                         its seed and portrait are set)
+diffusion.v1.SceneImage  storyreel_diffusion.renderer    storyreel_gateway.jobs.SceneImage
+                         .SceneImage
+=======================  ==============================  ==================================
 """
 
 from __future__ import annotations
@@ -21,9 +35,10 @@ from enum import StrEnum
 from storyreel.errors import FailedPrecondition, InvalidInput
 from storyreel.frames import SHAPES, image_size
 from storyreel.ids import check_job_id, check_revision, job_key
+from storyreel.limits import MIN_SCENES
+from storyreel.seeds import MAX_UINT64_SEED, derive_seed, scene_seed
 from storyreel_diffusion.settings import DiffusionSettings
 
-MAX_SEED = 2**64 - 1
 #: Bumped when the way pixels follow from a key's fields changes, so old cache entries miss.
 CACHE_FORMAT = 1
 
@@ -33,8 +48,8 @@ class ConsistencyMode(StrEnum):
 
     #: Prompts and seeds as given; characters are ignored.
     NONE = "none"
-    #: A scene with characters starts from its first character's seed, and every
-    #: character's appearance is in the prompt.
+    #: A scene with characters and no seed of its own (seed 0) starts from its first
+    #: character's seed, and every character's appearance is in the prompt.
     SEED_LOCK = "seed_lock"
     #: As seed lock for prompts; the scene's self-attention also attends to the keys and
     #: values of its characters' identity images, drawn in the same batch.
@@ -45,8 +60,12 @@ class ConsistencyMode(StrEnum):
 
 
 @dataclass(frozen=True)
-class Character:
-    """A character of the story with a fixed look. ``seed`` 0 derives one from the name."""
+class CastMember:
+    """A character as a render request names it: a fixed look, and the seed of its portraits.
+
+    ``diffusion.v1.Character`` of the contract; ``seed`` 0 derives one from the name.
+    The story's character (no seed) is :class:`storyreel.storyboard.Character`.
+    """
 
     name: str
     appearance: str
@@ -57,9 +76,10 @@ class Character:
 class Scene:
     """One image to draw: ``index`` is the scene's 1-based position.
 
-    ``seed`` is used as given when the request has no job seed; with a job seed,
-    0 derives the scene's seed from it and any other value overrides that.
-    ``characters`` names the request's characters present in the scene.
+    ``seed`` 0: the scene has no seed of its own; with a job seed its seed is derived
+    from it (:func:`storyreel.seeds.scene_seed`), and seed lock draws it from its first
+    character's seed. Any other value is the scene's own and is used as given, seed
+    lock or not. ``characters`` names the request's characters present in the scene.
     """
 
     index: int
@@ -154,17 +174,6 @@ class RenderPlan:
     revision: int = 0
 
 
-def derive_seed(root: int, *parts: object) -> int:
-    """A 63-bit seed from ``root`` and ``parts``: stable across runs, machines and versions.
-
-    ``derive_seed(job_seed, index)`` equals the gateway's per-scene seed, so a request
-    that sends its job seed renders what one that sends the derived scene seeds does.
-    """
-    text = ":".join(str(part) for part in (root, *parts))
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
 def image_key(job_id: str, index: int, revision: int = 0) -> str:
     """Object key of scene ``index``'s image: ``jobs/<job_id>/[r<N>/]images/scene-NNN.png``."""
     return job_key(job_id, "images", f"scene-{index:03d}.png", revision=revision)
@@ -184,7 +193,7 @@ def cache_key(prefix: str, content_key: str) -> str:
     return f"{prefix}/{content_key}.png"
 
 
-def with_appearances(prompt: str, characters: Sequence[CharacterPlan | Character]) -> str:
+def with_appearances(prompt: str, characters: Sequence[CharacterPlan | CastMember]) -> str:
     """``prompt`` plus each character's name and appearance that it does not already hold."""
     parts = [prompt]
     for character in characters:
@@ -208,8 +217,10 @@ def _content_key(facts: ModelFacts, fields: dict) -> str:
 
 
 def _check_scenes(settings: DiffusionSettings, scenes: Sequence[Scene], names) -> None:
-    if not 1 <= len(scenes) <= settings.max_scenes:
-        raise InvalidInput(f"scenes must hold 1 to {settings.max_scenes} scenes, got {len(scenes)}")
+    if not MIN_SCENES <= len(scenes) <= settings.max_scenes:
+        raise InvalidInput(
+            f"scenes must hold {MIN_SCENES} to {settings.max_scenes} scenes, got {len(scenes)}"
+        )
     seen: set[int] = set()
     for position, scene in enumerate(scenes):
         where = f"scenes[{position}] (index {scene.index})"
@@ -225,7 +236,7 @@ def _check_scenes(settings: DiffusionSettings, scenes: Sequence[Scene], names) -
                 f"{where}: prompt is {len(scene.prompt)} characters, "
                 f"the maximum is {settings.max_prompt_chars}"
             )
-        if not 0 <= scene.seed <= MAX_SEED:
+        if not 0 <= scene.seed <= MAX_UINT64_SEED:
             raise InvalidInput(f"{where}: seed must be between 0 and 2**64-1, got {scene.seed}")
         if len(scene.characters) > settings.max_characters_per_scene:
             raise InvalidInput(
@@ -241,7 +252,7 @@ def _check_scenes(settings: DiffusionSettings, scenes: Sequence[Scene], names) -
                 )
 
 
-def _check_characters(settings: DiffusionSettings, characters: Sequence[Character]) -> None:
+def _check_characters(settings: DiffusionSettings, characters: Sequence[CastMember]) -> None:
     if len(characters) > settings.max_characters:
         raise InvalidInput(
             f"characters must hold at most {settings.max_characters}, got {len(characters)}"
@@ -266,7 +277,7 @@ def _check_characters(settings: DiffusionSettings, characters: Sequence[Characte
                 f"{where} ({character.name}): appearance is {len(character.appearance)} "
                 f"characters, the maximum is {settings.max_prompt_chars}"
             )
-        if not 0 <= character.seed <= MAX_SEED:
+        if not 0 <= character.seed <= MAX_UINT64_SEED:
             raise InvalidInput(f"{where} ({character.name}): seed must be between 0 and 2**64-1")
 
 
@@ -321,7 +332,7 @@ def plan_render(
     guidance: float = 0.0,
     negative_prompt: str = "",
     scheduler: str = "",
-    characters: Sequence[Character] = (),
+    characters: Sequence[CastMember] = (),
     consistency: ConsistencyMode | str | None = None,
     consistency_strength: float = 0.0,
     job_seed: int | None = None,
@@ -344,7 +355,7 @@ def plan_render(
             f"negative_prompt is {len(negative_prompt)} characters, "
             f"the maximum is {settings.max_prompt_chars}"
         )
-    if job_seed is not None and not 0 <= job_seed <= MAX_SEED:
+    if job_seed is not None and not 0 <= job_seed <= MAX_UINT64_SEED:
         raise InvalidInput(f"job_seed must be between 0 and 2**64-1, got {job_seed}")
 
     try:
@@ -420,16 +431,16 @@ def plan_render(
     images = []
     for scene in scenes:
         present = [cast[name] for name in scene.characters]
-        if job_seed is not None and scene.seed == 0:
-            seed = derive_seed(job_seed, scene.index)
-        else:
-            seed = scene.seed
+        # A scene's own seed (non-zero) wins over the job seed and the seed lock.
+        seed = scene.seed
+        if seed == 0 and job_seed is not None:
+            seed = scene_seed(job_seed, scene.index)
         prompt = scene.prompt
         conditioned_on: tuple[str, ...] = ()
         conditioning = None
         if mode is not ConsistencyMode.NONE and present:
             prompt = with_appearances(prompt, present)
-        if mode is ConsistencyMode.SEED_LOCK and present:
+        if mode is ConsistencyMode.SEED_LOCK and present and scene.seed == 0:
             seed = present[0].seed
         elif mode is ConsistencyMode.CONSISTENT_SELF_ATTENTION and present:
             conditioned_on = scene.characters

@@ -12,6 +12,13 @@ so a repeated request gives byte-identical PNGs on the same device, and a
 scene's image does not depend on the scenes drawn before it. (Drawn in a batch
 of another size, an image may differ from the one drawn alone by one level in
 a few pixels: batched kernels round differently.)
+
+Names by layer: a request's scenes and characters are
+:class:`~storyreel_diffusion.planning.Scene` and
+:class:`~storyreel_diffusion.planning.CastMember` (``diffusion.v1.Scene`` and
+``diffusion.v1.Character`` in the contract); what is drawn is :class:`SceneImage`
+(``diffusion.v1.SceneImage``; ``storyreel_gateway.jobs.SceneImage`` in the gateway's
+records).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from storyreel.errors import NotFound, NotReady, Overloaded
+from storyreel.seeds import derive_seed
 from storyreel.storage import ArtifactStore
 from storyreel_diffusion.metrics import RenderMetrics
 from storyreel_diffusion.models import (
@@ -43,14 +51,13 @@ from storyreel_diffusion.models import (
     resolve_dtype,
 )
 from storyreel_diffusion.planning import (
-    Character,
+    CastMember,
     ConsistencyMode,
     ImagePlan,
     ModelFacts,
     RenderPlan,
     Scene,
     cache_key,
-    derive_seed,
     image_key,
     plan_batches,
     plan_render,
@@ -59,7 +66,7 @@ from storyreel_diffusion.planning import (
 from storyreel_diffusion.settings import DiffusionSettings
 
 __all__ = [
-    "Character",
+    "CastMember",
     "ConsistencyMode",
     "Scene",
     "SceneImage",
@@ -215,7 +222,7 @@ class SceneRenderer:
         guidance: float = 0.0,
         negative_prompt: str = "",
         scheduler: str = "",
-        characters: Sequence[Character] = (),
+        characters: Sequence[CastMember] = (),
         consistency: ConsistencyMode | str | None = None,
         consistency_strength: float = 0.0,
         job_seed: int | None = None,

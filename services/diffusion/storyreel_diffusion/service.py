@@ -1,9 +1,11 @@
 """gRPC side of the diffusion service: storyreel.diffusion.v1.DiffusionService.
 
-The servicer only converts messages to and from the core's domain objects;
-validation, rendering, caching and storage live in
-:mod:`storyreel_diffusion.renderer`. Domain errors it raises become status
-codes in the shared interceptor.
+The servicer only converts messages to and from the core's domain objects (an
+enum number it does not know is INVALID_ARGUMENT already there). Every other
+check of a request, its defaults, seeds and content keys are
+:func:`storyreel_diffusion.planning.plan_render`'s; the model, queue, drawing,
+cache and storage are :mod:`storyreel_diffusion.renderer`'s. Domain errors
+become status codes in the shared interceptor.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from storyreel.options import ASPECTS, CONSISTENCY, from_enum
 from storyreel.serving import Service
 from storyreel.storage import ArtifactStore
-from storyreel_diffusion.planning import Character, Scene
+from storyreel_diffusion.planning import CastMember, Scene
 from storyreel_diffusion.renderer import SceneImage, SceneRenderer
 from storyreel_diffusion.settings import DiffusionSettings
 
@@ -61,7 +63,8 @@ class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):
             for scene in request.scenes
         ]
         characters = [
-            Character(name=c.name, appearance=c.appearance, seed=c.seed) for c in request.characters
+            CastMember(name=c.name, appearance=c.appearance, seed=c.seed)
+            for c in request.characters
         ]
         images = self.renderer.render(
             request.job_id,

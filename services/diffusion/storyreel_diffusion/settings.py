@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from storyreel.limits import MAX_SCENES, MIN_SCENES
 from storyreel.settings import ServiceSettings
 
 ConsistencyName = Literal["none", "seed_lock", "consistent_self_attention", "reference_images"]
@@ -51,7 +52,8 @@ class DiffusionSettings(ServiceSettings):
     default_guidance: float = Field(default=7.5, gt=0)
 
     # --- request limits (a request outside them is rejected before any work) ---------------
-    max_scenes: int = Field(default=24, ge=1)
+    # Within the shared bound (storyreel.limits); a deployment may lower it.
+    max_scenes: int = Field(default=MAX_SCENES, ge=MIN_SCENES, le=MAX_SCENES)
     min_side: int = Field(default=64, ge=8)
     max_side: int = Field(default=4096, ge=8)
     # Width and height must be multiples of this (the VAE's downsampling factor) ...

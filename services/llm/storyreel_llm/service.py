@@ -1,4 +1,11 @@
-"""gRPC face of the LLM service: proto <-> domain, one generation at a time."""
+"""gRPC face of the LLM service: proto <-> domain, one generation at a time.
+
+The storyboard the writer returns (:class:`storyreel_llm.storyboard.Storyboard`,
+a subclass of the shared :class:`storyreel.storyboard.Storyboard`) becomes the
+contract's ``types.v1.Storyboard`` through the shared
+:func:`storyreel.storyboard.storyboard_to_proto`, the one conversion the gateway
+reads it back with too.
+"""
 
 from __future__ import annotations
 
@@ -12,39 +19,13 @@ import grpc
 from storyreel.errors import FailedPrecondition, NotReady, Overloaded, StoryreelError
 from storyreel.llm.v1 import llm_pb2, llm_pb2_grpc
 from storyreel.serving import Service
-from storyreel.types.v1 import types_pb2
+from storyreel.storyboard import storyboard_to_proto
 from storyreel_llm.backends import Backend, create_backend
 from storyreel_llm.clip import clip_tokenizer
 from storyreel_llm.settings import LLMSettings
-from storyreel_llm.storyboard import Storyboard
 from storyreel_llm.writer import StoryboardWriter
 
 log = logging.getLogger(__name__)
-
-
-def storyboard_to_proto(storyboard: Storyboard) -> types_pb2.Storyboard:
-    """The domain storyboard as the contract's message."""
-    return types_pb2.Storyboard(
-        title=storyboard.title,
-        logline=storyboard.logline,
-        characters=[
-            types_pb2.Character(name=c.name, appearance=c.appearance) for c in storyboard.characters
-        ],
-        scenes=[
-            types_pb2.Scene(
-                index=s.index,
-                narration=s.narration,
-                image_prompt=s.image_prompt,
-                characters=list(s.characters),
-                setting=s.setting,
-                action=s.action,
-                camera=s.camera,
-            )
-            for s in storyboard.scenes
-        ],
-        style=storyboard.style,
-        degraded=storyboard.degraded,
-    )
 
 
 class GenerationSlot:

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from storyreel.limits import MAX_SCENES, MIN_SCENES
+from storyreel.retries import RetryPolicy
 from storyreel.settings import ServiceSettings
 from storyreel_llm.storyboard import TextCaps
 
@@ -74,7 +76,8 @@ class LLMSettings(ServiceSettings):
     # Seconds one request to a model server may take.
     request_timeout_s: float = Field(default=120.0, gt=0)
     # Retries of one request on a transient failure (429, 502, 503, 504, a dropped or
-    # refused connection), waiting retry_backoff_s, then twice that, and so on.
+    # refused connection), waiting retry_backoff_s, then twice that, and so on, never more
+    # than retry_max_backoff_s (see retry_policy).
     retries: int = Field(default=3, ge=0, le=10)
     retry_backoff_s: float = Field(default=1.0, ge=0)
     retry_max_backoff_s: float = Field(default=20.0, ge=0)
@@ -98,8 +101,9 @@ class LLMSettings(ServiceSettings):
 
     # --- Request limits (the contract) -----------------------------------------------------
     max_prompt_chars: int = Field(default=2000, ge=1)
-    min_scenes: int = Field(default=1, ge=1)
-    max_scenes: int = Field(default=24, ge=1)
+    # Within the shared bounds (storyreel.limits); a deployment may narrow them.
+    min_scenes: int = Field(default=MIN_SCENES, ge=MIN_SCENES, le=MAX_SCENES)
+    max_scenes: int = Field(default=MAX_SCENES, ge=MIN_SCENES, le=MAX_SCENES)
     max_style_chars: int = Field(default=200, ge=1)
 
     # --- Length caps of generated text --------------------------------------------------------
@@ -168,6 +172,14 @@ class LLMSettings(ServiceSettings):
             action=self.max_action_chars,
             characters=self.max_characters,
             characters_per_scene=self.max_characters_per_scene,
+        )
+
+    def retry_policy(self) -> RetryPolicy:
+        """How a request to the model server is retried (storyreel.retries)."""
+        return RetryPolicy(
+            initial_s=self.retry_backoff_s,
+            max_backoff_s=self.retry_max_backoff_s,
+            retries=self.retries,
         )
 
     def story_max_tokens(self, scene_count: int) -> int:

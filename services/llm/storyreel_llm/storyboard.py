@@ -1,11 +1,27 @@
 """The storyboard: the domain result, and the two drafts a model is asked to fill in.
 
-:class:`Storyboard` is what the service returns. A storyboard is written in two
-steps (see :mod:`storyreel_llm.writer`): a prose story, from which the model
-extracts a :func:`cast_model` draft (title, logline, characters with a fixed
-look), then one :func:`shot_model` draft per scene (who is in the picture, where,
-doing what, which camera). The same pydantic classes give the JSON schemas that
-constrain decoding and validate the answers, so the two cannot drift apart.
+:class:`Storyboard` is what the service returns: the shared model
+(:mod:`storyreel.storyboard`, which the gateway keeps in its job records) with
+the rules a written storyboard keeps, sent with the shared
+:func:`storyreel.storyboard.storyboard_to_proto`. Which name belongs to which layer:
+
+====================  ====================  ===================================
+contract              service core (here)   shared model, gateway record
+====================  ====================  ===================================
+types.v1.Storyboard   ``Storyboard``        ``storyreel.storyboard.Storyboard``
+types.v1.Character    ``Character``         ``storyreel.storyboard.Character``
+types.v1.Scene        ``Scene``             ``storyreel.storyboard.Scene``
+====================  ====================  ===================================
+
+Each class here subclasses the shared one of the same name and adds only rules
+(non-blank text, unique names, scenes 1..N naming known characters).
+
+A storyboard is written in two steps (see :mod:`storyreel_llm.writer`): a prose
+story, from which the model extracts a :func:`cast_model` draft (title, logline,
+characters with a fixed look), then one :func:`shot_model` draft per scene (who
+is in the picture, where, doing what, which camera). The same pydantic classes
+give the JSON schemas that constrain decoding and validate the answers, so the
+two cannot drift apart.
 
 The schemas depend only on the length caps, never on the request, so each is
 compiled once per process (:func:`cast_schema`, :func:`shot_schema`). What
@@ -32,6 +48,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from storyreel import storyboard as shared
 
 #: Camera framings a shot may ask for; the first is the default of a fallback shot.
 CAMERAS: tuple[str, ...] = (
@@ -120,47 +138,32 @@ def _text(max_chars: int | None = None, pattern: str | None = None, min_chars: i
     ]
 
 
-class Character(BaseModel):
-    """A character with a fixed look, repeated whole in every image prompt it appears in."""
-
-    model_config = ConfigDict(frozen=True)
+class Character(shared.Character):
+    """The shared :class:`storyreel.storyboard.Character`, with a non-blank name and look."""
 
     name: _text()
     appearance: _text()
 
 
-class Scene(BaseModel):
-    """One scene: what the narrator says and what the picture shows."""
-
-    model_config = ConfigDict(frozen=True)
+class Scene(shared.Scene):
+    """The shared :class:`storyreel.storyboard.Scene`: index 1 or more, non-blank text."""
 
     index: int = Field(ge=1)  # 1-based position in the video
     narration: _text()
     image_prompt: _text()
-    characters: tuple[str, ...] = ()
-    # The shot the image prompt was assembled from (empty when the parser read a
-    # ready-made prompt).
-    setting: str = ""
-    action: str = ""
-    camera: str = ""
 
 
-class Storyboard(BaseModel):
-    """A title, characters, and scenes numbered 1..N that name only known characters.
+class Storyboard(shared.Storyboard):
+    """The shared :class:`storyreel.storyboard.Storyboard` with the rules of a written one.
 
-    Validate with ``context={"scene_count": N}`` to require exactly N scenes.
+    A title, characters with unique names, and scenes numbered 1..N that name
+    only known characters. Validate with ``context={"scene_count": N}`` to
+    require exactly N scenes.
     """
 
-    model_config = ConfigDict(frozen=True)
-
     title: _text()
-    logline: str = ""
     characters: tuple[Character, ...] = ()
     scenes: tuple[Scene, ...] = Field(min_length=1)
-    style: str = ""
-    # True when part of the storyboard was rebuilt by the deterministic fallback
-    # rather than taken from the model's answers (see story.proto).
-    degraded: bool = False
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> Storyboard:
@@ -178,10 +181,6 @@ class Storyboard(BaseModel):
             if unknown:
                 raise ValueError(f"scene {scene.index} names unknown characters {unknown}")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """The storyboard as plain JSON data (what ``storyreel storyboard --json`` prints)."""
-        return self.model_dump(mode="json")
 
 
 @dataclass(frozen=True)

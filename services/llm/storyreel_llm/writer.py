@@ -15,9 +15,9 @@ the model is never trusted to repeat the description.
 
 Every answer is validated by the pydantic drafts; an unusable one is sent back
 with the validation errors (at most ``repair_attempts`` times per step). Answers
-from servers that cannot constrain decoding go through the tolerant parser
-first. If a step still fails, a deterministic fallback fills it in from the
-story's sentences and the storyboard says ``degraded``.
+from servers that cannot constrain decoding go through the tolerant reader
+(:mod:`storyreel_llm.reader`) first. If a step still fails, a deterministic
+fallback fills it in from the story's sentences and the storyboard says ``degraded``.
 
 No gRPC here: the servicer converts messages and calls :meth:`StoryboardWriter.write`.
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +36,8 @@ from pydantic import BaseModel, ValidationError
 
 from storyreel.errors import InvalidInput, UpstreamFailed
 from storyreel.prompts import check_prompt
-from storyreel_llm import parsing, prompts
+from storyreel.seeds import MAX_UINT64_SEED, choose_seed
+from storyreel_llm import prompts, reader
 from storyreel_llm.backends.base import Backend, ChatMessage
 from storyreel_llm.clip import ClipTokenizer, assemble_image_prompt, clip_tokenizer
 from storyreel_llm.settings import LLMSettings
@@ -66,7 +66,7 @@ from storyreel_llm.storyboard import (
 log = logging.getLogger(__name__)
 
 #: 64-bit seeds, as the contract's uint64 carries.
-_SEED_SPACE = 2**64
+_SEED_SPACE = MAX_UINT64_SEED + 1
 #: Seed offsets of the steps, so no two answers of one storyboard share a seed.
 _CAST_SEED, _SHOT_SEED = 1_000, 2_000
 _PRONOUNS = re.compile(r"\b(he|she|they|him|her|his|hers|them|their|it|its)\b", re.IGNORECASE)
@@ -156,7 +156,7 @@ class StoryboardWriter:
         self.check_request(prompt, scene_count, style)
         choice = self.resolve_style(style)
         if seed == 0:
-            seed = secrets.randbelow(_SEED_SPACE - 1) + 1
+            seed = choose_seed(MAX_UINT64_SEED)
         started = time.perf_counter()
         narrations, story_salvaged = self._story(prompt, scene_count, seed)
         story = " ".join(narrations)
@@ -252,7 +252,7 @@ class StoryboardWriter:
             ).strip()
             if text:
                 answer = _new_sentences(text, answer)
-            sentences = parsing.story_sentences(answer)
+            sentences = reader.story_sentences(answer)
             copied = [
                 piece
                 for sentence in sentences
@@ -279,7 +279,7 @@ class StoryboardWriter:
             lines = story_scenes(text, scene_count, s.max_narration_chars)
             if lines is not None:
                 return lines, False
-            have = len(parsing.story_sentences(text))
+            have = len(reader.story_sentences(text))
             problem = f"the story has {have} sentence(s) for {scene_count} scenes"
             log.info("story too short", extra={"attempt": attempt + 1, "problems": problem})
             turns = prompts.continue_turns(text, scene_count + 1 - have)
@@ -322,7 +322,7 @@ class StoryboardWriter:
             cast, title, logline = salvage_cast(last or {}, self._caps, context)
             if not title:
                 title = fallback_title(prompt, self._caps.title)
-            first = parsing.split_sentences(story)[:1]
+            first = reader.split_sentences(story)[:1]
             if (
                 not logline
                 and first
@@ -390,7 +390,7 @@ class StoryboardWriter:
         """
         by_name = {c.name: c for c in cast}
         names = list(shot.characters)
-        names += parsing.mentioned(f"{narration} {shot.action}", list(by_name))
+        names += reader.mentioned(f"{narration} {shot.action}", list(by_name))
         present = [by_name[n] for n in dict.fromkeys(names) if n in by_name]
         if not present and previous and _PRONOUNS.search(narration):
             present = list(previous)
@@ -437,7 +437,7 @@ class StoryboardWriter:
                 return model.model_validate(data, context=context), None
             except Exception as exc:
                 # Whatever the model wrote, a bad answer is a re-ask, never a crash.
-                if not isinstance(exc, parsing.UnusableAnswer | ValidationError | ValueError):
+                if not isinstance(exc, reader.UnusableAnswer | ValidationError | ValueError):
                     log.warning("unreadable answer", exc_info=True, extra={"step": step})
                 problems = describe_problems(exc)
                 log.info(
@@ -471,14 +471,14 @@ def story_scenes(text: str, scene_count: int, max_chars: int) -> list[str] | Non
     are split when there are too few, and a sentence cut off by the token budget
     is dropped when the rest suffices. Each line is kept under ``max_chars``.
     """
-    parts = parsing.structured_scenes(text)
+    parts = reader.structured_scenes(text)
     if parts is not None and len(parts) == scene_count:
         return [_shorten(part, max_chars) for part in parts]
-    sentences = _distinct(parsing.story_sentences(text))
-    if len(sentences) > scene_count and not parsing.ends_a_sentence(sentences[-1]):
+    sentences = _distinct(reader.story_sentences(text))
+    if len(sentences) > scene_count and not reader.ends_a_sentence(sentences[-1]):
         sentences = sentences[:-1]
     if len(sentences) < scene_count:
-        sentences = parsing.split_clauses(sentences, scene_count)
+        sentences = reader.split_clauses(sentences, scene_count)
     if len(sentences) < scene_count:
         return None
     return [_fit_sentences(group, max_chars) for group in _groups(sentences, scene_count)]
@@ -541,8 +541,8 @@ def _new_sentences(story: str, answer: str) -> str:
     Asked to continue, a small model often writes the story again first: its
     repeated sentences would become a scene's narration a second time.
     """
-    have = {_sentence_key(s) for s in parsing.story_sentences(story)}
-    sentences = parsing.story_sentences(answer)
+    have = {_sentence_key(s) for s in reader.story_sentences(story)}
+    sentences = reader.story_sentences(answer)
     new = [s for s in sentences if _sentence_key(s) not in have]
     return answer if len(new) == len(sentences) else " ".join(new)
 
@@ -563,7 +563,7 @@ def picture_action(narration: str, cap: int) -> str:
     letters outside ASCII is skipped whole rather than half-copied into a prompt
     for an English CLIP encoder.
     """
-    for sentence in parsing.split_sentences(narration):
+    for sentence in reader.split_sentences(narration):
         if _SPEECH.search(sentence):
             continue
         clause = re.split(r"[;:()\[\]—–]|,\s+(?:and|but|so|then|while|when)\b", sentence)[0]
@@ -604,7 +604,7 @@ def fallback_shot(
     action = valid(last.get("action"), action_pattern(caps.action), caps.action, 6)
     camera = last.get("camera")
     return Shot(
-        characters=tuple(parsing.mentioned(narration, [c.name for c in cast])),
+        characters=tuple(reader.mentioned(narration, [c.name for c in cast])),
         setting=setting or previous_setting,
         action=action or picture_action(narration, caps.action),
         camera=camera if camera in CAMERAS else CAMERAS[0],
@@ -658,18 +658,18 @@ def read_answer(answer: str, *, constrained: bool) -> dict[str, Any]:
     try:
         data = json.loads(answer)
     except RecursionError:
-        raise parsing.UnusableAnswer("the answer nests too deeply to be read") from None
+        raise reader.UnusableAnswer("the answer nests too deeply to be read") from None
     except ValueError:
         if constrained and answer.lstrip().startswith("{"):
             # Under a grammar only the token budget cuts JSON short.
-            raise parsing.UnusableAnswer(
+            raise reader.UnusableAnswer(
                 "the answer is not complete JSON (it was cut off; be shorter)"
             ) from None
-        data = parsing.read_object(answer)
+        data = reader.read_object(answer)
     if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict):
         data = data[0]
     if not isinstance(data, dict):
-        raise parsing.UnusableAnswer("the answer is not a JSON object")
+        raise reader.UnusableAnswer("the answer is not a JSON object")
     return data
 
 
@@ -761,7 +761,7 @@ def tidy_cast(data: dict[str, Any], caps: TextCaps) -> dict[str, Any]:
     data = _normalized(data, ("title", "logline", "characters"))
     data["title"] = _tidy_text(data.get("title"), caps.title)
     logline = _tidy_text(data.get("logline"), caps.logline)
-    if isinstance(logline, str) and logline and not parsing.ends_a_sentence(logline):
+    if isinstance(logline, str) and logline and not reader.ends_a_sentence(logline):
         logline += "."
     data["logline"] = logline
     characters = data.get("characters")
@@ -902,7 +902,7 @@ def match_name(mention: str, cast: Sequence[Character]) -> str | None:
 
 def describe_problems(exc: Exception) -> str:
     """The validation errors as short lines a model (and a log reader) can act on."""
-    if isinstance(exc, parsing.UnusableAnswer):
+    if isinstance(exc, reader.UnusableAnswer):
         return str(exc)
     if isinstance(exc, ValueError) and not isinstance(exc, ValidationError):
         return str(exc) or "the answer could not be used"

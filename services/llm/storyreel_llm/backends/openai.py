@@ -46,8 +46,8 @@ from storyreel.errors import FailedPrecondition, UpstreamFailed
 from storyreel_llm.backends.base import ChatMessage, fold_system
 from storyreel_llm.backends.retry import (
     TRANSIENT_STATUSES,
-    RetryPolicy,
     Transient,
+    call_with_retries,
     wait_until_ready,
 )
 from storyreel_llm.gbnf import schema_to_gbnf
@@ -103,9 +103,7 @@ class OpenAIBackend:
         self._settings = settings
         self._base = api_base(settings.openai_url)
         self._stop = threading.Event()
-        self._retry = RetryPolicy(
-            settings.retries, settings.retry_backoff_s, settings.retry_max_backoff_s, self._stop
-        )
+        self._retry = settings.retry_policy()
         wanted = settings.openai_response_format
         #: The response format in use: None until negotiated (``auto`` before :meth:`load`).
         self._mode: str | None = None if wanted == "auto" else wanted
@@ -356,7 +354,7 @@ class OpenAIBackend:
             return (content if isinstance(content, str) else "", str(finish or ""))
 
         try:
-            return self._retry.run(attempt, where)
+            return call_with_retries(self._retry, attempt, where, self._stop)
         except _Refused as exc:
             if refused is not None:
                 raise

@@ -1,13 +1,19 @@
-"""Retries of model-server requests on transient failures, cancellable at shutdown."""
+"""Retries of model-server requests on transient failures, cancellable at shutdown.
+
+The backoff is the shared :class:`storyreel.retries.RetryPolicy`, bounded here by a
+number of retries (``STORYREEL_LLM_RETRIES``).
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from storyreel.errors import Overloaded, UpstreamFailed
+from storyreel.retries import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -33,49 +39,38 @@ class Transient(Exception):
         self.retry_after_s = retry_after_s
 
 
-class RetryPolicy:
-    """``retries`` more attempts after the first, waiting ``backoff_s``, then twice that..."""
+def call_with_retries(
+    policy: RetryPolicy, attempt: Callable[[], T], what: str, stop: threading.Event
+) -> T:
+    """``attempt()`` until it succeeds, raises a non-transient error, or ``policy`` gives up.
 
-    def __init__(
-        self,
-        retries: int,
-        backoff_s: float,
-        max_backoff_s: float,
-        stop: threading.Event,
-    ) -> None:
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.stop = stop
-
-    def run(self, attempt: Callable[[], T], what: str) -> T:
-        """``attempt()`` until it succeeds, raises a non-transient error, or retries run out."""
-        delay = self.backoff_s
-        for number in range(self.retries + 1):
-            try:
-                return attempt()
-            except Transient as exc:
-                last = exc
-                if number == self.retries:
-                    break
-                wait = delay if exc.retry_after_s is None else exc.retry_after_s
-                wait = min(wait, self.max_backoff_s)
-                log.info(
-                    "retrying",
-                    extra={
-                        "what": what,
-                        "problem": exc.message,
-                        "attempt": number + 1,
-                        "wait_s": wait,
-                    },
-                )
-                if self.stop.wait(wait):
-                    raise UpstreamFailed(f"{what}: stopped while retrying ({exc.message})") from exc
-                delay = min(delay * 2, self.max_backoff_s) if delay else 0.0
-        attempts = self.retries + 1
-        if last.overloaded:
-            raise Overloaded(f"{last.message} (after {attempts} attempts)") from last
-        raise UpstreamFailed(f"{last.message} (after {attempts} attempts)") from last
+    Waits as ``policy`` says (or as the server's Retry-After says, never longer than
+    ``policy.max_backoff_s``); setting ``stop`` ends a wait at once with UpstreamFailed.
+    When retries run out: Overloaded if the server last said it was busy (429), else
+    UpstreamFailed.
+    """
+    started = time.monotonic()
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return attempt()
+        except Transient as exc:
+            last = exc
+            wait = policy.wait_before(attempts, time.monotonic() - started)
+            if wait is None:
+                break
+            if exc.retry_after_s is not None:
+                wait = min(exc.retry_after_s, policy.max_backoff_s)
+            log.info(
+                "retrying",
+                extra={"what": what, "problem": exc.message, "attempt": attempts, "wait_s": wait},
+            )
+            if stop.wait(wait):
+                raise UpstreamFailed(f"{what}: stopped while retrying ({exc.message})") from exc
+    if last.overloaded:
+        raise Overloaded(f"{last.message} (after {attempts} attempts)") from last
+    raise UpstreamFailed(f"{last.message} (after {attempts} attempts)") from last
 
 
 def wait_until_ready(
@@ -91,8 +86,6 @@ def wait_until_ready(
     The wait between checks ends at once when ``stop`` is set, so a service asked
     to shut down while its model server is still starting exits promptly.
     """
-    import time
-
     deadline = time.monotonic() + timeout_s
     while True:
         if stop.is_set():

@@ -33,8 +33,8 @@ from storyreel_llm.backends.base import ChatMessage, fold_system
 from storyreel_llm.backends.chat import UnusableTemplate, inspect_chat_template
 from storyreel_llm.backends.retry import (
     TRANSIENT_STATUSES,
-    RetryPolicy,
     Transient,
+    call_with_retries,
     wait_until_ready,
 )
 from storyreel_llm.settings import LLMSettings
@@ -152,9 +152,7 @@ class TGIBackend:
         self._url = settings.tgi_url.rstrip("/")
         self._client = InferenceClient(base_url=self._url, timeout=settings.request_timeout_s)
         self._stop = threading.Event()
-        self._retry = RetryPolicy(
-            settings.retries, settings.retry_backoff_s, settings.retry_max_backoff_s, self._stop
-        )
+        self._retry = settings.retry_policy()
         self._template: ChatTemplate | None = None
         self._takes_system = True
 
@@ -294,7 +292,7 @@ class TGIBackend:
             except (_TransportError, OSError) as exc:
                 raise Transient(f"cannot reach TGI server at {self._url}: {exc}") from exc
 
-        return self._retry.run(attempt, f"TGI server at {self._url}")
+        return call_with_retries(self._retry, attempt, f"TGI server at {self._url}", self._stop)
 
     def interrupt(self) -> None:
         """End a wait for ``/health`` or between retries at once."""

@@ -1,21 +1,22 @@
 """A tolerant reader of model answers, for servers that cannot constrain decoding.
 
 Models without a grammar answer in a different shape every time. This module
-reads what they meant instead of failing on how they wrote it:
+reads what they meant instead of failing on how they wrote it, and is what the
+storyboard writer (:mod:`storyreel_llm.writer`) uses on its step answers:
 
 * JSON, also fenced in ```json blocks, with prose before and after, trailing
   commas, single quotes, Python literals, unquoted keys, or cut off mid-way
-  (:func:`loads_lenient`);
+  (:func:`loads_lenient`); ``Label: value`` lines (:func:`labeled_fields`); both
+  for one step's object (:func:`read_object`);
+* the sentences of a prose story (:func:`story_sentences`, :func:`split_sentences`,
+  :func:`split_clauses`) and the names they mention (:func:`mentioned`);
 * "Scene 1: ... / Image prompt: ..." labels, numbered and bulleted lists, and
   image prompts wrapped in ``<<...>>``, ``[PROMPT]...[/PROMPT]`` or
-  ``<prompt>...</prompt>`` (:func:`parse_storyboard`);
-* as a last resort, plain prose, split into sentences: the storyboard then says
-  ``degraded``.
+  ``<prompt>...</prompt>`` (:func:`board_from_text`, :func:`structured_scenes`).
 
-When nothing usable is found, :class:`UnusableAnswer` says why. The storyboard
-writer uses the same pieces for its step answers (:func:`loads_lenient`,
-:func:`labeled_fields`, :func:`story_sentences`); ``storyreel parse-storyboard``
-exposes :func:`parse_storyboard`.
+When nothing usable is found, :class:`UnusableAnswer` says why. The free-form
+storyboard reader behind ``storyreel parse-storyboard`` (:mod:`storyreel_llm.freeform`)
+builds on the same pieces.
 """
 
 from __future__ import annotations
@@ -25,13 +26,6 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-from pydantic import ValidationError
-
-from storyreel_llm.storyboard import Character, Scene, Storyboard
-
-#: Title used when an answer names none.
-UNTITLED = "Untitled"
 
 
 class UnusableAnswer(ValueError):
@@ -294,41 +288,10 @@ def loads_lenient(text: str) -> LenientJSON:
 # --- Labels, lists and delimiters ------------------------------------------------------------
 
 
-def _key(name: str) -> str:
+def field_key(name: str) -> str:
+    """A label or JSON key as lower-case letters only ("Image prompt" -> "imageprompt")."""
     return re.sub(r"[^a-z]", "", name.casefold())
 
-
-_TITLE_KEYS = ("title", "storytitle", "name", "heading")
-_CAST_KEYS = ("characters", "cast", "people", "charactersheet")
-_SCENE_KEYS = ("scenes", "shots", "panels", "frames", "storyboard", "pages", "beats", "parts")
-_NARRATION_KEYS = (
-    "narration",
-    "narrator",
-    "voiceover",
-    "vo",
-    "text",
-    "caption",
-    "story",
-    "line",
-    "description",
-    "summary",
-)
-_PROMPT_KEYS = (
-    "imageprompt",
-    "prompt",
-    "image",
-    "visual",
-    "visualprompt",
-    "picture",
-    "imagedescription",
-    "illustration",
-    "visualdescription",
-    "art",
-)
-_SCENE_CHARACTER_KEYS = ("characters", "cast", "present", "charactersinscene")
-_NAME_KEYS = ("name", "character")
-_APPEARANCE_KEYS = ("appearance", "look", "looks", "description", "visual", "visualdescription")
-_LOGLINE_KEYS = ("logline", "summary", "premise", "synopsis")
 
 #: "Image prompt:", "Narration -", "**Visual**:" ... at the start of a line or segment.
 _FIELD_LABEL = re.compile(
@@ -359,11 +322,6 @@ _DELIMITED = re.compile(
 )
 _PROMPT_LABELS = {"imageprompt", "visualprompt", "prompt", "visual", "image", "picture"}
 _PROMPT_LABELS |= {"illustration", "art"}
-_REFUSAL = re.compile(
-    r"^\W*(?:i'?m sorry|i am sorry|sorry,? (?:but )?i|i cannot|i can'?t|i can not|"
-    r"i won'?t|as an ai|i'?m unable|i am unable)\b",
-    re.IGNORECASE,
-)
 
 
 def labeled_fields(text: str) -> dict[str, str]:
@@ -379,7 +337,7 @@ def labeled_fields(text: str) -> dict[str, str]:
             segment,
         )
         if match:
-            fields.setdefault(_key(match.group("label")), _clean(match.group("value")))
+            fields.setdefault(field_key(match.group("label")), clean(match.group("value")))
     return fields
 
 
@@ -390,7 +348,7 @@ def _segments(text: str) -> list[str]:
     return parts
 
 
-def _clean(text: str) -> str:
+def clean(text: str) -> str:
     """Markdown emphasis, wrapping quotes and surrounding punctuation removed."""
     text = re.sub(r"[*_`]{1,3}", "", text)
     text = " ".join(text.split())
@@ -468,19 +426,6 @@ def _split_once(sentence: str, min_words: int) -> list[str] | None:
     return [left, right[0].upper() + right[1:]]
 
 
-def group_sentences(sentences: Sequence[str], groups: int) -> list[str]:
-    """``sentences`` in ``groups`` contiguous runs, as even as possible, earlier runs longer."""
-    if groups <= 0 or len(sentences) < groups:
-        raise ValueError(f"{len(sentences)} sentences cannot fill {groups} scenes")
-    size, extra = divmod(len(sentences), groups)
-    out, start = [], 0
-    for index in range(groups):
-        end = start + size + (1 if index < extra else 0)
-        out.append(" ".join(sentences[start:end]))
-        start = end
-    return out
-
-
 #: What a chat model says around its answer ("Sure! Here is your story:", "I hope you like it!").
 _CHATTER = re.compile(
     r"^\W*(?:sure|certainly|of course|okay|ok|absolutely|great|here is|here's|here are|"
@@ -512,136 +457,71 @@ def story_sentences(text: str) -> list[str]:
             continue
         if not lines and line.rstrip().endswith(":"):
             continue  # "Here is a short story:"
-        lines.append(_clean(line))
+        lines.append(clean(line))
     return trim_chatter(split_sentences(" ".join(lines)))
 
 
-# --- Storyboards -----------------------------------------------------------------------------
+# --- Text shapes: scene labels, lists and delimited prompts ---------------------------------
 
 
 @dataclass
-class _RawScene:
+class RawScene:
+    """A scene as read, before it is checked: either text may be empty."""
+
     narration: str = ""
     prompt: str = ""
     characters: list[str] | None = None
 
 
 @dataclass
-class _RawBoard:
+class RawBoard:
+    """A storyboard as read, before it is checked (characters as (name, appearance))."""
+
     title: str = ""
     logline: str = ""
     characters: list[tuple[str, str]] = field(default_factory=list)
-    scenes: list[_RawScene] = field(default_factory=list)
+    scenes: list[RawScene] = field(default_factory=list)
     degraded: bool = False
 
 
-def _pick(data: dict[str, Any], keys: Sequence[str]) -> Any:
-    by_key = {_key(k): v for k, v in data.items()}
-    for key in keys:
-        if key in by_key and by_key[key] not in (None, "", [], {}):
-            return by_key[key]
-    return None
-
-
-def _as_text(value: Any) -> str:
-    if isinstance(value, str):
-        return _clean(value)
-    if isinstance(value, list):
-        return _clean(" ".join(_as_text(v) for v in value))
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return ""
-
-
-def _character_from(item: Any) -> tuple[str, str] | None:
-    if isinstance(item, dict):
-        name = _as_text(_pick(item, _NAME_KEYS))
-        appearance = _as_text(_pick(item, _APPEARANCE_KEYS))
-        return (name, appearance) if name else None
-    if isinstance(item, str):
-        match = re.match(
-            r"^\s*(?P<name>[A-Z][\w' -]{0,40}?)\s*(?:[:\-–—]\s+|\((?P<paren>[^)]+)\)|,\s+)"
-            r"(?P<rest>.*)$",
-            item,
-        )
-        if match:
-            appearance = match.group("paren") or match.group("rest")
-            return _clean(match.group("name")), _clean(appearance)
-        return (_clean(item), "") if _clean(item) else None
-    return None
-
-
-def _scene_from(item: Any) -> _RawScene:
-    if isinstance(item, dict):
-        scene = _RawScene(
-            narration=_as_text(_pick(item, _NARRATION_KEYS)),
-            prompt=_as_text(_pick(item, _PROMPT_KEYS)),
-        )
-        present = _pick(item, _SCENE_CHARACTER_KEYS)
-        if isinstance(present, list):
-            scene.characters = [_as_text(p) for p in present if _as_text(p)]
-        elif isinstance(present, str):
-            scene.characters = [_clean(p) for p in re.split(r",|\band\b", present) if _clean(p)]
-        return scene
-    if isinstance(item, str):
-        return _block_scene(item)
-    return _RawScene()
-
-
-def _board_from_data(data: Any) -> _RawBoard | None:
-    if isinstance(data, list):
-        data = {"scenes": data}
-    if not isinstance(data, dict):
-        return None
-    nested = _pick(data, _SCENE_KEYS)
-    if isinstance(nested, dict) and _pick(nested, _SCENE_KEYS) is not None:
-        inner = _board_from_data(nested)
-        if inner is not None and not inner.title:
-            inner.title = _as_text(_pick(data, _TITLE_KEYS))
-        return inner
-    scenes = nested if isinstance(nested, list) else None
-    if scenes is None:
-        return None
-    board = _RawBoard(
-        title=_as_text(_pick(data, _TITLE_KEYS)),
-        logline=_as_text(_pick(data, _LOGLINE_KEYS)),
+def character_from_text(text: str) -> tuple[str, str] | None:
+    """(name, appearance) from "Name: looks", "Name (looks)" or "Name, looks"; else (text, "")."""
+    match = re.match(
+        r"^\s*(?P<name>[A-Z][\w' -]{0,40}?)\s*(?:[:\-–—]\s+|\((?P<paren>[^)]+)\)|,\s+)"
+        r"(?P<rest>.*)$",
+        text,
     )
-    cast = _pick(data, _CAST_KEYS)
-    if isinstance(cast, dict):
-        cast = [{"name": k, "appearance": v} for k, v in cast.items()]
-    for item in cast if isinstance(cast, list) else []:
-        character = _character_from(item)
-        if character:
-            board.characters.append(character)
-    board.scenes = [_scene_from(item) for item in scenes]
-    return board
+    if match:
+        appearance = match.group("paren") or match.group("rest")
+        return clean(match.group("name")), clean(appearance)
+    return (clean(text), "") if clean(text) else None
 
 
-def _block_scene(text: str) -> _RawScene:
+def block_scene(text: str) -> RawScene:
     """One scene's text: delimited or labeled prompt, labeled or plain narration."""
-    scene = _RawScene()
+    scene = RawScene()
     delimited = [next(g for g in m.groups() if g) for m in _DELIMITED.finditer(text)]
     if delimited:
-        scene.prompt = _clean(" ".join(delimited))
+        scene.prompt = clean(" ".join(delimited))
         text = _DELIMITED.sub(" ", text)
     narration: list[str] = []
     for segment in _segments(text):
         match = _FIELD_LABEL.match(segment)
         if match:
-            label, value = _key(match.group("label")), _clean(match.group("value"))
+            label, value = field_key(match.group("label")), clean(match.group("value"))
             if label in _PROMPT_LABELS:
                 scene.prompt = scene.prompt or value
             else:
                 narration.append(value)
-        elif _clean(segment):
-            narration.append(_clean(segment))
-    scene.narration = _clean(" ".join(narration))
+        elif clean(segment):
+            narration.append(clean(segment))
+    scene.narration = clean(" ".join(narration))
     return scene
 
 
-def _board_from_text(text: str) -> _RawBoard | None:
+def board_from_text(text: str) -> RawBoard | None:
     lines = text.splitlines()
-    board = _RawBoard()
+    board = RawBoard()
     blocks: list[list[str]] = []
     in_cast = False
     mode = None  # "scene" or "list"
@@ -651,7 +531,7 @@ def _board_from_text(text: str) -> _RawBoard | None:
             continue
         title = _TITLE_LINE.match(line)
         if title and not board.title:
-            board.title = _clean(title.group("title"))
+            board.title = clean(title.group("title"))
             continue
         heading = _HEADING.match(line)
         if (
@@ -660,7 +540,7 @@ def _board_from_text(text: str) -> _RawBoard | None:
             and not _SCENE_LABEL.match(heading.group("title"))
             and not _CAST_HEADING.match(heading.group("title"))
         ):
-            board.title = _clean(heading.group("title"))
+            board.title = clean(heading.group("title"))
             continue
         cast = _CAST_HEADING.match(line)
         if cast and not _SCENE_LABEL.match(line):
@@ -668,7 +548,7 @@ def _board_from_text(text: str) -> _RawBoard | None:
             rest = cast.group("rest")
             if rest:
                 for part in re.split(r";|,\s+(?=[A-Z][a-z]+\s*[(:\-–—])", rest):
-                    character = _character_from(_clean(part))
+                    character = character_from_text(clean(part))
                     if character:
                         board.characters.append(character)
             continue
@@ -680,7 +560,7 @@ def _board_from_text(text: str) -> _RawBoard | None:
             blocks.append([scene.group("rest")])
             continue
         if in_cast and item:
-            character = _character_from(_clean(item.group("rest")))
+            character = character_from_text(clean(item.group("rest")))
             if character:
                 board.characters.append(character)
             continue
@@ -697,22 +577,22 @@ def _board_from_text(text: str) -> _RawBoard | None:
             mode = mode or "delimited"
     if mode == "delimited" or (not blocks and _DELIMITED.search(text)):
         blocks = [[piece] for piece in _split_at_delimiters(text)]
-    board.scenes = [_block_scene("\n".join(block)) for block in blocks]
+    board.scenes = [block_scene("\n".join(block)) for block in blocks]
     board.scenes = [s for s in board.scenes if s.narration or s.prompt]
     return board if board.scenes else None
 
 
 def _is_prompt_label(text: str) -> bool:
     match = _FIELD_LABEL.match(text)
-    return bool(match) and _key(match.group("label")) in _PROMPT_LABELS
+    return bool(match) and field_key(match.group("label")) in _PROMPT_LABELS
 
 
-def _title_of(text: str) -> str:
+def title_of(text: str) -> str:
     """A "Title: ..." line or a markdown heading, if the text has one."""
     for line in text.splitlines():
         match = _TITLE_LINE.match(line) or _HEADING.match(line)
         if match and not _SCENE_LABEL.match(match.group("title")):
-            return _clean(match.group("title"))
+            return clean(match.group("title"))
     return ""
 
 
@@ -722,13 +602,13 @@ def _split_at_delimiters(text: str) -> list[str]:
     for match in _DELIMITED.finditer(text):
         pieces.append(text[start : match.end()])
         start = match.end()
-    tail = _clean(text[start:])
+    tail = clean(text[start:])
     if tail and pieces:
         pieces[-1] += " " + tail
-    return [p for p in pieces if _clean(_DELIMITED.sub(" ", p)) or _DELIMITED.search(p)]
+    return [p for p in pieces if clean(_DELIMITED.sub(" ", p)) or _DELIMITED.search(p)]
 
 
-def _prose(text: str) -> str:
+def prose(text: str) -> str:
     """The prose of an answer: no code fences, JSON punctuation, labels or markdown."""
     text = _FENCE.sub(lambda m: m.group(2), text)
     text = _DELIMITED.sub(lambda m: next(g for g in m.groups() if g) + ".", text)
@@ -739,135 +619,16 @@ def _prose(text: str) -> str:
         if not any(kept) and line.rstrip().endswith(":"):
             continue  # "Sure! Here is your story:"
         field_match = _FIELD_LABEL.match(line)
-        if field_match and _key(field_match.group("label")) in _PROMPT_LABELS:
+        if field_match and field_key(field_match.group("label")) in _PROMPT_LABELS:
             continue
         if field_match:
             line = field_match.group("value")
         line = re.sub(r'^\s*[{}\[\],]+\s*|\s*[{}\[\],]+\s*$|"\w+"\s*:\s*', " ", line)
-        kept.append(_clean(line.replace('"', " ")))
+        kept.append(clean(line.replace('"', " ")))
     return " ".join(kept)
 
 
-def parse_storyboard(
-    text: str,
-    scene_count: int | None = None,
-    *,
-    max_scenes: int = 24,
-    style: str = "",
-) -> Storyboard:
-    """Read a storyboard out of a model's free-form answer.
-
-    With ``scene_count`` the result has exactly that many scenes; otherwise as many
-    as the answer gives (at most ``max_scenes``). Scenes without an image prompt use
-    their narration, and scenes rebuilt from plain sentences, as ``degraded``.
-    Raises :class:`UnusableAnswer` with the reason when nothing usable is found.
-    """
-    if not text or not text.strip():
-        raise UnusableAnswer("the answer is empty")
-    if _REFUSAL.match(text):
-        first = split_sentences(text)[:1] or [text.strip()[:80]]
-        raise UnusableAnswer(f"the model refused: {first[0][:120]!r}")
-    board: _RawBoard | None = None
-    truncated = False
-    try:
-        found = loads_lenient(text)
-        board = _board_from_data(found.value)
-        truncated = found.truncated
-    except UnusableAnswer:
-        pass
-    if board is not None and truncated:
-        # The last scene of a cut-off answer is incomplete: keep only whole scenes.
-        while board.scenes and not (board.scenes[-1].narration and board.scenes[-1].prompt):
-            board.scenes.pop()
-    if board is not None:
-        board.scenes = [s for s in board.scenes if s.narration or s.prompt]
-    if board is None or not board.scenes:
-        board = _board_from_text(text) or board
-    found_count = len(board.scenes) if board else 0
-    if board is None or not board.scenes or (scene_count and found_count != scene_count):
-        board = _fallback_board(text, board, scene_count, max_scenes, found_count)
-    if scene_count is None and len(board.scenes) > max_scenes:
-        raise UnusableAnswer(f"the answer has {len(board.scenes)} scenes; at most {max_scenes}")
-    return _finish(board, style)
-
-
-def _fallback_board(
-    text: str,
-    board: _RawBoard | None,
-    scene_count: int | None,
-    max_scenes: int,
-    found_count: int,
-) -> _RawBoard:
-    """The deterministic last resort: the answer's sentences, one run per scene."""
-    if board is not None and board.scenes:
-        source = " ".join(s.narration or s.prompt for s in board.scenes)
-    else:
-        source = _prose(text)
-    sentences = trim_chatter(split_sentences(source))
-    wanted = scene_count or min(len(sentences), max_scenes)
-    if len(sentences) < wanted:
-        sentences = split_clauses(sentences, wanted)
-    if not sentences:
-        raise UnusableAnswer("the answer holds no storyboard and no sentences to build one from")
-    if len(sentences) < wanted:
-        found = (
-            f"found {found_count} scene(s) where {scene_count} were asked, and "
-            if (found_count)
-            else ""
-        )
-        raise UnusableAnswer(
-            f"{found}only {len(sentences)} sentence(s) to split into {wanted} scenes"
-        )
-    fallback = _RawBoard(
-        title=board.title if board and board.title else _title_of(text),
-        logline=board.logline if board else "",
-        characters=board.characters if board else [],
-        degraded=True,
-    )
-    fallback.scenes = [_RawScene(narration=n) for n in group_sentences(sentences, wanted)]
-    return fallback
-
-
-def _finish(board: _RawBoard, style: str) -> Storyboard:
-    characters: list[Character] = []
-    seen: set[str] = set()
-    for name, appearance in board.characters:
-        if name.casefold() in seen or not name:
-            continue
-        seen.add(name.casefold())
-        characters.append(Character(name=name, appearance=appearance or name))
-    by_key = {c.name.casefold(): c.name for c in characters}
-    degraded = board.degraded
-    scenes = []
-    for index, raw in enumerate(board.scenes, start=1):
-        narration, prompt = raw.narration, raw.prompt
-        if not prompt or not narration:
-            degraded = True
-        narration = narration or prompt
-        prompt = prompt or narration
-        if raw.characters is not None:
-            present = [by_key[n.casefold()] for n in raw.characters if n.casefold() in by_key]
-        else:
-            present = mentioned(f"{narration} {prompt}", [c.name for c in characters])
-        scenes.append(
-            Scene(
-                index=index,
-                narration=narration,
-                image_prompt=prompt,
-                characters=tuple(dict.fromkeys(present)),
-            )
-        )
-    try:
-        return Storyboard(
-            title=board.title or UNTITLED,
-            logline=board.logline,
-            characters=tuple(characters),
-            scenes=tuple(scenes),
-            style=style,
-            degraded=degraded,
-        )
-    except ValidationError as exc:  # pragma: no cover - the steps above keep it valid
-        raise UnusableAnswer(f"the parsed storyboard is not valid: {exc}") from exc
+# --- Step answers ----------------------------------------------------------------------------
 
 
 def mentioned(text: str, names: Sequence[str]) -> list[str]:
@@ -885,7 +646,7 @@ def structured_scenes(text: str) -> list[str] | None:
     Each part's narration (or, lacking one, its prompt); None when the answer has
     no such structure.
     """
-    board = _board_from_text(text)
+    board = board_from_text(text)
     if board is None:
         return None
     parts = [s.narration or s.prompt for s in board.scenes]
@@ -922,7 +683,7 @@ def read_object(text: str) -> dict[str, Any]:
             continue
         item = _LIST_ITEM.match(line)
         if in_cast and item:
-            character = _character_from(_clean(item.group("rest")))
+            character = character_from_text(clean(item.group("rest")))
             if character:
                 characters.append({"name": character[0], "appearance": character[1]})
             continue

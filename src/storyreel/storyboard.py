@@ -1,0 +1,152 @@
+"""The storyboard: the story a video tells, one model for every Python part of storyreel.
+
+A :class:`Storyboard` holds a title, :class:`Character` s with a fixed look and
+:class:`Scene` s numbered from 1, exactly the fields of the contract's
+``storyreel.types.v1.Storyboard``; :func:`storyboard_to_proto` and
+:func:`storyboard_from_proto` are the only conversions between the two.
+
+The model is a frozen record: it checks types, not the story's rules. The LLM
+service, which writes storyboards, subclasses it with its rules (non-blank text,
+scenes 1..N naming only known characters, see ``storyreel_llm.storyboard``);
+the gateway keeps what the LLM service sent, as sent (``JobRecord.storyboard``,
+stored as JSON: tuples are JSON arrays, so the shape is that of the message).
+A change is a copy (:meth:`Storyboard.with_scene`).
+
+Which name belongs to which layer:
+
+====================  ===========================  =====================================
+contract              service core                 gateway record
+====================  ===========================  =====================================
+types.v1.Storyboard   storyreel_llm.storyboard     ``storyreel.storyboard.Storyboard``
+                      .Storyboard (a subclass)     (this module's, kept as sent)
+types.v1.Character    ... .Character (a subclass)  ``storyreel.storyboard.Character``
+types.v1.Scene        ... .Scene (a subclass)      ``storyreel.storyboard.Scene``
+====================  ===========================  =====================================
+
+The LLM service core uses the same three names for its validating subclasses;
+the gateway's records use these classes themselves. Other scenes are other
+concepts, each with one name per layer:
+
+* a scene to draw: ``diffusion.v1.Scene`` (contract), ``storyreel_diffusion.planning.Scene``
+  (diffusion core), ``storyreel_gateway.pipeline.SceneToRender`` (gateway's render stage);
+* a scene to compose: ``composer.v1.Scene`` (contract), ``storyreel_composer.composer.Scene``
+  (composer core); the gateway passes (image URI, narration) pairs;
+* a drawn scene: ``diffusion.v1.SceneImage`` and ``gateway.v1.SceneImage`` (contracts),
+  ``storyreel_diffusion.renderer.SceneImage`` (diffusion core),
+  ``storyreel_gateway.jobs.SceneImage`` (gateway record).
+
+A character as a render request carries it (with a seed for its portraits) is
+``diffusion.v1.Character`` in the contract and ``storyreel_diffusion.planning.CastMember``
+in the diffusion core.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from storyreel.types.v1 import types_pb2
+
+
+class Character(BaseModel):
+    """A character with a fixed look, repeated whole in every image prompt it appears in."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # Short name the scenes refer to the character by.
+    name: str
+    appearance: str
+
+
+class Scene(BaseModel):
+    """One scene of the storyboard: what the narrator says and what the picture shows."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # 1-based position in the video.
+    index: int
+    narration: str
+    image_prompt: str
+    # Names of the characters present (from Storyboard.characters).
+    characters: tuple[str, ...] = ()
+    # The shot the image prompt was assembled from (empty for a fallback scene, or
+    # when the parser read a ready-made prompt).
+    setting: str = ""
+    action: str = ""
+    camera: str = ""
+
+
+class Storyboard(BaseModel):
+    """A title, a logline, the characters and the scenes, in the style they were written in."""
+
+    model_config = ConfigDict(frozen=True)
+
+    title: str
+    logline: str = ""
+    characters: tuple[Character, ...] = ()
+    scenes: tuple[Scene, ...] = ()
+    style: str = ""
+    # True when part of the storyboard was rebuilt by the deterministic fallback
+    # rather than taken from the model's answers (see types.proto).
+    degraded: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The storyboard as plain JSON data (what ``storyreel storyboard --json`` prints)."""
+        return self.model_dump(mode="json")
+
+    def with_scene(self, scene: Scene) -> Storyboard:
+        """A copy whose scene of the same index is ``scene``."""
+        return self.model_copy(
+            update={"scenes": tuple(scene if s.index == scene.index else s for s in self.scenes)}
+        )
+
+
+def storyboard_to_proto(board: Storyboard) -> types_pb2.Storyboard:
+    """The storyboard as the contract's message (what the LLM service and the API send)."""
+    return types_pb2.Storyboard(
+        title=board.title,
+        logline=board.logline,
+        characters=[
+            types_pb2.Character(name=c.name, appearance=c.appearance) for c in board.characters
+        ],
+        scenes=[
+            types_pb2.Scene(
+                index=s.index,
+                narration=s.narration,
+                image_prompt=s.image_prompt,
+                characters=s.characters,
+                setting=s.setting,
+                action=s.action,
+                camera=s.camera,
+            )
+            for s in board.scenes
+        ],
+        style=board.style,
+        degraded=board.degraded,
+    )
+
+
+def storyboard_from_proto(message: types_pb2.Storyboard) -> Storyboard:
+    """The contract's message as the model, every field kept (nothing is checked)."""
+    return Storyboard(
+        title=message.title,
+        logline=message.logline,
+        characters=tuple(
+            Character(name=c.name, appearance=c.appearance) for c in message.characters
+        ),
+        scenes=tuple(
+            Scene(
+                index=s.index,
+                narration=s.narration,
+                image_prompt=s.image_prompt,
+                characters=tuple(s.characters),
+                setting=s.setting,
+                action=s.action,
+                camera=s.camera,
+            )
+            for s in message.scenes
+        ),
+        style=message.style,
+        degraded=message.degraded,
+    )
