@@ -400,7 +400,14 @@ async def test_quiet_and_loud_tracks_come_out_equally_loud(
 
 
 @pytest.mark.parametrize(
-    ("aspect", "size"), [("9:16", (480, 854)), ("1:1", (480, 480)), ("16:9", (854, 480))]
+    ("aspect", "size"),
+    [
+        ("9:16", (480, 854)),
+        ("1:1", (480, 480)),
+        ("16:9", (854, 480)),
+        ("4:5", (480, 600)),
+        ("21:9", (1120, 480)),
+    ],
 )
 async def test_aspect_ratio_renders_at_the_size_of_its_resolution_with_captions_inside(
     aspect, size, unvoiced_composer: VideoComposer, images, file_store, make_audio
@@ -696,7 +703,7 @@ MALFORMED = {
     ),
     "unknown-aspect": (
         lambda im: _options(im, aspect="4:3"),
-        "aspect must be one of 16:9, 9:16, 1:1, got '4:3'",
+        "aspect must be one of 16:9, 9:16, 1:1, 4:5, 21:9, got '4:3'",
     ),
     "unknown-resolution": (
         lambda im: _options(im, resolution="4k"),

@@ -150,6 +150,15 @@ def test_aspect_ratios_keep_the_default_area_on_the_models_pixel_multiple():
     assert (xl.width, xl.height) == (1344, 768)
 
 
+def test_feed_portrait_and_cinema_shapes_are_drawn_in_their_shape():
+    assert [(p.width, p.height) for p in (plan(aspect="4:5"), plan(aspect="21:9"))] == [
+        (456, 576),
+        (784, 336),
+    ]
+    xl = [plan(facts=SDXL, aspect=a) for a in ("4:5", "21:9")]
+    assert [(p.width, p.height) for p in xl] == [(896, 1152), (1536, 640)]
+
+
 def test_zero_size_is_the_models_native_size_unless_settings_give_one():
     assert (plan().width, plan(facts=SDXL).height) == (512, 1024)
     settings = SETTINGS.model_copy(update={"default_width": 640})
@@ -271,7 +280,7 @@ INVALID = {
         "characters must hold at most 8, got 9",
     ),
     "aspect with a width": (dict(aspect="16:9", width=512), "exclude each other"),
-    "unknown aspect": (dict(aspect="4:3"), "aspect must be one of 16:9, 9:16, 1:1"),
+    "unknown aspect": (dict(aspect="4:3"), "aspect must be one of 16:9, 9:16, 1:1, 4:5, 21:9"),
     "unknown consistency": (dict(consistency="magic"), "consistency must be one of none"),
     "strength above the maximum": (
         dict(consistency="consistent_self_attention", consistency_strength=2.5),

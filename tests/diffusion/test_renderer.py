@@ -150,11 +150,12 @@ async def test_scheduler_is_chosen_per_request(renderer, shared_store):
     assert png(shared_store, again) == png(shared_store, default)
 
 
-async def test_aspect_ratio_gives_a_frame_of_that_shape(renderer, shared_store):
-    [image] = await render_all(renderer, new_job(), [Scene(1, "a road", 2)], aspect="9:16")
+@pytest.mark.parametrize(("aspect", "size"), [("9:16", (64, 112)), ("21:9", (152, 64))])
+async def test_aspect_ratio_gives_a_frame_of_that_shape(renderer, shared_store, aspect, size):
+    [image] = await render_all(renderer, new_job(), [Scene(1, "a road", 2)], aspect=aspect)
     picture = Image.open(io.BytesIO(png(shared_store, image)))
     # About the area of the 64x80 default, on multiples of 8, at least 64 px a side.
-    assert picture.size == (64, 112)
+    assert picture.size == size
 
 
 def _scenes(count: int) -> list[Scene]:

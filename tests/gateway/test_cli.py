@@ -186,3 +186,17 @@ async def test_api_key_is_sent_from_the_environment(start_gateway, monkeypatch):
     monkeypatch.setenv("STORYREEL_API_KEY", "secret-key")
     code, _, stderr = await _run("list", "--gateway", under_test.address)
     assert code == 0, stderr
+
+
+async def test_generate_takes_every_aspect_of_the_contract(gateway, upstream, tmp_path: Path):
+    from storyreel import options
+
+    assert {"4:5", "21:9"} <= set(options.ASPECTS)
+    for name in ("4:5", "21:9"):
+        code, _, stderr = await _run(
+            "generate", "a fox", "--scenes", "1", "--aspect", name, "--gateway", gateway.address,
+            "-o", str(tmp_path / f"{name.replace(':', 'x')}.mp4"),
+        )  # fmt: skip
+        assert code == 0, stderr
+        assert upstream.compose_requests[-1].aspect == options.ASPECTS[name]
+        assert upstream.render_messages[-1].aspect == options.ASPECTS[name]

@@ -34,6 +34,14 @@ FRAMES = {
     ),
     "9:16-only": ({"aspect": types_pb2.ASPECT_9_16}, (720, 1280)),
     "1:1-only": ({"aspect": types_pb2.ASPECT_1_1}, (720, 720)),
+    "4:5-1080p": (
+        {"aspect": types_pb2.ASPECT_4_5, "resolution": types_pb2.RESOLUTION_1080P},
+        (1080, 1350),
+    ),
+    "21:9-480p": (
+        {"aspect": types_pb2.ASPECT_21_9, "resolution": types_pb2.RESOLUTION_480P},
+        (1120, 480),
+    ),
     "480p-only": ({"resolution": types_pb2.RESOLUTION_480P}, (854, 480)),
     "16:9-1080p-at-12-fps": (
         {

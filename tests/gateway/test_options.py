@@ -116,3 +116,22 @@ async def test_a_regenerated_scene_keeps_its_own_seed_and_the_job_its_consistenc
     assert last_render() == [(1, 0, ["Ada"])]
     assert {i.index: i.seed for i in job.images} == {1: scene_seed(5, 1), 2: scene_seed(5, 2)}
     assert job.state == pb.JOB_STATE_DONE
+
+
+async def test_the_feed_portrait_and_cinema_shapes_reach_both_services_and_come_back(
+    gateway, upstream
+):
+    for aspect, size in (
+        (types_pb2.ASPECT_4_5, (1080, 1350)),
+        (types_pb2.ASPECT_21_9, (2520, 1080)),
+    ):
+        request = pb.CreateVideoRequest(
+            prompt="a harbour", scene_count=1, aspect=aspect, resolution=types_pb2.RESOLUTION_1080P
+        )
+        job = await finished_job(gateway, (await gateway.CreateVideo(request)).job_id)
+        assert job.state == pb.JOB_STATE_DONE, job.error
+        render = upstream.render_messages[-1]
+        compose = upstream.compose_requests[-1]
+        assert render.aspect == compose.aspect == job.aspect == aspect
+        assert (render.width, render.height, compose.width, compose.height) == (0, 0, 0, 0)
+        assert (job.width, job.height) == size
