@@ -9,9 +9,11 @@ import random
 import re
 import socket
 import subprocess
+import sys
 import uuid
 import wave
 from collections.abc import Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,47 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 15) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+@contextmanager
+def service_process(module: str, port_file: Path, env: dict[str, str], **popen):
+    """``python -m <module>`` (storyreel_composer, storyreel_llm, ...) as a process, on a
+    port of its choosing that it writes to ``port_file``; ``env`` adds to this process's
+    environment, ``popen`` goes to :class:`subprocess.Popen` (text mode). Killed on leaving
+    if it still runs."""
+    prefix = module.upper()
+    env = os.environ | {f"{prefix}_PORT": "0", f"{prefix}_PORT_FILE": str(port_file)} | env
+    process = subprocess.Popen([sys.executable, "-m", module], env=env, text=True, **popen)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def started_stack(data: Path, env: dict[str, str]):
+    """A started :class:`storyreel.stack.LocalStack` in ``data``, on free ports: every service
+    its own process, artifacts under data/artifacts (``stack.store``), the tiny offline
+    diffusion model drawing in 2 steps; ``env`` adds settings or replaces these. Stopped on
+    leaving."""
+    from storyreel.settings import StorageSettings
+    from storyreel.stack import LocalStack
+    from storyreel.storage import open_store
+
+    defaults = {
+        "STORYREEL_STORAGE_URL": (data / "artifacts").as_uri(),
+        "STORYREEL_DIFFUSION_MODEL": str(MODELS / "tiny-sd"),
+        "STORYREEL_GATEWAY_RENDER_STEPS": "2",
+    }
+    stack = LocalStack(data, fixed_ports=False, env=defaults | env)
+    try:
+        stack.start(timeout_s=300)
+        stack.store = open_store(StorageSettings(url=stack.env["STORYREEL_STORAGE_URL"]))
+        yield stack
+    finally:
+        stack.stop()
 
 
 # --- audio -----------------------------------------------------------------------------------
@@ -149,6 +192,24 @@ async def upload_audio(stub, data: bytes | None = None, filename: str = "a.wav",
     """Upload ``data`` (default: one second of WAV silence) through a gateway stub."""
     data = wav_bytes() if data is None else data
     return await stub.UploadAudio(upload_requests(data, filename), metadata=metadata)
+
+
+@asynccontextmanager
+async def loaded_renderer(settings, store: ArtifactStore):
+    """A diffusion SceneRenderer of ``settings`` on ``store``, loaded; closed on leaving."""
+    from storyreel_diffusion.renderer import SceneRenderer
+
+    renderer = SceneRenderer(settings, store)
+    try:
+        await renderer.load()
+        yield renderer
+    finally:
+        await renderer.close()
+
+
+async def rendered_images(stub, request, timeout_s: float = 120) -> list:
+    """The SceneImage of every answer a diffusion stub streams to RenderScenes(``request``)."""
+    return [response.image async for response in stub.RenderScenes(request, timeout=timeout_s)]
 
 
 def stored_uris(store: ArtifactStore) -> list[str]:
@@ -249,6 +310,14 @@ async def watch_events(stub, job_id: str, stop=lambda event: False, metadata=(),
         if stop(event):
             break
     return events
+
+
+async def create_video(stub, metadata=(), **fields) -> str:
+    """CreateVideo with the request ``fields`` through a gateway stub; the new job's id."""
+    from storyreel.gateway.v1 import gateway_pb2
+
+    request = gateway_pb2.CreateVideoRequest(**fields)
+    return (await stub.CreateVideo(request, metadata=metadata)).job_id
 
 
 async def finished_job(stub, job_id: str, metadata=()):

@@ -27,7 +27,7 @@ from storyreel.options import (
     from_enum,
     to_enum,
 )
-from storyreel.storyboard import storyboard_to_proto
+from storyreel.storyboard import scene_image_fields, storyboard_to_proto
 from storyreel_gateway.jobs import (
     ArtifactKind,
     ComposedVideo,
@@ -168,16 +168,7 @@ def job_to_proto(
     if record.storyboard:
         job.storyboard.CopyFrom(storyboard_to_proto(record.storyboard))
     for image in record.images:
-        job.images.add(
-            index=image.index,
-            uri=image.uri,
-            seed=image.seed,
-            cached=image.cached,
-            content_key=image.content_key,
-            safety_flagged=image.safety_flagged,
-            safety_retries=image.safety_retries,
-            reference_uris=image.reference_uris,
-        )
+        job.images.add(**scene_image_fields(image))
     for version in record.versions:
         job.versions.add(
             kind=ARTIFACTS[version.kind],
@@ -205,16 +196,7 @@ def event_to_proto(
 
 
 def image_from_proto(message: diffusion_pb2.SceneImage) -> SceneImage:
-    return SceneImage(
-        index=message.index,
-        uri=message.uri,
-        seed=message.seed,
-        cached=message.cached,
-        content_key=message.content_key,
-        safety_flagged=message.safety_flagged,
-        safety_retries=message.safety_retries,
-        reference_uris=list(message.reference_uris),
-    )
+    return SceneImage(**scene_image_fields(message))
 
 
 def video_from_proto(message: composer_pb2.ComposeResponse) -> ComposedVideo:

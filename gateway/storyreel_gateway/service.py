@@ -10,7 +10,7 @@ import grpc
 
 from storyreel.errors import InvalidInput, Unauthenticated
 from storyreel.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from storyreel.serving import Service
+from storyreel.serving import Service, refusing_handler, rewrapped_handler
 from storyreel.settings import InternalSettings, StorageSettings
 from storyreel.storage import ArtifactStore, open_store
 from storyreel_gateway.auth import ApiKeys, tenant_var
@@ -137,16 +137,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             tenant = self.keys.tenant_for(authorization)
         except Unauthenticated as exc:
-            return _refuse(handler, exc.message)
+            return refusing_handler(
+                handler, grpc.StatusCode.UNAUTHENTICATED, exc.message, abort=_abort_quietly
+            )
         return _with_tenant(handler, tenant)
 
 
 _PUBLIC_PREFIX = "/storyreel.gateway.v1.StoryReelService/"
 
 
-async def _unauthenticated(context, message: str) -> None:
+async def _abort_quietly(context, code: grpc.StatusCode, message: str) -> None:
     try:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
     except grpc.aio.AbortError:
         raise
     except Exception:
@@ -157,33 +159,8 @@ async def _unauthenticated(context, message: str) -> None:
         raise asyncio.CancelledError from None
 
 
-def _refuse(handler, message: str):
-    async def abort(request, context):
-        await _unauthenticated(context, message)
-
-    async def abort_stream(request, context):
-        await _unauthenticated(context, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            abort, handler.request_deserializer, handler.response_serializer
-        )
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            abort_stream, handler.request_deserializer, handler.response_serializer
-        )
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            abort, handler.request_deserializer, handler.response_serializer
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        abort_stream, handler.request_deserializer, handler.response_serializer
-    )
-
-
 def _with_tenant(handler, tenant: str):
-    def wrap(behavior, streaming_response: bool):
+    def wrap(behavior, _takes_stream: bool, streaming_response: bool):
         if streaming_response:
 
             async def stream(request, context):
@@ -205,25 +182,7 @@ def _with_tenant(handler, tenant: str):
 
         return unary
 
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            wrap(handler.unary_unary, False),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            wrap(handler.unary_stream, True),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            wrap(handler.stream_unary, False),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
-    return handler
+    return rewrapped_handler(handler, wrap)
 
 
 class GatewayService(Service):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -10,7 +9,7 @@ from pydantic_settings import SettingsConfigDict
 
 from storyreel.limits import MAX_SCENES, MIN_SCENES
 from storyreel.retries import RetryPolicy
-from storyreel.settings import ServiceSettings, secret_setting
+from storyreel.settings import ServiceSettings, is_loopback_host, secret_setting
 from storyreel_gateway.auth import check_tenant_keys
 
 
@@ -202,19 +201,10 @@ class GatewaySettings(ServiceSettings):
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("set both tls_cert_file and tls_key_file, or neither")
         tenant_keys = self.tenant_keys()
-        if not any(tenant_keys.values()) and not _is_loopback(self.host):
+        if not any(tenant_keys.values()) and not is_loopback_host(self.host):
             raise ValueError(
                 f"the gateway has no API keys configured, so it listens only on a loopback "
                 f"address; host={self.host!r} needs a tenant with a key in "
                 "STORYREEL_GATEWAY_API_KEYS or STORYREEL_GATEWAY_API_KEYS_FILE"
             )
         return self
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False

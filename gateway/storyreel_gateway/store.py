@@ -29,6 +29,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import BigInteger, and_, case, cast, delete, func, insert, or_, select, update
@@ -600,6 +601,18 @@ class JobStore:
 
     # -- cancel and regenerate ------------------------------------------------------------
 
+    async def _locked_job(
+        self, conn: AsyncConnection, tenant: str, job_id: str
+    ) -> tuple[Any, JobRecord]:
+        """The row of ``tenant``'s job ``job_id``, locked until the transaction ends, and its
+        record; NotFound for a job that does not exist or is another tenant's."""
+        row = (
+            await conn.execute(select(jobs).where(jobs.c.job_id == job_id).with_for_update())
+        ).first()
+        if row is None or row.tenant != tenant:
+            raise NotFound(f"job {job_id!r} does not exist")
+        return row, record_from_row(row)
+
     async def request_cancel(self, tenant: str, job_id: str) -> tuple[JobRecord, bool]:
         """Ask for the job's end; returns (job, ended here).
 
@@ -608,12 +621,7 @@ class JobStore:
         owner (on any replica) is told.
         """
         async with self.db.write() as conn:
-            row = (
-                await conn.execute(select(jobs).where(jobs.c.job_id == job_id).with_for_update())
-            ).first()
-            if row is None or row.tenant != tenant:
-                raise NotFound(f"job {job_id!r} does not exist")
-            record = record_from_row(row)
+            row, record = await self._locked_job(conn, tenant, job_id)
             if record.state.finished:
                 raise FailedPrecondition(f"job {job_id} already ended {record.state.value}")
             clock = await self.db.clock(conn)
@@ -682,12 +690,7 @@ class JobStore:
         """Apply ``change`` to a finished job and queue it to run again (RegenerateScene)."""
         async with self.db.write() as conn:
             await self.db.lock(conn, "admission")
-            row = (
-                await conn.execute(select(jobs).where(jobs.c.job_id == job_id).with_for_update())
-            ).first()
-            if row is None or row.tenant != tenant:
-                raise NotFound(f"job {job_id!r} does not exist")
-            record = record_from_row(row)
+            _, record = await self._locked_job(conn, tenant, job_id)
             if is_damaged(record):
                 raise FailedPrecondition(record.error.message)
             if not record.state.finished:

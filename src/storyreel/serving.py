@@ -134,6 +134,35 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see server logs")
 
 
+#: The four kinds of gRPC method: the handler's attribute, whether the client streams its
+#: requests, whether the server streams its answers, and what makes a handler of the kind.
+_METHOD_KINDS = (
+    ("unary_unary", False, False, grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", False, True, grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", True, False, grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", True, True, grpc.stream_stream_rpc_method_handler),
+)
+
+
+def rewrapped_handler(handler: grpc.RpcMethodHandler, wrap, request_deserializer=None):
+    """A handler of ``handler``'s kind whose behaviour is ``wrap(behaviour, takes_stream,
+    gives_stream)``: the one place that tells the four kinds of method apart.
+
+    It keeps ``handler``'s serializers, its request deserializer replaced by
+    ``request_deserializer`` when that is given. A handler of no kind comes back as it is.
+    """
+    deserializer = request_deserializer or handler.request_deserializer
+    for kind, takes_stream, gives_stream, make in _METHOD_KINDS:
+        behaviour = getattr(handler, kind)
+        if behaviour:
+            return make(
+                wrap(behaviour, takes_stream, gives_stream),
+                deserializer,
+                handler.response_serializer,
+            )
+    return handler
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps domain errors to status codes and tags logs with the job id.
 
@@ -150,10 +179,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
 
-        async def guarded(call, request, context):
-            token = job_id_var.set(None if request is None else _job_id_from(request, context))
+        @contextlib.asynccontextmanager
+        async def guarded(job_id: str | None, context):
+            token = job_id_var.set(job_id)
             try:
-                return await call()
+                yield
             except passthrough:
                 raise
             except Exception as exc:
@@ -161,91 +191,58 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 job_id_var.reset(token)
 
-        def streaming(inner, takes_stream: bool):
-            if not inspect.isasyncgenfunction(inner):
-                # A behaviour that writes with context.write (health Watch, say).
-                async def written(request, context):
-                    return await guarded(
-                        lambda: inner(request, context),
-                        None if takes_stream else request,
-                        context,
-                    )
+        def wrap(inner, takes_stream: bool, gives_stream: bool):
+            def job_id(request, context) -> str | None:
+                return None if takes_stream else _job_id_from(request, context)
 
-                return written
+            if gives_stream and inspect.isasyncgenfunction(inner):
 
-            async def generated(request, context):
-                token = job_id_var.set(None if takes_stream else _job_id_from(request, context))
-                try:
-                    async for response in inner(request, context):
-                        yield response
-                except passthrough:
-                    raise
-                except Exception as exc:
-                    await _abort_for(exc, context, method)
-                finally:
-                    job_id_var.reset(token)
+                async def generated(request, context):
+                    async with guarded(job_id(request, context), context):
+                        async for response in inner(request, context):
+                            yield response
 
-            return generated
+                return generated
 
-        if handler.unary_unary:
-            inner = handler.unary_unary
+            # One answer, or a stream written with context.write (health Watch, say).
+            async def awaited(request, context):
+                async with guarded(job_id(request, context), context):
+                    return await inner(request, context)
 
-            async def unary_unary(request, context):
-                return await guarded(lambda: inner(request, context), request, context)
+            return awaited
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                streaming(handler.unary_stream, False),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(request_iterator, context):
-                return await guarded(lambda: inner_su(request_iterator, context), None, context)
-
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                streaming(handler.stream_stream, True),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return handler
+        return rewrapped_handler(handler, wrap)
 
 
 class ConfigurationError(ValueError):
     """The service cannot start as configured (the message says why and what to set)."""
 
 
-def refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    await context.abort(code, message)
+
+
+def refusing_handler(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, *, abort=_abort
+):
     """A handler of the same kind as ``handler`` that answers every call with ``code``.
 
     It keeps ``handler``'s deserializer (an inner :class:`DecodingInterceptor`'s tolerant
     one), so a refused call is refused for what it is, whatever its message holds.
+    ``abort(context, code, message)`` ends each call (``context.abort`` unless given).
     """
 
-    async def abort(request, context):
-        await context.abort(code, message)
+    async def refuse(request, context):
+        await abort(context, code, message)
 
-    async def abort_stream(request, context):
-        await context.abort(code, message)
+    async def refuse_stream(request, context):
+        await abort(context, code, message)
         yield  # pragma: no cover - makes this an async generator
 
-    deserializer, serializer = handler.request_deserializer, handler.response_serializer
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort, deserializer, serializer)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, deserializer, serializer)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort, deserializer, serializer)
-    return grpc.stream_stream_rpc_method_handler(abort_stream, deserializer, serializer)
+    return rewrapped_handler(
+        handler,
+        lambda _behaviour, _takes_stream, gives_stream: refuse_stream if gives_stream else refuse,
+    )
 
 
 #: Services an internal server answers without the token: probes (Kubernetes, Docker)
@@ -395,58 +392,29 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        deserialize = _tolerant(handler.request_deserializer)
-        serialize = handler.response_serializer
 
-        if handler.unary_unary:
-            inner = handler.unary_unary
-
-            async def unary_unary(request, context):
+        def checked(inner, takes_stream: bool, gives_stream: bool):
+            def call(request, context):
+                if takes_stream:
+                    return inner(_checked_stream(request), context)
                 if isinstance(request, _Undecodable):
                     raise request.error()
-                return await inner(request, context)
+                return inner(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
-        if handler.unary_stream:
-            inner_us = handler.unary_stream
-            if inspect.isasyncgenfunction(inner_us):
+            if gives_stream and inspect.isasyncgenfunction(inner):
 
-                async def unary_stream(request, context):
-                    if isinstance(request, _Undecodable):
-                        raise request.error()
-                    async for response in inner_us(request, context):
+                async def generated(request, context):
+                    async for response in call(request, context):
                         yield response
 
-            else:
+                return generated
 
-                async def unary_stream(request, context):
-                    if isinstance(request, _Undecodable):
-                        raise request.error()
-                    return await inner_us(request, context)
+            async def awaited(request, context):
+                return await call(request, context)
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
-        if handler.stream_unary:
-            inner_su = handler.stream_unary
+            return awaited
 
-            async def stream_unary(request_iterator, context):
-                return await inner_su(_checked_stream(request_iterator), context)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
-        if handler.stream_stream:
-            inner_ss = handler.stream_stream
-            if inspect.isasyncgenfunction(inner_ss):
-
-                async def stream_stream(request_iterator, context):
-                    async for response in inner_ss(_checked_stream(request_iterator), context):
-                        yield response
-
-            else:
-
-                async def stream_stream(request_iterator, context):
-                    return await inner_ss(_checked_stream(request_iterator), context)
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
-        return handler
+        return rewrapped_handler(handler, checked, _tolerant(handler.request_deserializer))
 
 
 class HealthServicer(health.aio.HealthServicer):

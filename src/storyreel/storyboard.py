@@ -33,7 +33,8 @@ concepts, each with one name per layer:
   (composer core); the gateway passes (image URI, narration) pairs;
 * a drawn scene: ``diffusion.v1.SceneImage`` and ``gateway.v1.SceneImage`` (contracts),
   ``storyreel_diffusion.renderer.SceneImage`` (diffusion core),
-  ``storyreel_gateway.jobs.SceneImage`` (gateway record).
+  ``storyreel_gateway.jobs.SceneImage`` (gateway record); one field list for all four,
+  :data:`SCENE_IMAGE_FIELDS`, copied between them by :func:`scene_image_fields`.
 
 A character as a render request carries it (with a seed for its portraits) is
 ``diffusion.v1.Character`` in the contract and ``storyreel_diffusion.planning.CastMember``
@@ -42,6 +43,7 @@ in the diffusion core.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -102,6 +104,38 @@ class Storyboard(BaseModel):
         )
 
 
+def _fields(source: object, names: Iterable[str]) -> dict[str, Any]:
+    return {name: getattr(source, name) for name in names}
+
+
+def _scene_fields(scene: Scene | types_pb2.Scene) -> dict[str, Any]:
+    """A scene's fields, the same in the model and the message, as keyword arguments."""
+    fields = _fields(scene, Scene.model_fields)
+    fields["characters"] = tuple(scene.characters)
+    return fields
+
+
+#: The fields of a drawn scene, the same in every layer that holds one (see above).
+SCENE_IMAGE_FIELDS = (
+    "index",
+    "uri",
+    "seed",
+    "cached",
+    "content_key",
+    "safety_flagged",
+    "safety_retries",
+    "reference_uris",
+)
+
+
+def scene_image_fields(image: Any) -> dict[str, Any]:
+    """A drawn scene's :data:`SCENE_IMAGE_FIELDS`, read from any layer's image (core or
+    gateway record, diffusion or gateway message), as keyword arguments for another's."""
+    fields = _fields(image, SCENE_IMAGE_FIELDS)
+    fields["reference_uris"] = list(image.reference_uris)
+    return fields
+
+
 def storyboard_to_proto(board: Storyboard) -> types_pb2.Storyboard:
     """The storyboard as the contract's message (what the LLM service and the API send)."""
     return types_pb2.Storyboard(
@@ -110,18 +144,7 @@ def storyboard_to_proto(board: Storyboard) -> types_pb2.Storyboard:
         characters=[
             types_pb2.Character(name=c.name, appearance=c.appearance) for c in board.characters
         ],
-        scenes=[
-            types_pb2.Scene(
-                index=s.index,
-                narration=s.narration,
-                image_prompt=s.image_prompt,
-                characters=s.characters,
-                setting=s.setting,
-                action=s.action,
-                camera=s.camera,
-            )
-            for s in board.scenes
-        ],
+        scenes=[types_pb2.Scene(**_scene_fields(s)) for s in board.scenes],
         style=board.style,
         degraded=board.degraded,
     )
@@ -135,18 +158,7 @@ def storyboard_from_proto(message: types_pb2.Storyboard) -> Storyboard:
         characters=tuple(
             Character(name=c.name, appearance=c.appearance) for c in message.characters
         ),
-        scenes=tuple(
-            Scene(
-                index=s.index,
-                narration=s.narration,
-                image_prompt=s.image_prompt,
-                characters=tuple(s.characters),
-                setting=s.setting,
-                action=s.action,
-                camera=s.camera,
-            )
-            for s in message.scenes
-        ),
+        scenes=tuple(Scene(**_scene_fields(s)) for s in message.scenes),
         style=message.style,
         degraded=message.degraded,
     )

@@ -19,11 +19,10 @@ import subprocess
 
 import pytest
 from model_server_doubles import TGITestDouble
-from support import MODELS, REPO, probe_media
+from support import REPO, probe_media, started_stack
 
-from storyreel.settings import StorageSettings
 from storyreel.stack import LocalStack
-from storyreel.storage import READ_CHUNK_BYTES, open_store
+from storyreel.storage import READ_CHUNK_BYTES
 
 pytestmark = [pytest.mark.e2e]
 
@@ -45,30 +44,20 @@ def node() -> str:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tgi = TGITestDouble(schema_answers=True).start()
-    data = tmp_path_factory.mktemp("node-client")
-    local = LocalStack(
-        data,
-        fixed_ports=False,
-        env={
-            "STORYREEL_STORAGE_URL": (data / "artifacts").as_uri(),
-            "STORYREEL_LLM_BACKEND": "tgi",
-            "STORYREEL_LLM_TGI_URL": tgi.url,
-            "STORYREEL_DIFFUSION_MODEL": str(MODELS / "tiny-sd"),
-            "STORYREEL_GATEWAY_API_KEYS": json.dumps({"node": [KEY]}),
-            "STORYREEL_GATEWAY_RENDER_WIDTH": "64",
-            "STORYREEL_GATEWAY_RENDER_HEIGHT": "64",
-            "STORYREEL_GATEWAY_RENDER_STEPS": "2",
-            "STORYREEL_GATEWAY_VIDEO_WIDTH": str(WIDTH),
-            "STORYREEL_GATEWAY_VIDEO_HEIGHT": str(HEIGHT),
-            "STORYREEL_GATEWAY_VIDEO_FPS": "8",
-        },
-    )
+    env = {
+        "STORYREEL_LLM_BACKEND": "tgi",
+        "STORYREEL_LLM_TGI_URL": tgi.url,
+        "STORYREEL_GATEWAY_API_KEYS": json.dumps({"node": [KEY]}),
+        "STORYREEL_GATEWAY_RENDER_WIDTH": "64",
+        "STORYREEL_GATEWAY_RENDER_HEIGHT": "64",
+        "STORYREEL_GATEWAY_VIDEO_WIDTH": str(WIDTH),
+        "STORYREEL_GATEWAY_VIDEO_HEIGHT": str(HEIGHT),
+        "STORYREEL_GATEWAY_VIDEO_FPS": "8",
+    }
     try:
-        local.start(timeout_s=300)
-        local.store = open_store(StorageSettings(url=local.env["STORYREEL_STORAGE_URL"]))
-        yield local
+        with started_stack(tmp_path_factory.mktemp("node-client"), env) as local:
+            yield local
     finally:
-        local.stop()
         tgi.stop()
 
 

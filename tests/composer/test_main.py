@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-from support import health_status
+from support import health_status, service_process
 
 
 @pytest.mark.model
 async def test_module_serves_with_env_settings_and_exits_cleanly_on_sigterm(tmp_path: Path):
     port_file = tmp_path / "port"
-    env = os.environ | {
-        "STORYREEL_COMPOSER_PORT": "0",
-        "STORYREEL_COMPOSER_PORT_FILE": str(port_file),
-        "STORYREEL_STORAGE_URL": (tmp_path / "artifacts").as_uri(),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "storyreel_composer"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    env = {"STORYREEL_STORAGE_URL": (tmp_path / "artifacts").as_uri()}
+    with service_process(
+        "storyreel_composer", port_file, env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    ) as process:
         deadline = time.monotonic() + 120
         status = None
         while status != "SERVING":
@@ -46,7 +35,3 @@ async def test_module_serves_with_env_settings_and_exits_cleanly_on_sigterm(tmp_
         assert process.wait(timeout=60) == 0
         logs = process.stderr.read()
         assert '"service": "composer"' in logs and '"msg": "stopped"' in logs
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()

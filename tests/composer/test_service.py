@@ -61,6 +61,16 @@ def job_images(images, file_store):
     return copy
 
 
+async def refused(stub, request, file_store) -> str:
+    """Compose ``request``, which must fail INVALID_ARGUMENT and store nothing: the details."""
+    before = set(stored_uris(file_store))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.Compose(request, timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(stored_uris(file_store)) == before
+    return raised.value.details()
+
+
 async def test_health_is_not_serving_until_the_voice_is_loaded(server):
     address = f"127.0.0.1:{server.port}"
     assert await health_status(address) == "NOT_SERVING"
@@ -107,28 +117,18 @@ async def test_missing_image_uri_is_invalid_argument_and_nothing_is_stored(
             composer_pb2.Scene(narration="This scene has no picture."),
         ],
     )
-    before = set(stored_uris(file_store))
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await stub.Compose(request, timeout=60)
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert raised.value.details() == "scene 2 has no image_uri"
-    assert set(stored_uris(file_store)) == before
+    assert await refused(stub, request, file_store) == "scene 2 has no image_uri"
 
 
 async def test_bad_audio_is_invalid_argument_and_nothing_is_stored(stub, job_images, file_store):
     images = job_images("job-grpc-audio")
     audio_uri = file_store.put_bytes("uploads/tenant/x/voice.mp3", b"ID3 but no frames at all")
-    before = set(stored_uris(file_store))
     request = composer_pb2.ComposeRequest(
         job_id="job-grpc-audio",
         scenes=[composer_pb2.Scene(image_uri=images[0], narration="Hello.")],
         audio_uri=audio_uri,
     )
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await stub.Compose(request, timeout=60)
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"audio_uri {audio_uri} is not usable audio" in raised.value.details()
-    assert set(stored_uris(file_store)) == before
+    assert f"audio_uri {audio_uri} is not usable audio" in await refused(stub, request, file_store)
 
 
 async def test_look_and_sound_options_travel_through_the_stub(
@@ -174,17 +174,16 @@ async def test_look_and_sound_options_travel_through_the_stub(
     assert response.contact_sheet_uri == file_store.uri_for(prefix + "contact-sheet.png")
 
 
-async def test_unknown_voice_is_invalid_argument(stub, job_images):
+async def test_unknown_voice_is_invalid_argument_and_nothing_is_stored(
+    stub, job_images, file_store
+):
     images = job_images("job-grpc-voice")
     request = composer_pb2.ComposeRequest(
         job_id="job-grpc-voice",
         scenes=[composer_pb2.Scene(image_uri=images[0], narration="Hello.")],
         voice="amy",
     )
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await stub.Compose(request, timeout=60)
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert raised.value.details() == "voice 'amy' is not one of joe"
+    assert await refused(stub, request, file_store) == "voice 'amy' is not one of joe"
 
 
 ARTIFACTS = ("video.mp4", "captions.srt", "captions.vtt", "poster.png", "contact-sheet.png")
@@ -252,11 +251,6 @@ async def test_a_revision_of_2_31_or_more_is_invalid_argument_and_nothing_is_sto
         scenes=[composer_pb2.Scene(image_uri=images[0], narration="Hello.")],
         revision=revision,
     )
-    before = set(stored_uris(file_store))
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await stub.Compose(request, timeout=60)
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert raised.value.details() == (
+    assert await refused(stub, request, file_store) == (
         f"revision must be a whole number from 0 to 2**31-1, got {revision}"
     )
-    assert set(stored_uris(file_store)) == before

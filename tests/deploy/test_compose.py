@@ -112,8 +112,8 @@ def test_storyreel_containers_are_read_only_and_unprivileged(compose, name):
 
 def test_gateway_reaches_each_upstream_on_its_port(compose):
     env = compose["services"]["gateway"]["environment"]
-    for setting, name in (("STORY", "llm"), ("RENDER", "diffusion"), ("COMPOSE", "composer")):
-        assert env[f"STORYREEL_GATEWAY_{setting}_ADDRESS"] == f"dns:///{name}:{SERVICES[name]}"
+    for name in ("llm", "diffusion", "composer"):
+        assert env[f"STORYREEL_GATEWAY_{name.upper()}_ADDRESS"] == f"dns:///{name}:{SERVICES[name]}"
 
 
 def test_only_the_gateway_is_published_beyond_the_host(compose):

@@ -242,7 +242,7 @@ def test_services_listen_on_all_interfaces_on_their_grpc_port(rendered, overlay)
 def test_gateway_upstream_addresses_name_services_that_exist(rendered, overlay):
     objects = rendered[overlay]
     env = env_of(pod_spec(find(objects, "Deployment", "gateway"))["containers"][0])
-    upstreams = {"STORY": "llm", "RENDER": "diffusion", "COMPOSE": "composer"}
+    upstreams = {"LLM": "llm", "DIFFUSION": "diffusion", "COMPOSER": "composer"}
     for setting, service_name in upstreams.items():
         address = env[f"STORYREEL_GATEWAY_{setting}_ADDRESS"]["value"]
         match = re.fullmatch(r"dns:///([a-z0-9-]+):(\d+)", address)

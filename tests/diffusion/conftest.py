@@ -7,9 +7,14 @@ from typing import Any
 
 import pytest
 from storyreel_diffusion.renderer import SceneRenderer
+from storyreel_diffusion.service import DiffusionService
 from storyreel_diffusion.settings import DiffusionSettings
 from storyreel_diffusion.tiny import IP_ADAPTER_WEIGHTS, build_tiny_ip_adapter, build_tiny_pipeline
+from support import loaded_renderer
 
+from storyreel.channels import open_channel
+from storyreel.diffusion.v1 import diffusion_pb2_grpc
+from storyreel.serving import start_and_load
 from storyreel.settings import StorageSettings
 from storyreel.storage import ArtifactStore, open_store
 
@@ -68,20 +73,41 @@ def shared_store(tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:
 @pytest.fixture(scope="session")
 async def renderer(diffusion_settings: DiffusionSettings, shared_store: ArtifactStore):
     """A loaded renderer without cache, drawing one image per pipeline call."""
-    renderer = SceneRenderer(diffusion_settings, shared_store)
-    await renderer.load()
-    yield renderer
-    await renderer.close()
+    async with loaded_renderer(diffusion_settings, shared_store) as renderer:
+        yield renderer
 
 
 @pytest.fixture(scope="session")
 async def cached_renderer(diffusion_settings: DiffusionSettings, shared_store: ArtifactStore):
     """A loaded renderer with the content-addressed cache and batches of up to 3 images."""
     settings = diffusion_settings.model_copy(update={"cache_enabled": True, "max_batch_size": 3})
-    renderer = SceneRenderer(settings, shared_store)
-    await renderer.load()
-    yield renderer
-    await renderer.close()
+    async with loaded_renderer(settings, shared_store) as renderer:
+        yield renderer
+
+
+@pytest.fixture(scope="module")
+async def start_server(diffusion_settings: DiffusionSettings, shared_store: ArtifactStore):
+    """``await start_server(**overrides)``: a loaded render server on a real port, with
+    ``diffusion_settings`` but for ``overrides`` and the shared store; all stop after the
+    module."""
+    started = []
+
+    async def start(**overrides: Any):
+        settings = diffusion_settings.model_copy(update=overrides)
+        running = await start_and_load(settings, DiffusionService(settings, shared_store))
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        await running.stop(0)
+
+
+@pytest.fixture
+async def stub(server):
+    """A stub of the module's ``server`` fixture (a running render server)."""
+    async with open_channel(f"127.0.0.1:{server.port}") as channel:
+        yield diffusion_pb2_grpc.DiffusionServiceStub(channel)
 
 
 class RecordingPipeline:

@@ -11,7 +11,7 @@ from PIL import Image
 from storyreel_diffusion.planning import derive_seed
 from storyreel_diffusion.renderer import Scene, SceneRenderer
 from storyreel_diffusion.tiny import build_tiny_pipeline
-from support import new_job
+from support import loaded_renderer, new_job
 
 from storyreel.errors import InvalidInput
 
@@ -32,9 +32,7 @@ async def test_sdxl_checkpoint_gets_the_sdxl_pipeline_and_64_pixel_multiples(
     settings = diffusion_settings.model_copy(
         update={"model": str(tiny_sdxl), "default_width": 0, "default_height": 0}
     )
-    renderer = SceneRenderer(settings, file_store)
-    await renderer.load()
-    try:
+    async with loaded_renderer(settings, file_store) as renderer:
         facts = renderer.facts
         assert facts.pipeline == "StableDiffusionXLPipeline"
         assert facts.side_multiple == 64
@@ -44,8 +42,6 @@ async def test_sdxl_checkpoint_gets_the_sdxl_pipeline_and_64_pixel_multiples(
             await render(renderer, scene, width=96, height=64)
         [image] = await render(renderer, scene, width=128, height=64, steps=1)
         assert Image.open(io.BytesIO(file_store.get_bytes(image.uri))).size == (128, 64)
-    finally:
-        await renderer.close()
 
 
 def add_tiny_safety_checker(pipeline_dir: Path, out_dir: Path, flag_everything: bool) -> Path:
@@ -96,9 +92,7 @@ async def test_flagged_image_is_redrawn_with_new_seeds_then_reported(
             "max_batch_size": 2,
         }
     )
-    renderer = SceneRenderer(settings, file_store)
-    await renderer.load()
-    try:
+    async with loaded_renderer(settings, file_store) as renderer:
         assert renderer.facts.safety_retries == 2
         recorder = record_calls(renderer)
         scenes = [Scene(1, "a cat", 5), Scene(2, "a dog", 6)]
@@ -117,23 +111,17 @@ async def test_flagged_image_is_redrawn_with_new_seeds_then_reported(
         assert [(i.cached, i.seed, i.safety_flagged, i.safety_retries) for i in again] == [
             (True, i.seed, True, 2) for i in images
         ]
-    finally:
-        await renderer.close()
 
 
 async def test_safety_checker_can_be_turned_off(flagging_sd, diffusion_settings, file_store):
     settings = diffusion_settings.model_copy(
         update={"model": str(flagging_sd), "safety_checker": False}
     )
-    renderer = SceneRenderer(settings, file_store)
-    await renderer.load()
-    try:
+    async with loaded_renderer(settings, file_store) as renderer:
         assert renderer.pipeline.safety_checker is None
         assert renderer.facts.safety_retries is None
         [image] = await render(renderer, [Scene(1, "a cat", 5)], steps=1)
         assert (image.seed, image.safety_flagged, image.safety_retries) == (5, False, 0)
-    finally:
-        await renderer.close()
 
 
 @pytest.mark.parametrize(

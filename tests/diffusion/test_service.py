@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 from storyreel_diffusion.planning import derive_seed
 from storyreel_diffusion.service import DiffusionService
-from support import health_status, new_job, stored_uris
+from support import health_status, new_job, rendered_images, stored_uris
 
 from storyreel.channels import open_channel
 from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
-from storyreel.serving import create_server, start_and_load
+from storyreel.serving import create_server
 from storyreel.types.v1 import types_pb2
 
 SERVICE_NAME = "storyreel.diffusion.v1.DiffusionService"
@@ -32,21 +32,8 @@ def request(**fields) -> diffusion_pb2.RenderScenesRequest:
 
 
 @pytest.fixture(scope="module")
-async def server(diffusion_settings, shared_store):
-    settings = diffusion_settings.model_copy(update={"cache_enabled": True, "max_batch_size": 2})
-    running = await start_and_load(settings, DiffusionService(settings, shared_store))
-    yield running
-    await running.stop(0)
-
-
-@pytest.fixture
-async def stub(server):
-    async with open_channel(f"127.0.0.1:{server.port}") as channel:
-        yield diffusion_pb2_grpc.DiffusionServiceStub(channel)
-
-
-async def collect(stub, req) -> list[diffusion_pb2.SceneImage]:
-    return [response.image async for response in stub.RenderScenes(req, timeout=120)]
+async def server(start_server):
+    return await start_server(cache_enabled=True, max_batch_size=2)
 
 
 async def test_health_is_not_serving_until_the_model_is_loaded(diffusion_settings, file_store):
@@ -58,7 +45,7 @@ async def test_health_is_not_serving_until_the_model_is_loaded(diffusion_setting
         assert await health_status(address, SERVICE_NAME) == "NOT_SERVING"
         async with open_channel(address) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await collect(diffusion_pb2_grpc.DiffusionServiceStub(channel), request())
+                await rendered_images(diffusion_pb2_grpc.DiffusionServiceStub(channel), request())
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert stored_uris(file_store) == []
 
@@ -72,7 +59,7 @@ async def test_health_is_not_serving_until_the_model_is_loaded(diffusion_setting
 
 async def test_stream_returns_one_stored_image_per_scene(stub, shared_store):
     req = request(width=96, height=64)
-    images = await collect(stub, req)
+    images = await rendered_images(stub, req)
     assert [(image.index, image.seed) for image in images] == [(1, 11), (2, 22)]
     for image in images:
         assert image.uri == shared_store.uri_for(
@@ -84,8 +71,8 @@ async def test_stream_returns_one_stored_image_per_scene(stub, shared_store):
 
 async def test_repeated_request_gives_identical_images_from_the_cache(stub, shared_store):
     req = request(scenes=[diffusion_pb2.Scene(index=1, prompt=f"a tide {new_job()}", seed=4)])
-    first = await collect(stub, req)
-    second = await collect(stub, req)
+    first = await rendered_images(stub, req)
+    second = await rendered_images(stub, req)
     assert [image.cached for image in first + second] == [False, True]
     assert shared_store.get_bytes(first[0].uri) == shared_store.get_bytes(second[0].uri)
     assert first[0].content_key == second[0].content_key != ""
@@ -98,7 +85,7 @@ async def test_a_later_revision_stores_new_uris_and_leaves_the_first_readable(st
         diffusion_pb2.Scene(index=1, prompt=prompt, seed=11),
         diffusion_pb2.Scene(index=2, prompt=f"a gull {job}", seed=22),
     ]
-    first = await collect(stub, request(job_id=job, scenes=scenes))
+    first = await rendered_images(stub, request(job_id=job, scenes=scenes))
     assert [image.uri for image in first] == [
         shared_store.uri_for(f"jobs/{job}/images/scene-00{n}.png") for n in (1, 2)
     ]
@@ -106,7 +93,7 @@ async def test_a_later_revision_stores_new_uris_and_leaves_the_first_readable(st
 
     # The second run draws scene 1 again with another seed, as a regenerated scene is.
     redrawn = [diffusion_pb2.Scene(index=1, prompt=prompt, seed=12), scenes[1]]
-    second = await collect(stub, request(job_id=job, scenes=redrawn, revision=2))
+    second = await rendered_images(stub, request(job_id=job, scenes=redrawn, revision=2))
     assert [image.uri for image in second] == [
         shared_store.uri_for(f"jobs/{job}/r2/images/scene-00{n}.png") for n in (1, 2)
     ]
@@ -134,14 +121,14 @@ async def test_characters_and_seed_lock_travel_through_grpc(stub):
 
     async def seeds(consistency: int) -> list[int]:
         req = request(scenes=scenes, characters=[MIRA], consistency=consistency, job_seed=5)
-        return [image.seed for image in await collect(stub, req)]
+        return [image.seed for image in await rendered_images(stub, req)]
 
     assert await seeds(types_pb2.CONSISTENCY_MODE_SEED_LOCK) == [77, 77, derive_seed(5, 3)]
     assert await seeds(types_pb2.CONSISTENCY_MODE_NONE) == [derive_seed(5, i) for i in (1, 2, 3)]
 
 
 async def test_aspect_ratio_sets_the_frame(stub, shared_store):
-    [image] = await collect(
+    [image] = await rendered_images(
         stub,
         request(
             width=0,
@@ -157,7 +144,9 @@ async def test_aspect_ratio_sets_the_frame(stub, shared_store):
 async def test_reference_images_without_an_adapter_is_failed_precondition(stub, shared_store):
     before = stored_uris(shared_store)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await collect(stub, request(consistency=types_pb2.CONSISTENCY_MODE_REFERENCE_IMAGES))
+        await rendered_images(
+            stub, request(consistency=types_pb2.CONSISTENCY_MODE_REFERENCE_IMAGES)
+        )
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "IP-Adapter" in raised.value.details()
     assert stored_uris(shared_store) == before
@@ -166,7 +155,7 @@ async def test_reference_images_without_an_adapter_is_failed_precondition(stub, 
 async def test_zero_size_and_steps_select_the_service_defaults(
     stub, shared_store, diffusion_settings
 ):
-    [image] = await collect(
+    [image] = await rendered_images(
         stub,
         request(
             width=0,
@@ -222,21 +211,16 @@ async def test_invalid_request_is_invalid_argument_and_stores_nothing(stub, shar
     fields, message = case
     before = stored_uris(shared_store)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await collect(stub, request(**fields))
+        await rendered_images(stub, request(**fields))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in raised.value.details()
     assert stored_uris(shared_store) == before
 
 
 @pytest.fixture(scope="module")
-async def adapter_server(diffusion_settings, ip_adapter_settings, shared_store):
+async def adapter_server(start_server, ip_adapter_settings):
     """A render server with the tiny IP-Adapter and the cache on."""
-    settings = diffusion_settings.model_copy(
-        update={**ip_adapter_settings, "cache_enabled": True, "max_batch_size": 2}
-    )
-    running = await start_and_load(settings, DiffusionService(settings, shared_store))
-    yield running
-    await running.stop(0)
+    return await start_server(**ip_adapter_settings, cache_enabled=True, max_batch_size=2)
 
 
 async def test_a_later_revision_stores_its_reference_portraits_under_its_own_folder(
@@ -257,13 +241,13 @@ async def test_a_later_revision_stores_its_reference_portraits_under_its_own_fol
 
     async with open_channel(f"127.0.0.1:{adapter_server.port}") as channel:
         stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
-        [first] = await collect(stub, run(mira, 0))
+        [first] = await rendered_images(stub, run(mira, 0))
         [portrait_uri] = first.reference_uris
         assert portrait_uri == shared_store.uri_for(f"jobs/{job}/characters/01-mira.png")
         portrait, scene = shared_store.get_bytes(portrait_uri), shared_store.get_bytes(first.uri)
 
         # The same request as run 3: everything from the cache, copied under r3.
-        [again] = await collect(stub, run(mira, 3))
+        [again] = await rendered_images(stub, run(mira, 3))
         assert again.cached
         assert again.uri == shared_store.uri_for(f"jobs/{job}/r3/images/scene-001.png")
         assert list(again.reference_uris) == [
@@ -273,7 +257,7 @@ async def test_a_later_revision_stores_its_reference_portraits_under_its_own_fol
 
         # Run 4 gives Mira another portrait: drawn afresh, stored under r4 only.
         other = diffusion_pb2.Character(name="Mira", appearance=mira.appearance, seed=78)
-        [redrawn] = await collect(stub, run(other, 4))
+        [redrawn] = await rendered_images(stub, run(other, 4))
         assert not redrawn.cached
         assert list(redrawn.reference_uris) == [
             shared_store.uri_for(f"jobs/{job}/r4/characters/01-mira.png")

@@ -10,14 +10,11 @@ import grpc
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from storyreel_diffusion.service import DiffusionService
-from support import free_port, new_job, stored_uris
+from support import free_port, new_job, rendered_images, stored_uris
 
-from storyreel.channels import open_channel
-from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
-from storyreel.serving import start_and_load
+from storyreel.diffusion.v1 import diffusion_pb2
 
-# Only stops a hung test from hanging the suite; nothing is timed.
+# Only stops a hung test from hanging the suite; nothing is timed (rendered_images has its own).
 HANG_GUARD_S = 120
 LONG_STEPS = 150
 
@@ -39,31 +36,16 @@ def request(scenes: int = 1, steps: int = 1, **fields) -> diffusion_pb2.RenderSc
 
 
 @pytest.fixture(scope="module")
-async def service(diffusion_settings, shared_store):
-    """A diffusion service admitting one request at a time, with cache and metrics on."""
-    settings = diffusion_settings.model_copy(
-        update={
-            "max_queue": 1,
-            "max_batch_size": 4,
-            "cache_enabled": True,
-            "metrics_port": free_port(),
-        }
+async def server(start_server):
+    """A render server admitting one request at a time, with cache and metrics on."""
+    return await start_server(
+        max_queue=1, max_batch_size=4, cache_enabled=True, metrics_port=free_port()
     )
-    service = DiffusionService(settings, shared_store)
-    running = await start_and_load(settings, service)
-    service.port = running.port
-    yield service
-    await running.stop(0)
 
 
-@pytest.fixture
-async def stub(service):
-    async with open_channel(f"127.0.0.1:{service.port}") as channel:
-        yield diffusion_pb2_grpc.DiffusionServiceStub(channel)
-
-
-async def collect(stub, req) -> list[diffusion_pb2.SceneImage]:
-    return [response.image async for response in stub.RenderScenes(req, timeout=HANG_GUARD_S)]
+@pytest.fixture(scope="module")
+def service(server):
+    return server.service
 
 
 def metric(service, name: str, **labels) -> float:
@@ -83,7 +65,7 @@ async def eventually(condition, what: str) -> None:
 
 async def test_full_queue_refuses_at_once_but_cache_hits_still_pass(service, stub, shared_store):
     cached = request()
-    await collect(stub, cached)
+    await rendered_images(stub, cached)
     slow = stub.RenderScenes(request(scenes=4, steps=LONG_STEPS), timeout=HANG_GUARD_S)
     waiting = asyncio.ensure_future(slow.read())
     try:
@@ -91,7 +73,7 @@ async def test_full_queue_refuses_at_once_but_cache_hits_still_pass(service, stu
         refused = request()
         before = stored_uris(shared_store)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await collect(stub, refused)
+            await rendered_images(stub, refused)
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "render queue is full (1 requests)" in raised.value.details()
         assert stored_uris(shared_store) == before
@@ -101,7 +83,7 @@ async def test_full_queue_refuses_at_once_but_cache_hits_still_pass(service, stu
         again = diffusion_pb2.RenderScenesRequest()
         again.CopyFrom(cached)
         again.job_id = new_job()
-        [image] = await collect(stub, again)
+        [image] = await rendered_images(stub, again)
         assert image.cached
         assert not waiting.done()  # the slow render was still going all along
     finally:
@@ -124,7 +106,7 @@ async def test_cancelled_render_stops_at_the_next_denoising_step(service, stub, 
 
     # The render thread takes batches in order: once this one-step render is back,
     # the cancelled batch has stopped.
-    await collect(stub, request(steps=1))
+    await rendered_images(stub, request(steps=1))
     ran = metric(service, steps) - before - 1
     assert 3 <= ran < LONG_STEPS  # one batch of 4 scenes would have run all 150
     assert metric(service, "storyreel_render_cancelled_total") >= 1
@@ -144,7 +126,7 @@ async def test_out_of_memory_is_resource_exhausted_and_the_service_keeps_serving
     failed = request(scenes=2)
     rejected_before = metric(service, "storyreel_render_rejected_total", reason="out_of_memory")
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await collect(stub, failed)
+        await rendered_images(stub, failed)
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "out of cpu memory drawing 2 image(s) at 64x64" in raised.value.details()
     assert not list(shared_store.list(f"jobs/{failed.job_id}/"))
@@ -154,7 +136,7 @@ async def test_out_of_memory_is_resource_exhausted_and_the_service_keeps_serving
     assert metric(service, "storyreel_render_queue_depth") == 0
 
     recorder.fail_with = None
-    images = await collect(stub, request(scenes=2))
+    images = await rendered_images(stub, request(scenes=2))
     assert [image.index for image in images] == [1, 2]
 
 
@@ -177,7 +159,7 @@ async def test_metrics_endpoint_counts_images_seconds_and_cache_hits(service, st
     depth = ("storyreel_render_queue_depth", ())
     before = await asyncio.to_thread(scrape, service)
     req = request(scenes=2)
-    await collect(stub, req)
+    await rendered_images(stub, req)
     drawn = await asyncio.to_thread(scrape, service)
     assert drawn[images] == before[images] + 2
     assert drawn[seconds] == before[seconds] + 2
@@ -186,7 +168,7 @@ async def test_metrics_endpoint_counts_images_seconds_and_cache_hits(service, st
     assert drawn[depth] == 0
 
     req.job_id = new_job()
-    await collect(stub, req)
+    await rendered_images(stub, req)
     served = await asyncio.to_thread(scrape, service)
     assert served[hits] == drawn[hits] + 2
     assert served[images] == drawn[images]

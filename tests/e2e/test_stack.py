@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from support import MODELS, ffmpeg_decode, lavfi_media, probe_media
+from support import MODELS, ffmpeg_decode, lavfi_media, probe_media, started_stack
 
-from storyreel.settings import StorageSettings
 from storyreel.stack import LocalStack
-from storyreel.storage import FileStore, open_store
+from storyreel.storage import FileStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -28,28 +27,18 @@ WIDTH, HEIGHT, FPS = 320, 240, 12
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, request) -> LocalStack:
-    data = tmp_path_factory.mktemp("stack")
-    local = LocalStack(
-        data,
-        fixed_ports=False,
-        env={
-            "STORYREEL_STORAGE_URL": (data / "artifacts").as_uri(),
-            "STORYREEL_LLM_MODEL": str(MODELS / "smollm2-135m-instruct"),
-            "STORYREEL_DIFFUSION_MODEL": str(MODELS / "tiny-sd"),
-            "STORYREEL_GATEWAY_RENDER_WIDTH": "128",
-            "STORYREEL_GATEWAY_RENDER_HEIGHT": "128",
-            "STORYREEL_GATEWAY_RENDER_STEPS": "2",
-        },
-    )
-    local.start(timeout_s=300)
-    yield local
-    local.stop()
+    env = {
+        "STORYREEL_LLM_MODEL": str(MODELS / "smollm2-135m-instruct"),
+        "STORYREEL_GATEWAY_RENDER_WIDTH": "128",
+        "STORYREEL_GATEWAY_RENDER_HEIGHT": "128",
+    }
+    with started_stack(tmp_path_factory.mktemp("stack"), env) as local:
+        yield local
 
 
 @pytest.fixture(scope="module")
 def store(stack: LocalStack) -> FileStore:
-    url = stack.env["STORYREEL_STORAGE_URL"]
-    return open_store(StorageSettings(url=url))
+    return stack.store
 
 
 def generate(stack: LocalStack, output: Path, *args: str) -> subprocess.CompletedProcess:

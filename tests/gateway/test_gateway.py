@@ -15,6 +15,7 @@ import pytest
 from storyreel_gateway.service import GatewayService
 from storyreel_gateway.settings import GatewaySettings
 from support import (
+    create_video,
     health_status,
     stored_uris,
     upload_audio,
@@ -33,6 +34,11 @@ async def _finish(stub, job_id: str) -> tuple[list, gateway_pb2.Job]:
     return events, events[-1].job
 
 
+async def _run(stub, **fields) -> tuple[list, gateway_pb2.Job]:
+    """Create a job with the request ``fields`` and watch it to the end."""
+    return await _finish(stub, await create_video(stub, **fields))
+
+
 async def test_health_is_serving_once_started(gateway):
     assert await health_status(gateway.address) == "SERVING"
     assert (
@@ -41,10 +47,10 @@ async def test_health_is_serving_once_started(gateway):
 
 
 async def test_job_runs_every_stage_and_records_it(gateway, upstream, file_store):
-    response = await gateway.CreateVideo(
-        gateway_pb2.CreateVideoRequest(prompt="a fox", scene_count=3, seed=7, width=320, height=240)
+    job_id = await create_video(
+        gateway, prompt="a fox", scene_count=3, seed=7, width=320, height=240
     )
-    events, job = await _finish(gateway, response.job_id)
+    events, job = await _finish(gateway, job_id)
 
     assert job.state == gateway_pb2.JOB_STATE_DONE
     assert job.progress == 100
@@ -72,19 +78,14 @@ async def test_job_runs_every_stage_and_records_it(gateway, upstream, file_store
     assert [s.narration for s in compose.scenes] == ["line 1", "line 2", "line 3"]
     assert (compose.width, compose.height) == (320, 240)
     # The manifest in the store holds the final state.
-    manifest = file_store.get_bytes(file_store.uri_for(f"jobs/{response.job_id}/manifest.json"))
+    manifest = file_store.get_bytes(file_store.uri_for(f"jobs/{job_id}/manifest.json"))
     assert b'"state": "done"' in manifest
 
 
 async def test_same_seed_gives_same_scene_seeds(gateway):
     seeds = []
     for _ in range(2):
-        job_id = (
-            await gateway.CreateVideo(
-                gateway_pb2.CreateVideoRequest(prompt="a fox", scene_count=2, seed=99)
-            )
-        ).job_id
-        _, job = await _finish(gateway, job_id)
+        _, job = await _run(gateway, prompt="a fox", scene_count=2, seed=99)
         seeds.append([image.seed for image in job.images])
     assert seeds[0] == seeds[1]
     assert seeds[0][0] != seeds[0][1]
@@ -92,10 +93,7 @@ async def test_same_seed_gives_same_scene_seeds(gateway):
 
 async def test_upstream_failure_marks_job_failed_with_stage_and_code(gateway, upstream):
     upstream.render_error = grpc.StatusCode.INVALID_ARGUMENT
-    job_id = (
-        await gateway.CreateVideo(gateway_pb2.CreateVideoRequest(prompt="a fox", scene_count=2))
-    ).job_id
-    _, job = await _finish(gateway, job_id)
+    _, job = await _run(gateway, prompt="a fox", scene_count=2)
     assert job.state == gateway_pb2.JOB_STATE_FAILED
     assert job.error.stage == gateway_pb2.STAGE_RENDER
     assert job.error.code == "INVALID_ARGUMENT"
@@ -108,10 +106,7 @@ async def test_transient_render_failures_are_retried_until_the_job_completes(gat
     # calls in all (storyreel.channels, storyreel.retries).
     upstream.render_error = grpc.StatusCode.UNAVAILABLE
     upstream.render_failures = 5
-    job_id = (
-        await gateway.CreateVideo(gateway_pb2.CreateVideoRequest(prompt="a fox", scene_count=2))
-    ).job_id
-    events, job = await _finish(gateway, job_id)
+    events, job = await _run(gateway, prompt="a fox", scene_count=2)
     assert job.state == gateway_pb2.JOB_STATE_DONE
     retries = [e for e in events if e.kind == gateway_pb2.EVENT_KIND_RETRYING]
     assert len(retries) >= 1 and "UNAVAILABLE" in retries[0].message
@@ -120,10 +115,7 @@ async def test_transient_render_failures_are_retried_until_the_job_completes(gat
 
 async def test_a_transient_failure_that_persists_fails_the_job_in_the_end(gateway, upstream):
     upstream.render_error = grpc.StatusCode.RESOURCE_EXHAUSTED
-    job_id = (
-        await gateway.CreateVideo(gateway_pb2.CreateVideoRequest(prompt="a fox", scene_count=1))
-    ).job_id
-    _, job = await _finish(gateway, job_id)
+    _, job = await _run(gateway, prompt="a fox", scene_count=1)
     assert job.state == gateway_pb2.JOB_STATE_FAILED
     assert (job.error.stage, job.error.code) == (gateway_pb2.STAGE_RENDER, "RESOURCE_EXHAUSTED")
     assert upstream.render_calls > 1
@@ -137,8 +129,7 @@ async def test_unreachable_upstream_fails_the_job_and_names_the_service(file_sto
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = gateway_pb2_grpc.StoryReelServiceStub(channel)
-            job_id = (await stub.CreateVideo(gateway_pb2.CreateVideoRequest(prompt="x"))).job_id
-            _, job = await _finish(stub, job_id)
+            _, job = await _run(stub, prompt="x")
     finally:
         await running.stop(0)
     assert job.state == gateway_pb2.JOB_STATE_FAILED
@@ -148,7 +139,7 @@ async def test_unreachable_upstream_fails_the_job_and_names_the_service(file_sto
 
 
 async def test_watch_of_a_finished_job_gets_its_snapshot_then_the_end(gateway):
-    job_id = (await gateway.CreateVideo(gateway_pb2.CreateVideoRequest(prompt="x"))).job_id
+    job_id = await create_video(gateway, prompt="x")
     await _finish(gateway, job_id)
     events, job = await _finish(gateway, job_id)
     assert [e.kind for e in events] == [
@@ -220,24 +211,15 @@ async def test_bad_uploads_are_invalid_and_store_nothing(gateway, file_store, ch
 
 async def test_uploaded_audio_is_passed_to_the_composer(gateway, upstream):
     audio_uri = (await upload_audio(gateway, wav_bytes(0.5, 16000), "track.wav")).audio_uri
-    job_id = (
-        await gateway.CreateVideo(
-            gateway_pb2.CreateVideoRequest(prompt="x", scene_count=1, audio_uri=audio_uri)
-        )
-    ).job_id
-    _, job = await _finish(gateway, job_id)
+    _, job = await _run(gateway, prompt="x", scene_count=1, audio_uri=audio_uri)
     assert job.state == gateway_pb2.JOB_STATE_DONE
     assert upstream.compose_requests[-1].audio_uri == audio_uri
 
 
 async def test_many_jobs_at_once_all_complete_once(gateway, upstream):
-    job_ids = await asyncio.gather(
-        *(
-            gateway.CreateVideo(gateway_pb2.CreateVideoRequest(prompt=f"job {i}", scene_count=1))
-            for i in range(10)
-        )
+    ids = await asyncio.gather(
+        *(create_video(gateway, prompt=f"job {i}", scene_count=1) for i in range(10))
     )
-    ids = [r.job_id for r in job_ids]
     assert len(set(ids)) == 10
     results = await asyncio.gather(*(_finish(gateway, job_id) for job_id in ids))
     assert all(job.state == gateway_pb2.JOB_STATE_DONE for _, job in results)
@@ -253,7 +235,7 @@ async def test_job_logs_are_json_and_carry_the_job_id(gateway):
     previous = logger.level
     logger.setLevel(logging.INFO)
     try:
-        job_id = (await gateway.CreateVideo(gateway_pb2.CreateVideoRequest(prompt="x"))).job_id
+        job_id = await create_video(gateway, prompt="x")
         await _finish(gateway, job_id)
     finally:
         logger.removeHandler(handler)

@@ -18,6 +18,7 @@ from support import (
     ALICE,
     API_KEYS,
     BOB,
+    create_video,
     finished_job,
     listed_job_ids,
     wait_until,
@@ -71,7 +72,7 @@ async def test_a_job_created_on_one_replica_is_read_and_watched_on_another(
     upstream.render_delay_s = 0.3
     a = await start_gateway(instance_id="replica-a")
     b = await start_gateway(instance_id="replica-b", watch_poll_s=0.1)
-    job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=3))).job_id
+    job_id = await create_video(a.stub, prompt="x", scene_count=3)
 
     seen = (await b.stub.GetJob(pb.GetJobRequest(job_id=job_id))).job
     assert seen.job_id == job_id
@@ -100,9 +101,8 @@ async def test_listing_on_any_replica_shows_every_replicas_jobs_newest_first(sta
     ids = []
     for i in range(5):
         stub = (a, b)[i % 2].stub
-        request = pb.CreateVideoRequest(prompt=f"job {i}", scene_count=1)
-        ids.append((await stub.CreateVideo(request, metadata=ALICE)).job_id)
-    bobs = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="bob"), metadata=BOB)).job_id
+        ids.append(await create_video(stub, ALICE, prompt=f"job {i}", scene_count=1))
+    bobs = await create_video(a.stub, BOB, prompt="bob")
 
     for replica in (a, b):
         seen = await listed_job_ids(replica.stub, ALICE, page_size=2)
@@ -145,7 +145,7 @@ async def test_cancel_on_another_replica_stops_the_job_within_seconds(
     upstream.render_delay_s = 5.0
     a = await start_gateway(instance_id="replica-a")
     b = await start_gateway(instance_id="replica-b", watch_poll_s=0.1)
-    job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=3))).job_id
+    job_id = await create_video(a.stub, prompt="x", scene_count=3)
     await watch_events(b.stub, job_id, _render_started)
     # The stage has started; wait until its call reaches the render double.
     await wait_until(lambda: upstream.render_requests)
@@ -166,9 +166,7 @@ async def test_cancel_on_another_replica_stops_the_job_within_seconds(
 async def test_regenerate_on_another_replica_runs_there(start_gateway, upstream, file_store):
     a = await start_gateway(instance_id="replica-a")
     b = await start_gateway(instance_id="replica-b")
-    job_id = (
-        await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=3, seed=5))
-    ).job_id
+    job_id = await create_video(a.stub, prompt="x", scene_count=3, seed=5)
     before = await finished_job(a.stub, job_id)
 
     response = await b.stub.RegenerateScene(
@@ -202,7 +200,7 @@ async def test_a_live_owner_keeps_its_job_past_many_lease_periods(
     upstream.render_delay_s = 0.5
     a = await start_gateway(instance_id="replica-a", lease_s=1.5)
     b = await start_gateway(instance_id="replica-b", lease_s=1.5)
-    job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=8))).job_id
+    job_id = await create_video(a.stub, prompt="x", scene_count=8)
     job = await finished_job(b.stub, job_id)  # about 4 s: the lease is renewed, never lapses
     assert job.state == pb.JOB_STATE_DONE
     assert len(upstream.render_requests) == 1
@@ -216,7 +214,7 @@ async def test_a_replica_that_dies_mid_job_is_replaced_and_the_job_finishes_once
     upstream.render_delay_s = 0.3
     a = await start_gateway(instance_id="replica-a", lease_s=1.5)
     b = await start_gateway(instance_id="replica-b", lease_s=1.5, watch_poll_s=0.1)
-    job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=6))).job_id
+    job_id = await create_video(a.stub, prompt="x", scene_count=6)
     await watch_events(a.stub, job_id, _first_scene)
     await _crash(a)
     calls_by_a = len(upstream.render_requests)
@@ -241,7 +239,7 @@ async def test_two_replicas_starting_over_one_unfinished_job_run_it_once(
 ):
     upstream.render_delay_s = 0.3
     a = await start_gateway(instance_id="replica-a")
-    job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=4))).job_id
+    job_id = await create_video(a.stub, prompt="x", scene_count=4)
     await watch_events(a.stub, job_id, _first_scene)
     await a.stop()  # a graceful stop hands the job back at once
     calls_before = len(upstream.render_requests)
@@ -263,7 +261,7 @@ async def test_a_restarted_replica_hands_back_its_jobs_without_waiting_for_the_l
     # The lease far outlasts the test: only the take-back can finish the job in time.
     first = await start_gateway(instance_id="pod-1", lease_s=600)
     other = await start_gateway(instance_id="pod-2", lease_s=600)
-    job_id = (await first.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=4))).job_id
+    job_id = await create_video(first.stub, prompt="x", scene_count=4)
     await watch_events(first.stub, job_id, _first_scene)
     await _crash(first)
 
@@ -283,8 +281,8 @@ async def test_cancel_of_a_job_whose_replica_died_ends_it_at_once(
     a = await start_gateway(instance_id="replica-a", lease_s=1.0)
     # B has one slot and keeps it busy, so it never adopts A's job by itself.
     b = await start_gateway(instance_id="replica-b", lease_s=1.0, max_jobs_in_flight=1)
-    busy = (await b.stub.CreateVideo(pb.CreateVideoRequest(prompt="b", scene_count=20))).job_id
-    orphan = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="a", scene_count=4))).job_id
+    busy = await create_video(b.stub, prompt="b", scene_count=20)
+    orphan = await create_video(a.stub, prompt="a", scene_count=4)
     await watch_events(a.stub, orphan, _first_scene)
     await _crash(a)
     await asyncio.sleep(1.5)  # the lease lapses
@@ -300,7 +298,7 @@ async def test_a_stopping_replica_adopts_no_more_jobs(start_gateway, upstream, f
     upstream.render_delay_s = 0.3
     b = await start_gateway(instance_id="replica-b", lease_s=1.0)
     a = await start_gateway(instance_id="replica-a", lease_s=1.0)
-    job_id = (await a.stub.CreateVideo(pb.CreateVideoRequest(prompt="x", scene_count=4))).job_id
+    job_id = await create_video(a.stub, prompt="x", scene_count=4)
     await b.running.service.drain()  # B is being stopped: its calls drain, jobs run on
     await watch_events(a.stub, job_id, _first_scene)
     await _crash(a)

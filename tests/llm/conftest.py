@@ -176,3 +176,15 @@ class OpenAITestDouble(ServerDouble):
 def openai_double(start_double) -> OpenAITestDouble:
     """A running OpenAI-compatible double (``/v1/models`` is its readiness check)."""
     return start_double(OpenAITestDouble())
+
+
+@pytest.fixture
+def openai_settings_for(settings_for, openai_double):
+    """``openai_settings_for(**overrides)``: settings of the OpenAI-compatible backend on
+    ``openai_double``, polled for readiness every 0.01 s, with ``overrides``."""
+
+    def make(**overrides: Any) -> LLMSettings:
+        values = {"backend": "openai", "openai_url": openai_double.url, "tgi_startup_poll_s": 0.01}
+        return settings_for(**(values | overrides))
+
+    return make

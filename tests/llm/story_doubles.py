@@ -1,4 +1,5 @@
-"""Canned model answers and a scripted backend for the LLM service tests.
+"""Helpers of the LLM service tests: canned model answers, a scripted backend and the
+writer driven by it, a tiny random Llama, and the interrupted wait for a model server.
 
 Imported by test modules as ``llm.story_doubles`` (``tests`` is on the path).
 """
@@ -6,6 +7,8 @@ Imported by test modules as ``llm.story_doubles`` (``tests`` is on the path).
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,3 +90,60 @@ class ScriptedBackend:
 
     def close(self) -> None:
         pass
+
+
+def write_board(
+    settings, answers, scene_count=2, style="", prompt="a whale story", **backend_args
+) -> tuple[Any, ScriptedBackend]:
+    """The storyboard a StoryboardWriter writes with a :class:`ScriptedBackend` answering
+    ``answers`` (every one of them used), and the backend with its calls."""
+    from storyreel_llm.writer import StoryboardWriter
+
+    backend = ScriptedBackend(answers, **backend_args)
+    board = StoryboardWriter(backend, settings).write(prompt, scene_count, style, seed=41)
+    assert not backend.answers, f"unused answers: {backend.answers}"
+    return board, backend
+
+
+def tiny_llama(vocab_size: int, **config: Any):
+    """A Llama of random weights, one layer of width 16, with ``config`` added: a stand-in
+    for SmolLM2 where only the model's files and shapes matter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            **config,
+        )
+    )
+
+
+def interrupted_load(backend, double) -> BaseException:
+    """What ``backend.load()`` raises when ``backend.interrupt()`` comes while it waits for
+    ``double`` (a model-server double answering 503 to every readiness check) to be ready.
+
+    Joined with a hang guard of 10 s: the backend's settings should poll far less often,
+    so that only the interrupt can end the wait in time.
+    """
+    double.health_statuses[:] = [503] * 100_000
+    failures: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            backend.load()
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    while double.health_checks == 0:
+        time.sleep(0.01)
+    backend.interrupt()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    return failures[0]

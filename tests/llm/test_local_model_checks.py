@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from llm.story_doubles import tiny_llama
 from storyreel_llm.backends.local import LocalBackend
 
 from storyreel.errors import FailedPrecondition
@@ -23,7 +24,7 @@ TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
 def tiny_model(folder: Path, family: str, template: str | None = "keep") -> Path:
     """A random 1-layer Llama in ``folder`` with ``family``'s tokenizer (and template)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     shutil.copytree(TEMPLATES / family, folder)
     if template != "keep":
@@ -32,18 +33,12 @@ def tiny_model(folder: Path, family: str, template: str | None = "keep") -> Path
             (folder / "chat_template.jinja").write_text(template)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+    tiny_llama(
+        len(tokenizer),
         max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    ).save_pretrained(folder)
     return folder
 
 

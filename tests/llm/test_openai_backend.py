@@ -7,12 +7,11 @@ response_format (both shapes), stop sequences, token limit, seed, key.
 
 from __future__ import annotations
 
+import functools
 import json
-import threading
-import time
 
 import pytest
-from llm.story_doubles import CAST, STORY, answers_for, shot
+from llm.story_doubles import CAST, STORY, answers_for, interrupted_load, shot
 from storyreel_llm.backends import create_backend
 from storyreel_llm.backends.openai import SCHEMA_NAME, OpenAIBackend, api_base
 from storyreel_llm.storyboard import cast_schema, shot_schema
@@ -29,20 +28,11 @@ SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required
 
 
 @pytest.fixture
-def openai_for(settings_for, openai_double):
-    def make(**overrides):
-        values = {
-            "backend": "openai",
-            "openai_url": openai_double.url,
-            "openai_model": "zephyr-7b-beta",
-            "tgi_startup_poll_s": 0.01,
-            # The wire tests name the format; the negotiation has tests of its own.
-            "openai_response_format": "json_schema",
-        }
-        values.update(overrides)
-        return settings_for(**values)
-
-    return make
+def openai_for(openai_settings_for):
+    # The wire tests name the format; the negotiation has tests of its own.
+    return functools.partial(
+        openai_settings_for, openai_model="zephyr-7b-beta", openai_response_format="json_schema"
+    )
 
 
 def test_backend_setting_openai_selects_the_openai_backend(openai_for):
@@ -165,24 +155,9 @@ def test_an_unreachable_server_gives_an_error_naming_the_endpoint(settings_for):
 
 
 def test_load_waits_for_v1_models_and_can_be_interrupted(openai_for, openai_double):
-    openai_double.health_statuses[:] = [503] * 100_000
+    # The poll interval alone (30 s) outlasts interrupted_load's hang guard.
     backend = OpenAIBackend(openai_for(tgi_startup_timeout_s=600, tgi_startup_poll_s=30))
-    failure: list[BaseException] = []
-    thread = threading.Thread(target=lambda: _capture(backend.load, failure))
-    thread.start()
-    while openai_double.health_checks == 0:
-        time.sleep(0.01)
-    backend.interrupt()
-    thread.join(timeout=10)  # a hang guard: the poll interval alone is 30 s
-    assert not thread.is_alive()
-    assert "stopped while waiting" in str(failure[0])
-
-
-def _capture(fn, failures: list[BaseException]) -> None:
-    try:
-        fn()
-    except BaseException as exc:
-        failures.append(exc)
+    assert "stopped while waiting" in str(interrupted_load(backend, openai_double))
 
 
 def test_writer_over_openai_sends_the_step_schemas(openai_for, openai_double):

@@ -8,6 +8,7 @@ every format and ignores it, and servers that refuse everything.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -36,18 +37,8 @@ LLAMA_CPP_PYTHON = {"json_schema": "refuse-500:Input should be 'text' or 'json_o
 
 
 @pytest.fixture
-def settings(settings_for, openai_double):
-    def make(**overrides):
-        values = {
-            "backend": "openai",
-            "openai_url": openai_double.url,
-            "tgi_startup_poll_s": 0.01,
-            "tgi_startup_timeout_s": 5,
-        }
-        values.update(overrides)
-        return settings_for(**values)
-
-    return make
+def settings(openai_settings_for):
+    return functools.partial(openai_settings_for, tgi_startup_timeout_s=5)
 
 
 def loaded(settings) -> OpenAIBackend:

@@ -13,42 +13,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from llm.story_doubles import CAST, STORY, ScriptedBackend, answers_for, shot
-from storyreel_llm.writer import StoryboardWriter
+from llm.story_doubles import CAST, STORY, answers_for, shot, write_board
+from storyreel_llm.prompts import EXAMPLE_CAST, EXAMPLE_SHOT
 
 from storyreel.errors import UpstreamFailed
 
-# The worked examples the prompts show the model (storyreel_llm.prompts), as an answer.
-EXAMPLE_CAST = {
-    "title": "Tom and the Tiny Dragon",
-    "logline": "An old fisherman finds a baby dragon in his net and looks after it.",
-    "characters": [
-        {
-            "name": "Tom",
-            "appearance": "an old fisherman with a white beard, a yellow raincoat and boots",
-        },
-        {"name": "Pip", "appearance": "a tiny green dragon with golden wings"},
-    ],
-}
-EXAMPLE_SHOT = {
-    "characters": ["Tom", "Pip"],
-    "setting": "in a small wooden kitchen by the fire",
-    "action": "Tom feeds fish soup to the little dragon",
-    "camera": "medium shot",
-}
+# Words of the worked examples (storyreel_llm.prompts) that no storyboard may keep.
 EXAMPLE_WORDS = ("Tom", "Pip", "dragon", "fisherman", "fish soup", "wooden kitchen")
 
 
 @pytest.fixture
 def settings(settings_for):
     return settings_for(repair_attempts=2)
-
-
-def write(settings, answers, scene_count=2, prompt="a whale story", **backend_args):
-    backend = ScriptedBackend(answers, **backend_args)
-    board = StoryboardWriter(backend, settings).write(prompt, scene_count, "", seed=41)
-    assert not backend.answers, f"unused answers: {backend.answers}"
-    return board, backend
 
 
 def texts_of(board) -> list[str]:
@@ -68,7 +44,7 @@ def assert_no_example(board) -> None:
 
 def test_a_cast_copied_from_the_worked_example_is_asked_again(settings):
     answers = [STORY, json.dumps(EXAMPLE_CAST), *answers_for(2)[1:]]
-    board, backend = write(settings, answers)
+    board, backend = write_board(settings, answers)
     repair = backend.calls[2].messages[-1]["content"]
     assert "from the instructions or the example" in repair
     assert [c.name for c in board.characters] == ["Ada", "Moby"]
@@ -84,7 +60,7 @@ def test_a_shot_copied_from_the_worked_example_is_asked_again(settings):
         json.dumps(shot()),
         *[json.dumps(shot())],
     ]
-    board, backend = write(settings, answers)
+    board, backend = write_board(settings, answers)
     assert "not from this story" in backend.calls[3].messages[-1]["content"]
     assert board.scenes[0].setting == "on a rocky beach at dawn"
     assert board.degraded is False
@@ -94,23 +70,42 @@ def test_a_shot_copied_from_the_worked_example_is_asked_again(settings):
 def test_a_storyboard_that_is_all_worked_example_is_never_passed_as_clean(settings):
     cast = [json.dumps(EXAMPLE_CAST)] * 3
     shots = [json.dumps(EXAMPLE_SHOT)] * 6
-    board, _ = write(settings, [STORY, *cast, *shots])
+    board, _ = write_board(settings, [STORY, *cast, *shots])
     assert board.degraded is True
     assert_no_example(board)
     assert board.characters == ()  # nothing of the example's cast was kept
     assert board.title == "A whale story"  # from the caller's prompt
 
 
-def test_a_story_that_echoes_the_user_turn_is_asked_again(settings):
-    echo = (
-        'Story idea: "a whale story" Write a short story of 3 sentences. Give the characters '
-        "names. Ada kept the lighthouse."
-    )
-    board, backend = write(settings, [echo, *answers_for(2)])
+@pytest.mark.parametrize(
+    ("story", "ours"),
+    [
+        pytest.param(
+            'Story idea: "a whale story" Write a short story of 3 sentences. Give the characters '
+            "names. Ada kept the lighthouse.",
+            ("Story idea", "sentences", "Give the characters names"),
+            id="user-turn",
+        ),
+        pytest.param(
+            "You write very short stories for narrated picture books: plain prose in the third "
+            "person and past tense.",
+            ("picture books",),
+            id="instructions",
+        ),
+        # Seen from Gemma 3 270M (a base model) on llama-cpp-python: our system and user
+        # turns, reworded, as the story.
+        pytest.param(
+            "You write stories for pictures with narration. Give the character names.",
+            ("You write stories", "character names"),
+            id="paraphrased-instructions",
+        ),
+    ],
+)
+def test_a_story_that_repeats_our_text_is_asked_again(settings, story, ours):
+    board, backend = write_board(settings, [story, *answers_for(2)])
     assert backend.calls[1].kind == "text"  # asked again
     narration = " ".join(s.narration for s in board.scenes)
-    assert "Story idea" not in narration and "sentences" not in narration
-    assert "Give the characters names" not in narration
+    assert [text for text in ours if text in narration] == []
     assert board.degraded is False
 
 
@@ -125,7 +120,7 @@ def test_a_story_that_echoes_the_user_turn_is_asked_again(settings):
 )
 def test_a_logline_that_talks_about_the_task_is_asked_again(settings, logline):
     answers = [STORY, json.dumps(dict(CAST, logline=logline)), *answers_for(2)[1:]]
-    board, backend = write(settings, answers)
+    board, backend = write_board(settings, answers)
     assert backend.calls[2].kind == "json" and len(backend.calls) == 5
     assert board.logline == CAST["logline"]
 
@@ -135,14 +130,14 @@ def test_an_answer_that_echoes_the_re_ask_is_asked_again(settings):
     echo = json.dumps(
         dict(CAST, logline="Answer again with these problems fixed and a whale swims.")
     )
-    board, backend = write(settings, [STORY, bad, echo, *answers_for(2)[1:]])
+    board, backend = write_board(settings, [STORY, bad, echo, *answers_for(2)[1:]])
     assert len([c for c in backend.calls if c.kind == "json"]) == 5
     assert board.logline == CAST["logline"]
 
 
 def test_after_the_last_attempt_the_clean_sentences_are_salvaged_and_degraded(settings):
     echo = "Story idea: a whale. " + STORY
-    board, backend = write(settings, [echo, echo, echo, *answers_for(2)[1:]])
+    board, backend = write_board(settings, [echo, echo, echo, *answers_for(2)[1:]])
     assert [c.kind for c in backend.calls[:3]] == ["text"] * 3
     assert board.degraded is True
     assert all("Story idea" not in s.narration for s in board.scenes)
@@ -152,7 +147,7 @@ def test_after_the_last_attempt_the_clean_sentences_are_salvaged_and_degraded(se
 def test_a_story_that_is_nothing_but_our_text_is_refused(settings):
     echo = 'Story idea: "a whale story". Write a short story of 3 sentences.'
     with pytest.raises(UpstreamFailed, match=r"repeats .Story idea. from the instructions"):
-        write(settings, [echo, echo, echo])
+        write_board(settings, [echo, echo, echo])
 
 
 def test_a_callers_idea_may_share_words_with_the_worked_example(settings):
@@ -175,22 +170,17 @@ def test_a_callers_idea_may_share_words_with_the_worked_example(settings):
         action="Tom fed Pip fish soup",
     )
     answers = [story, json.dumps(cast), json.dumps(kitchen), json.dumps(kitchen)]
-    board, backend = write(settings, answers, prompt="an old fisherman finds a tiny dragon")
+    board, backend = write_board(settings, answers, prompt="an old fisherman finds a tiny dragon")
     assert len(backend.calls) == 4  # nothing re-asked
     assert [c.name for c in board.characters] == ["Tom", "Pip"]
     assert board.degraded is False
 
 
-def test_a_paraphrase_of_the_instructions_is_refused(settings):
-    """Seen from Gemma 3 270M (a base model) on llama-cpp-python: our system and user turns,
-    reworded, as the story."""
-    echo = "You write stories for pictures with narration. Give the character names."
-    board, backend = write(settings, [echo, *answers_for(2)])
-    assert backend.calls[1].kind == "text"  # asked again
-    narration = " ".join(s.narration for s in board.scenes)
-    assert "You write stories" not in narration and "character names" not in narration
+def test_a_title_that_paraphrases_the_instructions_is_not_kept(settings):
     title = json.dumps(dict(CAST, title="Story for a picture with narration"))
-    board, _ = write(settings, [STORY, title, *answers_for(2)[1:]], prompt="a keeper and a whale")
+    board, _ = write_board(
+        settings, [STORY, title, *answers_for(2)[1:]], prompt="a keeper and a whale"
+    )
     assert board.title == CAST["title"]
 
 

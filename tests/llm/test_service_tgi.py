@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 from llm.story_doubles import CAST, answers_for
 from model_server_doubles import TGITestDouble
 from storyreel_llm.service import LlmService
-from support import health_status
+from support import health_status, service_process
 
 from storyreel.llm.v1 import llm_pb2, llm_pb2_grpc
 from storyreel.serving import start_and_load
@@ -128,25 +127,16 @@ def test_sigterm_while_waiting_for_tgi_stops_the_service_promptly(
 ):
     """The start-up wait for TGI's /health ends on SIGTERM instead of running to its timeout."""
     tgi_double.health_statuses[:] = [503] * 100_000
-    port_file = tmp_path / "port"
-    env = dict(
-        os.environ,
-        STORYREEL_LLM_BACKEND="tgi",
-        STORYREEL_LLM_TGI_URL=tgi_double.url,
-        STORYREEL_LLM_PORT="0",
-        STORYREEL_LLM_PORT_FILE=str(port_file),
-        STORYREEL_LLM_TGI_STARTUP_TIMEOUT_S="600",
-        STORYREEL_LLM_TGI_STARTUP_POLL_S="30",
-        STORYREEL_LLM_GRACE_PERIOD_S="1",
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "storyreel_llm"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+    env = {
+        "STORYREEL_LLM_BACKEND": "tgi",
+        "STORYREEL_LLM_TGI_URL": tgi_double.url,
+        "STORYREEL_LLM_TGI_STARTUP_TIMEOUT_S": "600",
+        "STORYREEL_LLM_TGI_STARTUP_POLL_S": "30",
+        "STORYREEL_LLM_GRACE_PERIOD_S": "1",
+    }
+    with service_process(
+        "storyreel_llm", tmp_path / "port", env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as process:
         deadline = time.monotonic() + 120  # a hang guard for a slow interpreter start
         while tgi_double.health_checks == 0 and time.monotonic() < deadline:
             assert process.poll() is None, process.stdout.read()
@@ -157,10 +147,6 @@ def test_sigterm_while_waiting_for_tgi_stops_the_service_promptly(
         # hang guard below proves the wait was cut short.
         code = process.wait(timeout=25)
         output = process.stdout.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert code == 0, output
     assert "draining" in output and "stopped" in output
 

@@ -8,11 +8,9 @@ token budget, seed; and the retries, timeouts and errors.
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
-from llm.story_doubles import CAST, answers_for
+from llm.story_doubles import CAST, answers_for, interrupted_load
 from storyreel_llm.backends import create_backend
 from storyreel_llm.backends.tgi import TGIBackend, zephyr_prompt
 from storyreel_llm.storyboard import cast_schema, shot_schema
@@ -160,27 +158,12 @@ def test_load_gives_up_when_tgi_never_gets_ready(settings_for, tgi_double):
 
 
 def test_interrupt_ends_the_wait_for_tgi_at_once(settings_for, tgi_double):
-    tgi_double.health_statuses[:] = [503] * 100_000
+    # The poll interval alone (30 s) outlasts interrupted_load's hang guard.
     settings = settings_for(
         backend="tgi", tgi_url=tgi_double.url, tgi_startup_timeout_s=600, tgi_startup_poll_s=30
     )
-    backend = TGIBackend(settings)
-    failure: list[BaseException] = []
-
-    def load() -> None:
-        try:
-            backend.load()
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=load)
-    thread.start()
-    while tgi_double.health_checks == 0:
-        time.sleep(0.01)
-    backend.interrupt()
-    thread.join(timeout=10)  # a hang guard: the poll interval alone is 30 s
-    assert not thread.is_alive()
-    assert isinstance(failure[0], UpstreamFailed) and "stopped while waiting" in str(failure[0])
+    failure = interrupted_load(TGIBackend(settings), tgi_double)
+    assert isinstance(failure, UpstreamFailed) and "stopped while waiting" in str(failure)
 
 
 # --- The writer over TGI -----------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from llm.story_doubles import tiny_llama
 from storyreel_llm import weights
 
 
@@ -44,17 +45,9 @@ def test_converted_files_are_world_readable(tmp_path, monkeypatch):
 
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    config = LlamaConfig(
-        vocab_size=8,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    tiny = LlamaForCausalLM(config)
+    tiny = tiny_llama(8)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
     )

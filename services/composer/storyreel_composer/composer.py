@@ -32,9 +32,11 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from storyreel.compose_options import FITS, MOTIONS, TRANSITIONS, ComposeOptions
 from storyreel.errors import InvalidInput, NotFound, NotReady, Overloaded
@@ -83,6 +85,9 @@ from storyreel_composer.user_audio import UPLOADS_PREFIX, AudioFacts, check_audi
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 VIDEO_NAME = "video.mp4"
 SRT_NAME = "captions.srt"
 VTT_NAME = "captions.vtt"
@@ -116,7 +121,8 @@ class ComposeResult:
 
 @dataclass(frozen=True)
 class ComposePlan:
-    """A validated request with defaults filled in."""
+    """A validated request with defaults filled in (by :meth:`VideoComposer.check_request`
+    from the settings: the plan has no defaults of its own)."""
 
     job_id: str
     scenes: tuple[Scene, ...]
@@ -124,17 +130,17 @@ class ComposePlan:
     fps: int
     width: int
     height: int
-    fit: str = "cover"
-    transition: str = "crossfade"
-    crossfade_s: float = 0.5
-    motion: str = "ken_burns"
-    seed: int = 0
-    captions: str = "burned"
-    audio_mode: str = "narration"
-    voice: str = "joe"
-    speaking_rate: float = 1.0
+    fit: str
+    transition: str
+    crossfade_s: float
+    motion: str
+    seed: int
+    captions: str
+    audio_mode: str
+    voice: str
+    speaking_rate: float
     #: Run of the job: every artifact goes under this revision's folder (storyreel.ids.job_key).
-    revision: int = 0
+    revision: int
 
     @property
     def speaks(self) -> bool:
@@ -153,6 +159,51 @@ class _Artifacts:
     contact_sheet: Path | None = None
 
 
+class _Slots:
+    """At most ``concurrent`` blocking calls at once, each in a thread; at most ``max_waiting``
+    callers wait for a slot, later ones get Overloaded ("... ``what`` are already waiting")."""
+
+    def __init__(self, concurrent: int, max_waiting: int, what: str) -> None:
+        self._slots = asyncio.Semaphore(concurrent)
+        self._max_waiting = max_waiting
+        self._waiting = 0
+        self._what = what
+
+    async def run(self, blocking: Callable[[T], R], arg: T) -> R:
+        """``blocking(arg)`` in a thread once a slot is free; its result or its exception."""
+        if self._slots.locked() and self._waiting >= self._max_waiting:
+            raise Overloaded(
+                f"the composer is busy: {self._waiting} {self._what} are already waiting"
+            )
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        work = asyncio.ensure_future(asyncio.to_thread(blocking, arg))
+        # The slot is freed when the work ends, not when the caller stops
+        # waiting: a thread cannot be cancelled, and the limit must hold.
+        work.add_done_callback(self._done)
+        return await asyncio.shield(work)
+
+    def _done(self, work: asyncio.Future) -> None:
+        self._slots.release()
+        if not work.cancelled():
+            # Retrieve the outcome so that the failure of work whose caller
+            # gave up is not reported as "exception never retrieved".
+            work.exception()
+
+
+@contextmanager
+def _scratch_dir(work_dir: Path | None, prefix: str) -> Iterator[Path]:
+    """A temporary directory under ``work_dir`` (created if missing; None: the system's),
+    removed afterwards."""
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=work_dir) as tmp:
+        yield Path(tmp)
+
+
 class VideoComposer:
     """Composes and stores videos; at most ``max_concurrent_compositions`` at once."""
 
@@ -162,10 +213,12 @@ class VideoComposer:
         self.store = store
         self.synthesizer = synthesizer
         self.settings = settings
-        self._slots = asyncio.Semaphore(settings.max_concurrent_compositions)
-        self._waiting = 0
-        self._probe_slots = asyncio.Semaphore(settings.max_concurrent_probes)
-        self._probe_waiting = 0
+        self._compositions = _Slots(
+            settings.max_concurrent_compositions, settings.max_waiting_compositions, "compositions"
+        )
+        self._probes = _Slots(
+            settings.max_concurrent_probes, settings.max_waiting_probes, "audio probes"
+        )
 
     async def compose(
         self,
@@ -214,27 +267,7 @@ class VideoComposer:
         )
         if plan.speaks and _narrated(plan) and not self.synthesizer.loaded:
             raise NotReady("the narration voice is not loaded yet")
-        if self._slots.locked() and self._waiting >= self.settings.max_waiting_compositions:
-            raise Overloaded(
-                f"the composer is busy: {self._waiting} compositions are already waiting"
-            )
-        self._waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self._waiting -= 1
-        work = asyncio.ensure_future(asyncio.to_thread(self._compose_blocking, plan))
-        # The slot is freed when the work ends, not when the caller stops
-        # waiting: a thread cannot be cancelled, and the limit must hold.
-        work.add_done_callback(self._work_done)
-        return await asyncio.shield(work)
-
-    def _work_done(self, work: asyncio.Future) -> None:
-        self._slots.release()
-        if not work.cancelled():
-            # Retrieve the outcome so that the failure of work whose caller
-            # gave up is not reported as "exception never retrieved".
-            work.exception()
+        return await self._compositions.run(self._compose_blocking, plan)
 
     def check_job_inputs(
         self, job_id: str, scenes: Sequence[Scene], audio_uri: str | None = None
@@ -390,10 +423,7 @@ class VideoComposer:
         if plan.audio_uri and not self.store.exists(plan.audio_uri):
             raise NotFound(f"audio_uri {plan.audio_uri} does not exist")
 
-        if s.work_dir is not None:
-            s.work_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="storyreel-compose-", dir=s.work_dir) as tmp:
-            work = Path(tmp)
+        with _scratch_dir(s.work_dir, "storyreel-compose-") as work:
             audio = self._checked_audio(plan.audio_uri, work) if plan.audio_uri else None
             canvas_size = self._write_canvases(plan, work)
             checked = time.perf_counter()
@@ -453,7 +483,6 @@ class VideoComposer:
         when ``max_waiting_probes`` probes already wait for one of the
         ``max_concurrent_probes`` slots (probes never wait for compositions).
         """
-        s = self.settings
         shown = uri if len(uri) <= 256 else uri[:256] + "..."
         try:
             key = self.store.key_of(uri)
@@ -461,32 +490,13 @@ class VideoComposer:
             raise InvalidInput(f"uri: {exc.message[:512]}") from None
         if not key.startswith(UPLOADS_PREFIX):
             raise InvalidInput(f"uri {shown} is not an upload: only {UPLOADS_PREFIX} is read")
-        if self._probe_slots.locked() and self._probe_waiting >= s.max_waiting_probes:
-            raise Overloaded(
-                f"the composer is busy: {self._probe_waiting} audio probes are already waiting"
-            )
-        self._probe_waiting += 1
-        try:
-            await self._probe_slots.acquire()
-        finally:
-            self._probe_waiting -= 1
-        work = asyncio.ensure_future(asyncio.to_thread(self._probe_blocking, uri))
-        work.add_done_callback(self._probe_done)
-        return await asyncio.shield(work)
-
-    def _probe_done(self, work: asyncio.Future) -> None:
-        self._probe_slots.release()
-        if not work.cancelled():
-            work.exception()
+        return await self._probes.run(self._probe_blocking, uri)
 
     def _probe_blocking(self, uri: str) -> AudioFacts:
-        s = self.settings
         if not self.store.exists(uri):
             raise NotFound(f"audio_uri {uri} does not exist")
-        if s.work_dir is not None:
-            s.work_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="storyreel-probe-", dir=s.work_dir) as tmp:
-            _path, info = self._checked_audio(uri, Path(tmp))
+        with _scratch_dir(self.settings.work_dir, "storyreel-probe-") as work:
+            _path, info = self._checked_audio(uri, work)
         return AudioFacts.of(info)
 
     def _write_canvases(self, plan: ComposePlan, work: Path) -> tuple[int, int]:

@@ -216,6 +216,17 @@ def _content_key(facts: ModelFacts, fields: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _check_text(where: str, label: str, text: str, max_chars: int) -> None:
+    """InvalidInput unless ``text`` (``label`` of ``where``) is not blank and at most
+    ``max_chars`` long."""
+    if not text.strip():
+        raise InvalidInput(f"{where}: {label} must not be empty")
+    if len(text) > max_chars:
+        raise InvalidInput(
+            f"{where}: {label} is {len(text)} characters, the maximum is {max_chars}"
+        )
+
+
 def _check_scenes(settings: DiffusionSettings, scenes: Sequence[Scene], names) -> None:
     if not MIN_SCENES <= len(scenes) <= settings.max_scenes:
         raise InvalidInput(
@@ -229,13 +240,7 @@ def _check_scenes(settings: DiffusionSettings, scenes: Sequence[Scene], names) -
         if scene.index in seen:
             raise InvalidInput(f"{where}: index {scene.index} appears more than once")
         seen.add(scene.index)
-        if not scene.prompt.strip():
-            raise InvalidInput(f"{where}: prompt must not be empty")
-        if len(scene.prompt) > settings.max_prompt_chars:
-            raise InvalidInput(
-                f"{where}: prompt is {len(scene.prompt)} characters, "
-                f"the maximum is {settings.max_prompt_chars}"
-            )
+        _check_text(where, "prompt", scene.prompt, settings.max_prompt_chars)
         if not 0 <= scene.seed <= MAX_UINT64_SEED:
             raise InvalidInput(f"{where}: seed must be between 0 and 2**64-1, got {scene.seed}")
         if len(scene.characters) > settings.max_characters_per_scene:
@@ -260,23 +265,16 @@ def _check_characters(settings: DiffusionSettings, characters: Sequence[CastMemb
     seen: set[str] = set()
     for position, character in enumerate(characters):
         where = f"characters[{position}]"
-        if not character.name.strip():
-            raise InvalidInput(f"{where}: name must not be empty")
-        if len(character.name) > settings.max_character_name_chars:
-            raise InvalidInput(
-                f"{where}: name is {len(character.name)} characters, "
-                f"the maximum is {settings.max_character_name_chars}"
-            )
+        _check_text(where, "name", character.name, settings.max_character_name_chars)
         if character.name in seen:
             raise InvalidInput(f"{where}: name {character.name!r} appears more than once")
         seen.add(character.name)
-        if not character.appearance.strip():
-            raise InvalidInput(f"{where} ({character.name}): appearance must not be empty")
-        if len(character.appearance) > settings.max_prompt_chars:
-            raise InvalidInput(
-                f"{where} ({character.name}): appearance is {len(character.appearance)} "
-                f"characters, the maximum is {settings.max_prompt_chars}"
-            )
+        _check_text(
+            f"{where} ({character.name})",
+            "appearance",
+            character.appearance,
+            settings.max_prompt_chars,
+        )
         if not 0 <= character.seed <= MAX_UINT64_SEED:
             raise InvalidInput(f"{where} ({character.name}): seed must be between 0 and 2**64-1")
 

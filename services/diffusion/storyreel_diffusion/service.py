@@ -21,24 +21,12 @@ from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from storyreel.options import ASPECTS, CONSISTENCY, from_enum
 from storyreel.serving import Service
 from storyreel.storage import ArtifactStore
+from storyreel.storyboard import scene_image_fields
 from storyreel_diffusion.planning import CastMember, Scene
-from storyreel_diffusion.renderer import SceneImage, SceneRenderer
+from storyreel_diffusion.renderer import SceneRenderer
 from storyreel_diffusion.settings import DiffusionSettings
 
 log = logging.getLogger(__name__)
-
-
-def _image_message(image: SceneImage) -> diffusion_pb2.SceneImage:
-    return diffusion_pb2.SceneImage(
-        index=image.index,
-        uri=image.uri,
-        seed=image.seed,
-        cached=image.cached,
-        content_key=image.content_key,
-        safety_flagged=image.safety_flagged,
-        safety_retries=image.safety_retries,
-        reference_uris=list(image.reference_uris),
-    )
 
 
 class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):
@@ -83,7 +71,9 @@ class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):
             revision=request.revision,
         )
         async for image in images:
-            yield diffusion_pb2.RenderScenesResponse(image=_image_message(image))
+            yield diffusion_pb2.RenderScenesResponse(
+                image=diffusion_pb2.SceneImage(**scene_image_fields(image))
+            )
 
 
 class DiffusionService(Service):

@@ -77,25 +77,30 @@ def clip_tokenizer(folder: Path):
     )
 
 
+#: Width of the text encoders' hidden states (the UNet's cross-attention input).
+_HIDDEN = 32
+#: The tiny UNet's layout, shared by both families (SDXL adds its conditioning).
+_UNET = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    # Latent size of a 512 px image: the pipeline's default output size.
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
+
+
 def _components(seed: int, work_dir: Path) -> dict:
     """The pipeline's parts, each initialised from ``seed`` so every build is identical."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    hidden = 32
+    hidden = _HIDDEN
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        # Latent size of a 512 px image: the pipeline's default output size.
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=hidden,
-    )
+    unet = UNet2DConditionModel(**_UNET, cross_attention_dim=hidden)
     torch.manual_seed(seed)
     # Four blocks, so the VAE downsamples by 8 like a real one; with fewer the
     # latents are large and a 512 px image takes minutes on a CPU.
@@ -150,17 +155,11 @@ def _sdxl_components(seed: int, work_dir: Path) -> dict:
     from transformers import CLIPTextModelWithProjection
 
     parts = _components(seed, work_dir)
-    hidden = 32
+    hidden = _HIDDEN
     time_embed = 8
     torch.manual_seed(seed)
     parts["unet"] = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **_UNET,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",

@@ -45,7 +45,8 @@ _EXAMPLE_STORY = (
     "Old Tom the fisherman found a tiny dragon in his net. The dragon, Pip, was green "
     "with golden wings. Tom took Pip home and fed him fish soup."
 )
-_EXAMPLE_CAST = {
+#: The cast step's worked example (the leak tests replay it as a copying model's answer).
+EXAMPLE_CAST = {
     "title": "Tom and the Tiny Dragon",
     "logline": "An old fisherman finds a baby dragon in his net and looks after it.",
     "characters": [
@@ -61,7 +62,8 @@ _EXAMPLE_SHOT_USER = (
     "Pip (a tiny green dragon with golden wings)\n"
     "Scene 3 of 3: Tom took Pip home and fed him fish soup."
 )
-_EXAMPLE_SHOT = {
+#: The shot step's worked example (the leak tests replay it as a copying model's answer).
+EXAMPLE_SHOT = {
     "characters": ["Tom", "Pip"],
     "setting": "in a small wooden kitchen by the fire",
     "action": "Tom feeds fish soup to the little dragon",
@@ -113,7 +115,7 @@ def cast_messages(story: str, max_characters: int) -> list[ChatMessage]:
     return [
         {"role": "system", "content": CAST_SYSTEM.format(max_characters=max_characters)},
         {"role": "user", "content": f"Story: {_EXAMPLE_STORY}"},
-        {"role": "assistant", "content": _compact(_EXAMPLE_CAST)},
+        {"role": "assistant", "content": _compact(EXAMPLE_CAST)},
         {"role": "user", "content": f"Story: {neutralize(story)}"},
     ]
 
@@ -131,7 +133,7 @@ def shot_messages(
     return [
         {"role": "system", "content": SHOT_SYSTEM.format(cameras=", ".join(CAMERAS))},
         {"role": "user", "content": _EXAMPLE_SHOT_USER},
-        {"role": "assistant", "content": _compact(_EXAMPLE_SHOT)},
+        {"role": "assistant", "content": _compact(EXAMPLE_SHOT)},
         {"role": "user", "content": user},
     ]
 
@@ -214,14 +216,14 @@ _STORY_TEXTS: tuple[str, ...] = (STORY_SYSTEM, STORY_USER, CONTINUE_USER)
 _EXAMPLE_TEXTS: tuple[str, ...] = (
     _EXAMPLE_STORY,
     _EXAMPLE_SHOT_USER,
-    _EXAMPLE_CAST["title"],
-    _EXAMPLE_CAST["logline"],
-    *(c["appearance"] for c in _EXAMPLE_CAST["characters"]),
-    _EXAMPLE_SHOT["setting"],
-    _EXAMPLE_SHOT["action"],
+    EXAMPLE_CAST["title"],
+    EXAMPLE_CAST["logline"],
+    *(c["appearance"] for c in EXAMPLE_CAST["characters"]),
+    EXAMPLE_SHOT["setting"],
+    EXAMPLE_SHOT["action"],
 )
 #: Names that exist only in the worked examples.
-_EXAMPLE_NAMES: frozenset[str] = frozenset(c["name"] for c in _EXAMPLE_CAST["characters"])
+_EXAMPLE_NAMES: frozenset[str] = frozenset(c["name"] for c in EXAMPLE_CAST["characters"])
 
 #: Talk about the task, the chat or the model rather than the story.
 _META = re.compile(

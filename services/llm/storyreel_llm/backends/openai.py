@@ -48,6 +48,8 @@ from storyreel_llm.backends.retry import (
     TRANSIENT_STATUSES,
     Transient,
     call_with_retries,
+    http_problem,
+    retry_after_s,
     wait_until_ready,
 )
 from storyreel_llm.gbnf import schema_to_gbnf
@@ -155,13 +157,7 @@ class OpenAIBackend:
 
     def _models_problem(self) -> str | None:
         request = urllib.request.Request(f"{self._base}/models", headers=self._headers())
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return None if response.status == 200 else f"/models answered {response.status}"
-        except urllib.error.HTTPError as exc:
-            return f"/models answered {exc.code}"
-        except OSError as exc:
-            return str(getattr(exc, "reason", exc))
+        return http_problem(request, "/models")
 
     # --- Negotiation ------------------------------------------------------------------------
 
@@ -391,8 +387,4 @@ def _error_detail(exc: urllib.error.HTTPError) -> str:
 
 
 def _retry_after(exc: urllib.error.HTTPError) -> float | None:
-    value = exc.headers.get("Retry-After") if exc.headers else None
-    try:
-        return max(float(value), 0.0) if value is not None else None
-    except ValueError:
-        return None
+    return retry_after_s(exc.headers.get("Retry-After") if exc.headers else None)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -98,3 +100,25 @@ def wait_until_ready(
         log.info("waiting for the model server", extra={"what": what, "problem": problem})
         if stop.wait(poll_s):
             raise UpstreamFailed(f"stopped while waiting for {what}")
+
+
+def http_problem(request: urllib.request.Request | str, path: str) -> str | None:
+    """GET ``request`` for :func:`wait_until_ready`: None when it answers 200, else the problem.
+
+    ``path`` names the endpoint in the problem ("/health answered 503").
+    """
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return None if response.status == 200 else f"{path} answered {response.status}"
+    except urllib.error.HTTPError as exc:
+        return f"{path} answered {exc.code}"
+    except OSError as exc:
+        return str(getattr(exc, "reason", exc))
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """A ``Retry-After`` header's seconds (never negative); None when absent or not a number."""
+    try:
+        return max(float(value), 0.0) if value is not None else None
+    except ValueError:
+        return None

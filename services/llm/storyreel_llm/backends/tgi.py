@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +34,8 @@ from storyreel_llm.backends.retry import (
     TRANSIENT_STATUSES,
     Transient,
     call_with_retries,
+    http_problem,
+    retry_after_s,
     wait_until_ready,
 )
 from storyreel_llm.settings import LLMSettings
@@ -198,13 +199,7 @@ class TGIBackend:
         )
 
     def _health_problem(self) -> str | None:
-        try:
-            with urllib.request.urlopen(f"{self._url}/health", timeout=5) as response:
-                return None if response.status == 200 else f"/health answered {response.status}"
-        except urllib.error.HTTPError as exc:
-            return f"/health answered {exc.code}"
-        except OSError as exc:
-            return str(getattr(exc, "reason", exc))
+        return http_problem(f"{self._url}/health", "/health")
 
     def _served_model(self) -> str:
         try:
@@ -312,7 +307,4 @@ def _status_of(exc: BaseException | None) -> int | None:
 def _retry_after(exc: BaseException) -> float | None:
     response = getattr(exc, "response", None)
     value = getattr(response, "headers", {}).get("retry-after") if response is not None else None
-    try:
-        return max(float(value), 0.0) if value is not None else None
-    except ValueError:
-        return None
+    return retry_after_s(value)
