@@ -227,7 +227,7 @@ async def measure(args, work: Path) -> int:
         service = DiffusionService(settings, store)
         running = await start_and_load(settings, service)
         try:
-            async with open_channel(f"127.0.0.1:{running.port}", retries=False) as channel:
+            async with open_channel(f"127.0.0.1:{running.port}") as channel:
                 stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
                 # One untimed round each: first-call allocations and kernel choices.
                 salt = uuid.uuid4().hex[:8]
