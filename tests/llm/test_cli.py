@@ -46,15 +46,19 @@ def test_parse_storyboard_prints_the_storyboard_as_json():
     assert board["degraded"] is False
 
 
-def test_parse_storyboard_with_a_scene_count_falls_back_to_sentences():
-    result = parse("Ada sailed. A whale sang. The sea was calm. Ada went home.", "--scenes", "2")
+def test_parse_storyboard_reads_the_classic_chat_answer_as_one_scene_per_image_prompt():
+    raw = (CORPUS / "chat" / "llama3-script-then-image-prompts.txt").read_text()
+    result = parse(raw)
     assert result.returncode == 0, result.stderr
     board = json.loads(result.stdout)
-    assert [s["narration"] for s in board["scenes"]] == [
-        "Ada sailed. A whale sang.",
-        "The sea was calm. Ada went home.",
+    assert board["title"] == "The Lighthouse Fox"
+    assert [s["image_prompt"] for s in board["scenes"]] == [
+        "a small red fox beside a white lighthouse at dusk, watercolor",
+        "a dark lighthouse in a raging storm, waves on black rocks",
+        "a fox next to a glowing lamp at the top of a lighthouse, ships far away",
     ]
-    assert board["degraded"] is True
+    assert board["scenes"][2]["narration"] == "Ships passed safely home."
+    assert board["degraded"] is False
 
 
 @pytest.mark.parametrize(
@@ -62,9 +66,20 @@ def test_parse_storyboard_with_a_scene_count_falls_back_to_sentences():
     [
         ("", (), "the answer is empty"),
         ("I'm sorry, but I can't help with that.", (), "the model refused"),
-        ("Ada sang.", ("--scenes", "3"), "only 1 sentence(s) to split into 3 scenes"),
+        ("Ada sailed. A whale sang. The sea was calm.", (), "the answer holds no image prompt"),
+        (
+            "I'm ready to answer your question about the content I've scraped. "
+            "What would you like to know?",
+            (),
+            "the answer holds no image prompt",
+        ),
+        (
+            "Scene 1: Ada sang.\nImage prompt: a woman singing",
+            ("--scenes", "3"),
+            "the answer has 1 complete scene(s) where 3 were asked",
+        ),
     ],
-    ids=["empty", "refusal", "too-short"],
+    ids=["empty", "refusal", "story-without-prompts", "chatter", "too-few-scenes"],
 )
 def test_parse_storyboard_exits_1_and_says_why_when_nothing_is_usable(stdin, args, reason):
     result = parse(stdin, *args)

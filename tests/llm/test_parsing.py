@@ -36,7 +36,7 @@ ACCEPTED = [
 def test_the_corpus_has_at_least_forty_answers_of_every_kind():
     assert len(CASES) >= 40
     kinds = {case.stem.split("-", 2)[1] for case in CASES}
-    assert {"json", "labels", "list", "delimiters", "mixed", "fallback", "reject"} <= kinds
+    assert {"json", "labels", "list", "delimiters", "mixed", "reject"} <= kinds
 
 
 def extraction(raw: str, scene_count: int | None) -> dict:

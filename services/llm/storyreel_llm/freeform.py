@@ -2,25 +2,34 @@
 
 :func:`parse_storyboard` reads a storyboard from a model's raw answer, whatever
 its shape: JSON in any layout of keys (``scenes``, ``shots``, ``panels``...;
-``image_prompt``, ``visual``...), the labels, lists and delimited prompts that
-:mod:`storyreel_llm.reader` reads, or, as a last resort, plain prose split into
-sentences (the storyboard then says ``degraded``). When nothing usable is found,
-:class:`~storyreel_llm.reader.UnusableAnswer` says why.
+``image_prompt``, ``visual``...); what chat models write (:func:`board_from_labels`):
+"Image Prompt N:", "Prompt N -" and "Visual:" labels, "Scene N" (shot, panel...) blocks
+with narration and prompt fields, numbered or bulleted lists, markdown tables with a
+prompt column, **bold** labels, a "Script:" paragraph split across the prompts; and the
+delimited prompts that :mod:`storyreel_llm.reader` reads. Openers ("Sure! Here's...")
+and sign-offs ("I hope this helps!") are dropped. Scenes are never cut out of prose:
+an answer without an image prompt (chatter, a refusal, a story alone), or whose prompts
+and scenes cannot be matched, is refused with :class:`~storyreel_llm.reader.UnusableAnswer`
+saying why.
 
 The LLM service does not use it (its writer asks for one step at a time, see
-:mod:`storyreel_llm.reader`); ``storyreel parse-storyboard`` exposes it.
+:mod:`storyreel_llm.reader`, and keeps its own sentence fallback); ``storyreel
+parse-storyboard`` exposes it.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from storyreel.limits import MAX_SCENES
 from storyreel_llm.reader import (
+    _CHATTER,
+    _DELIMITED,
     RawBoard,
     RawScene,
     UnusableAnswer,
@@ -28,10 +37,10 @@ from storyreel_llm.reader import (
     board_from_text,
     character_from_text,
     clean,
+    ends_a_sentence,
     field_key,
     loads_lenient,
     mentioned,
-    prose,
     split_clauses,
     split_sentences,
     title_of,
@@ -163,6 +172,367 @@ def _board_from_data(data: Any) -> RawBoard | None:
     return board
 
 
+# --- Labelled text: what chat models write -----------------------------------------------------
+
+_NARRATION_WORDS = (
+    r"narration|narrator|voice[ \-]?over|vo|caption|text|dialogue|story\s+text|script\s+line"
+)
+_PROMPT_WORDS = (
+    r"image\s+prompt|visual\s+prompt|image\s+description|visual\s+description|"
+    r"scene\s+description|illustration\s+prompt|art\s+prompt|ai\s+image\s+prompt|"
+    r"prompt|visuals?|image|picture|illustration|art|on[ \-]screen"
+)
+_SCRIPT_WORDS = (
+    r"(?:full\s+|video\s+|narration\s+|voice[ \-]?over\s+)?script|story|narrative|"
+    r"full\s+narration|full\s+story"
+)
+_BLOCK_WORDS = r"scene|shot|panel|frame|page|part|slide|beat|clip"
+#: A label at the start of a line, after list markers, heading marks and bold.
+_LABEL = re.compile(
+    r"^[\s>#]*(?:(?:[-*•+]|\d+[.)])\s+)?[\s*_]*"
+    rf"(?P<label>title|story\s+title|video\s+title|{_BLOCK_WORDS}|(?:{_PROMPT_WORDS})s?|"
+    rf"{_NARRATION_WORDS}|{_SCRIPT_WORDS}|characters|cast)"
+    r"(?:\s*#?\s*(?P<number>\d+))?\b[\s*_]*"
+    r"(?:(?P<sep>[:.)\-–—=])|$)[\s*_]*(?P<value>.*?)[\s*_]*$",
+    re.IGNORECASE,
+)
+_LIST_START = re.compile(r"^\s*(?:(?P<number>\d+)[.)]|[-*•+])\s+(?P<rest>.*)$")
+_INLINE_PROMPT = re.compile(
+    rf"[\[(]\s*(?:{_PROMPT_WORDS})\s*:\s*(?P<value>[^\])]+?)\s*[\])]", re.IGNORECASE
+)
+_RULE = re.compile(r"^\s*(?:[-*_=]\s*){3,}$")
+_SIGN_OFF = re.compile(
+    r"^\W*(?:i hope|hope (?:this|you|that)|let me know|feel free|enjoy|happy (?:creating|reading)|"
+    r"would you like|do you want|if you(?:'d| would) like|if you need|this (?:script|storyboard|"
+    r"story) (?:should|will|can)|i can also|i'?d be happy|good luck|have fun|note:|"
+    r"i'?m (?:ready|here|happy)|what would you like|how can i)",
+    re.IGNORECASE,
+)
+
+
+def _kind(label: str) -> str:
+    key = field_key(label)
+    if key in ("title", "storytitle", "videotitle"):
+        return "title"
+    if key in ("characters", "cast"):
+        return "cast"
+    if re.fullmatch(_BLOCK_WORDS, key):
+        return "block"
+    if re.fullmatch(field_key_pattern(_PROMPT_WORDS), key):
+        return "prompt"
+    if re.fullmatch(field_key_pattern(_NARRATION_WORDS), key):
+        return "narration"
+    return "script"
+
+
+def field_key_pattern(words: str) -> str:
+    """An alternation of labels as :func:`field_key` writes them, plurals included."""
+    plain = re.sub(r"\\s[+*?]?|\[[^\]]*\][?*+]?|s\?(?=\||$)", "", words)
+    return "(?:" + "|".join(field_key(w) + "s?" for w in plain.split("|")) + ")"
+
+
+_FIELDS = ("prompt", "narration")
+
+
+@dataclass
+class _Block:
+    number: int | None
+    narration: list[str] = field(default_factory=list)
+    prompt: list[str] = field(default_factory=list)
+
+
+class _TextReader:
+    """One pass over the lines of a labelled answer."""
+
+    def __init__(self) -> None:
+        self.title = ""
+        self.characters: list[tuple[str, str]] = []
+        self.blocks: list[_Block] = []
+        self.by_number: dict[int, _Block] = {}
+        self.script: list[str] = []
+        self.loose: list[str] = []
+        self.current: _Block | None = None  # the block a "Scene N" header opened
+        self.target: list[str] | None = None  # the field that plain lines continue
+        self.section: str | None = None  # "prompt"/"narration"/"cast": a list follows
+        self.section_count = 0
+        self.started = False
+
+    def block(self, number: int | None) -> _Block:
+        if number is not None and number in self.by_number:
+            return self.by_number[number]
+        block = _Block(number)
+        self.blocks.append(block)
+        if number is not None:
+            self.by_number[number] = block
+        return block
+
+    def put(self, kind: str, value: str, number: int | None) -> None:
+        """A narration or prompt field with ``value`` (may be empty: a line follows)."""
+        if number is not None:
+            block = self.block(number)
+        elif self.current is not None:
+            block = self.current
+        else:
+            # Unnumbered fields outside a "Scene N" block: a field seen twice starts the next.
+            block = self.blocks[-1] if self.blocks and self.blocks[-1].number is None else None
+            if block is None or getattr(block, kind):
+                block = self.block(None)
+        parts = getattr(block, kind)
+        if value:
+            parts.append(value)
+        self.target = parts
+
+    def line(self, raw: str) -> None:
+        if not raw.strip():
+            if self.target is not None and self.target is not self.script and self.target:
+                self.target = None
+            return
+        if _RULE.match(raw):
+            self.target = None
+            return
+        text = clean(raw)
+        if _SIGN_OFF.match(text) or (not self.started and (_CHATTER.match(text))):
+            self.target = None
+            self.section = None
+            return
+        if not self.started and text.endswith(":") and not _LABEL.match(raw):
+            return  # "Here is the storyboard:"
+        self.started = True
+        label = _LABEL.match(raw)
+        if (
+            label
+            and label.group("sep") is None
+            and label.group("number") is None
+            and not re.match(r"^[\s#]*[*_#]", raw)
+            and not raw.rstrip().endswith(("*", "_"))
+        ):
+            label = None  # a bare word on a line is a label only as a heading ("**Visuals**")
+        item = _LIST_START.match(raw)
+        inner = _LABEL.match(item.group("rest")) if item else None
+        if (
+            item
+            and item.group("number")
+            and self.section is None
+            and (self.current is None or self.current.number is None)
+            and (
+                inner is None
+                or (inner.group("number") is None and _kind(inner.group("label")) in _FIELDS)
+            )
+        ):
+            # "1. Ada sails. | Image prompt: ..." or "1) Narration: ...": one item, one scene.
+            self.current = self.block(None)
+            self.target = None
+            self.segments(item.group("rest"))
+            return
+        if label:
+            self.labelled(label, raw)
+            return
+        if item and self.section in ("prompt", "narration"):
+            self.section_count += 1
+            number = int(item.group("number") or self.section_count)
+            self.put(self.section, clean(item.group("rest")), number)
+            return
+        if item and self.section == "cast":
+            character = character_from_text(clean(item.group("rest")))
+            if character:
+                self.characters.append(character)
+            return
+        if self.target is not None:
+            self.segments(raw, default=self.target)
+        elif self.current is not None:
+            self.segments(raw)
+        else:
+            self.loose.append(text)
+
+    def segments(self, raw: str, default: list[str] | None = None) -> None:
+        """Inline fields of a line ("... | Image prompt: ..." or "[Visual: ...]")."""
+        raw = _INLINE_PROMPT.sub(lambda m: f" | Image prompt: {m.group('value')} | ", raw)
+        for part in re.split(r"\s+(?:/|\||—|–)\s+(?=[\s*_]*[A-Za-z ]{2,25}[\s*_]*:)|\s\|\s", raw):
+            if not clean(part):
+                continue
+            label = _LABEL.match(part)
+            if (
+                label
+                and label.group("sep")
+                and _kind(label.group("label"))
+                in (
+                    "prompt",
+                    "narration",
+                )
+            ):
+                self.put(_kind(label.group("label")), clean(label.group("value")), None)
+                continue
+            if default is not None:
+                default.append(clean(part))
+            elif self.current is not None:
+                self.current.narration.append(clean(part))
+                self.target = self.current.narration
+
+    def labelled(self, label: re.Match[str], raw: str) -> None:
+        kind = _kind(label.group("label"))
+        number = int(label.group("number")) if label.group("number") else None
+        value = clean(label.group("value"))
+        self.section = None
+        if kind == "title":
+            self.title = self.title or value
+            self.target = None
+        elif kind == "cast":
+            self.section = "cast"
+            self.target = None
+            for part in re.split(r";|,\s+(?=[A-Z][a-z]+\s*[(:\-–—])", value) if value else []:
+                character = character_from_text(clean(part))
+                if character:
+                    self.characters.append(character)
+        elif kind == "block":
+            if number is None:
+                self.loose.append(clean(raw))
+                return
+            self.current = self.block(number)
+            self.target = None
+            if value and (ends_a_sentence(value) or ":" in value or len(value.split()) > 8):
+                self.segments(value)
+        elif kind == "script" and number is None:
+            self.current = None
+            self.target = self.script
+            if value:
+                self.script.append(value)
+        else:
+            kind = "narration" if kind == "script" else kind
+            plural = field_key(label.group("label")).endswith("s") and number is None
+            if not value and (plural or self.current is None) and number is None:
+                # "Image Prompts:" or "Narration:" over a list: each item is one scene's.
+                self.section = kind
+                self.section_count = 0
+                if not plural:
+                    self.put(kind, "", None)
+                    self.section = kind
+                return
+            if number is not None and self.current is not None and self.current.number != number:
+                self.current = None
+            self.put(kind, value, number)
+
+
+def _split_script(script: str, parts: int) -> list[str] | None:
+    sentences = trim_chatter(split_sentences(script))
+    if len(sentences) < parts:
+        sentences = split_clauses(sentences, parts)
+    if len(sentences) < parts:
+        return None
+    return group_sentences(sentences, parts)
+
+
+def _tables(lines: list[str]) -> tuple[list[str], list[list[dict[str, str]]]]:
+    """``lines`` without their markdown tables, and each table's rows by header."""
+    rest: list[str] = []
+    tables: list[list[dict[str, str]]] = []
+    run: list[str] = []
+    for line in [*lines, ""]:
+        if line.strip().startswith("|") and line.strip().count("|") >= 2:
+            run.append(line.strip().strip("|"))
+            continue
+        if len(run) >= 3 and re.fullmatch(r"[\s|:\-]+", run[1]):
+            header = [field_key(clean(c)) for c in run[0].split("|")]
+            rows = []
+            for row in run[2:]:
+                cells = [clean(c) for c in row.split("|")]
+                rows.append(dict(zip(header, cells, strict=False)))
+            tables.append(rows)
+        else:
+            rest += ["| " + r + " |" for r in run]
+        run = []
+        rest.append(line)
+    return rest[:-1], tables
+
+
+def _table_board(rows: list[dict[str, str]]) -> list[RawScene] | None:
+    if not rows:
+        return None
+    keys = list(rows[0])
+    prompt_pattern = field_key_pattern(_PROMPT_WORDS)
+    prompt_key = next((k for k in keys if re.fullmatch(prompt_pattern, k)), None)
+    prompt_key = prompt_key or next(
+        (k for k in keys if re.search("prompt|visual|image|picture", k)), None
+    )
+    if prompt_key is None:
+        return None
+    narration_pattern = field_key_pattern(_NARRATION_WORDS + "|script|story|narrative")
+    narration_key = next(
+        (k for k in keys if k != prompt_key and re.fullmatch(narration_pattern, k)), None
+    )
+    narration_key = narration_key or next(
+        (k for k in keys if k != prompt_key and re.search("narrat|voice|script|text|story", k)),
+        None,
+    )
+    return [
+        RawScene(
+            narration=row.get(narration_key, "") if narration_key else "",
+            prompt=row.get(prompt_key, ""),
+        )
+        for row in rows
+        if row.get(prompt_key) or (narration_key and row.get(narration_key))
+    ]
+
+
+def board_from_labels(text: str) -> RawBoard | None:
+    """A storyboard from a chat model's labelled answer; None when it holds no image prompt.
+
+    Reads "Image Prompt N:" / "Prompt N -" / "Visual:" labels, "Scene N" (shot, panel...)
+    blocks with narration and prompt fields, lists under an "Image Prompts:" heading,
+    numbered items with their fields, markdown tables with a prompt column, bold labels;
+    a "Script:" paragraph is split across the prompts when no scene has its own narration.
+    Raises :class:`UnusableAnswer` when the prompts and narrations cannot be matched.
+    """
+    lines, tables = _tables(text.splitlines())
+    reader = _TextReader()
+    for line in lines:
+        reader.line(line)
+    scenes: list[RawScene] = []
+    for rows in tables:
+        scenes += _table_board(rows) or []
+    if reader.blocks and scenes:
+        raise UnusableAnswer("the answer holds both a table and labelled scenes")
+    blocks = (
+        sorted(
+            (b for b in reader.blocks if b.narration or b.prompt),
+            key=lambda b: (b.number is None, b.number or 0),
+        )
+        if all(b.number is not None for b in reader.blocks)
+        else reader.blocks
+    )
+    blocks = [b for b in blocks if b.narration or b.prompt]
+    scenes = scenes or [
+        RawScene(narration=clean(" ".join(b.narration)), prompt=clean(" ".join(b.prompt)))
+        for b in blocks
+    ]
+    if not any(s.prompt for s in scenes):
+        return None
+    board = RawBoard(title=reader.title, characters=reader.characters)
+    missing = [i for i, s in enumerate(scenes, start=1) if not s.prompt]
+    if missing:
+        raise UnusableAnswer(
+            f"{len(scenes) - len(missing)} image prompt(s) for {len(scenes)} scenes: "
+            f"scene(s) {', '.join(map(str, missing))} have no image prompt"
+        )
+    if not any(s.narration for s in scenes):
+        script = " ".join(reader.script) or " ".join(reader.loose)
+        if script:
+            parts = _split_script(script, len(scenes))
+            if parts is None:
+                raise UnusableAnswer(
+                    f"the script has too few sentences for its {len(scenes)} image prompts"
+                )
+            for scene, part in zip(scenes, parts, strict=True):
+                scene.narration = part
+    elif not all(s.narration for s in scenes):
+        missing = [i for i, s in enumerate(scenes, start=1) if not s.narration]
+        raise UnusableAnswer(
+            f"{len(scenes)} image prompts but scene(s) {', '.join(map(str, missing))} "
+            "have no narration"
+        )
+    board.scenes = scenes
+    return board
+
+
 # --- Storyboards ------------------------------------------------------------------------------
 
 
@@ -188,10 +558,11 @@ def parse_storyboard(
 ) -> Storyboard:
     """Read a storyboard out of a model's free-form answer.
 
-    With ``scene_count`` the result has exactly that many scenes; otherwise as many
-    as the answer gives (at most ``max_scenes``). Scenes without an image prompt use
-    their narration, and scenes rebuilt from plain sentences, as ``degraded``.
-    Raises :class:`UnusableAnswer` with the reason when nothing usable is found.
+    Every scene comes from the answer's own scenes or image prompts; none is invented by
+    cutting prose into sentences. With ``scene_count`` the answer must hold exactly that
+    many scenes. Raises :class:`UnusableAnswer` with the reason when the answer holds no
+    image prompt (chatter, a refusal, a story alone), or when its prompts and scenes
+    cannot be matched.
     """
     if not text or not text.strip():
         raise UnusableAnswer("the answer is empty")
@@ -212,51 +583,34 @@ def parse_storyboard(
             board.scenes.pop()
     if board is not None:
         board.scenes = [s for s in board.scenes if s.narration or s.prompt]
+        if board.scenes and not any(s.prompt for s in board.scenes):
+            raise UnusableAnswer("the answer's scenes hold no image prompt")
     if board is None or not board.scenes:
-        board = board_from_text(text) or board
-    found_count = len(board.scenes) if board else 0
-    if board is None or not board.scenes or (scene_count and found_count != scene_count):
-        board = _fallback_board(text, board, scene_count, max_scenes, found_count)
-    if scene_count is None and len(board.scenes) > max_scenes:
+        board = _text_board(text)
+    if scene_count and len(board.scenes) != scene_count:
+        raise UnusableAnswer(
+            f"the answer has {len(board.scenes)} complete scene(s) where {scene_count} were asked"
+        )
+    if len(board.scenes) > max_scenes:
         raise UnusableAnswer(f"the answer has {len(board.scenes)} scenes; at most {max_scenes}")
     return _finish(board, style)
 
 
-def _fallback_board(
-    text: str,
-    board: RawBoard | None,
-    scene_count: int | None,
-    max_scenes: int,
-    found_count: int,
-) -> RawBoard:
-    """The deterministic last resort: the answer's sentences, one run per scene."""
-    if board is not None and board.scenes:
-        source = " ".join(s.narration or s.prompt for s in board.scenes)
-    else:
-        source = prose(text)
-    sentences = trim_chatter(split_sentences(source))
-    wanted = scene_count or min(len(sentences), max_scenes)
-    if len(sentences) < wanted:
-        sentences = split_clauses(sentences, wanted)
-    if not sentences:
-        raise UnusableAnswer("the answer holds no storyboard and no sentences to build one from")
-    if len(sentences) < wanted:
-        found = (
-            f"found {found_count} scene(s) where {scene_count} were asked, and "
-            if (found_count)
-            else ""
-        )
+def _text_board(text: str) -> RawBoard:
+    """The storyboard of an answer that is not JSON: labels, lists, tables, delimiters."""
+    board: RawBoard | None = None
+    if _DELIMITED.search(text):
+        board = board_from_text(text)
+        if board is not None and not all(s.prompt for s in board.scenes):
+            board = None
+    board = board or board_from_labels(text)
+    if board is None:
         raise UnusableAnswer(
-            f"{found}only {len(sentences)} sentence(s) to split into {wanted} scenes"
+            'the answer holds no image prompt (no "Image prompt:", "Visual:", '
+            '"Scene N" with a prompt, prompt column or <<prompt>>): nothing to draw'
         )
-    fallback = RawBoard(
-        title=board.title if board and board.title else title_of(text),
-        logline=board.logline if board else "",
-        characters=board.characters if board else [],
-        degraded=True,
-    )
-    fallback.scenes = [RawScene(narration=n) for n in group_sentences(sentences, wanted)]
-    return fallback
+    board.title = board.title or title_of(text)
+    return board
 
 
 def _finish(board: RawBoard, style: str) -> Storyboard:
