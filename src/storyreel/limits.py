@@ -14,3 +14,15 @@ from __future__ import annotations
 MIN_SCENES = 1
 #: Most scenes a storyboard, a render request or a video has.
 MAX_SCENES = 24
+
+# Length caps (characters) of a storyboard's text: the defaults and maxima of the LLM service's
+# settings (max_title_chars, max_name_chars, max_appearance_chars, max_narration_chars),
+# which a user's storyboard meets too (storyreel.storyboard.check_storyboard).
+#: Most characters of a storyboard's title.
+MAX_TITLE_CHARS = 60
+#: Most characters of a character's name.
+MAX_NAME_CHARS = 24
+#: Most characters of a character's appearance.
+MAX_APPEARANCE_CHARS = 80
+#: Most characters of a scene's narration.
+MAX_NARRATION_CHARS = 220

@@ -43,11 +43,20 @@ in the diffusion core.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from storyreel import clip_vocab
+from storyreel.limits import (
+    MAX_APPEARANCE_CHARS,
+    MAX_NAME_CHARS,
+    MAX_NARRATION_CHARS,
+    MAX_SCENES,
+    MAX_TITLE_CHARS,
+    MIN_SCENES,
+)
 from storyreel.types.v1 import types_pb2
 
 
@@ -162,3 +171,80 @@ def storyboard_from_proto(message: types_pb2.Storyboard) -> Storyboard:
         style=message.style,
         degraded=message.degraded,
     )
+
+
+class StoryboardProblem(ValueError):
+    """A storyboard breaks a rule: ``field`` says where (``scenes[2].image_prompt``)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _line(field: str, text: str, max_chars: int | None = None) -> None:
+    if not text.strip():
+        raise StoryboardProblem(field, "must not be empty")
+    if "\n" in text or "\r" in text:
+        raise StoryboardProblem(field, "must be a single line")
+    if max_chars is not None and len(text.strip()) > max_chars:
+        raise StoryboardProblem(
+            field, f"is {len(text.strip())} characters; the limit is {max_chars}"
+        )
+
+
+def check_storyboard(
+    board: Storyboard,
+    max_scenes: int = MAX_SCENES,
+    count_tokens: Callable[[str], int] | None = None,
+) -> None:
+    """Raise :class:`StoryboardProblem` unless ``board`` meets the rules generated
+    storyboards meet (a user's storyboard, checked by the gateway and the CLI).
+
+    A non-blank title; :data:`~storyreel.limits.MIN_SCENES` to ``max_scenes`` scenes
+    indexed 1..N in order; narration and image prompt non-blank single lines, the
+    narration within the LLM service's cap; characters unique by name (ignoring case),
+    each with a non-blank appearance; scenes naming only those characters; and, with
+    ``count_tokens`` (:func:`storyreel.clip_count.clip_counter`), every image prompt
+    within CLIP's window. Image prompts are kept as given, never shortened.
+    """
+    _line("title", board.title, MAX_TITLE_CHARS)
+    names: dict[str, str] = {}
+    for i, character in enumerate(board.characters):
+        where = f"characters[{i}]"
+        _line(f"{where}.name", character.name, MAX_NAME_CHARS)
+        key = character.name.strip().casefold()
+        if key in names:
+            raise StoryboardProblem(
+                f"{where}.name", f"{character.name!r} is already the name of another character"
+            )
+        names[key] = character.name
+        _line(f"{where}.appearance", character.appearance, MAX_APPEARANCE_CHARS)
+    count = len(board.scenes)
+    if not MIN_SCENES <= count <= max_scenes:
+        raise StoryboardProblem(
+            "scenes", f"has {count} scenes; a storyboard has {MIN_SCENES} to {max_scenes}"
+        )
+    for i, scene in enumerate(board.scenes):
+        where = f"scenes[{i}]"
+        if scene.index != i + 1:
+            raise StoryboardProblem(
+                f"{where}.index", f"is {scene.index}; scenes are numbered 1..N in order ({i + 1})"
+            )
+        _line(f"{where}.narration", scene.narration, MAX_NARRATION_CHARS)
+        _line(f"{where}.image_prompt", scene.image_prompt)
+        for j, name in enumerate(scene.characters):
+            if name.strip().casefold() not in names:
+                known = ", ".join(names.values()) or "none"
+                raise StoryboardProblem(
+                    f"{where}.characters[{j}]",
+                    f"{name!r} is not one of the storyboard's characters ({known})",
+                )
+        if count_tokens is not None:
+            tokens = count_tokens(scene.image_prompt)
+            if tokens > clip_vocab.MAX_TOKENS:
+                raise StoryboardProblem(
+                    f"{where}.image_prompt",
+                    f"is {tokens} CLIP tokens; the image model reads at most "
+                    f"{clip_vocab.MAX_TOKENS} (shorten it)",
+                )

