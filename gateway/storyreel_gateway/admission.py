@@ -25,6 +25,17 @@ What each later stage refuses, and where admission refuses it first:
   the composer cannot use (refused when uploaded: :mod:`storyreel_gateway.uploads`);
   and, as the sound track, audio too short to give every scene one frame
   (from the length the composer's probe stored with the upload).
+* **reference images** (a storyboard character's ``reference_uri``): only with
+  consistency ``reference_images``, set explicitly (refused with any other
+  mode, the default included: the gateway cannot tell which mode the diffusion
+  service's default is); each URI must be one of the tenant's stored image
+  uploads (:meth:`Admission.check_references`), and the store ties it to the
+  job so that it no longer expires.
+
+UpdateStoryboard's storyboard meets the rules of a caller's own storyboard
+(:meth:`Admission.check_edited_storyboard`), and it and ApproveStoryboard must
+name the job's current storyboard version (:func:`check_storyboard_version`,
+ABORTED otherwise).
 """
 
 from __future__ import annotations
@@ -39,15 +50,21 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from storyreel.clip_count import clip_counter
-from storyreel.errors import FailedPrecondition, InvalidInput, StoryreelError, UpstreamFailed
+from storyreel.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidInput,
+    StoryreelError,
+    UpstreamFailed,
+)
 from storyreel.prompts import check_prompt
 from storyreel.seeds import MAX_SEED, choose_seed
 from storyreel.storage import ArtifactStore
-from storyreel.storyboard import StoryboardProblem, check_storyboard
+from storyreel.storyboard import Storyboard, StoryboardProblem, check_storyboard
 from storyreel_gateway.jobs import JobRecord, JobSpec
 from storyreel_gateway.settings import GatewaySettings
 from storyreel_gateway.store import AdmissionLimits, JobStore
-from storyreel_gateway.uploads import AudioProber, upload_prefix
+from storyreel_gateway.uploads import AudioProber, upload_kind, upload_prefix
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +185,7 @@ class Admission:
         checked = await asyncio.to_thread(self.validate, spec, tenant)
         await self.check_voice(checked.voice)
         await self._check_audio(checked, tenant)
+        await self._check_reference_uploads(checked, tenant)
         return checked
 
     async def check_voice(self, voice: str) -> None:
@@ -201,6 +219,39 @@ class Admission:
                 f"the audio lasts {audio.duration_s:.3f} s: too short to show "
                 f"{spec.scene_count} scenes at {spec.fps} fps (at least one frame each)"
             )
+
+    async def _check_reference_uploads(self, spec: JobSpec, tenant: str) -> None:
+        """Every reference image must be a stored upload of the tenant (not one being sent,
+        nor one that expired)."""
+        if self.jobs is None or spec.storyboard is None:
+            return
+        for i, character in enumerate(spec.storyboard.characters):
+            uri = character.reference_uri
+            if uri and not await self.jobs.has_upload(tenant, uri):
+                raise InvalidInput(_no_image(i, uri))
+
+    def check_references(self, spec: JobSpec, tenant: str) -> None:
+        """InvalidInput unless every character's reference_uri (if any) is one of the
+        tenant's image uploads, and the consistency mode is reference_images."""
+        if spec.storyboard is None:
+            return
+        for i, character in enumerate(spec.storyboard.characters):
+            uri = character.reference_uri
+            if not uri:
+                continue
+            if spec.consistency != "reference_images":
+                raise InvalidInput(
+                    f"storyboard.characters[{i}].reference_uri needs consistency "
+                    "CONSISTENCY_MODE_REFERENCE_IMAGES, set explicitly (got "
+                    f"{spec.consistency or 'unspecified'}); leave reference_uri empty "
+                    "with other modes"
+                )
+            try:
+                key = self.store.key_of(uri)
+            except InvalidInput:
+                raise InvalidInput(_no_image(i, uri)) from None
+            if not key.startswith(upload_prefix(tenant)) or upload_kind(key) != "image":
+                raise InvalidInput(_no_image(i, uri))
 
     def validate(self, spec: JobSpec, tenant: str) -> JobSpec:
         """Apply defaults and limits; InvalidInput names the first problem found."""
@@ -249,9 +300,10 @@ class Admission:
             raise InvalidInput(f"fps must be between 1 and 60 (got {fps})")
         if spec.audio_uri:
             key = self.store.key_of(spec.audio_uri)  # InvalidInput: not one of our artifacts
-            if not key.startswith(upload_prefix(tenant)):
+            if not key.startswith(upload_prefix(tenant)) or upload_kind(key) != "audio":
                 raise InvalidInput(f"audio_uri {spec.audio_uri} does not exist; upload it first")
             # The store checks, when it queues the job, that the upload is there.
+        self.check_references(spec, tenant)
         check_seed(spec.seed)
         seed = spec.seed or choose_seed()
         return spec.model_copy(
@@ -296,8 +348,29 @@ class Admission:
         The storyboard counts when there is one; without one the fingerprint is the
         same as before the field existed, so a retry across an upgrade still matches.
         """
-        exclude = {"storyboard"} if spec.storyboard is None else None
-        return hashlib.sha256(spec.model_dump_json(exclude=exclude).encode()).hexdigest()
+        exclude = set()
+        if spec.storyboard is None:
+            exclude.add("storyboard")
+        if not spec.review:  # likewise for the review option
+            exclude.add("review")
+        return hashlib.sha256(spec.model_dump_json(exclude=exclude or None).encode()).hexdigest()
+
+    def check_edited_storyboard(self, board: Storyboard) -> None:
+        """UpdateStoryboard's storyboard (scenes numbered 1..N by position) against the
+        rules a caller's own storyboard meets at CreateVideo; InvalidInput names the
+        field (``storyboard.scenes[2].image_prompt: ...``)."""
+        s = self.settings
+        try:
+            check_storyboard(board, s.max_scenes, clip_counter())
+        except StoryboardProblem as exc:
+            raise InvalidInput(f"storyboard.{exc}") from None
+        if len(board.scenes) < s.min_scenes:
+            raise InvalidInput(
+                f"storyboard.scenes: has {len(board.scenes)} scenes; "
+                f"this gateway makes videos of {s.min_scenes} to {s.max_scenes}"
+            )
+        if len(board.style) > s.max_style_chars:
+            raise InvalidInput(f"storyboard.style is longer than {s.max_style_chars} characters")
 
     def check_regeneration(
         self, record: JobRecord, index: int, prompt: str | None, seed: int | None
@@ -319,6 +392,23 @@ class Admission:
         if seed is not None:
             check_seed(seed)
         return prompt
+
+
+def _no_image(position: int, uri: str) -> str:
+    return (
+        f"storyboard.characters[{position}].reference_uri {uri} is not one of your image "
+        "uploads; upload it first (UploadImage)"
+    )
+
+
+def check_storyboard_version(record: JobRecord, version: int) -> None:
+    """Aborted unless ``version`` is the job's storyboard version: someone (or the
+    storyboard stage) changed it since the caller read it."""
+    if version != record.storyboard_version:
+        raise Aborted(
+            f"the storyboard changed since version {version}; fetch it again "
+            f"(job {record.job_id} is at version {record.storyboard_version})"
+        )
 
 
 def check_seed(seed: int) -> None:

@@ -130,7 +130,10 @@ class DiffusionClient:
             steps=settings.steps,
             guidance=settings.guidance,
             characters=[
-                diffusion_pb2.Character(name=c.name, appearance=c.appearance) for c in characters
+                diffusion_pb2.Character(
+                    name=c.name, appearance=c.appearance, reference_uri=c.reference_uri
+                )
+                for c in characters
             ],
             consistency=to_enum(CONSISTENCY, settings.consistency),
             aspect=to_enum(ASPECTS, settings.aspect),

@@ -28,6 +28,7 @@ from storyreel.options import (
     to_enum,
 )
 from storyreel.storyboard import (
+    Storyboard,
     scene_image_fields,
     storyboard_from_proto,
     storyboard_to_proto,
@@ -43,7 +44,7 @@ from storyreel_gateway.jobs import (
     SceneImage,
     Stage,
 )
-from storyreel_gateway.uploads import StoredUpload
+from storyreel_gateway.uploads import StoredImage, StoredUpload
 
 STATES = {
     JobState.QUEUED: gateway_pb2.JOB_STATE_QUEUED,
@@ -51,6 +52,7 @@ STATES = {
     JobState.DONE: gateway_pb2.JOB_STATE_DONE,
     JobState.FAILED: gateway_pb2.JOB_STATE_FAILED,
     JobState.CANCELLED: gateway_pb2.JOB_STATE_CANCELLED,
+    JobState.REVIEW: gateway_pb2.JOB_STATE_REVIEW,
 }
 STAGES = {
     None: gateway_pb2.STAGE_UNSPECIFIED,
@@ -65,6 +67,7 @@ EVENTS = {
     EventKind.SCENE_RENDERED: gateway_pb2.EVENT_KIND_SCENE_RENDERED,
     EventKind.JOB_FINISHED: gateway_pb2.EVENT_KIND_JOB_FINISHED,
     EventKind.RETRYING: gateway_pb2.EVENT_KIND_RETRYING,
+    EventKind.REVIEW: gateway_pb2.EVENT_KIND_REVIEW,
 }
 ARTIFACTS = {
     ArtifactKind.IMAGE: gateway_pb2.ARTIFACT_KIND_IMAGE,
@@ -107,6 +110,7 @@ def spec_from_request(request: gateway_pb2.CreateVideoRequest) -> JobSpec:
         storyboard=(
             storyboard_from_proto(request.storyboard) if request.HasField("storyboard") else None
         ),
+        review=request.review,
     )
 
 
@@ -155,6 +159,10 @@ def job_to_proto(
         poster=artifact(record.poster_uri),
         contact_sheet=artifact(record.contact_sheet_uri),
         generation=record.generation,
+        storyboard_version=record.storyboard_version,
+        review=spec.review,
+        narration_synthesized=record.narration_synthesized,
+        narration_cached=record.narration_cached,
     )
     for stage in record.stages:
         job.stages.add(
@@ -189,6 +197,20 @@ def job_to_proto(
     return job
 
 
+def edited_storyboard_from_request(
+    request: gateway_pb2.UpdateStoryboardRequest,
+) -> tuple[Storyboard, list[int]]:
+    """UpdateStoryboard's storyboard, its scenes numbered 1..N by position, and the index
+    each scene was sent with (a hint of which earlier scene it was)."""
+    board = storyboard_from_proto(request.storyboard)
+    hints = [scene.index for scene in board.scenes]
+    scenes = tuple(
+        scene.model_copy(update={"index": position})
+        for position, scene in enumerate(board.scenes, start=1)
+    )
+    return board.model_copy(update={"scenes": scenes}), hints
+
+
 def event_to_proto(
     event: JobEvent, public_url: Callable[[str], str] | None = None
 ) -> gateway_pb2.WatchJobResponse:
@@ -220,6 +242,18 @@ def video_from_proto(message: composer_pb2.ComposeResponse) -> ComposedVideo:
         captions_vtt_uri=message.captions_vtt_uri,
         poster_uri=message.poster_uri,
         contact_sheet_uri=message.contact_sheet_uri,
+        narration_synthesized=message.narration_synthesized,
+        narration_cached=message.narration_cached,
+    )
+
+
+def image_upload_to_proto(stored: StoredImage) -> gateway_pb2.UploadImageResponse:
+    return gateway_pb2.UploadImageResponse(
+        image_uri=stored.uri,
+        size_bytes=stored.size_bytes,
+        width=stored.image.width,
+        height=stored.image.height,
+        format=stored.image.format,
     )
 
 

@@ -31,6 +31,7 @@ job's lease and runs it (the database's ``owner`` column), never the tenant.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -57,12 +58,19 @@ class JobState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # CreateVideoRequest.review: the storyboard is written and waits for
+    # UpdateStoryboard / ApproveStoryboard. Not finished, yet not UNFINISHED either:
+    # no replica claims it (claims take QUEUED and lapsed RUNNING jobs), it holds no
+    # lease and no queue place (the queue limits count QUEUED jobs only), and, being a
+    # row like any other, it survives restarts.
+    REVIEW = "review"
 
     @property
     def finished(self) -> bool:
         return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
+#: States a replica may claim or resume (never REVIEW: it waits for a person).
 UNFINISHED = (JobState.QUEUED, JobState.RUNNING)
 
 
@@ -164,6 +172,8 @@ class JobSpec(BaseModel):
     # storyboard stage takes it as written instead of asking the LLM service. None in
     # rows stored before the field existed.
     storyboard: Storyboard | None = None
+    # CreateVideoRequest.review: stop in REVIEW once the storyboard is written.
+    review: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,6 +190,9 @@ class ComposedVideo:
     captions_vtt_uri: str = ""
     poster_uri: str = ""
     contact_sheet_uri: str = ""
+    # Scenes whose narration the composer synthesised, and those served by its cache.
+    narration_synthesized: int = 0
+    narration_cached: int = 0
 
 
 class JobRecord(BaseModel):
@@ -209,6 +222,9 @@ class JobRecord(BaseModel):
     captions_vtt_uri: str = ""
     poster_uri: str = ""
     contact_sheet_uri: str = ""
+    # Of the latest composition: narration synthesised and served by the composer's cache.
+    narration_synthesized: int = 0
+    narration_cached: int = 0
     # Every artifact of every run, oldest first (the current ones included).
     versions: list[ArtifactVersion] = Field(default_factory=list)
     # Seeds chosen for single scenes by RegenerateScene (scene index -> seed, never 0: a
@@ -221,8 +237,16 @@ class JobRecord(BaseModel):
     # When the current run began (a resumed or regenerated job runs again).
     run_started_at: datetime | None = None
     eta_s: float = 0.0
-    # Runs started by the user: 0 for CreateVideo, +1 for each RegenerateScene.
+    # Runs started by the user: 0 for CreateVideo, +1 for each RegenerateScene and
+    # each UpdateStoryboard of a finished job.
     generation: int = 0
+    # Bumped by every change of the storyboard (the storyboard stage, UpdateStoryboard,
+    # RegenerateScene with a prompt); UpdateStoryboard and ApproveStoryboard must name
+    # the current one. Kept in the record's JSON (no column: it is read and written
+    # under the job's row lock, with the storyboard it counts).
+    storyboard_version: int = 0
+    # ApproveStoryboard let this job (spec.review) go on past REVIEW.
+    approved: bool = False
     # The gateway replica running the job, which holds its lease (the database's
     # ``owner`` column, shown for operators); never the tenant.
     owner: str = Field(default="", exclude=True)
@@ -284,6 +308,84 @@ class JobRecord(BaseModel):
 
     def set_storyboard(self, storyboard: Storyboard) -> None:
         self.storyboard = storyboard
+        self.storyboard_version += 1
+
+    # -- review and edits of the storyboard -------------------------------------------
+
+    def needs_review(self) -> bool:
+        """Whether the run stops here: a storyboard to review, not approved yet."""
+        return self.spec.review and not self.approved and self.storyboard is not None
+
+    def enter_review(self) -> None:
+        """Stop the run in REVIEW once the storyboard is written (nothing rendered)."""
+        if self.stages and self.stages[-1].finished_at is None:
+            self.stages[-1].close(JobState.DONE)
+        self.state = JobState.REVIEW
+        self.stage = Stage.STORYBOARD
+        self.progress = progress_before(Stage.RENDER)
+        self.eta_s = 0.0
+
+    def approve(self) -> None:
+        """A job in REVIEW goes on: queued, to render and compose its storyboard."""
+        self.approved = True
+        self.state = JobState.QUEUED
+        self.error = None
+        self.updated_at = now()
+
+    def replace_storyboard(self, storyboard: Storyboard, hints: Sequence[int] = ()) -> list[int]:
+        """Take an edited storyboard (scenes already numbered 1..N); ``hints[i]`` is the
+        index the caller sent scene ``i + 1`` with (which earlier scene it was).
+
+        In REVIEW nothing else changes. On a finished (DONE or FAILED) job this
+        prepares a new run, as :meth:`reset_scene` does: a scene keeps its image
+        when an earlier scene showed the same picture (:func:`picture_of`: image
+        prompt, characters and their appearances), preferring the earlier scene of
+        the index the caller sent it with; the others (and new scenes) are drawn
+        again; the video is composed again. Returns the indices to draw.
+        """
+        old = self.storyboard
+        self.storyboard = storyboard
+        self.storyboard_version += 1
+        self.updated_at = now()
+        # The request's scene count follows the storyboard (Job.scene_count).
+        self.spec = self.spec.model_copy(update={"scene_count": len(storyboard.scenes)})
+        if self.state is JobState.REVIEW:
+            return []
+        kept = {image.index: image for image in self.images}
+        old_scenes = old.scenes if old else ()
+        available = {s.index: picture_of(s, old) for s in old_scenes if s.index in kept}
+        images: list[SceneImage] = []
+        overrides: dict[int, int] = {}
+        redraw: list[int] = []
+        for position, scene in enumerate(storyboard.scenes, start=1):
+            hint = hints[position - 1] if position <= len(hints) else position
+            picture = picture_of(scene, storyboard)
+            source = hint if available.get(hint) == picture else None
+            if source is None:
+                source = next((i for i, p in available.items() if p == picture), None)
+            if source is not None:
+                del available[source]
+                images.append(kept[source].model_copy(update={"index": position}))
+                if source in self.seed_overrides:
+                    overrides[position] = self.seed_overrides[source]
+            else:
+                redraw.append(position)
+                if hint in self.seed_overrides:
+                    overrides[position] = self.seed_overrides[hint]
+        self.images = images
+        self.seed_overrides = overrides
+        self._start_new_run()
+        return redraw
+
+    def _start_new_run(self) -> None:
+        self.video_uri = ""
+        self.captions_srt_uri = self.captions_vtt_uri = ""
+        self.poster_uri = self.contact_sheet_uri = ""
+        self.state = JobState.QUEUED
+        self.error = None
+        self.cancel_requested = False
+        self.generation += 1
+        self.updated_at = now()
 
     def missing_scenes(self) -> list[Scene]:
         if self.storyboard is None:
@@ -322,6 +424,8 @@ class JobRecord(BaseModel):
         self.captions_vtt_uri = video.captions_vtt_uri
         self.poster_uri = video.poster_uri
         self.contact_sheet_uri = video.contact_sheet_uri
+        self.narration_synthesized = video.narration_synthesized
+        self.narration_cached = video.narration_cached
         for kind, uri in (
             (ArtifactKind.VIDEO, video.uri),
             (ArtifactKind.CAPTIONS_SRT, video.captions_srt_uri),
@@ -350,6 +454,7 @@ class JobRecord(BaseModel):
         if prompt is not None:
             scene = scene.model_copy(update={"image_prompt": prompt})
             self.storyboard = self.storyboard.with_scene(scene)
+            self.storyboard_version += 1
         if seed:
             self.seed_overrides[index] = seed
         elif seed == 0:  # 0: back to the seed derived from the job's
@@ -366,6 +471,20 @@ class JobRecord(BaseModel):
         return scene
 
 
+def picture_of(scene: Scene, board: Storyboard | None) -> tuple:
+    """What decides a scene's picture: its image prompt, its characters, and each one's
+    appearance (and reference image) in ``board``. Narration, setting, action and camera
+    do not: the image prompt is what is drawn."""
+    cast = {c.name.strip().casefold(): c for c in (board.characters if board else ())}
+    looks = []
+    for name in scene.characters:
+        character = cast.get(name.strip().casefold())
+        looks.append(
+            (character.appearance, getattr(character, "reference_uri", "")) if character else None
+        )
+    return (scene.image_prompt, tuple(scene.characters), tuple(looks))
+
+
 class EventKind(StrEnum):
     SNAPSHOT = "snapshot"
     STAGE_STARTED = "stage_started"
@@ -373,6 +492,8 @@ class EventKind(StrEnum):
     SCENE_RENDERED = "scene_rendered"
     JOB_FINISHED = "job_finished"
     RETRYING = "retrying"
+    # The job entered REVIEW: its watchers' streams end there.
+    REVIEW = "review"
 
 
 @dataclass(frozen=True)

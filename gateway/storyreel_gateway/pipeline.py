@@ -9,7 +9,9 @@ storyboard (``JobSpec.storyboard``) takes it in the storyboard stage, which then
 finishes at once without asking the LLM service; a job whose storyboard is
 stored skips writing it, only scenes without an image are rendered, and the
 video is composed once every image exists. That is how a gateway restart
-resumes a job and how one scene is regenerated. Transient upstream failures
+resumes a job and how one scene is regenerated. A job that asked for review
+(``JobSpec.review``) stops once its storyboard is written, in REVIEW (leaving its
+claim), until ApproveStoryboard queues it again. Transient upstream failures
 (a service restarting, a full queue) are retried with backoff; anything else
 fails the job with the stage, the status code and the message.
 
@@ -253,6 +255,10 @@ class JobPipeline:
                 Stage.COMPOSE: self._compose,
             }
             for stage in record.begin_run():
+                if stage is not Stage.STORYBOARD and record.needs_review():
+                    # Written (now, or by an earlier run): a person looks at it first.
+                    await self._enter_review(record)
+                    return
                 current = stage
                 record.start_stage(stage)
                 log.info("stage started", extra={"stage": stage.value})
@@ -309,6 +315,11 @@ class JobPipeline:
         elif state is not JobState.DONE:
             log.info("job %s", state.value)
         await self.jobs.save(record, EventKind.JOB_FINISHED, record.stage)
+
+    async def _enter_review(self, record: JobRecord) -> None:
+        record.enter_review()
+        log.info("job waits for review", extra={"version": record.storyboard_version})
+        await self.jobs.save(record, EventKind.REVIEW, Stage.STORYBOARD)
 
     async def _with_retries(
         self, record: JobRecord, stage: Stage, step: Callable[[JobRecord], Awaitable[None]]

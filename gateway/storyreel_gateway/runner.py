@@ -21,10 +21,16 @@ import re
 import struct
 from collections.abc import AsyncIterable, AsyncIterator
 
-from storyreel.errors import InvalidInput, NotFound
+from storyreel.errors import FailedPrecondition, InvalidInput, NotFound
 from storyreel.ids import new_job_id
 from storyreel.storage import READ_CHUNK_BYTES, ArtifactReader, ArtifactStore
-from storyreel_gateway.admission import Admission, ComposerFacts, VoiceCatalog
+from storyreel.storyboard import Storyboard
+from storyreel_gateway.admission import (
+    Admission,
+    ComposerFacts,
+    VoiceCatalog,
+    check_storyboard_version,
+)
 from storyreel_gateway.jobs import (
     EventKind,
     JobError,
@@ -37,7 +43,7 @@ from storyreel_gateway.ownership import Replica
 from storyreel_gateway.pipeline import JobPipeline
 from storyreel_gateway.settings import GatewaySettings
 from storyreel_gateway.store import JobStore, is_damaged
-from storyreel_gateway.uploads import StoredUpload, Uploads
+from storyreel_gateway.uploads import StoredImage, StoredUpload, Uploads
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +178,11 @@ class JobRunner:
         return damaged
 
     async def watch(self, tenant: str, job_id: str) -> AsyncIterator[JobEvent]:
-        """A snapshot of the job, then its events from the database until it finishes."""
+        """A snapshot of the job, then its events from the database until it finishes.
+
+        The stream also ends when the job reaches REVIEW (its REVIEW event; of a job
+        already in REVIEW, the snapshot): nothing happens until it is approved.
+        """
         record = await self.get(tenant, job_id)
         seq = await self.jobs.last_event_seq(job_id)
         # The snapshot is read after the sequence number: no event between them is lost.
@@ -181,6 +191,8 @@ class JobRunner:
         if record.state.finished or is_damaged(record):
             # A finished job's stream still ends as every stream does.
             yield JobEvent(EventKind.JOB_FINISHED, record, record.stage)
+            return
+        if record.state is JobState.REVIEW:
             return
         generation = record.generation
         while True:
@@ -192,8 +204,10 @@ class JobRunner:
                     # A new run began (RegenerateScene) after this one ended.
                     return
                 yield JobEvent(event.kind, record, event.stage, event.scene_index, event.message)
-                if event.kind is EventKind.JOB_FINISHED:
+                if event.kind in (EventKind.JOB_FINISHED, EventKind.REVIEW):
                     return
+            if record.state is JobState.REVIEW and not events:
+                return  # in review: nothing happens until it is approved
             if record.state.finished and not events:
                 # Ended without an event of this run (its row was damaged, say).
                 yield JobEvent(EventKind.JOB_FINISHED, record, record.stage)
@@ -270,6 +284,65 @@ class JobRunner:
         )
         return record
 
+    async def update_storyboard(
+        self,
+        tenant: str,
+        job_id: str,
+        board: Storyboard,
+        hints: list[int],
+        version: int,
+    ) -> JobRecord:
+        """Replace the job's storyboard (UpdateStoryboard), its scenes numbered 1..N.
+
+        In REVIEW the job stays in REVIEW. A DONE or FAILED job is queued for a new
+        run (:meth:`JobRecord.replace_storyboard`: only scenes whose picture changed
+        are drawn again; the video is composed again under new URIs, the old ones
+        stay readable). FailedPrecondition while it is queued or running, or once
+        cancelled; Aborted for a stale ``version``; InvalidInput for a bad storyboard.
+        """
+        current = await self.get(tenant, job_id)  # NotFound first, for another's job
+        self.admission.check_edited_storyboard(board)
+        # Reference images, checked as at CreateVideo (the job's consistency mode).
+        edited_spec = current.spec.model_copy(update={"storyboard": board})
+        self.admission.check_references(edited_spec, tenant)
+        await self.admission._check_reference_uploads(edited_spec, tenant)
+        if current.state in (JobState.DONE, JobState.FAILED):
+            # A new run composes again with the job's voice: the composer must still have it.
+            await self.admission.check_voice(current.spec.voice)
+
+        def change(record: JobRecord) -> bool:
+            _check_editable(record)
+            check_storyboard_version(record, version)
+            redraw = record.replace_storyboard(board, hints)
+            if record.state is JobState.REVIEW:
+                return False
+            log.info("storyboard edited; new run", extra={"job_id": job_id, "redraw": redraw})
+            return True
+
+        return await self.jobs.revise(tenant, job_id, change, self.admission.limits)
+
+    async def approve_storyboard(self, tenant: str, job_id: str, version: int) -> JobRecord:
+        """Let a job in REVIEW go on (ApproveStoryboard): it is queued to render and compose.
+
+        FailedPrecondition for a job not in REVIEW; Aborted for a stale ``version``.
+        """
+        current = await self.get(tenant, job_id)
+        await self.admission.check_voice(current.spec.voice)
+
+        def change(record: JobRecord) -> bool:
+            if record.state is not JobState.REVIEW:
+                raise FailedPrecondition(
+                    f"job {job_id} is {record.state.value}, not in review: only a job created "
+                    "with review waits for approval"
+                )
+            check_storyboard_version(record, version)
+            record.approve()
+            return True
+
+        record = await self.jobs.revise(tenant, job_id, change, self.admission.limits)
+        log.info("storyboard approved", extra={"job_id": job_id, "version": version})
+        return record
+
     def public_url(self, uri: str) -> str:
         return self.store.public_url(uri) if uri else ""
 
@@ -313,6 +386,27 @@ class JobRunner:
         Nothing is kept on failure.
         """
         return await self.uploads.receive(tenant, chunks)
+
+    async def upload_image(self, tenant: str, chunks: AsyncIterable[bytes]) -> StoredImage:
+        """Store an uploaded PNG, JPEG or WebP image (a character's reference image).
+
+        Nothing is kept on failure.
+        """
+        return await self.uploads.receive_image(tenant, chunks)
+
+
+def _check_editable(record: JobRecord) -> None:
+    """UpdateStoryboard is for a job in REVIEW or a finished one that may run again."""
+    if record.state in (JobState.REVIEW, JobState.DONE, JobState.FAILED):
+        return
+    if record.state is JobState.CANCELLED:
+        raise FailedPrecondition(
+            f"job {record.job_id} was cancelled; its storyboard can no longer change"
+        )
+    raise FailedPrecondition(
+        f"job {record.job_id} is {record.state.value}; its storyboard can change once it "
+        "ends (or cancel it)"
+    )
 
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")

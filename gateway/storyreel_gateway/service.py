@@ -16,7 +16,9 @@ from storyreel.storage import ArtifactStore, open_store
 from storyreel_gateway.auth import ApiKeys, tenant_var
 from storyreel_gateway.clients import ComposerClient, DiffusionClient, LlmClient
 from storyreel_gateway.convert import (
+    edited_storyboard_from_request,
     event_to_proto,
+    image_upload_to_proto,
     job_to_proto,
     spec_from_request,
     upload_to_proto,
@@ -82,6 +84,21 @@ class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
         )
         return gateway_pb2.RegenerateSceneResponse(job=self._job(record))
 
+    async def UpdateStoryboard(self, request, context):
+        """Replaces the storyboard of a job in review, or of a finished job (a new run)."""
+        board, hints = edited_storyboard_from_request(request)
+        record = await self.runner.update_storyboard(
+            tenant_var.get(), request.job_id, board, hints, request.version
+        )
+        return gateway_pb2.UpdateStoryboardResponse(job=self._job(record))
+
+    async def ApproveStoryboard(self, request, context):
+        """Lets a job in review go on to render and compose."""
+        record = await self.runner.approve_storyboard(
+            tenant_var.get(), request.job_id, request.version
+        )
+        return gateway_pb2.ApproveStoryboardResponse(job=self._job(record))
+
     async def UploadAudio(self, request_iterator, context):
         """Stores a client-streamed audio file after checking its size and format."""
 
@@ -100,6 +117,12 @@ class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
         stored = await self.runner.upload_audio(tenant_var.get(), chunks())
         return upload_to_proto(stored)
 
+    async def UploadImage(self, request_iterator, context):
+        """Stores a client-streamed reference image after checking its format and size."""
+        chunks = _upload_chunks(request_iterator, "UploadImage")
+        stored = await self.runner.upload_image(tenant_var.get(), chunks)
+        return image_upload_to_proto(stored)
+
     async def ReadArtifact(self, request, context):
         """Streams one of the caller's artifacts: its size and type, then its bytes."""
         reader = await self.runner.open_artifact(
@@ -113,6 +136,20 @@ class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
                 yield gateway_pb2.ReadArtifactResponse(chunk=chunk)
         finally:
             reader.close()
+
+
+async def _upload_chunks(request_iterator, method: str) -> AsyncIterator[bytes]:
+    """The chunks of an upload stream whose first message carries the file name."""
+    first = True
+    async for message in request_iterator:
+        kind = message.WhichOneof("payload")
+        if first and kind != "filename":
+            raise InvalidInput(f"the first {method} message must carry the filename")
+        if not first and kind != "chunk":
+            raise InvalidInput(f"only the first {method} message may carry a filename")
+        first = False
+        if kind == "chunk":
+            yield message.chunk
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

@@ -80,6 +80,10 @@ class GatewaySettings(ServiceSettings):
     upload_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     # Where uploads are spooled while received; what a dead process left is removed at start.
     upload_tmp_dir: Path | None = None
+    # Image uploads (characters' reference images): largest accepted file, in bytes, and
+    # most pixels (width x height, read from the header before anything is decoded).
+    max_image_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
 
     # A copy of each finished job as jobs/<id>/manifest.json beside its artifacts (an
     # export for people and tools; the gateway never reads it).

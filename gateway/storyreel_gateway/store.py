@@ -244,6 +244,8 @@ class JobStore:
             await self._check_admission(conn, record.tenant, limits)
             if record.spec.audio_uri:
                 await self._use_upload(conn, record.tenant, record.spec.audio_uri, record.job_id)
+            for uri in _reference_uris(record):
+                await self._use_upload(conn, record.tenant, uri, record.job_id, "reference_uri")
             ownership: dict = {}
             if claim is not None and await self._may_run_now(conn, record.tenant, claim[2]):
                 owner, lease_s, _ = claim
@@ -450,7 +452,8 @@ class JobStore:
             values["cancel_requested"] = True
         if kind is not None:
             values["event_seq"] = jobs.c.event_seq + 1
-        if finished:
+        if finished or record.state is JobState.REVIEW:
+            # Done, or waiting for a person (REVIEW): nobody holds the job any more.
             values.update(lease_id=None, lease_until=None)
         async with self.db.write() as conn:
             seq = (
@@ -718,6 +721,54 @@ class JobStore:
         self._fire(QUEUE_TOPIC)
         return record
 
+    async def revise(
+        self,
+        tenant: str,
+        job_id: str,
+        change: Callable[[JobRecord], bool],
+        limits: AdmissionLimits,
+    ) -> JobRecord:
+        """Apply ``change`` to the job under its row lock (UpdateStoryboard,
+        ApproveStoryboard); queue it to run when ``change`` returns True.
+
+        ``change`` raises (FailedPrecondition, Aborted, InvalidInput) to refuse, and
+        then nothing is written. Queueing meets the queue limits (Overloaded), as
+        CreateVideo does.
+        """
+        async with self.db.write() as conn:
+            await self.db.lock(conn, "admission")
+            _, record = await self._locked_job(conn, tenant, job_id)
+            if is_damaged(record):
+                raise FailedPrecondition(record.error.message)
+            queue = change(record)
+            if queue:
+                await self._check_admission(conn, tenant, limits)
+            # Reference images the edited storyboard names are tied to the job (no expiry).
+            board = record.storyboard
+            for uri in dict.fromkeys(c.reference_uri for c in (board.characters if board else ())):
+                if uri:
+                    await self._use_upload(conn, tenant, uri, job_id, "reference_uri")
+            values: dict[str, Any] = {
+                "updated_at": _epoch(record.updated_at),
+                "record": record.model_dump_json(),
+            }
+            if queue:
+                values.update(
+                    state=JobState.QUEUED.value,
+                    generation=record.generation,
+                    queued_seq=self._queue_position(),
+                    owner=None,
+                    lease_id=None,
+                    lease_until=None,
+                    cancel_requested=False,
+                )
+            await conn.execute(update(jobs).where(jobs.c.job_id == job_id).values(**values))
+            if queue:
+                await self._notify(conn, QUEUE_TOPIC)
+        if queue:
+            self._fire(QUEUE_TOPIC)
+        return record
+
     # -- import ---------------------------------------------------------------------------
 
     async def import_record(self, record: JobRecord) -> bool:
@@ -725,7 +776,8 @@ class JobStore:
 
         An unfinished job is queued to be resumed.
         """
-        state = JobState.QUEUED if not record.state.finished else record.state
+        waits = record.state.finished or record.state is JobState.REVIEW
+        state = record.state if waits else JobState.QUEUED
         async with self.db.write() as conn:
             exists = (
                 await conn.execute(select(jobs.c.job_id).where(jobs.c.job_id == record.job_id))
@@ -863,7 +915,9 @@ class JobStore:
         async with self.db.write() as conn:
             await conn.execute(delete(uploads).where(uploads.c.upload_id == upload_id))
 
-    async def _use_upload(self, conn: AsyncConnection, tenant: str, uri: str, job_id: str) -> None:
+    async def _use_upload(
+        self, conn: AsyncConnection, tenant: str, uri: str, job_id: str, field: str = "audio_uri"
+    ) -> None:
         """Tie a stored upload to a job (it no longer expires); InvalidInput if there is none."""
         row = (
             await conn.execute(
@@ -873,7 +927,7 @@ class JobStore:
             )
         ).first()
         if row is None:
-            raise InvalidInput(f"audio_uri {uri} does not exist; upload it first")
+            raise InvalidInput(f"{field} {uri} does not exist; upload it first")
         if row.job_id is None:
             await conn.execute(
                 update(uploads)
@@ -938,6 +992,14 @@ class JobStore:
             return
         async with self.db.write() as conn:
             await conn.execute(delete(uploads).where(uploads.c.upload_id.in_(list(upload_ids))))
+
+
+def _reference_uris(record: JobRecord) -> list[str]:
+    """The uploaded reference images of a job's own storyboard's characters."""
+    board = record.spec.storyboard
+    if board is None:
+        return []
+    return list(dict.fromkeys(c.reference_uri for c in board.characters if c.reference_uri))
 
 
 def manifest_json(record: JobRecord) -> bytes:

@@ -1,6 +1,13 @@
-"""Audio uploads: received within limits, stored, and deleted when no job used them.
+"""Uploads (audio tracks and reference images): received within limits, stored, and
+deleted when no job used them. Both kinds share every limit below; what differs is
+how a file is recognised and checked (:class:`Uploads.receive` for audio,
+:class:`Uploads.receive_image` for images, :mod:`storyreel_gateway.images`), and its
+kind is the name of its object (``uploads/<tenant>/<id>/audio.<ext>`` or
+``.../image.<ext>``, :func:`upload_kind`).
 
-* **Limits.** Each file is at most ``max_upload_bytes``. Each tenant has a quota
+* **Limits.** Each audio file is at most ``max_upload_bytes``, each image
+  ``max_image_upload_bytes`` and ``max_image_pixels`` (checked from its header
+  before it is decoded). Each tenant has a quota
   of bytes kept (uploads in progress and stored ones not yet expired) and of
   uploads at once, counted in the database over every replica.
 * **Idle streams.** A stream that sends nothing for ``upload_idle_timeout_s``
@@ -31,14 +38,15 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from storyreel.errors import DeadlineExceeded, InvalidInput, NotFound
 from storyreel.storage import ArtifactStore
 from storyreel_gateway.audio import SNIFF_BYTES, sniff_audio
+from storyreel_gateway.images import ImageFacts, inspect_image
 from storyreel_gateway.settings import GatewaySettings
 from storyreel_gateway.store import JobStore
 
@@ -47,6 +55,8 @@ log = logging.getLogger(__name__)
 #: Progress is written to the database at most this often (bytes or seconds).
 _PROGRESS_BYTES = 4 * 1024 * 1024
 _LOCK = ".lock"
+#: The first bytes of an upload kept to recognise it.
+_HEAD_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,15 @@ class StoredUpload:
     audio: ProbedAudio | None = None
 
 
+@dataclass(frozen=True)
+class StoredImage:
+    """An image upload that was stored after its header and pixels were checked."""
+
+    uri: str
+    size_bytes: int
+    image: ImageFacts
+
+
 class AudioProber(Protocol):
     """Reads a stored upload as the composer would (``clients.ComposerClient``).
 
@@ -87,6 +106,13 @@ def tenant_digest(tenant: str) -> str:
 def upload_prefix(tenant: str) -> str:
     """Folder of a tenant's uploads in the artifact store."""
     return f"uploads/{tenant_digest(tenant)}/"
+
+
+def upload_kind(key: str) -> str:
+    """ "audio" or "image" for an upload's object key (its file name says it), else ""."""
+    name = key.rsplit("/", 1)[-1]
+    kind = name.split(".", 1)[0]
+    return kind if kind in ("audio", "image") and "." in name else ""
 
 
 class SpoolFolder:
@@ -135,7 +161,7 @@ def _owner_is_gone(folder: Path) -> bool:
 
 
 class Uploads:
-    """Receives, stores and expires audio uploads."""
+    """Receives, stores and expires uploads (audio and images)."""
 
     def __init__(
         self,
@@ -169,6 +195,66 @@ class Uploads:
         Nothing is kept on failure: audio the composer refuses is deleted,
         object and row, and InvalidInput carries the composer's reason.
         """
+
+        async def recognise(head: bytes, _path: Path) -> tuple[str, None]:
+            ext = sniff_audio(head[:SNIFF_BYTES])
+            if ext is None:
+                raise InvalidInput(
+                    "upload is not audio in a supported format (wav, mp3, ogg, flac, m4a, aac)"
+                )
+            return ext, None
+
+        uri, size, audio = await self._receive(
+            tenant, chunks, "audio", self.settings.max_upload_bytes, recognise, self._probe
+        )
+        log.info(
+            "audio uploaded",
+            extra={
+                "uri": uri,
+                "bytes": size,
+                "duration_s": audio.duration_s if audio else None,
+                "codec": audio.codec if audio else None,
+            },
+        )
+        return StoredUpload(uri, size, audio)
+
+    async def receive_image(self, tenant: str, chunks: AsyncIterable[bytes]) -> StoredImage:
+        """Store an uploaded PNG, JPEG or WebP image after checking it.
+
+        Its pixel count is checked from the header before anything is decoded, then
+        it is decoded once, whole; InvalidInput says why it is refused, and nothing
+        is kept.
+        """
+        max_pixels = self.settings.max_image_pixels
+
+        async def recognise(_head: bytes, path: Path) -> tuple[str, ImageFacts]:
+            facts = await asyncio.to_thread(inspect_image, path, max_pixels)
+            return facts.extension, facts
+
+        uri, size, facts = await self._receive(
+            tenant, chunks, "image", self.settings.max_image_upload_bytes, recognise, None
+        )
+        log.info(
+            "image uploaded",
+            extra={"uri": uri, "bytes": size, "size": f"{facts.width}x{facts.height}"},
+        )
+        return StoredImage(uri, size, facts)
+
+    async def _receive(
+        self,
+        tenant: str,
+        chunks: AsyncIterable[bytes],
+        kind: str,
+        max_bytes: int,
+        recognise: Callable[[bytes, Path], Awaitable[tuple[str, Any]]],
+        probe: Callable[[str, str, str, int], Awaitable[ProbedAudio | None]] | None,
+    ) -> tuple[str, int, Any]:
+        """Spool, check and store one upload of ``kind``; returns (uri, size, facts).
+
+        ``recognise`` reads the spooled file (its first bytes and its path) and returns
+        the extension to store it with and what it found, or raises InvalidInput;
+        ``probe`` (audio) checks the stored object. Nothing is kept on failure.
+        """
         s = self.settings
         stale_s = s.upload_idle_timeout_s * 2
         upload_id = await self.jobs.begin_upload(
@@ -186,12 +272,10 @@ class Uploads:
             with path.open("wb") as fh:
                 async for chunk in _idle_limited(chunks, s.upload_idle_timeout_s):
                     size += len(chunk)
-                    if size > s.max_upload_bytes:
-                        raise InvalidInput(
-                            f"audio upload is larger than {s.max_upload_bytes} bytes"
-                        )
-                    if len(head) < SNIFF_BYTES:
-                        head += chunk[: SNIFF_BYTES - len(head)]
+                    if size > max_bytes:
+                        raise InvalidInput(f"{kind} upload is larger than {max_bytes} bytes")
+                    if len(head) < _HEAD_BYTES:
+                        head += chunk[: _HEAD_BYTES - len(head)]
                     fh.write(chunk)
                     if size - reported >= _PROGRESS_BYTES or loop.time() - last_report >= 1.0:
                         await self.jobs.upload_progress(
@@ -199,20 +283,18 @@ class Uploads:
                         )
                         reported, last_report = size, loop.time()
             if size == 0:
-                raise InvalidInput("audio upload is empty")
-            ext = sniff_audio(head)
-            if ext is None:
-                raise InvalidInput(
-                    "upload is not audio in a supported format (wav, mp3, ogg, flac, m4a, aac)"
-                )
+                raise InvalidInput(f"{kind} upload is empty")
+            ext, facts = await recognise(head, path)
             await self.jobs.upload_progress(
                 upload_id, tenant, size, s.max_upload_bytes_per_tenant, stale_s
             )
-            key = f"{upload_prefix(tenant)}{uuid.uuid4().hex}/audio.{ext}"
+            key = f"{upload_prefix(tenant)}{uuid.uuid4().hex}/{kind}.{ext}"
             uri = await asyncio.to_thread(self.store.put_file, key, path)
             path.unlink(missing_ok=True)
             try:
-                audio = await self._probe(upload_id, tenant, uri, size)
+                if probe is not None:
+                    facts = await probe(upload_id, tenant, uri, size)
+                audio = facts if isinstance(facts, ProbedAudio) else None
                 if not await self.jobs.finish_upload(
                     upload_id,
                     uri,
@@ -232,16 +314,7 @@ class Uploads:
             path.unlink(missing_ok=True)
             if not stored:
                 await asyncio.shield(self.jobs.abort_upload(upload_id))
-        log.info(
-            "audio uploaded",
-            extra={
-                "uri": uri,
-                "bytes": size,
-                "duration_s": audio.duration_s if audio else None,
-                "codec": audio.codec if audio else None,
-            },
-        )
-        return StoredUpload(uri, size, audio)
+        return uri, size, facts
 
     async def _probe(self, upload_id: str, tenant: str, uri: str, size: int) -> ProbedAudio | None:
         """The composer's reading of the stored upload; its row is kept alive meanwhile."""

@@ -2,6 +2,9 @@
 
     storyreel generate "PROMPT" [--audio FILE] [--scenes N] [--seed S] [-o out.mp4]
     storyreel generate --storyboard board.yaml [...]
+    storyreel generate --review "PROMPT" [...]   (stops at the storyboard, prints it)
+    storyreel edit JOB                          (the storyboard in $EDITOR, sent back)
+    storyreel approve JOB [-o out.mp4]          (a job in review goes on)
     storyreel serve [--base-port N]
     storyreel status|watch|cancel|download JOB
     storyreel regenerate JOB INDEX [--prompt P] [--seed S]
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import sys
@@ -173,7 +177,9 @@ def _watch(client: GatewayClient, job_id: str):
         TextColumn("{task.fields[eta]}"),
         TimeElapsedColumn(),
     )
+    # REVIEW ends a watch too: the job waits for `storyreel approve`.
     finished = (pb.JOB_STATE_DONE, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+    finished += (pb.JOB_STATE_REVIEW,)
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("queued", total=100, eta="")
         lost_since = None
@@ -312,12 +318,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 fps=args.fps,
                 idempotency_key=args.idempotency_key,
                 storyboard=storyboard,
+                review=args.review,
                 **chosen,
             ),
             "request refused",
         ).job_id
         console.print(f"job [bold]{job_id}[/bold]")
         job = _watch(client, job_id)
+        if args.review and job.state == pb.JOB_STATE_REVIEW:
+            print(job_id)
+            _print_storyboard(_storyboard_json(job.storyboard))
+            console.print(
+                f"storyboard version {job.storyboard_version} waits for review: "
+                f"`storyreel edit {job_id}` to change it, `storyreel approve {job_id}` to "
+                "render it"
+            )
+            return 0
         _final(job, job_id)
         output = _download(job, args.output, client)
         console.print(
@@ -411,6 +427,112 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         client = _client(args, stack)
         client.call("RegenerateScene", request, f"cannot regenerate scene {args.index}")
+        if args.no_wait:
+            print(args.job)
+            return 0
+        job = _watch(client, args.job)
+        _final(job, args.job)
+        if args.output:
+            print(_download(job, args.output, client))
+        else:
+            print(job.video_url)
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """The job's storyboard as YAML in $EDITOR, sent back with UpdateStoryboard."""
+    import shlex
+    import subprocess
+    import tempfile
+
+    from storyreel.storyboard import storyboard_from_proto, storyboard_to_proto
+    from storyreel.storyboard_files import StoryboardFileError, dump_storyboard, load_storyboard
+
+    pb = _pb()
+    with ExitStack() as stack:
+        client = _client(args, stack)
+        job = client.call("GetJob", pb.GetJobRequest(job_id=args.job), f"job {args.job}").job
+        if not job.HasField("storyboard"):
+            raise CliError(f"job {args.job} has no storyboard yet", EXIT_REFUSED)
+        original = storyboard_from_proto(job.storyboard)
+        version = job.storyboard_version
+        if args.file is not None:
+            # A file an earlier `edit` kept: the version it was made from is in its header.
+            path = args.file
+            if not path.is_file():
+                raise CliError(f"{path} does not exist", EXIT_REFUSED)
+            made_from = re.search(r"^# version: (\d+)", path.read_text(encoding="utf-8"), re.M)
+            if made_from:
+                version = int(made_from.group(1))
+        else:
+            handle, name = tempfile.mkstemp(prefix=f"storyreel-{args.job[:32]}-", suffix=".yaml")
+            os.close(handle)
+            path = Path(name)
+            dump_storyboard(original, path)
+            header = _EDIT_HEADER.format(job=args.job, version=version)
+            path.write_text(header + path.read_text(encoding="utf-8"), encoding="utf-8")
+        editor = shlex.split(os.environ.get("EDITOR") or "vi")
+        try:
+            status = subprocess.call([*editor, str(path)])
+        except OSError as exc:
+            raise CliError(f"cannot run the editor {editor[0]!r}: {exc}", EXIT_REFUSED) from None
+        if status != 0:
+            raise CliError(
+                f"the editor exited with {status}; nothing was sent (your file: {path})",
+                EXIT_REFUSED,
+            )
+        try:
+            edited = load_storyboard(path, renumber=True)
+        except StoryboardFileError as exc:
+            raise CliError(
+                f"{exc}\nnothing was sent; your edit is kept in {path} "
+                f"(fix it with `storyreel edit {args.job} --file {path}`)",
+                EXIT_REFUSED,
+            ) from None
+        if edited == original:
+            path.unlink(missing_ok=True)
+            console.print("no change; nothing sent")
+            print(_name(pb.JobState, job.state, "JOB_STATE_"))
+            return 0
+        request = pb.UpdateStoryboardRequest(
+            job_id=args.job,
+            storyboard=storyboard_to_proto(edited),
+            version=version,
+        )
+        # Refused (a stale version, a bad field): the file stays, named in the message.
+        updated = client.call(
+            "UpdateStoryboard", request, f"storyboard refused (your edit: {path})"
+        ).job
+        path.unlink(missing_ok=True)
+    console.print(f"storyboard version {updated.storyboard_version} stored")
+    if updated.state == pb.JOB_STATE_QUEUED:
+        console.print(f"a new run makes the video again: `storyreel watch {args.job}`")
+    print(_name(pb.JobState, updated.state, "JOB_STATE_"))
+    return 0
+
+
+_EDIT_HEADER = """\
+# The storyboard of job {job}
+# version: {version}
+# Edit the storyboard, save and quit; an unchanged file sends nothing.
+# Scenes may be added, removed and reordered: they are numbered by position
+# (a new scene needs some index; the index only says which scene it was).
+# A scene whose image_prompt, characters or their appearances change is drawn
+# again; a narration change keeps its image.
+"""
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    """Let a job in review go on; waits for the video unless --no-wait."""
+    pb = _pb()
+    with ExitStack() as stack:
+        client = _client(args, stack)
+        version = args.version
+        if version is None:
+            job = client.call("GetJob", pb.GetJobRequest(job_id=args.job), f"job {args.job}").job
+            version = job.storyboard_version
+        request = pb.ApproveStoryboardRequest(job_id=args.job, version=version)
+        client.call("ApproveStoryboard", request, f"cannot approve {args.job}")
         if args.no_wait:
             print(args.job)
             return 0
@@ -745,6 +867,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--voice", default="", help="narration voice name")
     gen.add_argument("--idempotency-key", default="", help="retry-safe key for this request")
+    gen.add_argument(
+        "--review",
+        action="store_true",
+        help="stop once the storyboard is written and print it (then `storyreel edit`, "
+        "`storyreel approve`)",
+    )
     gen.add_argument("-o", "--output", type=Path, default=Path("storyreel.mp4"))
     gen.add_argument(
         "--serve", action="store_true", help="start the whole stack locally for this one video"
@@ -774,6 +902,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     regen.add_argument("-o", "--output", type=Path, help="also save the new video here")
     regen.add_argument("--no-wait", action="store_true", help="return at once")
+
+    edit = client_command(
+        "edit",
+        "change a job's storyboard in $EDITOR (in review, or finished: makes the video again)",
+        cmd_edit,
+    )
+    edit.add_argument("job")
+    edit.add_argument(
+        "--file", type=Path, help="edit and send this file (one an earlier `edit` kept) instead"
+    )
+    approve = client_command("approve", "let a job in review render its storyboard", cmd_approve)
+    approve.add_argument("job")
+    approve.add_argument(
+        "--version", type=int, help="the storyboard version reviewed (default: the current one)"
+    )
+    approve.add_argument("-o", "--output", type=Path, help="also save the video here")
+    approve.add_argument("--no-wait", action="store_true", help="return at once")
 
     serve = sub.add_parser("serve", help="run every service on localhost until interrupted")
     serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)

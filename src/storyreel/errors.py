@@ -64,6 +64,12 @@ class FailedPrecondition(StoryreelError):
     status = "FAILED_PRECONDITION"
 
 
+class Aborted(StoryreelError):
+    """A concurrent change won (the caller's version is stale): fetch again, then retry."""
+
+    status = "ABORTED"
+
+
 class Cancelled(StoryreelError):
     status = "CANCELLED"
 

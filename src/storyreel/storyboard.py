@@ -46,7 +46,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
 from storyreel import clip_vocab
 from storyreel.limits import (
@@ -68,6 +68,18 @@ class Character(BaseModel):
     # Short name the scenes refer to the character by.
     name: str
     appearance: str
+    # An image of the character uploaded by the job's tenant (UploadImage), or "".
+    # REFERENCE_IMAGES conditions its scenes on it instead of a drawn portrait.
+    reference_uri: str = ""
+
+    @model_serializer(mode="wrap")
+    def _without_empty_reference(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Dumped without ``reference_uri`` when it is empty: stored records and request
+        fingerprints keep the shape they had before the field existed."""
+        data = handler(self)
+        if isinstance(data, dict) and not self.reference_uri:
+            data.pop("reference_uri", None)
+        return data
 
 
 class Scene(BaseModel):
@@ -151,7 +163,8 @@ def storyboard_to_proto(board: Storyboard) -> types_pb2.Storyboard:
         title=board.title,
         logline=board.logline,
         characters=[
-            types_pb2.Character(name=c.name, appearance=c.appearance) for c in board.characters
+            types_pb2.Character(name=c.name, appearance=c.appearance, reference_uri=c.reference_uri)
+            for c in board.characters
         ],
         scenes=[types_pb2.Scene(**_scene_fields(s)) for s in board.scenes],
         style=board.style,
@@ -165,7 +178,8 @@ def storyboard_from_proto(message: types_pb2.Storyboard) -> Storyboard:
         title=message.title,
         logline=message.logline,
         characters=tuple(
-            Character(name=c.name, appearance=c.appearance) for c in message.characters
+            Character(name=c.name, appearance=c.appearance, reference_uri=c.reference_uri)
+            for c in message.characters
         ),
         scenes=tuple(Scene(**_scene_fields(s)) for s in message.scenes),
         style=message.style,

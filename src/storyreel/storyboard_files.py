@@ -108,9 +108,16 @@ def _compose(text: str) -> yaml.Node | None:
         return None  # JSON that YAML cannot read: lines of schema errors are then unknown
 
 
-def load_storyboard(path: Path | str, max_scenes: int = MAX_SCENES) -> Storyboard:
+def load_storyboard(
+    path: Path | str, max_scenes: int = MAX_SCENES, renumber: bool = False
+) -> Storyboard:
     """Read and check the storyboard in ``path``; :class:`StoryboardFileError` says
-    where and what is wrong (``FILE:LINE: FIELD: PROBLEM``)."""
+    where and what is wrong (``FILE:LINE: FIELD: PROBLEM``).
+
+    ``renumber`` (an edited storyboard, ``storyreel edit``): scenes count 1..N by
+    their position, whatever their ``index`` says, when checked; the storyboard
+    returned keeps the indices as written (the gateway reads them as which earlier
+    scene each one was)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -147,8 +154,15 @@ def load_storyboard(path: Path | str, max_scenes: int = MAX_SCENES) -> Storyboar
             f"{path}:{_line_of(root, loc)}: {_field_name(loc) or 'storyboard'}: {error['msg']}"
         ) from None
     board = Storyboard.model_validate(parsed.model_dump())
+    checked = board
+    if renumber:
+        scenes = tuple(
+            scene.model_copy(update={"index": position})
+            for position, scene in enumerate(board.scenes, start=1)
+        )
+        checked = board.model_copy(update={"scenes": scenes})
     try:
-        check_storyboard(board, max_scenes, clip_counter())
+        check_storyboard(checked, max_scenes, clip_counter())
     except StoryboardProblem as exc:
         line = _line_of(root, _parse_field(exc.field))
         raise StoryboardFileError(f"{path}:{line}: {exc}") from None

@@ -162,7 +162,13 @@ async def test_narrated_video_is_h264_yuv420p_aac_with_even_size_and_exact_lengt
     assert result.captions_vtt_uri == file_store.uri_for(prefix + "captions.vtt")
     assert result.poster_uri == file_store.uri_for(prefix + "poster.png")
     assert result.contact_sheet_uri == file_store.uri_for(prefix + "contact-sheet.png")
-    assert_nothing_left(file_store, [*images, *outputs(result)], composer_settings.work_dir)
+    assert (result.narration_synthesized, result.narration_cached) == (2, 0)
+    # Besides the job's artifacts, the narration cache holds each narrated scene's speech.
+    cached = [u for u in stored_uris(file_store) if "/cache/narration/" in u]
+    assert len(cached) == 2
+    assert_nothing_left(
+        file_store, [*images, *outputs(result), *cached], composer_settings.work_dir
+    )
 
 
 @pytest.mark.model

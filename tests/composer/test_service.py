@@ -104,6 +104,12 @@ async def test_compose_through_the_stub_stores_a_narrated_h264_aac_mp4(
     assert (media.video_codec, media.pix_fmt, media.audio_codec) == ("h264", "yuv420p", "aac")
     assert (media.width, media.height, media.fps) == (160, 96, 12)
     assert media.duration_s == pytest.approx(response.duration_s, abs=1 / 12)
+    assert (response.narration_synthesized, response.narration_cached) == (2, 0)
+    # Composed again, both scenes' speech comes from the narration cache.
+    request.revision = 1
+    again = await stub.Compose(request, timeout=120)
+    assert (again.narration_synthesized, again.narration_cached) == (0, 2)
+    assert list(again.scene_starts_s) == list(response.scene_starts_s)
 
 
 async def test_missing_image_uri_is_invalid_argument_and_nothing_is_stored(

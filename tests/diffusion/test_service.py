@@ -267,3 +267,32 @@ async def test_a_later_revision_stores_its_reference_portraits_under_its_own_fol
     # Run 0's portrait and scene are untouched.
     assert shared_store.get_bytes(portrait_uri) == portrait
     assert shared_store.get_bytes(first.uri) == scene
+
+
+async def test_a_reference_uri_travels_through_grpc_and_a_missing_one_is_not_found(
+    adapter_server, shared_store
+):
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 40), (30, 120, 200)).save(buffer, format="WEBP")
+    uploaded = shared_store.put_bytes(f"uploads/t3st/{new_job()}/image.webp", buffer.getvalue())
+    scenes = [diffusion_pb2.Scene(index=1, prompt="Mira on a cliff", seed=1, characters=["Mira"])]
+
+    def run(reference_uri: str, consistency=types_pb2.CONSISTENCY_MODE_REFERENCE_IMAGES):
+        mira = diffusion_pb2.Character(
+            name="Mira", appearance="a girl", seed=77, reference_uri=reference_uri
+        )
+        return request(job_id=new_job(), scenes=scenes, characters=[mira], consistency=consistency)
+
+    async with open_channel(f"127.0.0.1:{adapter_server.port}") as channel:
+        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+        [image] = await rendered_images(stub, run(uploaded))
+        assert list(image.reference_uris) == [uploaded]
+        refusals = [
+            (run(shared_store.uri_for("uploads/t3st/gone/image.png")), "NOT_FOUND"),
+            (run(image.uri), "INVALID_ARGUMENT"),  # another job's image
+            (run(uploaded, types_pb2.CONSISTENCY_MODE_SEED_LOCK), "INVALID_ARGUMENT"),
+        ]
+        for message, code in refusals:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await rendered_images(stub, message)
+            assert raised.value.code().name == code, raised.value.details()

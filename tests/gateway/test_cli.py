@@ -200,3 +200,63 @@ async def test_generate_takes_every_aspect_of_the_contract(gateway, upstream, tm
         assert code == 0, stderr
         assert upstream.compose_requests[-1].aspect == options.ASPECTS[name]
         assert upstream.render_messages[-1].aspect == options.ASPECTS[name]
+
+
+# -- review and edit the storyboard ---------------------------------------------------------
+
+EDIT_SCRIPT = """\
+import sys
+from pathlib import Path
+
+path = Path(sys.argv[1])
+path.write_text(path.read_text().replace({old!r}, {new!r}))
+"""
+
+
+def _editor(tmp_path: Path, name: str, old: str, new: str) -> str:
+    script = tmp_path / f"{name}.py"
+    script.write_text(EDIT_SCRIPT.format(old=old, new=new))
+    return f"{sys.executable} {script}"
+
+
+async def test_generate_review_then_edit_and_approve(gateway, upstream, tmp_path, monkeypatch):
+    from storyreel.gateway.v1 import gateway_pb2 as pb
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where `edit` writes the storyboard
+    code, stdout, stderr = await _run(
+        "generate", "a fox", "--scenes", "1", "--review", "--gateway", gateway.address
+    )
+    assert code == 0, stderr
+    job_id = stdout.splitlines()[0]
+    assert "narration:    line 1" in stdout and "storyreel approve" in stderr
+    assert upstream.render_calls == 0
+
+    # A broken edit: the error names the file and line, nothing is sent, the file stays.
+    monkeypatch.setenv("EDITOR", _editor(tmp_path, "bad", "narration: line 1", "narration: ''"))
+    code, _, stderr = await _run("edit", job_id, "--gateway", gateway.address)
+    assert code == 2
+    flat = stderr.replace("\n", "")
+    assert "scenes[0].narration: must not be empty" in flat and "your edit is kept in" in flat
+    kept = flat.split("your edit is kept in ")[1].split(" (fix it with")[0].strip()
+    assert Path(kept).is_file()
+    job = (await gateway.GetJob(pb.GetJobRequest(job_id=job_id))).job
+    assert job.storyboard_version == 1 and job.state == pb.JOB_STATE_REVIEW
+
+    # Fixed in the kept file (the version it was made from is in its header).
+    monkeypatch.setenv(
+        "EDITOR", _editor(tmp_path, "good", "narration: ''", "narration: A fox, edited.")
+    )
+    code, stdout, stderr = await _run("edit", job_id, "--file", kept, "--gateway", gateway.address)
+    assert code == 0, stderr
+    assert stdout.strip() == "review"
+    job = (await gateway.GetJob(pb.GetJobRequest(job_id=job_id))).job
+    assert job.storyboard_version == 2
+    assert job.storyboard.scenes[0].narration == "A fox, edited."
+
+    output = tmp_path / "reviewed.mp4"
+    code, stdout, stderr = await _run(
+        "approve", job_id, "--gateway", gateway.address, "-o", str(output)
+    )
+    assert code == 0, stderr
+    assert output.read_bytes() == b"mp4"
+    assert upstream.compose_requests[-1].scenes[0].narration == "A fox, edited."

@@ -134,10 +134,13 @@ def test_every_field_of_the_composers_reply_is_kept():
     assert shown.duration_s == sent.duration_s
     for name in ("captions_srt", "captions_vtt", "poster", "contact_sheet"):
         assert getattr(shown, name).uri == getattr(sent, f"{name}_uri"), name
+    for name in ("narration_synthesized", "narration_cached"):
+        assert getattr(shown, name) == getattr(sent, name), name
     # Every reply field appears somewhere in the job.
     used = {"video_uri", "duration_s", "scene_starts_s", "width", "height", "fps"} | {
         f"{name}_uri" for name in ("captions_srt", "captions_vtt", "poster", "contact_sheet")
     }
+    used |= {"narration_synthesized", "narration_cached"}
     assert {f.name for f in composer_pb2.ComposeResponse.DESCRIPTOR.fields} == used
 
 
@@ -193,6 +196,7 @@ def _done_record() -> JobRecord:
         captions="sidecar",
         audio_mode="music",
         voice="joe",
+        review=True,
     )
     record = JobRecord(
         job_id="j1",
@@ -217,6 +221,7 @@ def _done_record() -> JobRecord:
         images=[image_from_proto(_fill(diffusion_pb2.SceneImage()))],
         eta_s=3.0,
         generation=1,
+        storyboard_version=2,
     )
     record.set_video(video_from_proto(_fill(composer_pb2.ComposeResponse())))
     record.versions.insert(

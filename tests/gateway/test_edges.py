@@ -59,6 +59,15 @@ async def test_a_malformed_message_is_refused_after_the_key_is_checked(keyed):
         "UploadAudio": lambda metadata: _raw(keyed.channel, "UploadAudio", "stream_unary")(
             stream(), metadata=metadata
         ),
+        "UploadImage": lambda metadata: _raw(keyed.channel, "UploadImage", "stream_unary")(
+            stream(), metadata=metadata
+        ),
+        **{
+            method: (lambda m: lambda metadata: _raw(keyed.channel, m)(GARBAGE, metadata=metadata))(
+                method
+            )
+            for method in ("UpdateStoryboard", "ApproveStoryboard")
+        },
     }
     for name, call in calls.items():
         code, _ = await _code_of(call(()))
@@ -82,6 +91,8 @@ async def test_a_huge_job_id_is_answered_and_logged_in_bounded_size(keyed, caplo
             ("GetJob", pb.GetJobRequest(job_id=job_id)),
             ("CancelJob", pb.CancelJobRequest(job_id=job_id)),
             ("RegenerateScene", pb.RegenerateSceneRequest(job_id=job_id, index=1)),
+            ("UpdateStoryboard", pb.UpdateStoryboardRequest(job_id=job_id, version=1)),
+            ("ApproveStoryboard", pb.ApproveStoryboardRequest(job_id=job_id, version=1)),
         ):
             call = keyed.channel.unary_unary(SERVICE + method)
             code, details = await _code_of(call(request.SerializeToString(), metadata=KEY))

@@ -64,6 +64,7 @@ from storyreel_composer.captions import (
 from storyreel_composer.filtergraph import Encoding, FilterPlan, encode
 from storyreel_composer.images import decode_image, fit_image
 from storyreel_composer.motion import choose_moves
+from storyreel_composer.narration_cache import NarrationCache
 from storyreel_composer.probe import MediaInfo, probe
 from storyreel_composer.settings import ComposerSettings
 from storyreel_composer.stills import (
@@ -117,6 +118,19 @@ class ComposeResult:
     width: int = 0
     height: int = 0
     fps: int = 0
+    #: Scenes whose speech was synthesized for this composition, and those whose speech
+    #: came from the narration cache (scenes without narration, or with a user's
+    #: soundtrack alone, count in neither).
+    narration_synthesized: int = 0
+    narration_cached: int = 0
+
+
+@dataclass(frozen=True)
+class NarrationCounts:
+    """How many scenes' speech was synthesized and how many came from the cache."""
+
+    synthesized: int = 0
+    cached: int = 0
 
 
 @dataclass(frozen=True)
@@ -218,6 +232,11 @@ class VideoComposer:
         )
         self._probes = _Slots(
             settings.max_concurrent_probes, settings.max_waiting_probes, "audio probes"
+        )
+        self._narration_cache = (
+            NarrationCache(store, settings.narration_cache_prefix)
+            if settings.narration_cache_enabled
+            else None
         )
 
     async def compose(
@@ -428,13 +447,13 @@ class VideoComposer:
             canvas_size = self._write_canvases(plan, work)
             checked = time.perf_counter()
 
-            timeline, cues = self._sound_track(plan, audio, work)
+            timeline, cues, counts = self._sound_track(plan, audio, work)
             voiced = time.perf_counter()
 
             made = self._encode(plan, timeline, cues, canvas_size, work)
             self._check_output(made.video, plan)
             encoded = time.perf_counter()
-            result = self._store(plan, made, work)
+            result = self._store(plan, made, work, counts)
 
         log.info(
             "composed",
@@ -445,6 +464,8 @@ class VideoComposer:
                 "duration_s": round(timeline.duration_s, 3),
                 "audio_mode": plan.audio_mode,
                 "captions": plan.captions,
+                "narration_synthesized": counts.synthesized,
+                "narration_cached": counts.cached,
                 "check_s": round(checked - started, 2),
                 "audio_s": round(voiced - checked, 2),
                 "encode_s": round(encoded - voiced, 2),
@@ -527,9 +548,9 @@ class VideoComposer:
 
     def _sound_track(
         self, plan: ComposePlan, audio: tuple[Path, MediaInfo] | None, work: Path
-    ) -> tuple[Timeline, list[Cue]]:
+    ) -> tuple[Timeline, list[Cue], NarrationCounts]:
         """Write ``track.wav`` (normalised, exactly as long as the video); returns the
-        timeline and the caption cues."""
+        timeline, the caption cues and how the narration was made."""
         s = self.settings
         target = LoudnessTarget(s.loudness_lufs, s.true_peak_db, s.loudness_range_lu)
         style = self._caption_style(plan)
@@ -555,9 +576,9 @@ class VideoComposer:
             ends = [*timeline.scene_starts_s[1:], timeline.duration_s]
             for scene, start, end in zip(plan.scenes, timeline.scene_starts_s, ends, strict=True):
                 cues += spread(chunk(scene.narration, style), start, end)
-            return timeline, cues
+            return timeline, cues, NarrationCounts()
 
-        speeches = self._narrate(plan, work)
+        speeches, counts = self._narrate(plan, work)
         timeline = narrated_timeline(
             [speech.duration_s for speech in speeches],
             plan.fps,
@@ -609,24 +630,37 @@ class VideoComposer:
             sample_rate=s.audio_sample_rate,
             timeout_s=s.ffmpeg_timeout_s,
         )
-        return timeline, cues
+        return timeline, cues, counts
 
-    def _narrate(self, plan: ComposePlan, work: Path) -> list[Speech]:
-        """Speak every scene's narration into its own WAV file."""
+    def _narrate(self, plan: ComposePlan, work: Path) -> tuple[list[Speech], NarrationCounts]:
+        """Speak every scene's narration into its own WAV file, or take it from the
+        narration cache (:mod:`.narration_cache`) when the same speech was made before."""
+        cache = self._narration_cache
         speeches = []
+        synthesized = cached = 0
         for number, scene in enumerate(plan.scenes, start=1):
             if not scene.narration.strip():
                 speeches.append(Speech(0.0))
                 continue
-            speeches.append(
-                self.synthesizer.speak(
-                    scene.narration,
-                    work / _narration_name(number),
-                    voice=plan.voice,
-                    rate=plan.speaking_rate,
-                )
+            path = work / _narration_name(number)
+            key = ""
+            if cache is not None:
+                synth = self.synthesizer
+                rate = plan.speaking_rate
+                key = synth.narration_key(scene.narration, voice=plan.voice, rate=rate)
+                speech = cache.load(key, path, synth.sample_rate_of(plan.voice))
+                if speech is not None:
+                    speeches.append(speech)
+                    cached += 1
+                    continue
+            speech = self.synthesizer.speak(
+                scene.narration, path, voice=plan.voice, rate=plan.speaking_rate
             )
-        return speeches
+            synthesized += 1
+            if cache is not None:
+                cache.save(key, path, speech)
+            speeches.append(speech)
+        return speeches, NarrationCounts(synthesized, cached)
 
     def _caption_style(self, plan: ComposePlan):
         s = self.settings
@@ -711,7 +745,9 @@ class VideoComposer:
         if actual != expected:
             raise RuntimeError(f"encoder wrote {actual}, expected {expected}")
 
-    def _store(self, plan: ComposePlan, made: _Artifacts, work: Path) -> ComposeResult:
+    def _store(
+        self, plan: ComposePlan, made: _Artifacts, work: Path, counts: NarrationCounts
+    ) -> ComposeResult:
         """Store every artifact, or none: a failed upload removes what was stored."""
         stored: list[str] = []
 
@@ -750,6 +786,8 @@ class VideoComposer:
             width=plan.width,
             height=plan.height,
             fps=plan.fps,
+            narration_synthesized=counts.synthesized,
+            narration_cached=counts.cached,
         )
 
 

@@ -60,6 +60,8 @@ class ComposerServicer(composer_pb2_grpc.ComposerServiceServicer):
             width=result.width,
             height=result.height,
             fps=result.fps,
+            narration_synthesized=result.narration_synthesized,
+            narration_cached=result.narration_cached,
         )
 
     async def ListVoices(

@@ -54,6 +54,15 @@ class ComposerSettings(ServiceSettings):
     min_speaking_rate: float = Field(default=0.5, gt=0)
     max_speaking_rate: float = Field(default=2.0, gt=0)
     sentence_pause_s: float = Field(default=0.2, ge=0, le=2)
+    # Content-addressed narration cache in the artifact store: each scene's speech is
+    # stored under `narration_cache_prefix/<key>.wav` and reused by any composition
+    # that would speak the same sentences with the same voice, rate and pause.
+    narration_cache_enabled: bool = True
+    narration_cache_prefix: str = Field(
+        default="cache/narration",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$",
+        max_length=200,
+    )
 
     # Used when a request names neither width/height nor aspect/resolution.
     default_width: int = 1280

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import threading
@@ -17,6 +19,10 @@ from storyreel.errors import InvalidInput, NotReady
 from storyreel_composer.captions import split_sentences
 
 log = logging.getLogger(__name__)
+
+#: Version of what a narration cache key covers and of the cached entry's layout
+#: (:mod:`storyreel_composer.narration_cache`): change it when either changes.
+NARRATION_CACHE_FORMAT = "storyreel-narration-1"
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,8 @@ class NarrationSynthesizer:
                 self._files[other] = (Path(path), None)
         self.sentence_pause_s = sentence_pause_s
         self._voices: dict[str, object] = {}
+        #: Per loaded voice: what identifies its files (sizes and SHA-256 of model and config).
+        self._fingerprints: dict[str, str] = {}
         self._catalog: VoiceCatalog | None = None
         # piper phonemizes through espeak-ng, a C library with global state:
         # one synthesis at a time.
@@ -158,6 +166,9 @@ class NarrationSynthesizer:
         for name, (model, config) in self._files.items():
             started = time.perf_counter()
             voice = PiperVoice.load(model, config_path=config)
+            self._fingerprints[name] = _fingerprint(
+                model, config or model.with_name(model.name + ".json")
+            )
             self._voices[name] = voice
             log.info(
                 "voice loaded",
@@ -172,6 +183,34 @@ class NarrationSynthesizer:
     def close(self) -> None:
         """Drop the voices."""
         self._voices = {}
+        self._fingerprints = {}
+
+    def narration_key(self, text: str, *, voice: str | None = None, rate: float = 1.0) -> str:
+        """The content key of what :meth:`speak` makes of ``text``: the SHA-256 of a canonical
+        JSON of everything that decides the speech.
+
+        That is the cache format, the voice's name and files (sizes and SHA-256 of its model
+        and config, taken at :meth:`load`), the piper version, the speaking rate, the pause
+        between sentences, the sentences exactly as they are spoken (``text`` after
+        :func:`split_sentences`) and the WAV format (sample rate, 16-bit mono).
+        NotReady before :meth:`load`; InvalidInput for an unknown voice.
+        """
+        piper_voice = self._require_voice(voice)
+        name = self.check_voice(voice)
+        payload = {
+            "format": NARRATION_CACHE_FORMAT,
+            "voice": name,
+            "voice_files": self._fingerprints.get(name, ""),
+            "piper": _piper_version(),
+            "rate": float(rate),
+            "sentence_pause_s": float(self.sentence_pause_s),
+            "sentences": split_sentences(text),
+            "sample_rate": int(piper_voice.config.sample_rate),
+            "sample_width": 2,
+            "channels": 1,
+        }
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     def speak(
         self, text: str, wav_path: Path, *, voice: str | None = None, rate: float = 1.0
@@ -222,3 +261,25 @@ class NarrationSynthesizer:
         if not self._voices:
             raise NotReady("the narration voice is not loaded yet")
         return self._voices[self.check_voice(voice)]
+
+
+def _fingerprint(*paths: Path) -> str:
+    """Sizes and SHA-256 of the files, in order: what names a voice's model and config."""
+    parts = []
+    for path in paths:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+        parts.append(f"{path.stat().st_size}:{digest.hexdigest()}")
+    return ",".join(parts)
+
+
+@functools.cache
+def _piper_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("piper-tts")
+    except PackageNotFoundError:
+        return ""

@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -65,11 +65,14 @@ class CastMember:
 
     ``diffusion.v1.Character`` of the contract; ``seed`` 0 derives one from the name.
     The story's character (no seed) is :class:`storyreel.storyboard.Character`.
+    ``reference_uri`` (REFERENCE_IMAGES only) is an uploaded image of the character
+    that conditions its scenes instead of a drawn portrait.
     """
 
     name: str
     appearance: str
     seed: int = 0
+    reference_uri: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,10 @@ class CharacterPlan:
     portrait_prompt: str
     #: Content key of its reference portrait.
     portrait_key: str
+    #: Its uploaded reference image and that image's content hash ("" when none: a
+    #: portrait is drawn instead).
+    reference_uri: str = ""
+    reference_hash: str = ""
 
     def identity_seeds(self, count: int) -> tuple[int, ...]:
         """Seeds of its ``count`` identity images: its own seed, then derived ones."""
@@ -335,10 +342,15 @@ def plan_render(
     consistency_strength: float = 0.0,
     job_seed: int | None = None,
     revision: int = 0,
+    reference_hashes: Mapping[str, str] | None = None,
 ) -> RenderPlan:
     """Check a request against the limits and plan every image (0 or "" selects a default).
 
     ``revision`` is the run of the job the images are stored under (0 to 2**31-1).
+    ``reference_hashes`` maps each character's ``reference_uri`` to the SHA-256 of the
+    image's bytes (read by the renderer, which checks the URI with
+    :func:`check_reference_uri`): it is part of the content key of every scene the
+    image conditions.
 
     Raises InvalidInput naming the field and its bounds, or FailedPrecondition when
     the request needs something this service was not started with (an IP-Adapter).
@@ -392,6 +404,17 @@ def plan_render(
                 "has none (set STORYREEL_DIFFUSION_IP_ADAPTER)"
             )
         strength = consistency_strength or settings.ip_adapter_scale
+    hashes = reference_hashes or {}
+    for position, character in enumerate(characters):
+        if not character.reference_uri:
+            continue
+        where = f"characters[{position}] ({character.name})"
+        if mode is not ConsistencyMode.REFERENCE_IMAGES:
+            raise InvalidInput(
+                f"{where}: reference_uri needs consistency reference_images (got {mode.value})"
+            )
+        if character.reference_uri not in hashes:
+            raise InvalidInput(f"{where}: reference_uri {character.reference_uri} was not read")
     if consistency_strength and not (
         math.isfinite(consistency_strength)
         and 0 < consistency_strength <= settings.max_consistency_strength
@@ -424,6 +447,8 @@ def plan_render(
             seed=seed,
             portrait_prompt=prompt,
             portrait_key=_content_key(facts, {**common, "prompt": prompt, "seed": seed}),
+            reference_uri=character.reference_uri,
+            reference_hash=hashes.get(character.reference_uri, ""),
         )
 
     images = []
@@ -460,7 +485,10 @@ def plan_render(
                 "mode": mode.value,
                 "adapter": facts.ip_adapter,
                 "scale": strength,
-                "references": [c.portrait_key for c in present],
+                "references": [
+                    f"upload:sha256:{c.reference_hash}" if c.reference_uri else c.portrait_key
+                    for c in present
+                ],
             }
         fields = {**common, "prompt": prompt, "seed": seed, "conditioning": conditioning}
         images.append(
@@ -478,6 +506,8 @@ def plan_render(
         for image in images:
             for name in image.conditioned_on:
                 character = cast[name]
+                if character.reference_uri:
+                    continue  # conditioned on its uploaded image: no portrait is drawn
                 portraits.setdefault(
                     name,
                     ImagePlan(
@@ -504,6 +534,24 @@ def plan_render(
         portraits=portraits,
         revision=revision,
     )
+
+
+#: The only folder of the store a reference image is read from.
+REFERENCE_PREFIX = "uploads/"
+
+
+def check_reference_uri(where: str, uri: str, key: str) -> None:
+    """InvalidInput unless ``uri`` (object key ``key``) is an upload.
+
+    A reference image is read only from the store's ``uploads/`` folder: never another
+    job's artifacts, the cache, or anything outside the store (the store's ``key_of``
+    refuses URIs of other stores and keys with ``..``).
+    """
+    if not key.startswith(REFERENCE_PREFIX):
+        raise InvalidInput(
+            f"{where}: reference_uri {uri} is not an uploaded image (only {REFERENCE_PREFIX} "
+            "objects of this service's artifact store are read)"
+        )
 
 
 def plan_batches(plan: RenderPlan, positions: Sequence[int], max_batch: int) -> list[list[int]]:

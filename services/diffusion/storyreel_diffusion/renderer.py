@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import io
 import json
 import logging
@@ -36,10 +37,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from storyreel.errors import NotFound, NotReady, Overloaded
+from storyreel.errors import InvalidInput, NotFound, NotReady, Overloaded
 from storyreel.seeds import derive_seed
 from storyreel.storage import ArtifactStore
 from storyreel_diffusion.metrics import RenderMetrics
@@ -58,6 +59,7 @@ from storyreel_diffusion.planning import (
     RenderPlan,
     Scene,
     cache_key,
+    check_reference_uri,
     image_key,
     plan_batches,
     plan_render,
@@ -82,6 +84,53 @@ log = logging.getLogger(__name__)
 
 #: PNG text chunk holding what a cached image's caller must be told (seed used, safety).
 PNG_META = "storyreel"
+#: Formats an uploaded reference image may be in (Pillow's names).
+REFERENCE_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """A character's uploaded reference image, read and made ready for the image encoder."""
+
+    #: SHA-256 of the stored bytes (part of the content keys of the scenes it conditions).
+    sha256: str
+    image: Image.Image
+
+
+def _encoder_side(pipe: Any) -> int:
+    """Side of the square the IP-Adapter's image encoder reads (its processor's crop)."""
+    crop = getattr(getattr(pipe, "feature_extractor", None), "crop_size", None)
+    if isinstance(crop, dict) and crop.get("height") and crop.get("width"):
+        return int(min(crop["height"], crop["width"]))
+    return 224
+
+
+def decode_reference(where: str, uri: str, data: bytes, max_pixels: int, side: int) -> Image.Image:
+    """An uploaded reference image as the image encoder reads it: RGB, ``side`` square.
+
+    The pixel count is checked from the header before anything is decoded; the
+    image is then decoded whole, converted to RGB and scaled and centre-cropped to
+    ``side`` (as the encoder's processor would, so a large upload is not kept).
+    """
+    refused = f"{where}: reference_uri {uri}"
+    try:
+        with Image.open(io.BytesIO(data), formats=REFERENCE_FORMATS) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InvalidInput(
+                    f"{refused} is {width}x{height} pixels; the limit is {max_pixels} pixels"
+                )
+            image.load()
+            rgb = image.convert("RGB")
+    except InvalidInput:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InvalidInput(f"{refused} is too large to decode: {exc}") from None
+    except Exception as exc:  # Pillow raises many kinds for a file it cannot read
+        raise InvalidInput(
+            f"{refused} is not a decodable PNG, JPEG or WebP image ({exc})"
+        ) from None
+    return ImageOps.fit(rgb, (side, side), Image.Resampling.BICUBIC)
 
 
 @dataclass(frozen=True)
@@ -243,6 +292,7 @@ class SceneRenderer:
         model, executor = self._model, self._executor
         if model is None or executor is None:
             raise NotReady("the render model is not loaded")
+        uploads = await self._read_uploads(characters, consistency, model)
         plan = plan_render(
             self.settings,
             model.facts,
@@ -260,11 +310,12 @@ class SceneRenderer:
             consistency_strength=consistency_strength,
             job_seed=job_seed,
             revision=revision,
+            reference_hashes={uri: upload.sha256 for uri, upload in uploads.items()},
         )
         cached = await self._lookup(plan)
         wanted = [*plan.images, *plan.portraits.values()]
         if all(image.key in cached for image in wanted):
-            async for image in self._produce(plan, cached):
+            async for image in self._produce(plan, cached, uploads):
                 yield image
             return
         if self._admitted >= self.settings.max_queue:
@@ -275,14 +326,17 @@ class SceneRenderer:
         self._admitted += 1
         self.metrics.queue_depth.set(self._admitted)
         try:
-            async for image in self._produce(plan, cached):
+            async for image in self._produce(plan, cached, uploads):
                 yield image
         finally:
             self._admitted -= 1
             self.metrics.queue_depth.set(self._admitted)
 
     async def _produce(
-        self, plan: RenderPlan, cached: dict[str, bytes]
+        self,
+        plan: RenderPlan,
+        cached: dict[str, bytes],
+        uploads: dict[str, _Upload] | None = None,
     ) -> AsyncIterator[SceneImage]:
         """Copy the hits, draw the misses batch by batch, yield in request order."""
         loop = asyncio.get_running_loop()
@@ -303,7 +357,7 @@ class SceneRenderer:
                 raise NotReady("the diffusion service is stopping") from None
 
         try:
-            references, reference_uris = await self._references(plan, cached, submit)
+            references, reference_uris = await self._references(plan, cached, submit, uploads)
             for position, image in enumerate(plan.images):
                 if image.key in cached:
                     stores[position] = asyncio.ensure_future(
@@ -372,12 +426,64 @@ class SceneRenderer:
         except NotFound:
             return None
 
+    async def _read_uploads(
+        self,
+        characters: Sequence[CastMember],
+        consistency: ConsistencyMode | str | None,
+        model: LoadedModel,
+    ) -> dict[str, _Upload]:
+        """The characters' uploaded reference images, by URI (REFERENCE_IMAGES only).
+
+        Only URIs under the store's uploads/ folder are read (InvalidInput otherwise);
+        NotFound when one is not stored; InvalidInput when it is too large or does not
+        decode. Another mode reads nothing: :func:`plan_render` refuses the request.
+        """
+        wanted: dict[str, str] = {}
+        for position, character in enumerate(characters):
+            if character.reference_uri:
+                where = f"characters[{position}] ({character.name})"
+                wanted.setdefault(character.reference_uri, where)
+        mode = consistency or self.settings.consistency
+        if not wanted or mode != ConsistencyMode.REFERENCE_IMAGES or not model.facts.ip_adapter:
+            return {}  # nothing to read, or plan_render refuses the request
+        side = _encoder_side(model.pipe)
+        uris = list(wanted)
+        read = await asyncio.gather(
+            *(asyncio.to_thread(self._read_upload, wanted[uri], uri, side) for uri in uris)
+        )
+        return dict(zip(uris, read, strict=True))
+
+    def _read_upload(self, where: str, uri: str, side: int) -> _Upload:
+        key = self.store.key_of(uri)  # InvalidInput: not in this store, or not a safe key
+        check_reference_uri(where, uri, key)
+        try:
+            data = self.store.get_bytes(uri)
+        except NotFound:
+            raise NotFound(f"{where}: reference_uri {uri} is not stored") from None
+        limit = self.settings.max_reference_bytes
+        if len(data) > limit:
+            raise InvalidInput(f"{where}: reference_uri {uri} is over {limit} bytes")
+        image = decode_reference(where, uri, data, self.settings.max_reference_pixels, side)
+        return _Upload(hashlib.sha256(data).hexdigest(), image)
+
     async def _references(
-        self, plan: RenderPlan, cached: dict[str, bytes], submit
+        self,
+        plan: RenderPlan,
+        cached: dict[str, bytes],
+        submit,
+        uploads: dict[str, _Upload] | None = None,
     ) -> tuple[dict[str, Image.Image], dict[str, str]]:
-        """The plan's reference portraits: drawn or cached, stored under the job's revision."""
+        """The images the scenes are conditioned on, by character: uploaded images as
+        they are, reference portraits drawn or cached and stored under the job's revision."""
+        uploads = uploads or {}
+        given = {
+            name: character.reference_uri
+            for name, character in plan.characters.items()
+            if character.reference_uri in uploads
+        }
+        uploaded_images = {name: uploads[uri].image for name, uri in given.items()}
         if not plan.portraits:
-            return {}, {}
+            return uploaded_images, dict(given)
         missing = [name for name, p in plan.portraits.items() if p.key not in cached]
         drawn: dict[str, _Drawn] = {}
         size = self.settings.max_batch_size
@@ -403,7 +509,7 @@ class SceneRenderer:
         stored = await asyncio.gather(*(asyncio.to_thread(store, n) for n in names))
         images = {name: image for name, (image, _) in zip(names, stored, strict=True)}
         uris = {name: uri for name, (_, uri) in zip(names, stored, strict=True)}
-        return images, uris
+        return {**images, **uploaded_images}, {**uris, **given}
 
     # Storage helpers: run on worker threads (asyncio.to_thread).
 

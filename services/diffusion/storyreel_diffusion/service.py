@@ -51,7 +51,9 @@ class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):
             for scene in request.scenes
         ]
         characters = [
-            CastMember(name=c.name, appearance=c.appearance, seed=c.seed)
+            CastMember(
+                name=c.name, appearance=c.appearance, seed=c.seed, reference_uri=c.reference_uri
+            )
             for c in request.characters
         ]
         images = self.renderer.render(

@@ -111,6 +111,10 @@ class DiffusionSettings(ServiceSettings):
     ip_adapter_weight_name: str = "ip-adapter_sd15.safetensors"
     ip_adapter_image_encoder_folder: str = "image_encoder"
     ip_adapter_scale: float = Field(default=0.6, gt=0)
+    # A character's uploaded reference image (Character.reference_uri): the most bytes
+    # and pixels read (the pixels from the header, before anything is decoded).
+    max_reference_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_reference_pixels: int = Field(default=4096 * 4096, ge=1)
     # Upper bound of a request's consistency_strength, in either mode.
     max_consistency_strength: float = Field(default=2.0, gt=0)
 
