@@ -198,7 +198,7 @@ class InProcessStory:
         self.slot = GenerationSlot(settings.max_waiting_requests)
 
     async def load(self) -> None:
-        from storyreel_llm.clip import clip_tokenizer
+        from storyreel.clip_count import clip_tokenizer
 
         await asyncio.to_thread(clip_tokenizer)
         await self.slot.run(self.backend.load)

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 
 from storyreel.errors import FailedPrecondition, InvalidInput, NotFound
 from storyreel.ids import new_job_id
+from storyreel.image_prompts import PromptTooLong, reassemble_prompts
 from storyreel.storage import READ_CHUNK_BYTES, ArtifactReader, ArtifactStore
 from storyreel.storyboard import Storyboard
 from storyreel_gateway.admission import (
@@ -301,6 +302,12 @@ class JobRunner:
         cancelled; Aborted for a stale ``version``; InvalidInput for a bad storyboard.
         """
         current = await self.get(tenant, job_id)  # NotFound first, for another's job
+        # A scene whose shot or cast changed but whose prompt the editor left alone gets
+        # its prompt assembled again, as the LLM service assembles its own.
+        try:
+            board = reassemble_prompts(current.storyboard, board, hints)
+        except PromptTooLong as exc:
+            raise InvalidInput(f"storyboard.{exc}") from None
         self.admission.check_edited_storyboard(board)
         # Reference images, checked as at CreateVideo (the job's consistency mode).
         edited_spec = current.spec.model_copy(update={"storyboard": board})

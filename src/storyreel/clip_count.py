@@ -2,7 +2,7 @@
 
 Stable Diffusion reads at most 77 CLIP tokens (start and end tokens included) and
 silently drops the rest. The LLM service assembles its image prompts to fit
-(``storyreel_llm.clip``); the gateway and the CLI measure a user's own storyboard
+(``storyreel.image_prompts``); the gateway and the CLI measure a user's own storyboard
 with the same tokenizer, so both are held to the same window.
 
 The tokenizer is CLIP's byte-level BPE with the real 49,408-token vocabulary,

@@ -256,3 +256,35 @@ def test_the_review_option_counts_in_the_fingerprint_only_when_set():
     spec = JobSpec(prompt="a fox", scene_count=2, seed=1, width=64, height=64, fps=24)
     reviewed = spec.model_copy(update={"review": True})
     assert Admission.request_hash(spec) != Admission.request_hash(reviewed)
+
+
+async def test_an_edited_shot_or_look_gets_its_prompt_assembled_again(gateway, upstream):
+    board = _board()
+    board.scenes[0].setting = "on a spiral stair"
+    board.scenes[0].action = "climbs with a lamp"
+    request = pb.CreateVideoRequest(storyboard=board, seed=7, review=True)
+    job_id = (await gateway.CreateVideo(request)).job_id
+    assert (await watch_events(gateway, job_id))[-1].job.state == pb.JOB_STATE_REVIEW
+    edited = types_pb2.Storyboard()
+    edited.CopyFrom(board)
+    edited.scenes[0].setting = "at the top of the tower"  # the prompt left as it was
+    edited.characters[0].appearance = "a keeper in a green oilskin"
+    job = (
+        await gateway.UpdateStoryboard(
+            pb.UpdateStoryboardRequest(job_id=job_id, storyboard=edited, version=1)
+        )
+    ).job
+    prompt = job.storyboard.scenes[0].image_prompt
+    # Assembled as the LLM service assembles its own: style, appearance whole, action, setting.
+    assert prompt == "ink, a keeper in a green oilskin, climbs with a lamp, at the top of the tower"
+    # A prompt the editor wrote is kept as written; scenes without a shot are untouched.
+    assert job.storyboard.scenes[1].image_prompt == board.scenes[1].image_prompt
+    edited = job.storyboard
+    edited.scenes[0].image_prompt = "ink, my own words for the tower"
+    edited.scenes[0].setting = "on the gallery"
+    job = (
+        await gateway.UpdateStoryboard(
+            pb.UpdateStoryboardRequest(job_id=job_id, storyboard=edited, version=2)
+        )
+    ).job
+    assert job.storyboard.scenes[0].image_prompt == "ink, my own words for the tower"

@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from storyreel_llm.clip import PromptTooLong, assemble_image_prompt, clip_tokenizer
 
 from storyreel import clip_vocab
+from storyreel.clip_count import clip_tokenizer
+from storyreel.image_prompts import PromptTooLong, assemble_image_prompt
 
 STYLE = "children's storybook illustration, warm colors, gentle shapes"
 LOOKS = [
@@ -143,7 +144,7 @@ def test_settings_refuse_appearance_caps_that_cannot_fit_together(settings_for):
 def test_the_tokenizer_needs_no_torch_or_transformers():
     code = (
         "import sys\n"
-        "from storyreel_llm.clip import clip_tokenizer\n"
+        "from storyreel.clip_count import clip_tokenizer\n"
         "assert clip_tokenizer().count('a red fox') == 5\n"
         "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

@@ -11,10 +11,11 @@ import json
 
 import jsonschema
 import pytest
-from storyreel_llm.clip import clip_tokenizer
 from storyreel_llm.prompts import repeats_instructions, shot_messages
 from storyreel_llm.storyboard import Character, Storyboard, cast_schema, shot_schema
 from storyreel_llm.writer import StoryboardWriter
+
+from storyreel.clip_count import clip_tokenizer
 
 pytestmark = pytest.mark.model
 

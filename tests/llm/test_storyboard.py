@@ -7,7 +7,6 @@ import json
 import jsonschema
 import pytest
 from pydantic import ValidationError
-from storyreel_llm.clip import clip_tokenizer
 from storyreel_llm.prompts import INSTRUCTIONS
 from storyreel_llm.storyboard import (
     CAMERAS,
@@ -21,6 +20,8 @@ from storyreel_llm.storyboard import (
     shot_model,
     shot_schema,
 )
+
+from storyreel.clip_count import clip_tokenizer
 
 CAPS = TextCaps(
     title=40,

@@ -6,10 +6,10 @@ import json
 
 import pytest
 from llm.story_doubles import CAST, STORY, ScriptedBackend, answers_for, shot, write_board
-from storyreel_llm.clip import clip_tokenizer
 from storyreel_llm.storyboard import cast_schema, shot_schema
 from storyreel_llm.writer import StoryboardWriter
 
+from storyreel.clip_count import clip_tokenizer
 from storyreel.errors import UpstreamFailed
 
 ADA_LOOK = CAST["characters"][0]["appearance"]

@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from storyreel.clip_count import clip_tokenizer
 from storyreel.errors import FailedPrecondition, NotReady, Overloaded, StoryreelError
 from storyreel.llm.v1 import llm_pb2, llm_pb2_grpc
 from storyreel.serving import Service
 from storyreel.storyboard import storyboard_to_proto
 from storyreel_llm.backends import Backend, create_backend
-from storyreel_llm.clip import clip_tokenizer
 from storyreel_llm.settings import LLMSettings
 from storyreel_llm.writer import StoryboardWriter
 

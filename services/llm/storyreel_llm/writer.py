@@ -8,7 +8,7 @@
    then once per scene for the shot: who is in the picture, the setting, the
    action and the camera.
 
-The image prompt is then assembled in code (:mod:`storyreel_llm.clip`) from the
+The image prompt is then assembled in code (:mod:`storyreel.image_prompts`) from the
 style, the fixed appearance of each character present, and the shot, and fitted
 to CLIP's 77-token window: a character reads the same in every prompt because
 the model is never trusted to repeat the description.
@@ -34,12 +34,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from storyreel.clip_count import ClipTokenizer, clip_tokenizer
 from storyreel.errors import InvalidInput, UpstreamFailed
+from storyreel.image_prompts import assemble_image_prompt
 from storyreel.prompts import check_prompt
 from storyreel.seeds import MAX_UINT64_SEED, choose_seed
 from storyreel_llm import prompts, reader
 from storyreel_llm.backends.base import Backend, ChatMessage
-from storyreel_llm.clip import ClipTokenizer, assemble_image_prompt, clip_tokenizer
 from storyreel_llm.settings import LLMSettings
 from storyreel_llm.storyboard import (
     CAMERAS,

