@@ -131,12 +131,13 @@ def _client(args: argparse.Namespace, stack: ExitStack, address: str | None = No
     return client
 
 
-def _upload_requests(path: Path) -> Iterator:
-    pb = _pb()
-    yield pb.UploadAudioRequest(filename=path.name)
+def _upload_requests(path: Path, kind: str = "UploadAudioRequest") -> Iterator:
+    """The messages of an UploadAudio (or, with ``kind``, UploadImage) call sending ``path``."""
+    message = getattr(_pb(), kind)
+    yield message(filename=path.name)
     with path.open("rb") as fh:
         while chunk := fh.read(UPLOAD_CHUNK_BYTES):
-            yield pb.UploadAudioRequest(chunk=chunk)
+            yield message(chunk=chunk)
 
 
 def _fetch(url: str, output: Path) -> None:
@@ -520,6 +521,23 @@ _EDIT_HEADER = """\
 # A scene whose image_prompt, characters or their appearances change is drawn
 # again; a narration change keeps its image.
 """
+
+
+def cmd_upload_image(args: argparse.Namespace) -> int:
+    """Upload a character's reference picture; print its URI (for a storyboard's reference_uri)."""
+    if not args.image.is_file():
+        raise CliError(f"{args.image} does not exist", EXIT_REFUSED)
+    with ExitStack() as stack:
+        client = _client(args, stack)
+        stored = client.call(
+            "UploadImage",
+            _upload_requests(args.image, "UploadImageRequest"),
+            "upload refused",
+            timeout=300,
+        )
+    console.print(f"{stored.format} {stored.width}x{stored.height}, {stored.size_bytes} bytes")
+    print(stored.image_uri)
+    return 0
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
@@ -912,6 +930,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument(
         "--file", type=Path, help="edit and send this file (one an earlier `edit` kept) instead"
     )
+    upload_image = client_command(
+        "upload-image",
+        "upload a character's reference picture (PNG, JPEG, WebP); prints its URI",
+        cmd_upload_image,
+    )
+    upload_image.add_argument("image", type=Path)
     approve = client_command("approve", "let a job in review render its storyboard", cmd_approve)
     approve.add_argument("job")
     approve.add_argument(

@@ -260,3 +260,21 @@ async def test_generate_review_then_edit_and_approve(gateway, upstream, tmp_path
     assert code == 0, stderr
     assert output.read_bytes() == b"mp4"
     assert upstream.compose_requests[-1].scenes[0].narration == "A fox, edited."
+
+
+async def test_upload_image_prints_the_uri_of_a_reference_picture_and_refuses_text(
+    gateway, tmp_path: Path
+):
+    from PIL import Image
+
+    picture = tmp_path / "mira.png"
+    Image.new("RGB", (48, 32), (200, 40, 40)).save(picture)
+    code, stdout, stderr = await _run("upload-image", str(picture), "--gateway", gateway.address)
+    assert code == 0, stderr
+    assert "/uploads/" in stdout and stdout.strip().endswith(".png")
+    assert "48x32" in stderr
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    code, stdout, stderr = await _run("upload-image", str(text), "--gateway", gateway.address)
+    assert code == 2 and stdout == ""
+    assert "upload refused" in stderr
