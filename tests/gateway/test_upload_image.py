@@ -9,6 +9,7 @@ and only with the REFERENCE_IMAGES mode.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import struct
 import time
@@ -239,3 +240,28 @@ async def test_the_first_message_must_carry_the_filename(start_gateway):
         await stub.UploadImage(chunk_first(), metadata=ALICE)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "first UploadImage message" in caught.value.details()
+
+
+async def test_an_edit_naming_another_tenants_image_is_refused_and_changes_nothing(
+    start_gateway, upstream
+):
+    stub = (await start_gateway(api_keys=API_KEYS)).stub
+    mine = (await _upload(stub, _image("PNG"))).image_uri
+    bobs = (await _upload(stub, _image("PNG"), metadata=BOB)).image_uri
+    job_id = (await stub.CreateVideo(_request(mine, review=True), metadata=ALICE)).job_id
+    for _ in range(100):
+        job = (await stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=ALICE)).job
+        if job.state == pb.JOB_STATE_REVIEW:
+            break
+        await asyncio.sleep(0.05)
+    assert job.state == pb.JOB_STATE_REVIEW
+    edit = pb.UpdateStoryboardRequest(
+        job_id=job_id, storyboard=_board(bobs), version=job.storyboard_version
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.UpdateStoryboard(edit, metadata=ALICE)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is not one of your image uploads" in caught.value.details()
+    after = (await stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=ALICE)).job
+    assert after.storyboard == job.storyboard
+    assert after.storyboard_version == job.storyboard_version
