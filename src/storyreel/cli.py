@@ -428,16 +428,7 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         client = _client(args, stack)
         client.call("RegenerateScene", request, f"cannot regenerate scene {args.index}")
-        if args.no_wait:
-            print(args.job)
-            return 0
-        job = _watch(client, args.job)
-        _final(job, args.job)
-        if args.output:
-            print(_download(job, args.output, client))
-        else:
-            print(job.video_url)
-    return 0
+        return _follow(client, args)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -523,6 +514,21 @@ _EDIT_HEADER = """\
 """
 
 
+def _follow(client: GatewayClient, args: argparse.Namespace) -> int:
+    """After a call that starts a run: print the job id (--no-wait), or wait for the video
+    and print where it is (or save it with -o)."""
+    if args.no_wait:
+        print(args.job)
+        return 0
+    job = _watch(client, args.job)
+    _final(job, args.job)
+    if args.output:
+        print(_download(job, args.output, client))
+    else:
+        print(job.video_url)
+    return 0
+
+
 def cmd_upload_image(args: argparse.Namespace) -> int:
     """Upload a character's reference picture; print its URI (for a storyboard's reference_uri)."""
     if not args.image.is_file():
@@ -551,16 +557,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
             version = job.storyboard_version
         request = pb.ApproveStoryboardRequest(job_id=args.job, version=version)
         client.call("ApproveStoryboard", request, f"cannot approve {args.job}")
-        if args.no_wait:
-            print(args.job)
-            return 0
-        job = _watch(client, args.job)
-        _final(job, args.job)
-        if args.output:
-            print(_download(job, args.output, client))
-        else:
-            print(job.video_url)
-    return 0
+        return _follow(client, args)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
