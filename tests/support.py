@@ -31,6 +31,7 @@ OVERLAYS_DIR = REPO / "deploy" / "k8s" / "overlays"
 S3_ACCESS_KEY = "storyreel-test"
 S3_SECRET_KEY = "storyreel-test-secret"
 S3_ENDPOINT = "127.0.0.1:8333"
+S3_BUCKET = "storyreel-tests"  # one bucket for the suite; each test writes under its own prefix
 #: Two tenants of a gateway, as metadata of their calls, and the api_keys setting naming both.
 ALICE = (("authorization", "Bearer alice-key"),)
 BOB = (("authorization", "Bearer bob-key"),)
