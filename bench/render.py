@@ -1,32 +1,44 @@
-"""Benchmark of the diffusion service: throughput by batch size, and its overhead.
+"""Benchmark of the diffusion service: throughput by batch size, its overhead, the fast CPU path.
 
     .venv/bin/python bench/render.py                   # tiny model, CPU: about a minute
     .venv/bin/python bench/render.py --threads 1       # on a CPU shared with other work
     .venv/bin/python bench/render.py --full-size       # SD 1.5 architecture, fp16, on CUDA
+    .venv/bin/python bench/render.py --full-size --device cpu --steps 1 --components
 
-For each batch size it draws the same images twice: with a plain diffusers
-pipeline call (batches of that size, PIL output, nothing stored) and through
-the diffusion service, a real gRPC server started in this process with
-``max_batch_size`` set to that size, one request for all the images, cache
-misses only, every PNG encoded and stored (job copy and cache entry) in a
-file store. It prints images per second for both, and on its last line
-``service/plain ratio: X``: the service's time per image divided by the plain
-pipeline's, over all batch sizes. Both run in the same process and
-conditions; timings on a shared machine are noisy, so compare ratios and use
-``--repeat``.
+For each batch size it draws the same images with a plain diffusers pipeline
+call (batches of that size, PIL output, nothing stored) configured like the
+service (same dtype, VAE and memory order), and through the diffusion service,
+a real gRPC server started in this process with ``max_batch_size`` set to that
+size, one request for all the images, cache misses only, every PNG encoded and
+stored (job copy and cache entry) in a file store. It prints images per second
+for both and ``service/plain ratio: X``: the service's time per image divided
+by the plain pipeline's, over all batch sizes.
+
+On a CPU it also draws the images with plain float32 diffusers and the
+checkpoint's full VAE (what a CPU user got before the fast path) and ends with
+``cpu-fast/plain ratio: X``: the service's time (bfloat16 where the CPU has it,
+channels-last, the tiny VAE decoder) divided by that baseline's. ``--components``
+first prints one forward pass of each component in both configurations.
+
+Everything runs in the same process and conditions; timings on a shared
+machine are noisy, so compare ratios and use ``--repeat``.
 
 ``--full-size`` builds random weights with the real Stable Diffusion 1.5
 architecture (UNet 860M parameters, the 4-block 128-512 channel VAE, the
 12-layer CLIP ViT-L/14 text encoder with the real CLIP vocabulary), saves them
 in float16 and loads them through ``from_pretrained`` like a real checkpoint:
-the pictures are noise, the compute is real. Defaults: CUDA, float16, 512x512,
-25 steps, batches of 1, 4 and 8.
+the pictures are noise, the compute is real. On a CPU it also builds a random
+``AutoencoderTiny`` (the TAESD architecture) as the service's VAE, unless
+``--vae`` names one or ``--full-vae`` keeps the checkpoint's. Defaults on cuda:
+float16, 512x512, 25 steps, batches of 1, 4 and 8; on a CPU: 512x512, 1 step,
+no guidance, 4 images in batches of 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import sys
@@ -110,6 +122,73 @@ def build_full_size(out: Path) -> Path:
     return out
 
 
+def build_tiny_vae(out: Path) -> Path:
+    """Save a random ``AutoencoderTiny`` (the TAESD architecture, 4 latent channels)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    if not (out / "config.json").is_file():
+        torch.manual_seed(0)
+        AutoencoderTiny().save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def plain_pipeline(model: Path, device: str, dtype, vae: Path | None, channels_last: bool):
+    """A plain diffusers pipeline: ``dtype``, ``vae`` (None: the checkpoint's) and memory order."""
+    import diffusers
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    options = {"dtype": dtype}
+    if vae is not None:
+        class_name = json.loads((vae / "config.json").read_text())["_class_name"]
+        options["vae"] = getattr(diffusers, class_name).from_pretrained(vae, dtype=dtype)
+    pipe = AutoPipelineForText2Image.from_pretrained(model, **options).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if channels_last:
+        for module in (getattr(pipe, "unet", None), pipe.vae):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+    return pipe
+
+
+def components(model: Path, vae: Path | None, dtype, args) -> None:
+    """Print one forward pass of each component: float32 and the service's configuration."""
+    import torch
+
+    def best(call, repeat: int = 2) -> float:
+        call()  # untimed: first-call allocations
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    side = args.size // 8
+    configurations = [("float32, full VAE", torch.float32, None, False)]
+    configurations.append((f"{str(dtype).removeprefix('torch.')}, service VAE", dtype, vae, True))
+    for label, kind, vae_dir, channels_last in configurations:
+        pipe = plain_pipeline(model, args.device, kind, vae_dir, channels_last)
+        latents = torch.randn(1, 4, side, side, dtype=kind, device=args.device)
+        context = torch.randn(1, 77, pipe.text_encoder.config.hidden_size, dtype=kind)
+        tokens = torch.randint(0, pipe.tokenizer.vocab_size, (1, 77), device=args.device)
+        with torch.inference_mode():
+            text = best(lambda pipe=pipe, tokens=tokens: pipe.text_encoder(tokens))
+            unet = best(
+                lambda pipe=pipe, latents=latents, context=context: pipe.unet(
+                    latents, 10, encoder_hidden_states=context.to(args.device)
+                )
+            )
+            decode = best(lambda pipe=pipe, latents=latents: pipe.vae.decode(latents), 1)
+        print(
+            f"components ({label}, {type(pipe.vae).__name__}): text encoder {text:.3f} s, "
+            f"UNet step {unet:.2f} s, VAE decode {decode:.2f} s",
+            flush=True,
+        )
+        del pipe
+
+
 def plain_run(pipe, prompts: list[str], batch: int, args) -> float:
     """Seconds for the plain pipeline to draw ``prompts`` in batches of ``batch``."""
     import torch
@@ -176,7 +255,6 @@ async def run(args) -> int:
 
 async def measure(args, work: Path) -> int:
     import torch
-    from diffusers import AutoPipelineForText2Image
     from storyreel_diffusion.models import resolve_dtype
     from storyreel_diffusion.service import DiffusionService
     from storyreel_diffusion.settings import DiffusionSettings
@@ -188,6 +266,7 @@ async def measure(args, work: Path) -> int:
     from storyreel.settings import StorageSettings
     from storyreel.storage import open_store
 
+    on_cpu = args.device == "cpu"
     if args.model:
         model, kind = Path(args.model), "given checkpoint"
     elif args.full_size:
@@ -197,24 +276,32 @@ async def measure(args, work: Path) -> int:
         tiny = REPO / "models" / "tiny-sd"
         model = tiny if tiny.is_dir() else build_tiny_pipeline(work / "tiny-sd")
         kind = "tiny SD (random weights)"
+    vae = Path(args.vae) if args.vae else None
+    if vae is None and on_cpu and args.full_size and not args.full_vae:
+        vae = build_tiny_vae(work / "taesd-random")
     dtype = resolve_dtype(args.dtype, torch.device(args.device))
     print(
         f"model: {kind}; device {args.device}, {str(dtype).removeprefix('torch.')}, "
-        f"{args.size}x{args.size}, {args.steps} steps, guidance {args.guidance}, "
-        f"{args.images} images per batch size, best of {args.repeat}, "
-        f"torch threads {torch.get_num_threads()}",
+        f"VAE {vae or 'the checkpoint s own'}, {args.size}x{args.size}, {args.steps} steps, "
+        f"guidance {args.guidance}, {args.images} images per batch size, "
+        f"best of {args.repeat}, torch threads {torch.get_num_threads()}",
         flush=True,
     )
-    plain = AutoPipelineForText2Image.from_pretrained(model, dtype=dtype).to(args.device)
-    plain.set_progress_bar_config(disable=True)
+    if args.components:
+        components(model, vae, dtype, args)
+    pipes = {"plain": plain_pipeline(model, args.device, dtype, vae, channels_last=True)}
+    if on_cpu:
+        # What a CPU user got before the fast path: float32 and the checkpoint's own VAE.
+        pipes["fp32"] = plain_pipeline(model, args.device, torch.float32, None, False)
     store = open_store(StorageSettings(url=(work / "artifacts").as_uri()))
 
-    totals = {"plain": 0.0, "service": 0.0}
+    totals = dict.fromkeys([*pipes, "service"], 0.0)
     for batch in args.batches:
         settings = DiffusionSettings(
             model=str(model),
             device=args.device,
             dtype=args.dtype,
+            vae=str(vae or ""),
             port=0,
             local_files_only=True,
             max_batch_size=batch,
@@ -231,25 +318,34 @@ async def measure(args, work: Path) -> int:
                 stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
                 # One untimed round each: first-call allocations and kernel choices.
                 salt = uuid.uuid4().hex[:8]
-                plain_run(plain, [f"warm {salt}"] * batch, batch, args)
+                for pipe in pipes.values():
+                    plain_run(pipe, [f"warm {salt}"] * batch, batch, args)
                 await service_run(stub, [f"warm {salt} {i}" for i in range(batch)], args)
-                best = {"plain": float("inf"), "service": float("inf")}
-                for _ in range(args.repeat):
+                best = dict.fromkeys(totals, float("inf"))
+                for repeat in range(args.repeat):
                     salt = uuid.uuid4().hex[:8]  # fresh prompts: never a cache hit
                     prompts = [f"scene {i} of a story, {salt}" for i in range(args.images)]
-                    best["plain"] = min(best["plain"], plain_run(plain, prompts, batch, args))
+                    # Plain and service back to back, in the same conditions; the slow
+                    # float32 baseline once, after them (it is compared at 0.35, not 1.10).
+                    best["plain"] = min(
+                        best["plain"], plain_run(pipes["plain"], prompts, batch, args)
+                    )
                     best["service"] = min(best["service"], await service_run(stub, prompts, args))
+                    if "fp32" in pipes and repeat == 0:
+                        best["fp32"] = plain_run(pipes["fp32"], prompts, batch, args)
         finally:
             await running.stop(0)
         for name in totals:
             totals[name] += best[name]
+        rates = ", ".join(f"{name} {args.images / best[name]:.3f} images/s" for name in best)
         print(
-            f"batch {batch}: plain {args.images / best['plain']:.2f} images/s, "
-            f"service {args.images / best['service']:.2f} images/s "
-            f"(service/plain {best['service'] / best['plain']:.3f})",
+            f"batch {batch}: {rates} (service/plain {best['service'] / best['plain']:.3f}; "
+            f"{best['service'] / args.images:.2f} s per image through the service)",
             flush=True,
         )
     print(f"service/plain ratio: {totals['service'] / totals['plain']:.3f}")
+    if on_cpu:
+        print(f"cpu-fast/plain ratio: {totals['service'] / totals['fp32']:.3f}")
     return 0
 
 
@@ -258,21 +354,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-size", action="store_true", help="SD 1.5-size random weights")
     parser.add_argument("--model", help="benchmark this checkpoint folder instead")
     parser.add_argument("--device", help="default: cuda with --full-size, else cpu")
-    parser.add_argument("--dtype", default="auto", help="auto: float16 on cuda, else float32")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto: float16 on cuda, bf16 or fp32 on cpu"
+    )
+    parser.add_argument("--vae", help="replacement VAE folder for the service and plain runs")
+    parser.add_argument("--full-vae", action="store_true", help="keep the checkpoint's VAE")
+    parser.add_argument("--components", action="store_true", help="time each component first")
     parser.add_argument("--size", type=int, help="square image side (default 512 / 192)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default 25 / 4)")
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--steps", type=int, help="denoising steps (default 25, 1 on cpu / 4)")
+    parser.add_argument("--guidance", type=float, help="default 7.5; 1 (off) for cpu full size")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (1 4 8 / 1 2 4 8)")
     parser.add_argument("--images", type=int, help="images per batch size (default 16 / 8)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per batch size; best kept")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per batch size; best kept")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args(argv)
+    if args.guidance is not None and args.guidance <= 0:
+        # In a request 0 means "the service default" (7.5): the service would run
+        # classifier-free guidance, twice the UNet work, where plain diffusers runs none.
+        parser.error("--guidance must be above 0; 1 or less turns guidance off")
     full = args.full_size
     args.device = args.device or ("cuda" if full else "cpu")
+    cpu_full = full and args.device == "cpu"
     args.size = args.size or (512 if full else 192)
-    args.steps = args.steps or (25 if full else 4)
-    args.batches = args.batches or ([1, 4, 8] if full else [1, 2, 4, 8])
-    args.images = args.images or (16 if full else 8)
+    args.steps = args.steps or (1 if cpu_full else 25 if full else 4)
+    args.guidance = args.guidance or (1.0 if cpu_full else 7.5)
+    args.batches = args.batches or ([1] if cpu_full else [1, 4, 8] if full else [1, 2, 4, 8])
+    args.images = args.images or (4 if cpu_full else 16 if full else 8)
     os.environ.setdefault("STORYREEL_DIFFUSION_LOG_LEVEL", "WARNING")
     return asyncio.run(run(args))
 

@@ -478,3 +478,18 @@ def make_internal_tls(folder: Path, name: str = "storyreel-test") -> InternalTLS
     run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
         "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
     return InternalTLS(ca=ca, cert=cert, key=key)
+
+
+#: How far an image drawn in a batch may stray from the same image drawn alone, by the
+#: render dtype: (most 8-bit levels in any pixel, least share of pixels exactly equal).
+#: Batched kernels round differently; bfloat16 keeps 8 mantissa bits, so more so.
+BATCH_TOLERANCE = {"float32": (1, 0.99), "bfloat16": (4, 0.5)}
+
+
+def batch_close(a, b, dtype: str) -> bool:
+    """Whether two renders of one image (numpy arrays, 8-bit levels) are within tolerance."""
+    import numpy as np
+
+    most, share = BATCH_TOLERANCE[dtype]
+    diff = np.abs(np.asarray(a, float) - np.asarray(b, float))
+    return bool(diff.max() <= most and (diff == 0).mean() >= share)

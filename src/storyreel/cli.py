@@ -184,6 +184,7 @@ def _watch(client: GatewayClient, job_id: str):
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("queued", total=100, eta="")
         lost_since = None
+        timed: set[int] = set()  # stages whose time was printed
         while job is None or job.state not in finished:
             try:
                 stream = client.stub.WatchJob(
@@ -199,6 +200,8 @@ def _watch(client: GatewayClient, job_id: str):
                         description = f"retrying: {event.message}"[:80]
                     eta = f"~{job.eta_s:.0f}s left" if job.eta_s > 0 else ""
                     progress.update(task, completed=job.progress, description=description, eta=eta)
+                    for line in _stage_times(job, timed):
+                        progress.console.print(line)
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise _rpc_error(error, f"cannot watch job {job_id}") from None
@@ -208,6 +211,21 @@ def _watch(client: GatewayClient, job_id: str):
                 progress.update(task, description="gateway unreachable, reconnecting")
                 time.sleep(1.0)
     return job
+
+
+def _stage_times(job, timed: set[int]) -> list[str]:
+    """A line for each stage that finished since the last call (``timed`` keeps count)."""
+    pb = _pb()
+    lines = []
+    for record in job.stages:
+        if record.state != pb.JOB_STATE_DONE or record.stage in timed:
+            continue
+        timed.add(record.stage)
+        line = f"{_name(pb.Stage, record.stage, 'STAGE_')} took {record.duration_s:.1f} s"
+        if record.stage == pb.STAGE_RENDER and job.scene_count:
+            line += f" ({record.duration_s / job.scene_count:.1f} s per scene)"
+        lines.append(line)
+    return lines
 
 
 def _final(job, job_id: str) -> None:

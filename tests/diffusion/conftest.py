@@ -118,12 +118,14 @@ class RecordingPipeline:
     cannot happen on demand here). Every other attribute is the real pipeline's.
     """
 
-    _own = ("inner", "calls", "fail_with")
+    _own = ("inner", "calls", "fail_with", "fail_above")
 
     def __init__(self, inner: Any) -> None:
         object.__setattr__(self, "inner", inner)
         object.__setattr__(self, "calls", [])
         object.__setattr__(self, "fail_with", None)
+        #: Raise ``fail_with`` only for calls of more prompts than this (None: every call).
+        object.__setattr__(self, "fail_above", None)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -136,7 +138,8 @@ class RecordingPipeline:
 
     def __call__(self, **kwargs: Any) -> Any:
         self.calls.append(list(kwargs["prompt"]))
-        if self.fail_with is not None:
+        too_many = self.fail_above is None or len(kwargs["prompt"]) > self.fail_above
+        if self.fail_with is not None and too_many:
             raise self.fail_with
         return self.inner(**kwargs)
 

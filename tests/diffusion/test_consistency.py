@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from storyreel_diffusion.planning import derive_seed
 from storyreel_diffusion.renderer import CastMember, Scene, SceneRenderer
-from support import new_job
+from support import batch_close, new_job
 
 from storyreel.errors import FailedPrecondition
 
@@ -35,10 +35,15 @@ def with_appearance(scene: Scene) -> Scene:
 
 @pytest.fixture(scope="module")
 async def consistent(diffusion_settings, ip_adapter_settings, shared_store):
-    """A renderer with the tiny IP-Adapter, 64 px images in 2 steps, batches of 4, no cache."""
+    """A renderer with the tiny IP-Adapter, 64 px images in 2 steps, batches of 4, no cache.
+
+    In float32: the distances these tests order are a level or two apart on random tiny
+    weights, within bfloat16's rounding (there strength 1 and 2 swapped places).
+    """
     settings = diffusion_settings.model_copy(
         update={
             **ip_adapter_settings,
+            "dtype": "float32",
             "default_height": 64,
             "default_steps": 2,
             "max_batch_size": 4,
@@ -62,9 +67,9 @@ def pixels(store, image) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(store.get_bytes(image.uri))).convert("RGB"), float)
 
 
-def same_image(store, a, b) -> bool:
-    """Equal to within one 8-bit level: batches of other sizes round a few pixels apart."""
-    return bool(np.abs(pixels(store, a) - pixels(store, b)).max() <= 1)
+def same_image(store, a, b, dtype: str) -> bool:
+    """Equal within the batch tolerance: batches of other sizes round a few pixels apart."""
+    return batch_close(pixels(store, a), pixels(store, b), dtype)
 
 
 def distance(store, a, b) -> float:
@@ -84,7 +89,7 @@ async def test_seed_lock_draws_a_characters_scenes_from_one_seed(consistent, sha
     # Same starting noise: Mira's two scenes come out far closer to each other.
     assert distance(shared_store, *locked[:2]) < distance(shared_store, *plain[:2]) / 4
     # The scene without characters is drawn as in mode NONE.
-    assert same_image(shared_store, locked[2], plain[2])
+    assert same_image(shared_store, locked[2], plain[2], consistent.facts.dtype)
 
 
 async def test_consistent_self_attention_changes_only_scenes_with_characters(
@@ -95,7 +100,7 @@ async def test_consistent_self_attention_changes_only_scenes_with_characters(
     assert [image.seed for image in shared] == [1, 2, 3]  # scenes keep their own seeds
     for with_identity, without in zip(shared[:2], baseline[:2], strict=True):
         assert distance(shared_store, with_identity, without) > 0.1
-    assert same_image(shared_store, shared[2], baseline[2])
+    assert same_image(shared_store, shared[2], baseline[2], consistent.facts.dtype)
     assert consistent.metrics.value("storyreel_render_images_total", kind="identity") > 0
 
 
@@ -116,7 +121,7 @@ async def test_stronger_self_attention_moves_scenes_further(consistent, shared_s
 async def test_identity_images_are_the_same_whatever_the_batch(consistent, shared_store):
     together = await render(consistent, SCENES[:2], consistency="consistent_self_attention")
     alone = await render(consistent, SCENES[1:2], consistency="consistent_self_attention")
-    assert same_image(shared_store, together[1], alone[0])
+    assert same_image(shared_store, together[1], alone[0], consistent.facts.dtype)
 
 
 async def test_reference_images_condition_scenes_on_stored_portraits(consistent, shared_store):
@@ -128,7 +133,7 @@ async def test_reference_images_condition_scenes_on_stored_portraits(consistent,
     assert Image.open(io.BytesIO(shared_store.get_bytes(portrait))).size == (64, 64)
     for conditioned, plain in zip(referenced[:2], baseline[:2], strict=True):
         assert distance(shared_store, conditioned, plain) > 1
-    assert same_image(shared_store, referenced[2], baseline[2])
+    assert same_image(shared_store, referenced[2], baseline[2], consistent.facts.dtype)
 
 
 async def test_a_different_portrait_changes_the_scene_it_conditions(consistent, shared_store):

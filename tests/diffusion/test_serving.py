@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import urllib.request
 import uuid
 
 import grpc
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from support import free_port, new_job, rendered_images, stored_uris
+from storyreel_diffusion.renderer import Scene
+from support import (
+    batch_close,
+    free_port,
+    loaded_renderer,
+    new_job,
+    rendered_images,
+    stored_uris,
+)
 
 from storyreel.diffusion.v1 import diffusion_pb2
 
@@ -128,7 +139,8 @@ async def test_out_of_memory_is_resource_exhausted_and_the_service_keeps_serving
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await rendered_images(stub, failed)
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "out of cpu memory drawing 2 image(s) at 64x64" in raised.value.details()
+    # Halved down to one image, which did not fit either.
+    assert "out of cpu memory drawing 1 image(s) at 64x64" in raised.value.details()
     assert not list(shared_store.list(f"jobs/{failed.job_id}/"))
     assert metric(service, "storyreel_render_rejected_total", reason="out_of_memory") == (
         rejected_before + 1
@@ -138,6 +150,34 @@ async def test_out_of_memory_is_resource_exhausted_and_the_service_keeps_serving
     recorder.fail_with = None
     images = await rendered_images(stub, request(scenes=2))
     assert [image.index for image in images] == [1, 2]
+
+
+async def test_a_batch_too_big_for_memory_is_drawn_in_halves_and_later_batches_fit(
+    diffusion_settings, shared_store, record_calls
+):
+    update = {"max_batch_size": 4, "max_scenes": 8, "cache_enabled": False}
+    settings = diffusion_settings.model_copy(update=update)
+    async with loaded_renderer(settings, shared_store) as renderer:
+        scenes = [Scene(i, f"a lantern, view {i}", 40 + i) for i in range(1, 6)]
+        [*expected] = [image async for image in renderer.render(new_job(), scenes)]
+        recorder = record_calls(renderer)
+        recorder.fail_with, recorder.fail_above = MemoryError(), 2
+        first = [image async for image in renderer.render(new_job(), scenes)]
+        # 4 failed, its halves fitted; the last scene alone fitted.
+        assert recorder.batch_sizes == [4, 2, 2, 1]
+        again = [image async for image in renderer.render(new_job(), scenes)]
+        assert recorder.batch_sizes[4:] == [2, 2, 1]  # no batch above the size that fitted
+        dtype = renderer.facts.dtype
+    for images in (first, again):
+        assert [(i.index, i.seed, i.content_key) for i in images] == [
+            (i.index, i.seed, i.content_key) for i in expected
+        ]
+        for image, reference in zip(images, expected, strict=True):
+            assert batch_close(pixels(shared_store, image), pixels(shared_store, reference), dtype)
+
+
+def pixels(store, image) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(store.get_bytes(image.uri))).convert("RGB"), float)
 
 
 def scrape(service) -> dict[tuple[str, tuple], float]:

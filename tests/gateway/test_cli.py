@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +29,10 @@ async def test_generate_writes_the_video_and_prints_its_path(gateway, tmp_path: 
     assert stdout.strip() == str(output.resolve())
     assert output.read_bytes() == b"mp4"  # what the compose double stored
     assert "done" in stderr
+    # The time of each stage, as it ends: where a slow machine spends it.
+    assert re.search(r"storyboard took \d+\.\d s", stderr), stderr
+    assert re.search(r"render took \d+\.\d s \(\d+\.\d s per scene\)", stderr), stderr
+    assert re.search(r"compose took \d+\.\d s", stderr), stderr
 
 
 async def test_generate_uploads_the_audio_file(gateway, upstream, tmp_path: Path):

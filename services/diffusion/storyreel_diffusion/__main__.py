@@ -21,7 +21,6 @@ def main() -> int:
     configure_logging("diffusion", settings.log_level)
 
     # Heavy imports (torch, diffusers) only after logging is set up.
-    import torch
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -35,8 +34,6 @@ def main() -> int:
         library.disable_default_handler()
         library.enable_propagation()
 
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     service = DiffusionService(settings, open_store(StorageSettings()))
     return asyncio.run(serve(settings, service))
 

@@ -59,6 +59,23 @@ class ConsistencyMode(StrEnum):
     REFERENCE_IMAGES = "reference_images"
 
 
+#: Consistency modes that act inside a UNet (its self-attention layers, its IP-Adapter).
+UNET_MODES = (ConsistencyMode.CONSISTENT_SELF_ATTENTION, ConsistencyMode.REFERENCE_IMAGES)
+
+
+def unet_only_message(mode: ConsistencyMode | str, pipeline: str, denoiser: str) -> str:
+    """Why ``mode`` (one of :data:`UNET_MODES`) cannot run on ``pipeline``."""
+    mode = ConsistencyMode(mode)
+    what = {
+        ConsistencyMode.CONSISTENT_SELF_ATTENTION: "shares the UNet's self-attention layers",
+        ConsistencyMode.REFERENCE_IMAGES: "conditions the UNet through an IP-Adapter",
+    }[mode]
+    return (
+        f"consistency {mode.value} needs a UNet pipeline (SD 1.x, SD 2.x, SDXL): it {what}, "
+        f"and {pipeline} has a {denoiser} denoiser; use seed_lock or none"
+    )
+
+
 @dataclass(frozen=True)
 class CastMember:
     """A character as a render request names it: a fixed look, and the seed of its portraits.
@@ -114,6 +131,16 @@ class ModelFacts:
     ip_adapter: str | None = None
     #: Retries a flagged image gets; None when no safety checker is loaded.
     safety_retries: int | None = None
+    #: The denoiser's kind: "unet" (SD 1.x, SD 2.x, SDXL) or "transformer" (SD3, FLUX.1,
+    #: PixArt-Σ). Consistent self-attention and reference images need a UNet.
+    denoiser: str = "unet"
+    #: The checkpoint's scheduler is a flow-matching one (SD3, FLUX.1): the DDPM-style
+    #: schedulers do not apply, only "default" does.
+    flow_matching: bool = False
+    #: Whether the pipeline uses a negative prompt (FLUX.1 is guidance-distilled: no).
+    negative_prompt: bool = True
+    #: The denoiser and VAE decoder run compiled (torch.compile).
+    compiled: bool = False
 
 
 @dataclass(frozen=True)
@@ -217,6 +244,9 @@ def _content_key(facts: ModelFacts, fields: dict) -> str:
         "device": facts.device_type,
         "dtype": facts.dtype,
         "safety_retries": facts.safety_retries,
+        # Compiled kernels fuse and round differently (more than a batch size does in
+        # bfloat16); named only when set, so eager keys stay as they were.
+        **({"compiled": True} if facts.compiled else {}),
         **fields,
     }
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -353,7 +383,9 @@ def plan_render(
     image conditions.
 
     Raises InvalidInput naming the field and its bounds, or FailedPrecondition when
-    the request needs something this service was not started with (an IP-Adapter).
+    the request needs something this service was not started with (an IP-Adapter) or
+    its model cannot do (a UNet-only consistency mode or a negative prompt on a
+    transformer pipeline that has no use for it).
     Does no work and touches no storage, so a rejected request leaves nothing behind.
     """
     check_job_id(job_id)
@@ -390,9 +422,22 @@ def plan_render(
         )
     scheduler = scheduler or settings.scheduler
     if scheduler not in facts.schedulers:
-        raise InvalidInput(
-            f"scheduler must be one of {', '.join(facts.schedulers)}; got {scheduler!r}"
+        why = (
+            f" ({facts.pipeline} is a flow-matching model: the DDPM-style schedulers do not "
+            "apply to it)"
+            if facts.flow_matching
+            else ""
         )
+        raise InvalidInput(
+            f"scheduler must be one of {', '.join(facts.schedulers)}{why}; got {scheduler!r}"
+        )
+    if negative_prompt and not facts.negative_prompt:
+        raise FailedPrecondition(
+            f"negative_prompt is not used by {facts.pipeline}: the model is guidance-distilled "
+            "and draws no unconditional pass to steer away from; leave negative_prompt empty"
+        )
+    if facts.denoiser != "unet" and mode in UNET_MODES:
+        raise FailedPrecondition(unet_only_message(mode, facts.pipeline, facts.denoiser))
 
     strength = 0.0
     if mode is ConsistencyMode.CONSISTENT_SELF_ATTENTION:

@@ -50,6 +50,7 @@ from storyreel_diffusion.models import (
     names_local_folder,
     resolve_device,
     resolve_dtype,
+    should_compile,
 )
 from storyreel_diffusion.planning import (
     CastMember,
@@ -214,6 +215,9 @@ class SceneRenderer:
         self._model: LoadedModel | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._admitted = 0
+        #: Largest batch that fitted in memory, by image size, once one did not: batches
+        #: are sized to the device's memory as it turns out, below MAX_BATCH_SIZE.
+        self._batch_caps: dict[tuple[int, int], int] = {}
 
     @property
     def loaded(self) -> bool:
@@ -366,7 +370,8 @@ class SceneRenderer:
                         )
                     )
             misses = [p for p in range(len(plan.images)) if p not in stores]
-            batches = iter(plan_batches(plan, misses, self.settings.max_batch_size))
+            most = self._batch_caps.get((plan.width, plan.height), self.settings.max_batch_size)
+            batches = iter(plan_batches(plan, misses, most))
             batch = next(batches, None)
             if batch is not None:
                 drawing = submit([plan.images[p] for p in batch], "scene", references)
@@ -576,13 +581,16 @@ class SceneRenderer:
     def _load(self) -> None:
         started = time.perf_counter()
         model = load_pipeline(self.settings)
+        compiled = should_compile(self.settings.torch_compile, self.device)
         warmup = plan_render(
             self.settings,
             model.facts,
             "warmup",
             [Scene(index=1, prompt="warm-up", seed=0)],
-            width=self.settings.warmup_side,
-            height=self.settings.warmup_side,
+            # A compiled model compiles on its first call at each size: warm up at the
+            # default size, so that requests do not pay for it.
+            width=0 if compiled else self.settings.warmup_side,
+            height=0 if compiled else self.settings.warmup_side,
             steps=self.settings.warmup_steps,
             consistency=ConsistencyMode.NONE,
         )
@@ -653,6 +661,22 @@ class SceneRenderer:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            if len(images) > 1:
+                # Too big a batch for the memory: draw it in halves, and size later
+                # batches of this image size to fit. Each image keeps its own seed.
+                half = (len(images) + 1) // 2
+                log.warning(
+                    "out of memory: drawing the batch in halves",
+                    extra={"size": f"{plan.width}x{plan.height}", "batch": len(images)},
+                )
+                drawn = [
+                    *self._draw_batch(plan, images[:half], kind, references, cancel, model),
+                    *self._draw_batch(plan, images[half:], kind, references, cancel, model),
+                ]
+                # The halves fitted: later batches of this size are no bigger.
+                size = (plan.width, plan.height)
+                self._batch_caps[size] = min(self._batch_caps.get(size, half), half)
+                return drawn
             self.metrics.rejected.labels(reason="out_of_memory").inc()
             raise Overloaded(
                 f"out of {self.device.type} memory drawing {len(images)} image(s) at "
@@ -721,6 +745,18 @@ class SceneRenderer:
                 raise _RenderCancelled
             return tensors
 
+        if model.step_end_callback:
+            options.update(callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=[])
+        else:  # PixArt-Σ: the older per-step callback
+            options.update(
+                callback=lambda step, timestep, _latents: on_step_end(pipe, step, timestep, {}),
+                callback_steps=1,
+            )
+        options.update(model.call_options)
+        if plan.negative_prompt:
+            # Left out otherwise: each pipeline keeps its own default (PixArt-Σ's is "").
+            options["negative_prompt"] = [plan.negative_prompt] * len(prompts)
+
         # One CPU generator per image: the image depends on its own seed only, and the
         # starting noise is the same on every device.
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -729,17 +765,12 @@ class SceneRenderer:
             with torch.inference_mode():
                 result = pipe(
                     prompt=prompts,
-                    negative_prompt=[plan.negative_prompt] * len(prompts)
-                    if plan.negative_prompt
-                    else None,
                     width=plan.width,
                     height=plan.height,
                     num_inference_steps=plan.steps,
                     guidance_scale=plan.guidance,
                     generator=generators,
                     output_type="pil",
-                    callback_on_step_end=on_step_end,
-                    callback_on_step_end_tensor_inputs=[],
                     **options,
                 )
         finally:

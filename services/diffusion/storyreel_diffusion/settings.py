@@ -21,19 +21,46 @@ class DiffusionSettings(ServiceSettings):
     port: int = Field(default=50052, ge=0, le=65535)
 
     # --- the model -------------------------------------------------------------------------
-    # A diffusers text-to-image checkpoint of the SD 1.x, SD 2.x or SDXL families (turbo
-    # variants included): a local folder (as `make models` builds) or a model hub id (needs
-    # network access or a filled hub cache). The pipeline class is picked from the checkpoint.
+    # A diffusers text-to-image checkpoint: a UNet one (SD 1.x, SD 2.x, SDXL, turbo variants
+    # included) or a transformer one (SD3.x, FLUX.1 schnell/dev, PixArt-Σ; these take only
+    # the none and seed_lock consistency modes): a local folder (as `make models` builds) or
+    # a model hub id (needs network access or a filled hub cache). The pipeline class is
+    # picked from the checkpoint; any other pipeline is refused at start.
     model: str = Field(default="models/tiny-sd", min_length=1)
     # Hub branch, tag or commit of `model`; empty means the hub default.
     model_revision: str = ""
     # "auto" picks cuda when a GPU is visible, else cpu; any torch device name forces one.
     device: str = "auto"
-    # "auto" is float16 on cuda and float32 elsewhere (CPU kernels are slow or missing in fp16).
+    # "auto" is float16 on cuda; on a CPU it is bfloat16 where bf16 math is native (AVX-512
+    # BF16 or AMX: about twice as fast as float32) and float32 elsewhere (CPU float16
+    # kernels are slow or missing, emulated bf16 is slower than float32).
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    # CPU threads torch may use; 0 keeps torch's default (one per core). On a CPU shared
-    # with other busy processes, fewer threads can be many times faster.
+    # CPU threads torch may use; 0 means the cores this container may really use (its CPU
+    # affinity, capped by the cgroup CPU quota), not torch's one thread per host core. On a
+    # CPU shared with other busy processes, fewer threads can be many times faster.
     torch_threads: int = Field(default=0, ge=0)
+    # A replacement VAE, a local folder or hub id holding either an AutoencoderKL (such as
+    # madebyollin/sdxl-vae-fp16-fix, which does not overflow in float16) or an
+    # AutoencoderTiny (TAESD: madebyollin/taesd for SD 1.x/2.x, taesdxl for SDXL, taesd3
+    # for SD3, taef1 for FLUX), whose decoder is about ten times faster on a CPU at a
+    # small cost in detail. Its latent channels must match the checkpoint's. Empty: the
+    # checkpoint's own VAE.
+    vae: str = ""
+    # LoRA weights fused into the denoiser at start, a local folder or hub id: LCM-LoRA
+    # (latent-consistency/lcm-lora-sdv1-5, ...-sdxl) turns any SD checkpoint into a 4-step
+    # model (with scheduler "lcm" and guidance 1), or a style LoRA. `lora_weight_name` is
+    # the file in it (empty: the diffusers default name); `lora_scale` its weight.
+    lora: str = ""
+    lora_weight_name: str = ""
+    lora_scale: float = Field(default=1.0, ge=0, le=4)
+    # Keep the UNet's and the VAE's activations in channels-last memory order (faster
+    # convolutions with oneDNN and on tensor cores; the same pixels).
+    channels_last: bool = True
+    # torch.compile the denoiser and the VAE decoder. "auto" compiles on cuda only: on a
+    # CPU compiling takes minutes and gained little here (bench/render.py). The first render
+    # at each size compiles; the start-up warm-up then renders at the default size, so
+    # health turns SERVING only after that compile.
+    torch_compile: Literal["auto", "on", "off"] = "auto"
     # Only read local files or the hub cache, never the network.
     local_files_only: bool = False
     # Use the checkpoint's safety checker when it ships one. A flagged image is drawn again

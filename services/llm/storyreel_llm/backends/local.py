@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from storyreel.cpu import torch_threads
 from storyreel.errors import FailedPrecondition, UpstreamFailed
 from storyreel_llm.backends.base import ChatMessage
 from storyreel_llm.backends.chat import (
@@ -124,8 +125,8 @@ class LocalBackend:
 
         # Progress bars would interleave with the JSON log lines on stderr.
         hf_logging.disable_progress_bar()
-        if self._settings.torch_threads:
-            torch.set_num_threads(self._settings.torch_threads)
+        # One thread per usable core: the container's quota, not the host's core count.
+        torch.set_num_threads(torch_threads(self._settings.torch_threads))
         started = time.perf_counter()
         source = self._settings.model
         if (
