@@ -493,3 +493,12 @@ def batch_close(a, b, dtype: str) -> bool:
     most, share = BATCH_TOLERANCE[dtype]
     diff = np.abs(np.asarray(a, float) - np.asarray(b, float))
     return bool(diff.max() <= most and (diff == 0).mean() >= share)
+
+
+def image_pixels(store: ArtifactStore, image):
+    """The RGB pixels (a float array, levels 0-255) of a stored image: a SceneImage or its URI."""
+    import numpy as np
+    from PIL import Image
+
+    uri = getattr(image, "uri", image)
+    return np.asarray(Image.open(io.BytesIO(store.get_bytes(uri))).convert("RGB"), float)

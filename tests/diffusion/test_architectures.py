@@ -17,7 +17,14 @@ from PIL import Image
 from storyreel_diffusion.models import SCHEDULERS
 from storyreel_diffusion.renderer import CastMember, Scene, SceneRenderer
 from storyreel_diffusion.tiny import build_tiny_pipeline, main
-from support import batch_close, loaded_renderer, new_job, rendered_images, stored_uris
+from support import (
+    batch_close,
+    image_pixels,
+    loaded_renderer,
+    new_job,
+    rendered_images,
+    stored_uris,
+)
 
 from storyreel.channels import open_channel
 from storyreel.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
@@ -71,10 +78,6 @@ async def arch_renderer(family_settings, shared_store):
 
 async def render(renderer: SceneRenderer, scenes, **options):
     return [image async for image in renderer.render(new_job(), scenes, **options)]
-
-
-def pixels(store, image) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(store.get_bytes(image.uri))).convert("RGB"), np.int16)
 
 
 def test_tiny_checkpoint_saves_the_pipeline_with_a_t5_tokenizer(family, tiny_transformers):
@@ -137,7 +140,7 @@ async def test_a_batch_of_two_gives_the_images_of_drawing_one_by_one(
     steps = arch_renderer.metrics.value("storyreel_render_denoising_steps_total") - steps_before
     assert steps == 3 * 5
     for one, other in zip(batched, singles, strict=True):
-        a, b = pixels(shared_store, one), pixels(shared_store, other)
+        a, b = image_pixels(shared_store, one), image_pixels(shared_store, other)
         assert a.shape == b.shape == (64, 64, 3)
         assert batch_close(a, b, arch_renderer.facts.dtype)
         assert (one.content_key, one.seed) == (other.content_key, other.seed)
@@ -152,7 +155,7 @@ async def test_none_and_seed_lock_work_and_unet_modes_are_refused(
     assert (plain.seed, storm.seed) == (0, 5)
     locked = await render(arch_renderer, scenes, characters=[mira], consistency="seed_lock")
     assert [i.seed for i in locked] == [77, 5]
-    assert pixels(shared_store, locked[0]).shape == (64, 64, 3)
+    assert image_pixels(shared_store, locked[0]).shape == (64, 64, 3)
     before = stored_uris(shared_store)
     for mode in UNET_ONLY:
         with pytest.raises(FailedPrecondition) as raised:
@@ -188,7 +191,8 @@ async def test_guidance_reaches_the_model_as_it_takes_it(family, arch_renderer, 
     # SD3 and PixArt-Σ: classifier-free guidance; FLUX.1 dev: an embedding; schnell: none.
     scene = [Scene(1, "a comet", 8)]
     low, high = [
-        pixels(shared_store, (await render(arch_renderer, scene, guidance=g))[0]) for g in (1.5, 6)
+        image_pixels(shared_store, (await render(arch_renderer, scene, guidance=g))[0])
+        for g in (1.5, 6)
     ]
     transformer = arch_renderer.pipeline.transformer
     assert transformer.config.get("guidance_embeds", False) is (family == "flux-dev")

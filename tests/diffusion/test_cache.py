@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import uuid
 
-import numpy as np
-from PIL import Image
 from storyreel_diffusion.renderer import Scene, SceneRenderer
-from support import batch_close, new_job
-
-from storyreel.storage import ArtifactStore
+from support import batch_close, image_pixels, new_job
 
 
 def fresh(prompt: str) -> str:
@@ -20,10 +15,6 @@ def fresh(prompt: str) -> str:
 
 async def render_all(renderer: SceneRenderer, job_id: str, scenes, **options):
     return [image async for image in renderer.render(job_id, scenes, **options)]
-
-
-def pixels(store: ArtifactStore, uri: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(store.get_bytes(uri))).convert("RGB"), dtype=np.int16)
 
 
 async def test_cache_hit_returns_the_stored_image_without_calling_the_pipeline(
@@ -116,7 +107,7 @@ async def test_a_batched_render_gives_the_images_of_rendering_one_by_one(
     singles = await render_all(renderer, new_job(), scenes)
     assert (batched_calls.batch_sizes, single_calls.batch_sizes) == ([3], [1, 1, 1])
     for one, other in zip(batched, singles, strict=True):
-        a, b = pixels(shared_store, one.uri), pixels(shared_store, other.uri)
+        a, b = image_pixels(shared_store, one.uri), image_pixels(shared_store, other.uri)
         assert a.shape == b.shape
         assert batch_close(a, b, cached_renderer.facts.dtype)
         assert one.content_key == other.content_key and one.seed == other.seed

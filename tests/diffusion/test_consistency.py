@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from storyreel_diffusion.planning import derive_seed
 from storyreel_diffusion.renderer import CastMember, Scene, SceneRenderer
-from support import batch_close, new_job
+from support import batch_close, image_pixels, new_job
 
 from storyreel.errors import FailedPrecondition
 
@@ -63,18 +63,14 @@ async def render(renderer, scenes=SCENES, characters=(MIRA,), **options):
     ]
 
 
-def pixels(store, image) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(store.get_bytes(image.uri))).convert("RGB"), float)
-
-
 def same_image(store, a, b, dtype: str) -> bool:
     """Equal within the batch tolerance: batches of other sizes round a few pixels apart."""
-    return batch_close(pixels(store, a), pixels(store, b), dtype)
+    return batch_close(image_pixels(store, a), image_pixels(store, b), dtype)
 
 
 def distance(store, a, b) -> float:
     """Mean absolute difference in 8-bit levels."""
-    return float(np.abs(pixels(store, a) - pixels(store, b)).mean())
+    return float(np.abs(image_pixels(store, a) - image_pixels(store, b)).mean())
 
 
 async def test_seed_lock_draws_a_characters_scenes_from_one_seed(consistent, shared_store):

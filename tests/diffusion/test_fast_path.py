@@ -13,7 +13,7 @@ from PIL import Image
 from storyreel_diffusion import models
 from storyreel_diffusion.models import resolve_dtype, should_compile
 from storyreel_diffusion.renderer import Scene
-from support import batch_close, loaded_renderer, new_job
+from support import batch_close, image_pixels, loaded_renderer, new_job
 
 from storyreel.cpu import usable_cpus
 
@@ -40,10 +40,6 @@ def tiny_vae(tmp_path_factory) -> Path:
 
 async def render(renderer, scenes):
     return [image async for image in renderer.render(new_job(), scenes)]
-
-
-def pixels(store, image) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(store.get_bytes(image.uri))).convert("RGB"), float)
 
 
 @pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
@@ -78,7 +74,7 @@ async def test_a_tiny_vae_decodes_and_names_itself_in_the_content_key(
     assert Image.open(io.BytesIO(file_store.get_bytes(tiny.uri))).size == size
     # Other pixels, so another cache entry: never the full VAE's image for the tiny one's.
     assert tiny.content_key != own.content_key
-    assert not np.array_equal(pixels(file_store, tiny), pixels(file_store, own))
+    assert not np.array_equal(image_pixels(file_store, tiny), image_pixels(file_store, own))
     assert file_store.get_bytes(again.uri) == file_store.get_bytes(tiny.uri)
 
 
@@ -133,7 +129,7 @@ async def test_a_compiled_model_warms_up_at_the_default_size_and_keys_its_own_im
         assert counters["frames"]["ok"] == compiled_frames > 0
     # Compiled kernels round otherwise: a cache entry of their own, and the same picture.
     assert compiled.content_key != eager.content_key
-    difference = np.abs(pixels(file_store, compiled) - pixels(file_store, eager))
+    difference = np.abs(image_pixels(file_store, compiled) - image_pixels(file_store, eager))
     # (about 1.5 levels on average here in bfloat16; another seed is tens of levels away)
     assert difference.mean() < 5, difference.mean()
 
@@ -166,8 +162,12 @@ async def test_a_lora_is_fused_at_its_scale_and_named_in_the_content_key(
             [drawn[scale]] = await render(renderer, scene)
     assert len({own.content_key, drawn[0.0].content_key, drawn[1.0].content_key}) == 3
     # At scale 0 the fused weights are the checkpoint's own; at 1 the LoRA moves the image.
-    assert batch_close(pixels(file_store, drawn[0.0]), pixels(file_store, own), "float32")
-    assert not batch_close(pixels(file_store, drawn[1.0]), pixels(file_store, own), "bfloat16")
+    assert batch_close(
+        image_pixels(file_store, drawn[0.0]), image_pixels(file_store, own), "float32"
+    )
+    assert not batch_close(
+        image_pixels(file_store, drawn[1.0]), image_pixels(file_store, own), "bfloat16"
+    )
 
 
 async def test_a_lora_that_cannot_be_found_or_fits_nothing_is_refused_at_start(

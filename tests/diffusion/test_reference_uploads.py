@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from storyreel_diffusion.renderer import CastMember, Scene, SceneRenderer
-from support import new_job
+from support import image_pixels, new_job
 
 from storyreel.errors import InvalidInput, NotFound
 
@@ -53,12 +53,8 @@ async def render(renderer, characters, scenes=SCENE, **options):
     ]
 
 
-def pixels(store, image) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(store.get_bytes(image.uri))).convert("RGB"), float)
-
-
 def distance(store, a, b) -> float:
-    return float(np.abs(pixels(store, a) - pixels(store, b)).mean())
+    return float(np.abs(image_pixels(store, a) - image_pixels(store, b)).mean())
 
 
 async def test_an_uploaded_image_conditions_the_scene_instead_of_a_portrait(

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import urllib.request
 import uuid
 
 import grpc
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from storyreel_diffusion.renderer import Scene
 from support import (
     batch_close,
     free_port,
+    image_pixels,
     loaded_renderer,
     new_job,
     rendered_images,
@@ -173,11 +171,9 @@ async def test_a_batch_too_big_for_memory_is_drawn_in_halves_and_later_batches_f
             (i.index, i.seed, i.content_key) for i in expected
         ]
         for image, reference in zip(images, expected, strict=True):
-            assert batch_close(pixels(shared_store, image), pixels(shared_store, reference), dtype)
-
-
-def pixels(store, image) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(store.get_bytes(image.uri))).convert("RGB"), float)
+            assert batch_close(
+                image_pixels(shared_store, image), image_pixels(shared_store, reference), dtype
+            )
 
 
 def scrape(service) -> dict[tuple[str, tuple], float]:
