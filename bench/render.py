@@ -282,7 +282,7 @@ async def measure(args, work: Path) -> int:
     dtype = resolve_dtype(args.dtype, torch.device(args.device))
     print(
         f"model: {kind}; device {args.device}, {str(dtype).removeprefix('torch.')}, "
-        f"VAE {vae or 'the checkpoint s own'}, {args.size}x{args.size}, {args.steps} steps, "
+        f"VAE {vae or 'of the checkpoint'}, {args.size}x{args.size}, {args.steps} steps, "
         f"guidance {args.guidance}, {args.images} images per batch size, "
         f"best of {args.repeat}, torch threads {torch.get_num_threads()}",
         flush=True,
