@@ -36,9 +36,13 @@ GEN_DIR  := src
 BUF         := tools/buf/node_modules/.bin/buf
 NODE_CLIENT := tests/clients/node
 NPM_CI      := npm ci --ignore-scripts --no-audit --no-fund
+# The studio page (gateway/storyreel_gateway/studio/): its TypeScript sources and pinned
+# toolchain in web/, and the headless Chromium its browser tests drive (tests/web/).
+STUDIO_DIR  := gateway/storyreel_gateway/studio
+BROWSER_PKG := tests/web
 
 .PHONY: help venv proto models run serve test test-fast lint format lock clean up down \
-	buf node-client proto-check proto-baseline \
+	buf node-client proto-check proto-baseline studio studio-deps browser \
 	api-key internal-token checkov
 
 help:
@@ -46,6 +50,7 @@ help:
 	@echo "make test               set up and run the test suite"
 	@echo "make serve              start the whole stack on localhost (Ctrl-C stops it)"
 	@echo "make lint               ruff"
+	@echo "make studio             rebuild the studio page's script after changing web/ or the protos"
 	@echo "make up / make down     build the images, start / stop the container stack (GPU host)"
 	@echo "make api-key TENANT=t   add an API key for tenant t to $(SECRETS)/api-keys.json, print it"
 
@@ -80,6 +85,32 @@ $(STAMPS)/node-client: $(NODE_CLIENT)/package-lock.json
 	cd $(NODE_CLIENT) && $(NPM_CI)
 	@touch $@
 
+# The studio's front-end toolchain (protoc-gen-es, esbuild, TypeScript), pinned by
+# web/package-lock.json.
+studio-deps: $(STAMPS)/studio-deps
+$(STAMPS)/studio-deps: web/package-lock.json
+	@mkdir -p $(STAMPS)
+	cd web && $(NPM_CI)
+	@touch $@
+
+# Rebuild the studio page's script after changing web/src or the public protos: the
+# TypeScript types are generated from the protos, checked, and bundled into
+# $(STUDIO_DIR)/studio.js. The result is committed (pip install and storyreel serve need no
+# Node); tests/web/test_bundle.py fails when it is stale.
+studio: $(STAMPS)/buf $(STAMPS)/studio-deps
+	$(BUF) generate --template web/buf.gen.yaml \
+		--path protos/storyreel/gateway/v1 --path protos/storyreel/types/v1
+	cd web && node_modules/.bin/tsc --noEmit -p . && node build.mjs
+
+# The headless Chromium of the browser tests: @sparticuz/chromium (pinned by
+# tests/web/package-lock.json; no root, no apt), unpacked into tests/web/node_modules/.chromium.
+browser: $(STAMPS)/browser
+$(STAMPS)/browser: $(BROWSER_PKG)/package-lock.json $(BROWSER_PKG)/chromium.mjs
+	@mkdir -p $(STAMPS)
+	cd $(BROWSER_PKG) && $(NPM_CI)
+	node $(BROWSER_PKG)/chromium.mjs
+	@touch $@
+
 # The contracts pass buf lint and break nothing against the last release's
 # (protos/baseline.binpb; docs/clients.md, "Compatibility").
 proto-check: $(STAMPS)/buf
@@ -109,10 +140,10 @@ run: proto models
 serve: proto models
 	$(BIN)/storyreel serve
 
-test: proto models checkov proto-check node-client
+test: proto models checkov proto-check node-client studio-deps browser
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: proto models checkov $(STAMPS)/buf
+test-fast: proto models checkov $(STAMPS)/buf $(STAMPS)/studio-deps
 	$(BIN)/pytest -m "not model and not e2e" $(PYTEST_ARGS)
 
 lint: venv
@@ -160,5 +191,6 @@ $(CHECKOV_VENV)/bin/checkov: $(CHECKOV_REQUIREMENTS)
 	@touch $@
 
 clean:
-	rm -rf $(STAMPS) $(MODELS) data out tools/buf/node_modules $(NODE_CLIENT)/node_modules
+	rm -rf $(STAMPS) $(MODELS) data out tools/buf/node_modules $(NODE_CLIENT)/node_modules \
+		web/node_modules $(BROWSER_PKG)/node_modules
 	rm -rf $(addprefix $(GEN_DIR)/storyreel/,llm diffusion composer types gateway)

@@ -35,7 +35,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     STORYREEL_GATEWAY_PORT=50050
 WORKDIR /opt/storyreel
 USER 10001:10001
-EXPOSE 50050
+EXPOSE 50050 50054
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
   CMD ["python", "-m", "storyreel.healthcheck", "--port-env", "STORYREEL_GATEWAY_PORT"]
 ENTRYPOINT ["python", "-m", "storyreel_gateway"]

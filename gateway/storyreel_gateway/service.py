@@ -29,6 +29,7 @@ from storyreel_gateway.pipeline import JobPipeline
 from storyreel_gateway.runner import JobRunner
 from storyreel_gateway.settings import GatewaySettings
 from storyreel_gateway.store import JobStore
+from storyreel_gateway.web import WebPort
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,13 @@ class GatewayService(Service):
         )
         pipeline = JobPipeline.from_settings(settings, self.jobs, *self.clients)
         self.runner = JobRunner(settings, self.store, self.jobs, pipeline, composer=self.clients[2])
+        # The web port (studio page, gRPC-Web), unless settings turn it off.
+        self.web: WebPort | None = WebPort() if settings.web_bind else None
+
+    @property
+    def web_url(self) -> str | None:
+        """``http://host:port/`` of the web port once it listens (https with TLS), or None."""
+        return self.web.url if self.web and self.web.port else None
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [AuthInterceptor(self.keys)]
@@ -274,6 +282,28 @@ class GatewayService(Service):
         gateway_pb2_grpc.add_StoryReelServiceServicer_to_server(
             StoryReelServicer(self.runner), server
         )
+        # The web port's calls come in here, to the same interceptors and servicer.
+        if self.web is not None and not server.add_insecure_port(self.web.grpc_address):
+            raise OSError(f"cannot listen on {self.web.grpc_address}")
+
+    async def serve_beside(self, running) -> None:
+        """Open the web port (storyreel_gateway.web), and write it to web_port_file."""
+        bind = self.settings.web_bind
+        if self.web is None or bind is None:
+            return
+        settings = self.settings
+        tls = (settings.tls_cert_file, settings.tls_key_file) if settings.tls_cert_file else None
+        await self.web.start(
+            *bind,
+            max_message_bytes=settings.max_message_bytes,
+            tls=tls,
+            grace_s=settings.grace_period_s,
+        )
+        log.info("studio and gRPC-Web", extra={"url": self.web.url})
+        if settings.web_port_file:
+            tmp = settings.web_port_file.with_suffix(".tmp")
+            tmp.write_text(str(self.web.port))
+            tmp.replace(settings.web_port_file)
 
     async def load(self) -> None:
         """Check the store, migrate the database, start the runner, wait for the upstreams.
@@ -357,9 +387,13 @@ class GatewayService(Service):
     async def drain(self) -> None:
         """While the calls in flight drain, keep running jobs but claim no more."""
         await self.runner.stop_claiming()
+        if self.web is not None:
+            self.web.begin_stop()
 
     async def close(self) -> None:
         """Stop running jobs and hand them back: another replica (or the next) claims them."""
+        if self.web is not None:
+            await self.web.stop()
         await self.runner.close()
         for client in self.clients:
             await client.close()

@@ -12,6 +12,10 @@ from storyreel.retries import RetryPolicy
 from storyreel.settings import ServiceSettings, is_loopback_host, secret_setting
 from storyreel_gateway.auth import check_tenant_keys
 
+#: With web_port unset, the web port is the gRPC port plus this (50050 -> 50054): the port
+#: after the llm, diffusion and composer services' under `storyreel serve`.
+WEB_PORT_OFFSET = 4
+
 
 class GatewaySettings(ServiceSettings):
     # hide_input_in_errors: a wrong value of api_keys must not print the keys it holds.
@@ -20,6 +24,14 @@ class GatewaySettings(ServiceSettings):
     )
 
     port: int = Field(default=50050, ge=0, le=65535)
+    # The web port (storyreel_gateway.web): the studio page and the public API for browsers
+    # (gRPC-Web, forwarded to the gRPC port's own servicer). Unset: port + WEB_PORT_OFFSET
+    # (50054) when the gRPC port is fixed, off when it is 0; 0 binds a free one; -1 is off.
+    web_port: int | None = Field(default=None, ge=-1, le=65535)
+    # Its address; empty: the same as host.
+    web_host: str = ""
+    # When set, the bound web port is written here (before port_file), or nothing when off.
+    web_port_file: Path | None = None
 
     # Upstream services: host:port, or dns:///name:port to balance over every replica.
     llm_address: str = "127.0.0.1:50051"
@@ -140,6 +152,16 @@ class GatewaySettings(ServiceSettings):
     tls_key_file: Path | None = None
 
     @property
+    def web_bind(self) -> tuple[str, int] | None:
+        """Where the web port listens (host, port; port 0: a free one), or None when off."""
+        port = self.web_port
+        if port is None:
+            port = self.port + WEB_PORT_OFFSET if self.port else -1
+        if port < 0:
+            return None
+        return (self.web_host or self.host, port)
+
+    @property
     def lease_renew_s(self) -> float:
         """How often this replica renews its claims."""
         return self.lease_s / 3
@@ -204,11 +226,18 @@ class GatewaySettings(ServiceSettings):
             raise ValueError("min_scenes <= default_scenes <= max_scenes must hold")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("set both tls_cert_file and tls_key_file, or neither")
-        tenant_keys = self.tenant_keys()
-        if not any(tenant_keys.values()) and not is_loopback_host(self.host):
+        if self.web_port is None and self.port and self.port + WEB_PORT_OFFSET > 65535:
             raise ValueError(
-                f"the gateway has no API keys configured, so it listens only on a loopback "
-                f"address; host={self.host!r} needs a tenant with a key in "
-                "STORYREEL_GATEWAY_API_KEYS or STORYREEL_GATEWAY_API_KEYS_FILE"
+                f"the web port would be port + {WEB_PORT_OFFSET} = {self.port + WEB_PORT_OFFSET}, "
+                "beyond 65535: set web_port (-1 turns it off)"
             )
+        tenant_keys = self.tenant_keys()
+        web = self.web_bind
+        for setting, host in (("host", self.host), ("web_host", web[0] if web else "")):
+            if host and not any(tenant_keys.values()) and not is_loopback_host(host):
+                raise ValueError(
+                    f"the gateway has no API keys configured, so it listens only on a "
+                    f"loopback address; {setting}={host!r} needs a tenant with a key in "
+                    "STORYREEL_GATEWAY_API_KEYS or STORYREEL_GATEWAY_API_KEYS_FILE"
+                )
         return self

@@ -592,7 +592,8 @@ def _start_stack(stack: ExitStack, data_dir: Path, base_port: int | None = None)
     """Start the local stack, stopped when ``stack`` closes; returns (LocalStack, address).
 
     Each service listens on its STORYREEL_<SERVICE>_PORT, or with ``base_port`` N on
-    N (gateway), N+1 (llm), N+2 (diffusion) and N+3 (composer).
+    N (gateway), N+1 (llm), N+2 (diffusion) and N+3 (composer); the studio page (the
+    gateway's web port) on N+4.
     """
     from storyreel.stack import LocalStack
 
@@ -602,6 +603,8 @@ def _start_stack(stack: ExitStack, data_dir: Path, base_port: int | None = None)
             address = local.start(
                 on_ready=lambda p: console.print(f"  {p.spec.name} ready on {p.address}")
             )
+        if web_url := getattr(local, "web_url", None):
+            console.print(f"  studio (the web page) on [bold]{web_url}[/bold]")
     except ValueError as exc:  # a port setting that is no port
         raise CliError(str(exc), EXIT_REFUSED) from None
     except UpstreamFailed as exc:
@@ -681,14 +684,14 @@ DEFAULT_LLM_ADDRESS = os.environ.get("STORYREEL_LLM", "127.0.0.1:50051")
 
 
 def _base_port(text: str) -> int:
-    """argparse type: the first of four consecutive ports (1 to 65532)."""
+    """argparse type: the first of five consecutive ports (1 to 65531)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 1 <= value <= 65532:
+    if not 1 <= value <= 65531:
         raise argparse.ArgumentTypeError(
-            f"base port must be from 1 to 65532 (it and the next three are used), got {value}"
+            f"base port must be from 1 to 65531 (it and the next four are used), got {value}"
         )
     return value
 
@@ -966,8 +969,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_base_port,
         default=None,
         metavar="N",
-        help="listen on N (gateway), N+1 (llm), N+2 (diffusion) and N+3 (composer); "
-        "default: each STORYREEL_<SERVICE>_PORT, else 50050-50053",
+        help="listen on N (gateway), N+1 (llm), N+2 (diffusion), N+3 (composer) and N+4 "
+        "(the studio web page); default: each STORYREEL_<SERVICE>_PORT, else 50050-50054",
     )
     serve.set_defaults(func=cmd_serve)
 

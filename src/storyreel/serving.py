@@ -72,6 +72,10 @@ class Service(abc.ABC):
         """TLS credentials for the port; None serves plaintext."""
         return None
 
+    async def serve_beside(self, running: RunningServer) -> None:  # noqa: B027 - optional hook
+        """The gRPC port listens: start what the service serves beside it (the gateway's web
+        port). An OSError stops the server: the service cannot start."""
+
     async def load(self) -> None:  # noqa: B027 - optional hook
         """Load models and check dependencies. Health is SERVING once this returns."""
 
@@ -595,6 +599,11 @@ async def create_server(
     await server.start()
     running = RunningServer(server, port, health_servicer, service)
     await running.set_serving(False)
+    try:
+        await service.serve_beside(running)
+    except BaseException:
+        await server.stop(0)
+        raise
     return running
 
 

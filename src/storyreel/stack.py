@@ -48,7 +48,10 @@ DEFAULT_SERVICES = (
 
 #: Where each service listens relative to ``--base-port`` N: the gateway on N, ...
 BASE_PORT_OFFSETS = {"gateway": 0, "llm": 1, "diffusion": 2, "composer": 3}
-BASE_PORT_SPAN = max(BASE_PORT_OFFSETS.values())
+#: ... and the gateway's web port (the studio page, gRPC-Web) on N+4: where the gateway puts
+#: it by itself, its gRPC port + 4 (STORYREEL_GATEWAY_WEB_PORT unset).
+WEB_PORT_OFFSET = 4
+BASE_PORT_SPAN = max(*BASE_PORT_OFFSETS.values(), WEB_PORT_OFFSET)
 
 
 @dataclass
@@ -58,10 +61,20 @@ class RunningProcess:
     log_path: Path
     port_file: Path
     port: int = 0
+    #: The gateway's web port (the studio page, gRPC-Web): its file, and the port it names
+    #: once the gateway listens (None: no web port).
+    web_port_file: Path | None = None
+    web_port: int | None = None
+    web_scheme: str = "http"
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def web_url(self) -> str | None:
+        """``http://127.0.0.1:PORT/``: the studio page, and the base URL of gRPC-Web."""
+        return f"{self.web_scheme}://127.0.0.1:{self.web_port}/" if self.web_port else None
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -78,7 +91,9 @@ class LocalStack:
     ``env`` or the environment), else on its well-known port (the gateway on
     50050, then llm, diffusion, composer). With ``base_port`` N, the gateway gets
     N and the others N+1, N+2, N+3, whatever the environment says.
-    ``fixed_ports=False`` lets every service bind a free port (tests).
+    The gateway's web port (the studio page and gRPC-Web, :attr:`web_url`) is its
+    ``STORYREEL_GATEWAY_WEB_PORT``, else the gateway's port + 4 (50054; N+4).
+    ``fixed_ports=False`` lets every service bind a free port (tests), the web port too.
     """
 
     data_dir: Path
@@ -100,6 +115,24 @@ class LocalStack:
     @property
     def gateway_address(self) -> str:
         return self.processes["gateway"].address
+
+    @property
+    def web_url(self) -> str | None:
+        """The studio page of the started gateway, ``http://127.0.0.1:PORT/`` (also the base
+        URL of its gRPC-Web API); None when its web port is off."""
+        gateway = self.processes.get("gateway")
+        return gateway.web_url if gateway else None
+
+    def _web_port_for(self, port: int | None) -> int | None:
+        """The web port a gateway launched on ``port`` gets; None: its own setting decides.
+
+        A free one beside a free gRPC port, N+4 with ``base_port`` N; ``env`` naming
+        STORYREEL_GATEWAY_WEB_PORT wins over both."""
+        if port == 0 or not self.fixed_ports:
+            return 0
+        if self.base_port is not None:
+            return self.base_port + WEB_PORT_OFFSET
+        return None
 
     def port_for(self, spec: ServiceSpec) -> int:
         """The port ``spec`` listens on: see the class docstring."""
@@ -153,7 +186,11 @@ class LocalStack:
         return InternalSettings(**fields)
 
     def _launch(
-        self, spec: ServiceSpec, extra: dict[str, str], port: int | None = None
+        self,
+        spec: ServiceSpec,
+        extra: dict[str, str],
+        port: int | None = None,
+        web_port: int | None = None,
     ) -> RunningProcess:
         run_dir = self.data_dir / "run"
         log_dir = self.data_dir / "logs"
@@ -170,9 +207,20 @@ class LocalStack:
                 **extra,
             }
         )
+        web_port_file = None
         if spec.module == "storyreel_gateway":
             # A stable name per gateway: restarted, it takes its unfinished jobs back at once.
             env.setdefault("STORYREEL_GATEWAY_INSTANCE_ID", f"{socket.gethostname()}-{spec.name}")
+            # Its web port, on 127.0.0.1 like its gRPC port, written to a file once bound.
+            web_port_file = run_dir / f"{spec.name}.web.port"
+            web_port_file.unlink(missing_ok=True)
+            env[f"{spec.env_prefix}WEB_HOST"] = "127.0.0.1"
+            env[f"{spec.env_prefix}WEB_PORT_FILE"] = str(web_port_file)
+            if web_port is None and f"{spec.env_prefix}WEB_PORT" not in self.env:
+                web_port = self._web_port_for(port if port is not None else self.port_for(spec))
+            if web_port is not None:
+                env[f"{spec.env_prefix}WEB_PORT"] = str(web_port)
+            env.update(extra)
         log_path = log_dir / f"{spec.name}.log"
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
@@ -182,7 +230,9 @@ class LocalStack:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches us, and we stop children in order
             )
-        running = RunningProcess(spec, process, log_path, port_file)
+        running = RunningProcess(spec, process, log_path, port_file, web_port_file=web_port_file)
+        if _set(env, f"{spec.env_prefix}TLS_CERT_FILE"):
+            running.web_scheme = "https"
         self.processes[spec.name] = running
         return running
 
@@ -195,6 +245,10 @@ class LocalStack:
                 )
             if running.port_file.exists():
                 running.port = int(running.port_file.read_text())
+                # The gateway writes its web port's file first (none when it is off).
+                web = running.web_port_file
+                if web is not None and web.exists():
+                    running.web_port = int(web.read_text())
                 return
             time.sleep(0.05)
         raise UpstreamFailed(f"{running.spec.name} did not bind a port in time")
@@ -273,7 +327,7 @@ class LocalStack:
         """Start one more gateway replica (same store, same services) on a free port."""
         base = next(s for s in self.services if s.name == "gateway")
         spec = dataclasses.replace(base, name=name)
-        running = self._launch(spec, {**self._upstream_env(), **(env or {})}, port=0)
+        running = self._launch(spec, {**self._upstream_env(), **(env or {})}, port=0, web_port=0)
         deadline = time.monotonic() + timeout_s
         self._wait_port(running, deadline)
         self._wait_serving(running, deadline)
@@ -287,7 +341,7 @@ class LocalStack:
         extra = dict(env or {})
         if old.spec.module == "storyreel_gateway":
             extra = {**self._upstream_env(), **extra}
-        running = self._launch(old.spec, extra, port=old.port)
+        running = self._launch(old.spec, extra, port=old.port, web_port=old.web_port)
         deadline = time.monotonic() + timeout_s
         self._wait_port(running, deadline)
         self._wait_serving(running, deadline)

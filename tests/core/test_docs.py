@@ -89,6 +89,7 @@ NOT_SETTINGS: dict[str, str] = {
     "STORYREEL_LLM": "src/storyreel/cli.py",  # the CLI's LLM service address (--address)
     "STORYREEL_GATEWAY_BIND": "deploy/compose.yaml",  # where Compose publishes the port
     "STORYREEL_LLAMACPP_VENV": "tests/llm/llamacpp_server.py",  # the test server's venv
+    "STORYREEL_CHROMIUM": "tests/web/test_studio.py",  # the browser tests' Chromium
 }
 
 #: Defaults that may be stated as "empty" or "unset".

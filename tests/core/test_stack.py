@@ -141,7 +141,7 @@ def test_serve_passes_base_port_to_the_stack(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) as caught:
             cli.main(["serve", "--base-port", bad])
         assert caught.value.code == 2
-    assert "base port must be from 1 to 65532" in capsys.readouterr().err
+    assert "base port must be from 1 to 65531" in capsys.readouterr().err
 
 
 ECHO_SERVICE = """

@@ -118,7 +118,10 @@ def test_gateway_reaches_each_upstream_on_its_port(compose):
 
 def test_only_the_gateway_is_published_beyond_the_host(compose):
     published = {name: service.get("ports", []) for name, service in compose["services"].items()}
-    assert published["gateway"] == ["${STORYREEL_GATEWAY_BIND:-127.0.0.1}:50050:50050"]
+    assert published["gateway"] == [
+        "${STORYREEL_GATEWAY_BIND:-127.0.0.1}:50050:50050",
+        "${STORYREEL_GATEWAY_BIND:-127.0.0.1}:50054:50054",  # the studio page and gRPC-Web
+    ]
     for port in published.pop("minio"):
         assert port.startswith("127.0.0.1:"), f"MinIO port {port} is reachable from other hosts"
     published.pop("gateway")

@@ -29,6 +29,8 @@ OVERLAYS = ("cpu-dev", "gpu")
 KUBERNETES_VERSIONS = ("1.29", "1.37")
 #: The storyreel services and their gRPC ports (each service's settings.py default).
 SERVICES = {"gateway": 50050, "llm": 50051, "diffusion": 50052, "composer": 50053}
+#: The gateway's web port (the studio page and gRPC-Web): its gRPC port + 4.
+GATEWAY_WEB_PORT = 50054
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
 SCHEMAS = Path(__file__).parent / "schemas"
 CUSTOM_SCHEMAS = {
@@ -483,6 +485,10 @@ def test_every_deployment_has_a_disruption_budget(rendered, overlay):
 # --- exposure and traffic ---------------------------------------------------------------------
 
 
+#: The one Ingress, per overlay: the gpu overlay's, to the gateway's web port (the studio).
+INGRESSES = {"cpu-dev": [], "gpu": ["gateway-web"]}
+
+
 @overlays
 def test_only_the_gateway_is_exposed_outside_the_cluster(rendered, overlay):
     objects = rendered[overlay]
@@ -493,8 +499,38 @@ def test_only_the_gateway_is_exposed_outside_the_cluster(rendered, overlay):
         )
         if service["metadata"]["name"] != "gateway":
             assert not exposed, f"{label(service)} is reachable from outside"
-    for kind in ("Ingress", "Gateway", "HTTPRoute", "GRPCRoute", "Route"):
+    for kind in ("Gateway", "HTTPRoute", "GRPCRoute", "Route"):
         assert not of_kind(objects, kind), f"{overlay} renders an {kind}"
+    ingresses = of_kind(objects, "Ingress")
+    assert [i["metadata"]["name"] for i in ingresses] == INGRESSES[overlay]
+    for ingress in ingresses:
+        # Only to the gateway's web port, and over TLS only.
+        assert ingress["spec"]["tls"] and ingress.get("spec", {}).get("defaultBackend") is None
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                service = find(objects, "Service", backend["name"])
+                [port] = [
+                    p for p in service["spec"]["ports"] if p["name"] == backend["port"]["name"]
+                ]
+                assert port["targetPort"] == "web", label(ingress)
+                assert selects(
+                    {"matchLabels": service["spec"]["selector"]},
+                    template_labels(find(objects, "Deployment", "gateway")),
+                )
+
+
+@overlays
+def test_the_gateway_serves_the_studio_on_its_web_port(rendered, overlay):
+    objects = rendered[overlay]
+    [container] = containers(find(objects, "Deployment", "gateway"))
+    web = [p for p in container["ports"] if p["name"] == "web"]
+    assert web and str(web[0]["containerPort"]) == env_value(
+        objects, container, "STORYREEL_GATEWAY_WEB_PORT"
+    )
+    labels = template_labels(find(objects, "Deployment", "gateway"))
+    allowed = {p["port"] for rule in ingress_rules_for(objects, labels) for p in rule["ports"]}
+    assert web[0]["containerPort"] in allowed
     for workload in workloads(objects):
         pod = pod_spec(workload)
         assert not pod.get("hostNetwork"), label(workload)
@@ -596,13 +632,13 @@ def test_internal_services_accept_traffic_only_from_the_gateway(rendered, overla
 
 
 @overlays
-def test_the_gateway_accepts_clients_on_its_grpc_port_only(rendered, overlay):
+def test_the_gateway_accepts_clients_on_its_grpc_and_web_ports_only(rendered, overlay):
     objects = rendered[overlay]
     labels = template_labels(find(objects, "Deployment", "gateway"))
     rules = ingress_rules_for(objects, labels)
     assert rules
     for rule in rules:
-        assert [p["port"] for p in rule["ports"]] == [SERVICES["gateway"]]
+        assert [p["port"] for p in rule["ports"]] == [SERVICES["gateway"], GATEWAY_WEB_PORT]
 
 
 def test_tgi_accepts_traffic_only_from_the_llm_service(rendered):
@@ -1142,8 +1178,11 @@ def test_gpu_load_balancer_publishes_only_the_gateways_tls_port(rendered):
     for port in ports:
         assert port["targetPort"] in ("grpc", grpc_port["containerPort"]), port
         assert port["port"] == 443, f"TLS is published on {port['port']}, not 443"
-    # The container serves nothing else that a Service could reach.
-    assert [p["name"] for p in container["ports"]] == ["grpc"]
+    # The container serves nothing else but the web port, which only the Ingress reaches
+    # (through a ClusterIP Service, TLS at the Ingress).
+    assert [p["name"] for p in container["ports"]] == ["grpc", "web"]
+    web = find(objects, "Service", "gateway-web")
+    assert web["spec"]["type"] == "ClusterIP"
 
 
 def test_cpu_dev_gateway_is_not_published_beyond_the_cluster(rendered):
