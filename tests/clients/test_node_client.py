@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.e2e]
 
 CLIENT = REPO / "tests" / "clients" / "node"
 KEY = "node-client-key"
-WIDTH, HEIGHT = 192, 144  # noise images: a video of several 256 KiB chunks
+WIDTH, HEIGHT = 320, 240  # noise images: a video of several 256 KiB chunks (192x144 came to 253 KiB)
 
 
 @pytest.fixture(scope="module")
