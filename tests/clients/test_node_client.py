@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.e2e]
 
 CLIENT = REPO / "tests" / "clients" / "node"
 KEY = "node-client-key"
-WIDTH, HEIGHT = 320, 240  # noise images: a video of several 256 KiB chunks (192x144 came to 253 KiB)
+# Noise images: a video of several 256 KiB chunks (at 192x144 it came to 253 KiB).
+WIDTH, HEIGHT = 320, 240
 
 
 @pytest.fixture(scope="module")
