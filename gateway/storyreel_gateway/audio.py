@@ -9,7 +9,9 @@ SNIFF_BYTES = 16
 def sniff_audio(head: bytes) -> str | None:
     """File extension of the audio format ``head`` starts with, or None.
 
-    Supported: wav, mp3, ogg (Vorbis/Opus), flac, m4a (MP4 audio) and raw AAC (ADTS).
+    Supported: :data:`storyreel.limits.AUDIO_FORMATS`, the formats the composer reads:
+    wav, mp3, ogg (Vorbis/Opus), flac, m4a (MP4 audio), raw AAC (ADTS) and webm
+    (WebM or Matroska, by its EBML header).
     """
     if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
         return "wav"
@@ -17,6 +19,8 @@ def sniff_audio(head: bytes) -> str | None:
         return "ogg"
     if head[:4] == b"fLaC":
         return "flac"
+    if head[:4] == b"\x1a\x45\xdf\xa3":  # EBML: WebM, or Matroska (read the same)
+        return "webm"
     if head[4:8] == b"ftyp":
         return "m4a"
     if head[:3] == b"ID3":

@@ -244,6 +244,7 @@ def video_from_proto(message: composer_pb2.ComposeResponse) -> ComposedVideo:
         contact_sheet_uri=message.contact_sheet_uri,
         narration_synthesized=message.narration_synthesized,
         narration_cached=message.narration_cached,
+        warnings=tuple(message.warnings),
     )
 
 

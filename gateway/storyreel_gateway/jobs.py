@@ -193,6 +193,8 @@ class ComposedVideo:
     # Scenes whose narration the composer synthesised, and those served by its cache.
     narration_synthesized: int = 0
     narration_cached: int = 0
+    # What the composer said of the video it made (captions shown in part, say).
+    warnings: tuple[str, ...] = ()
 
 
 class JobRecord(BaseModel):
@@ -225,6 +227,9 @@ class JobRecord(BaseModel):
     # Of the latest composition: narration synthesised and served by the composer's cache.
     narration_synthesized: int = 0
     narration_cached: int = 0
+    # Of the latest composition: the composer's warnings, told in the compose stage's
+    # STAGE_FINISHED event.
+    compose_warnings: list[str] = Field(default_factory=list)
     # Every artifact of every run, oldest first (the current ones included).
     versions: list[ArtifactVersion] = Field(default_factory=list)
     # Seeds chosen for single scenes by RegenerateScene (scene index -> seed, never 0: a
@@ -426,6 +431,7 @@ class JobRecord(BaseModel):
         self.contact_sheet_uri = video.contact_sheet_uri
         self.narration_synthesized = video.narration_synthesized
         self.narration_cached = video.narration_cached
+        self.compose_warnings = list(video.warnings)
         for kind, uri in (
             (ArtifactKind.VIDEO, video.uri),
             (ArtifactKind.CAPTIONS_SRT, video.captions_srt_uri),

@@ -269,7 +269,11 @@ class JobPipeline:
                     "stage finished",
                     extra={"stage": stage.value, "duration_s": record.stages[-1].duration_s},
                 )
-                await self.jobs.save(record, EventKind.STAGE_FINISHED, stage)
+                # The composer's warnings reach the caller in this event's message.
+                said = record.compose_warnings if stage is Stage.COMPOSE else []
+                await self.jobs.save(
+                    record, EventKind.STAGE_FINISHED, stage, message="\n".join(said)
+                )
             log.info("job done", extra={"video_uri": record.video_uri})
             await self.end(record, JobState.DONE, None)
         except asyncio.CancelledError:

@@ -19,7 +19,7 @@ import base64
 import logging
 import re
 import struct
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 from storyreel.errors import FailedPrecondition, InvalidInput, NotFound
 from storyreel.ids import new_job_id
@@ -387,12 +387,18 @@ class JobRunner:
 
     # -- uploads ----------------------------------------------------------------------------
 
-    async def upload_audio(self, tenant: str, chunks: AsyncIterable[bytes]) -> StoredUpload:
+    async def upload_audio(
+        self,
+        tenant: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        filename: Callable[[], str] = str,
+    ) -> StoredUpload:
         """Store an uploaded audio file the composer accepts, with what its probe found.
 
-        Nothing is kept on failure.
+        Nothing is kept on failure; a refusal names the caller's ``filename()``.
         """
-        return await self.uploads.receive(tenant, chunks)
+        return await self.uploads.receive(tenant, chunks, filename=filename)
 
     async def upload_image(self, tenant: str, chunks: AsyncIterable[bytes]) -> StoredImage:
         """Store an uploaded PNG, JPEG or WebP image (a character's reference image).

@@ -102,6 +102,8 @@ class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
 
     async def UploadAudio(self, request_iterator, context):
         """Stores a client-streamed audio file after checking its size and format."""
+        # The caller's file name, once the first message is read: a refusal names it.
+        names: list[str] = []
 
         async def chunks():
             first = True
@@ -114,8 +116,12 @@ class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
                 first = False
                 if kind == "chunk":
                     yield message.chunk
+                else:
+                    names.append(message.filename)
 
-        stored = await self.runner.upload_audio(tenant_var.get(), chunks())
+        stored = await self.runner.upload_audio(
+            tenant_var.get(), chunks(), filename=lambda: names[0] if names else ""
+        )
         return upload_to_proto(stored)
 
     async def UploadImage(self, request_iterator, context):

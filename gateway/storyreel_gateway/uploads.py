@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from storyreel.errors import DeadlineExceeded, InvalidInput, NotFound
+from storyreel.ids import shown
+from storyreel.limits import AUDIO_FORMATS_TEXT
 from storyreel.storage import ArtifactStore
 from storyreel_gateway.audio import SNIFF_BYTES, sniff_audio
 from storyreel_gateway.images import ImageFacts, inspect_image
@@ -57,6 +59,8 @@ _PROGRESS_BYTES = 4 * 1024 * 1024
 _LOCK = ".lock"
 #: The first bytes of an upload kept to recognise it.
 _HEAD_BYTES = 64
+#: Most characters of a caller's file name repeated in a message.
+_SHOWN_NAME_CHARS = 120
 
 
 @dataclass(frozen=True)
@@ -189,23 +193,34 @@ class Uploads:
     def close(self) -> None:
         self.spool.close()
 
-    async def receive(self, tenant: str, chunks: AsyncIterable[bytes]) -> StoredUpload:
+    async def receive(
+        self,
+        tenant: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        filename: Callable[[], str] = str,
+    ) -> StoredUpload:
         """Store an uploaded audio file and have the composer probe it.
 
         Nothing is kept on failure: audio the composer refuses is deleted,
-        object and row, and InvalidInput carries the composer's reason.
+        object and row, and InvalidInput carries the composer's reason, said of
+        the caller's ``filename()`` (the name its stream began with; read once
+        the chunks are, bounded in the message) rather than of our object.
         """
+
+        async def probe(upload_id: str, tenant: str, uri: str, size: int) -> ProbedAudio | None:
+            return await self._probe(upload_id, tenant, uri, size, filename())
 
         async def recognise(head: bytes, _path: Path) -> tuple[str, None]:
             ext = sniff_audio(head[:SNIFF_BYTES])
             if ext is None:
                 raise InvalidInput(
-                    "upload is not audio in a supported format (wav, mp3, ogg, flac, m4a, aac)"
+                    f"upload is not audio in a supported format ({AUDIO_FORMATS_TEXT})"
                 )
             return ext, None
 
         uri, size, audio = await self._receive(
-            tenant, chunks, "audio", self.settings.max_upload_bytes, recognise, self._probe
+            tenant, chunks, "audio", self.settings.max_upload_bytes, recognise, probe
         )
         log.info(
             "audio uploaded",
@@ -316,7 +331,9 @@ class Uploads:
                 await asyncio.shield(self.jobs.abort_upload(upload_id))
         return uri, size, facts
 
-    async def _probe(self, upload_id: str, tenant: str, uri: str, size: int) -> ProbedAudio | None:
+    async def _probe(
+        self, upload_id: str, tenant: str, uri: str, size: int, filename: str = ""
+    ) -> ProbedAudio | None:
         """The composer's reading of the stored upload; its row is kept alive meanwhile."""
         if self.prober is None:
             return None
@@ -324,7 +341,7 @@ class Uploads:
         try:
             return await self.prober.probe_audio(uri)
         except InvalidInput as exc:
-            raise InvalidInput(_refusal(exc.message, uri)) from None
+            raise InvalidInput(_refusal(exc.message, uri, filename)) from None
         finally:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
@@ -363,16 +380,20 @@ class Uploads:
         return len(expired)
 
 
-def _refusal(message: str, uri: str) -> str:
-    """The composer's reason for refusing an upload, said of "the upload".
+def _refusal(message: str, uri: str, filename: str = "") -> str:
+    """The composer's reason for refusing an upload, said of the caller's file.
 
     The composer names the object (``audio_uri <uri> is not usable audio: ...``);
-    the object is deleted, so the message names the upload instead.
+    the object is deleted, and is no name the caller knows, so the message names
+    the upload by the caller's own file name (:func:`storyreel.ids.shown`: quoted,
+    and cut when long), or "the upload" when it sent none. Our object's URI is
+    never in the answer.
     """
+    upload = f"the upload {shown(filename, _SHOWN_NAME_CHARS)}" if filename else "the upload"
     prefix = f"audio_uri {uri} "
     if message.startswith(prefix):
-        return "the upload " + message[len(prefix) :]
-    return f"the upload was refused by the composer: {message}"
+        return f"{upload} {message[len(prefix) :].replace(uri, 'it')}"
+    return f"{upload} was refused by the composer: {message.replace(uri, 'it')}"
 
 
 async def _idle_limited(chunks: AsyncIterable[bytes], idle_s: float) -> AsyncIterator[bytes]:

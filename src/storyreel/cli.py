@@ -34,12 +34,13 @@ from pathlib import Path
 
 import grpc
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from storyreel import compose_options, options
 from storyreel.errors import UpstreamFailed
-from storyreel.limits import MAX_SCENES, MIN_SCENES
+from storyreel.limits import AUDIO_FORMATS_TEXT, MAX_SCENES, MIN_SCENES
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -673,6 +674,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
         f"[green]video[/green] {len(result.scene_starts_s)} scenes, {result.duration_s:.2f} s, "
         f"{result.width}x{result.height} at {result.fps} fps"
     )
+    for warning in result.warnings:
+        console.print(f"[yellow]warning[/yellow] {escape(warning)}", highlight=False)
     for extra in (made.captions_srt, made.captions_vtt, made.poster, made.contact_sheet):
         if extra is not None:
             console.print(f"  {extra}")
@@ -878,7 +881,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="your own storyboard (JSON or YAML, as `storyreel storyboard -o` writes) "
         "instead of a prompt",
     )
-    gen.add_argument("--audio", type=Path, help="your own audio track (wav, mp3, ogg, flac, m4a)")
+    gen.add_argument("--audio", type=Path, help=f"your own audio track ({AUDIO_FORMATS_TEXT})")
     gen.add_argument(
         "--scenes",
         type=int,
@@ -983,7 +986,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--images", type=Path, required=True, help="folder of scene images")
     comp.add_argument(
-        "--audio", type=Path, help="your audio (wav, mp3, ogg, flac, m4a, aac): the sound track"
+        "--audio", type=Path, help=f"your audio ({AUDIO_FORMATS_TEXT}): the sound track"
     )
     comp.add_argument(
         "--narration", type=Path, help="text file, one line per image: captions and narration"

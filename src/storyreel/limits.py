@@ -26,3 +26,14 @@ MAX_NAME_CHARS = 24
 MAX_APPEARANCE_CHARS = 80
 #: Most characters of a scene's narration.
 MAX_NARRATION_CHARS = 220
+
+# The formats of a user's soundtrack, the same everywhere: the gateway recognises an upload
+# as one of them by its content (storyreel_gateway.audio), the composer reads the user's audio
+# only as one of them (storyreel_composer.user_audio), and every help text, README and contract
+# comment that lists them says AUDIO_FORMATS_TEXT (tests/core/test_limits.py holds them to it).
+#: Soundtrack formats, by the extension an upload of each is stored with: wav, mp3, ogg
+#: (Vorbis, Opus), flac, m4a (MP4 audio: AAC), aac (raw ADTS) and webm (WebM/Matroska: Opus,
+#: Vorbis).
+AUDIO_FORMATS: tuple[str, ...] = ("wav", "mp3", "ogg", "flac", "m4a", "aac", "webm")
+#: The same formats, as help texts and messages list them.
+AUDIO_FORMATS_TEXT = "wav, mp3, ogg, flac, m4a, aac or webm"

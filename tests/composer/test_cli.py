@@ -88,3 +88,35 @@ def test_bad_audio_is_refused_and_nothing_is_written(folder: Path):
     assert result.returncode == 2
     assert "is not usable audio" in result.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["lines.txt", "pictures", "song.mp3"]
+
+
+def test_a_truncated_mp3_is_refused_naming_the_users_file_not_ours(folder: Path):
+    """The first 1000 bytes of a real MP3: refused as damaged, said of `--audio` and the
+    file as the user named it, never of the command's private store."""
+    (folder / "my song.mp3").write_bytes((folder / "song.mp3").read_bytes()[:1000])
+    result = compose("--images", "pictures", "--audio", "my song.mp3", "-o", "x.mp4", cwd=folder)
+    assert result.returncode == 2, result.stderr
+    assert "--audio 'my song.mp3' is not usable audio: it is truncated" in result.stderr
+    assert "storyreel-local" not in result.stderr and "file://" not in result.stderr
+    assert not (folder / "x.mp4").exists()
+
+
+def test_an_unreadable_image_is_named_by_its_file(folder: Path):
+    (folder / "pictures" / "scene-3.png").write_bytes(b"not a png")
+    result = compose("--images", "pictures", "--audio", "song.mp3", "-o", "x.mp4", cwd=folder)
+    assert result.returncode == 2, result.stderr
+    assert "scene 3 image 'pictures/scene-3.png' is not a readable image" in result.stderr
+    assert "storyreel-local" not in result.stderr and "file://" not in result.stderr
+
+
+def test_a_tiny_image_is_composed_with_a_warning(folder: Path):
+    Image.new("RGB", (16, 12), (200, 200, 40)).save(folder / "pictures" / "scene-1.png")
+    result = compose(
+        *("--images", "pictures", "--audio", "song.mp3", "--resolution", "480p"),
+        *("--motion", "none", "--fps", "12", "-o", "x.mp4"),
+        cwd=folder,
+    )
+    assert result.returncode == 0, result.stderr
+    # 16x12 covering 854x480 (16:9 at 480p): enlarged 53.4 times.
+    assert "warning scene 1 image is only 16x12 pixels: enlarged 53.4 times" in result.stderr
+    assert "scene 2 image" not in result.stderr  # 320x240: 2.7 times

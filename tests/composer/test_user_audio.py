@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from support import probe_media
 from storyreel.channels import open_channel
 from storyreel.composer.v1 import composer_pb2, composer_pb2_grpc
 from storyreel.errors import InvalidInput, NotFound, Overloaded
+from storyreel.limits import AUDIO_FORMATS, AUDIO_FORMATS_TEXT
 from storyreel.serving import create_server
 
 #: Every format the gateway accepts: ffmpeg output options, codec and container read back.
@@ -38,7 +40,12 @@ FORMATS = {
     "flac": ((), "flac", "flac"),
     "m4a": (("-c:a", "aac"), "aac", "mov,mp4,m4a,3gp,3g2,mj2"),
     "aac": (("-c:a", "aac", "-f", "adts"), "aac", "aac"),
+    "webm": (("-c:a", "libvorbis"), "vorbis", "matroska,webm"),
 }
+
+
+def test_every_soundtrack_format_is_tested_here():
+    assert set(FORMATS) == set(AUDIO_FORMATS)
 
 
 @pytest.mark.parametrize("extension", sorted(FORMATS))
@@ -186,3 +193,58 @@ async def test_list_voices_and_probe_audio_through_a_server_whose_voice_is_not_l
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         await running.stop(0)
+
+
+# -- damaged audio, and one list of formats (issue 17, item 5) ------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [("-c:a", "libmp3lame"), ("-c:a", "libmp3lame", "-write_xing", "0")],
+    ids=["with-xing-header", "without"],
+)
+async def test_the_first_thousand_bytes_of_an_mp3_are_refused_as_truncated(
+    unvoiced_composer, file_store, make_audio, options
+):
+    """Without a Xing header nothing says how long the file should be: ffmpeg finds only a
+    few frames, recognises the file as MP3 by a guess ("misdetection possible"), and that
+    is refused, never played as a 0.1 s soundtrack."""
+    full = make_audio("song.mp3", "sine", 5.0, *options)
+    uri = file_store.put_bytes("uploads/t/x/audio.mp3", full.read_bytes()[:1000])
+    with pytest.raises(InvalidInput, match=r"is not usable audio: it is truncated") as caught:
+        await unvoiced_composer.probe_audio(uri)
+    assert caught.value.message.startswith(f"audio_uri {uri} ")
+
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Every text that lists the soundtrack formats for people.
+FORMAT_LISTS = [
+    "protos/storyreel/gateway/v1/gateway.proto",
+    "protos/storyreel/composer/v1/composer.proto",
+    "gateway/README.md",
+    "services/composer/README.md",
+]
+
+
+def _prose(path: Path) -> str:
+    """The text with comment markers dropped and every run of whitespace one space."""
+    text = path.read_text(encoding="utf-8")
+    return " ".join(" ".join(re.sub(r"^\s*//", "", line) for line in text.splitlines()).split())
+
+
+def test_every_list_of_the_formats_is_the_one_definition():
+    """Help texts, messages, READMEs and contract comments list storyreel.limits' formats."""
+    from storyreel import cli
+
+    assert ", ".join(AUDIO_FORMATS[:-1]) + " or " + AUDIO_FORMATS[-1] == AUDIO_FORMATS_TEXT
+    texts = {name: _prose(ROOT / name) for name in FORMAT_LISTS}
+    texts["storyreel --help"] = " ".join(
+        action.help or ""
+        for parser in cli.build_parser()._subparsers._group_actions[0].choices.values()
+        for action in parser._actions
+    )
+    for name, text in texts.items():
+        starts = [match.start() for match in re.finditer(r"\bwav, mp3\b", text)]
+        assert starts, f"{name} lists no formats"
+        for start in starts:
+            assert text.startswith(AUDIO_FORMATS_TEXT, start), (name, text[start : start + 80])

@@ -47,8 +47,13 @@ class UpstreamDoubles:
     # The whole RenderScenesRequest of every call.
     render_messages: list = field(default_factory=list)
     render_cancelled: int = 0
+    # What RenderScenes stores as a scene's image: scene_image(seed) -> bytes (None: a
+    # placeholder that is no image; a real image for jobs the real composer composes).
+    scene_image: object = None
     story_requests: list = field(default_factory=list)
     compose_requests: list = field(default_factory=list)
+    # What ComposerDouble's replies warn of (ComposeResponse.warnings).
+    compose_warnings: list = field(default_factory=list)
     # ComposerDouble's voices (ListVoices; Compose refuses others) and its default voice;
     # voices_error makes ListVoices fail with that code. Calls are counted.
     voices: tuple = ("joe",)
@@ -110,7 +115,9 @@ class DiffusionDouble(diffusion_pb2_grpc.DiffusionServiceServicer):
                     f"scene-{scene.index:03d}.png",
                     revision=request.revision,
                 )
-                uri = self.state.store.put_bytes(key, f"png {seed}".encode())
+                make = self.state.scene_image
+                data = make(seed) if make is not None else f"png {seed}".encode()
+                uri = self.state.store.put_bytes(key, data)
                 yield diffusion_pb2.RenderScenesResponse(
                     image=diffusion_pb2.SceneImage(index=scene.index, uri=uri, seed=seed)
                 )
@@ -267,6 +274,7 @@ class ComposerDouble(composer_pb2_grpc.ComposerServiceServicer):
             width=width,
             height=height,
             fps=request.fps or COMPOSER_DEFAULTS["fps"],
+            warnings=self.state.compose_warnings,
             **extras,
         )
 

@@ -292,8 +292,9 @@ async def test_an_upload_with_an_audio_header_and_nothing_usable_is_refused_and_
     data = doomed_uploads(tmp_path)[name]
     filename = "song.wav" if name.startswith("wav") else "song.mp3"
     details = await _refused(gw.stub.UploadAudio(upload_requests(data, filename)))
-    assert details.startswith("the upload is not usable audio: "), details
-    assert "uploads/" not in details  # the deleted object is not named
+    # Said of the caller's own file, by the name it sent; the deleted object is not named.
+    assert details.startswith(f"the upload {filename!r} is not usable audio: "), details
+    assert "uploads/" not in details
     assert list(file_store.list()) == []  # object deleted
     assert await _upload_rows(gw) == []  # and its row
 

@@ -141,6 +141,9 @@ def test_every_field_of_the_composers_reply_is_kept():
         f"{name}_uri" for name in ("captions_srt", "captions_vtt", "poster", "contact_sheet")
     }
     used |= {"narration_synthesized", "narration_cached"}
+    # The warnings are told in the compose stage's STAGE_FINISHED event (test_gateway).
+    assert record.compose_warnings == list(sent.warnings)
+    used |= {"warnings"}
     assert {f.name for f in composer_pb2.ComposeResponse.DESCRIPTOR.fields} == used
 
 

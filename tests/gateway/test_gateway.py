@@ -138,6 +138,19 @@ async def test_unreachable_upstream_fails_the_job_and_names_the_service(file_sto
     assert "story" in job.error.message
 
 
+async def test_the_composers_warnings_are_told_when_the_compose_stage_finishes(gateway, upstream):
+    upstream.compose_warnings = ["captions: the narration needs 9.6 s", "second warning"]
+    events, job = await _run(gateway, prompt="a fox", scene_count=2)
+    assert job.state == gateway_pb2.JOB_STATE_DONE
+    finished = {
+        e.stage: e.message for e in events if e.kind == gateway_pb2.EVENT_KIND_STAGE_FINISHED
+    }
+    assert (
+        finished[gateway_pb2.STAGE_COMPOSE] == "captions: the narration needs 9.6 s\nsecond warning"
+    )
+    assert finished[gateway_pb2.STAGE_RENDER] == ""
+
+
 async def test_watch_of_a_finished_job_gets_its_snapshot_then_the_end(gateway):
     job_id = await create_video(gateway, prompt="x")
     await _finish(gateway, job_id)

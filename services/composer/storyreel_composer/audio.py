@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import wave
 from collections.abc import Sequence
@@ -70,14 +71,36 @@ class Loudness:
 
 @dataclass(frozen=True)
 class LoudnessTarget:
-    """Where every video's sound ends up: integrated loudness, true peak, range."""
+    """Where every video's sound ends up: integrated loudness, true peak, range.
+
+    ``encoder_headroom_db`` is how far below ``true_peak_db`` the limiter
+    starts: the AAC encoder's output peaks higher than its input (about
+    1.5 dB on real music), and the ceiling holds for the encoded track.
+    """
 
     integrated_lufs: float = -16.0
     true_peak_db: float = -1.5
     range_lu: float = 11.0
+    encoder_headroom_db: float = 1.5
 
     def loudnorm(self) -> str:
         return f"loudnorm=I={self.integrated_lufs}:TP={self.true_peak_db}:LRA={self.range_lu}"
+
+
+@dataclass(frozen=True)
+class TrackLoudness:
+    """What ffmpeg's ``ebur128`` filter measured of a file's first audio stream."""
+
+    integrated_lufs: float
+    true_peak_db: float
+
+
+@dataclass(frozen=True)
+class AacEncoding:
+    """How the renderer encodes the sound track (the same encoder, rate and bitrate)."""
+
+    bitrate: str = "128k"
+    sample_rate: int = 44100
 
 
 # Quieter than this is silence as far as normalisation goes: it is left silent.
@@ -125,6 +148,17 @@ def measure_loudness(
     return loudness
 
 
+# The limiter runs at this rate: the peaks between samples at 44.1 or 48 kHz
+# show as samples at four times that, so its sample-peak limit is a true-peak one.
+_OVERSAMPLE_RATE = 192000
+# How close to the target the encoded track's integrated loudness is brought (LU;
+# the promise is 1), and how many passes may be spent getting there.
+_AIM_LU = 0.3
+_PASSES = 4
+# Below this the limiter cannot go (alimiter's own bound, -24 dBFS).
+_LOWEST_CEILING_DB = -24.0
+
+
 def normalise_track(
     source: Path,
     out_path: Path,
@@ -134,28 +168,57 @@ def normalise_track(
     sample_rate: int,
     channels: int = 2,
     timeout_s: float,
+    encoding: AacEncoding | None = None,
 ) -> Loudness | None:
     """Write the first audio stream of ``source`` to a WAV at ``target`` loudness,
     exactly ``duration_s`` long: padded with silence or cut at the end, sample-exact.
 
-    Two passes of ffmpeg's ``loudnorm`` over the fitted audio: the first
-    measures, the second applies one constant gain (linear mode; loudnorm
-    limits peaks only if the gain would push them over the target). A silent
-    source stays silent. Returns the measurement.
+    The loudness is measured first (ffmpeg's ``loudnorm``, print_format=json, over
+    the fitted audio), then one constant gain brings it to the target (loudnorm's
+    linear mode, applied as a plain gain: loudnorm itself would cap the gain where
+    the peaks reach its ceiling, leaving loud-peaked audio quiet), and a lookahead
+    limiter at four times the sample rate holds the true peak
+    ``target.encoder_headroom_db`` below the ceiling. The result is encoded to AAC
+    as the renderer will (``encoding``) and measured with ``ebur128``; while the
+    encoded loudness is off the target or its true peak over the ceiling, the gain
+    and the limit are corrected and the track written again (a few passes over the
+    audio alone). A silent source stays silent. Returns the first measurement.
     """
     samples = round(duration_s * sample_rate)
     fit = f"aresample={sample_rate},apad=whole_len={samples},atrim=end_sample={samples}"
     measured = measure_loudness(source, target, timeout_s=timeout_s, prefilter=fit)
-    chain = [fit]
-    if measured is not None:
-        chain.append(
-            f"{target.loudnorm()}:measured_I={measured.integrated_lufs}"
-            f":measured_TP={measured.true_peak_db}:measured_LRA={measured.range_lu}"
-            f":measured_thresh={measured.threshold_lufs}:offset={measured.offset_lu}"
-            ":linear=true:print_format=none"
-        )
-        # loudnorm works at 192 kHz; back to the output rate, and exactly as long.
-        chain.append(fit)
+    if measured is None:
+        _write_track(source, out_path, [fit], channels, timeout_s)
+        return None
+    gain_db = target.integrated_lufs - measured.integrated_lufs
+    ceiling_db = target.true_peak_db - target.encoder_headroom_db
+    for _ in range(_PASSES):
+        limit = 10 ** (max(ceiling_db, _LOWEST_CEILING_DB) / 20)
+        chain = [
+            fit,
+            f"volume={gain_db:.3f}dB",
+            f"aresample={_OVERSAMPLE_RATE}",
+            f"alimiter=limit={limit:.6f}:level=false:attack=2:release=60:latency=true",
+            # Back to the output rate, and exactly as long.
+            fit,
+        ]
+        _write_track(source, out_path, chain, channels, timeout_s)
+        encoded = measure_encoded(out_path, encoding or AacEncoding(), timeout_s=timeout_s)
+        if encoded is None:
+            break  # too short to have an integrated loudness: nothing to correct
+        off_lu = target.integrated_lufs - encoded.integrated_lufs
+        over_db = encoded.true_peak_db - target.true_peak_db
+        if abs(off_lu) <= _AIM_LU and over_db <= 0:
+            break
+        gain_db += off_lu
+        if over_db > -0.1:
+            ceiling_db -= over_db + 0.2
+    return measured
+
+
+def _write_track(
+    source: Path, out_path: Path, chain: list[str], channels: int, timeout_s: float
+) -> None:
     _ffmpeg(
         [
             *audio_input_options(),
@@ -165,7 +228,52 @@ def normalise_track(
         f"normalise the loudness of {source.name}",
         timeout_s,
     )
-    return measured
+
+
+_SUMMARY_I = re.compile(r"I:\s+(-?(?:[\d.]+|inf)) LUFS")
+_SUMMARY_PEAK = re.compile(r"Peak:\s+(-?(?:[\d.]+|inf)) dBFS")
+
+
+def measure_ebur128(path: Path, *, timeout_s: float) -> TrackLoudness | None:
+    """Integrated loudness and true peak of the first audio stream of ``path``,
+    measured by ffmpeg's ``ebur128`` filter (``peak=true``); None if nothing is
+    loud enough to be measured. Only the audio is decoded."""
+    result = _ffmpeg(
+        [
+            *("-i", str(path), "-map", "0:a:0", "-vn", "-sn", "-dn"),
+            *("-af", "ebur128=peak=true", "-f", "null", "-"),
+        ],
+        f"measure the loudness of {path.name}",
+        timeout_s,
+    )
+    summary = result.stderr[result.stderr.rfind("Summary:") :]
+    integrated, peak = _SUMMARY_I.search(summary), _SUMMARY_PEAK.search(summary)
+    if integrated is None or peak is None:
+        raise RuntimeError(f"ffmpeg's ebur128 gave no summary for {path.name}")
+    lufs, peak_db = float(integrated.group(1)), float(peak.group(1))
+    if not math.isfinite(lufs) or lufs <= _SILENCE_LUFS:
+        return None
+    return TrackLoudness(lufs, peak_db)
+
+
+def measure_encoded(
+    track: Path, encoding: AacEncoding, *, timeout_s: float
+) -> TrackLoudness | None:
+    """Loudness and true peak of ``track`` once AAC-encoded as the renderer encodes it
+    (the encoder is deterministic, so the video's audio is this very stream)."""
+    encoded = track.with_name(track.stem + "-encoded.m4a")
+    try:
+        _ffmpeg(
+            [
+                *("-i", str(track), "-map", "0:a:0", "-c:a", "aac"),
+                *("-b:a", encoding.bitrate, "-ar", str(encoding.sample_rate), str(encoded)),
+            ],
+            f"encode {track.name} to measure it",
+            timeout_s,
+        )
+        return measure_ebur128(encoded, timeout_s=timeout_s)
+    finally:
+        encoded.unlink(missing_ok=True)
 
 
 def speech_spans(spans: Sequence[tuple[float, float]], hold_s: float) -> list[tuple[float, float]]:

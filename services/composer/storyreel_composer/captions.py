@@ -320,3 +320,90 @@ def drawtext_filters(
             f":enable='gte(t,{cue.start_s:.6f})*lt(t,{cue.end_s:.6f})'"
         )
     return filters
+
+
+def readable(
+    cues: Sequence[Cue], style: CaptionStyle, *, min_s: float, end_s: float
+) -> tuple[list[Cue], str]:
+    """``cues`` each on screen at least ``min_s`` (within 0..``end_s``), and a warning.
+
+    Short cues are first merged with a neighbour when the two fit the style's
+    lines together, then shifted: a short cue runs on into the time after it,
+    pushing later cues on, and cues near the end start early instead. A cue
+    already long enough with room around it is left as it is.
+
+    When even that cannot give every cue ``min_s`` (more text than the time
+    holds at that pace), neighbouring cues are shown in groups: each group
+    shows its first cue for the whole group's time and the rest of its text
+    is left out of the captions; the warning (else "") says so.
+    """
+    if not cues or min_s <= 0:
+        return list(cues), ""
+    # Half a millisecond more, so that no cue rounds below min_s in the sidecars.
+    min_s += 0.0005
+    merged = _merge_short(list(cues), style, min_s)
+    fits = max(1, int(end_s / min_s + 1e-9))
+    warning = ""
+    if len(merged) > fits:
+        groups = [
+            merged[round(g * len(merged) / fits) : round((g + 1) * len(merged) / fits)]
+            for g in range(fits)
+        ]
+        needed = len(merged) * min_s
+        warning = (
+            f"captions: the narration needs {needed:.1f} s to be read at {min_s:.1f} s per "
+            f"caption but the video lasts {end_s:.1f} s; {len(merged) - fits} of "
+            f"{len(merged)} captions were left out"
+        )
+        merged = [Cue(group[0].start_s, group[-1].end_s, group[0].lines) for group in groups]
+    return _retime(merged, min(min_s, end_s), end_s), warning
+
+
+def _merge_short(cues: list[Cue], style: CaptionStyle, min_s: float) -> list[Cue]:
+    """Merge each cue shorter than ``min_s`` with its shorter neighbour (no more than
+    ``min_s`` away) while the two fit ``style.max_lines`` together."""
+    i = 0
+    while i < len(cues):
+        cue = cues[i]
+        if cue.end_s - cue.start_s >= min_s:
+            i += 1
+            continue
+        options = []
+        for j in (i - 1, i + 1):
+            if not 0 <= j < len(cues):
+                continue
+            first, second = cues[min(i, j)], cues[max(i, j)]
+            if second.start_s - first.end_s > min_s:
+                continue
+            lines = tuple(_balance(" ".join((*first.lines, *second.lines)), style))
+            if len(lines) <= style.max_lines:
+                length = cues[j].end_s - cues[j].start_s
+                options.append((length, min(i, j), Cue(first.start_s, second.end_s, lines)))
+        if not options:
+            i += 1
+            continue
+        _, at, joined = min(options, key=lambda option: option[0])
+        cues[at : at + 2] = [joined]
+        # The joined cue may still be short, and its left neighbour may now take it.
+        i = max(0, at - 1)
+    return cues
+
+
+def _retime(cues: Sequence[Cue], min_s: float, end_s: float) -> list[Cue]:
+    """Cues each at least ``min_s`` long, in order, none overlapping, within 0..``end_s``
+    (there must be room: ``len(cues) * min_s <= end_s``)."""
+    starts = [cue.start_s for cue in cues]
+    ends = [cue.end_s for cue in cues]
+    for i in range(len(cues)):  # run on into the time after, pushing later cues on
+        if i:
+            starts[i] = max(starts[i], ends[i - 1])
+        ends[i] = max(ends[i], starts[i] + min_s)
+    limit = end_s
+    for i in reversed(range(len(cues))):  # and start early where that overran the end
+        ends[i] = min(ends[i], limit)
+        starts[i] = max(0.0, min(starts[i], ends[i] - min_s))
+        limit = starts[i]
+    return [
+        cue if (cue.start_s, cue.end_s) == (start, end) else Cue(start, end, cue.lines)
+        for cue, start, end in zip(cues, starts, ends, strict=True)
+    ]

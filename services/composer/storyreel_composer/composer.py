@@ -46,6 +46,7 @@ from storyreel.limits import MIN_SCENES
 from storyreel.options import AUDIO_MODES, CAPTIONS
 from storyreel.storage import ArtifactStore
 from storyreel_composer.audio import (
+    AacEncoding,
     LoudnessTarget,
     mix_music,
     normalise_track,
@@ -57,12 +58,13 @@ from storyreel_composer.captions import (
     caption_style,
     chunk,
     drawtext_filters,
+    readable,
     spread,
     to_srt,
     to_vtt,
 )
 from storyreel_composer.filtergraph import Encoding, FilterPlan, encode
-from storyreel_composer.images import decode_image, fit_image
+from storyreel_composer.images import decode_image, fit_image, upscale_warning
 from storyreel_composer.motion import choose_moves
 from storyreel_composer.narration_cache import NarrationCache
 from storyreel_composer.probe import MediaInfo, probe
@@ -123,6 +125,8 @@ class ComposeResult:
     #: soundtrack alone, count in neither).
     narration_synthesized: int = 0
     narration_cached: int = 0
+    #: What the caller should know of a video that was made: text shown in part, say.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -444,16 +448,25 @@ class VideoComposer:
 
         with _scratch_dir(s.work_dir, "storyreel-compose-") as work:
             audio = self._checked_audio(plan.audio_uri, work) if plan.audio_uri else None
-            canvas_size = self._write_canvases(plan, work)
+            warnings: list[str] = []
+            canvas_size = self._write_canvases(plan, work, warnings)
             checked = time.perf_counter()
 
             timeline, cues, counts = self._sound_track(plan, audio, work)
+            if plan.captions != "off":
+                cues, warning = readable(
+                    cues,
+                    self._caption_style(plan),
+                    min_s=s.caption_min_duration_s,
+                    end_s=timeline.duration_s,
+                )
+                warnings += [warning] if warning else []
             voiced = time.perf_counter()
 
             made = self._encode(plan, timeline, cues, canvas_size, work)
             self._check_output(made.video, plan)
             encoded = time.perf_counter()
-            result = self._store(plan, made, work, counts)
+            result = self._store(plan, made, work, counts, tuple(warnings))
 
         log.info(
             "composed",
@@ -520,12 +533,16 @@ class VideoComposer:
             _path, info = self._checked_audio(uri, work)
         return AudioFacts.of(info)
 
-    def _write_canvases(self, plan: ComposePlan, work: Path) -> tuple[int, int]:
+    def _write_canvases(
+        self, plan: ComposePlan, work: Path, warnings: list[str]
+    ) -> tuple[int, int]:
         """Decode every scene image, fit it to the frame and write it raw for the renderer.
 
         Moving pictures are fitted larger than the frame (``motion_supersample``)
         so that slow moves glide instead of stepping a pixel at a time. One
-        image is held in memory at a time.
+        image is held in memory at a time. A warning is added to ``warnings`` for
+        each image enlarged far past its size to fill the frame
+        (:func:`~storyreel_composer.images.upscale_warning`).
         """
         s = self.settings
         scale = s.motion_supersample if plan.motion == "ken_burns" else 1.0
@@ -544,6 +561,11 @@ class VideoComposer:
                 blur_brightness=s.blur_brightness,
             )
             (work / _canvas_name(number)).write_bytes(fitted.tobytes())
+            # Said of the scene by its number: the caller knows no object key.
+            warning = upscale_warning(
+                image.size, plan.width, plan.height, fit=plan.fit, label=f"scene {number} image"
+            )
+            warnings += [warning] if warning else []
         return size
 
     def _sound_track(
@@ -552,7 +574,10 @@ class VideoComposer:
         """Write ``track.wav`` (normalised, exactly as long as the video); returns the
         timeline, the caption cues and how the narration was made."""
         s = self.settings
-        target = LoudnessTarget(s.loudness_lufs, s.true_peak_db, s.loudness_range_lu)
+        target = LoudnessTarget(
+            s.loudness_lufs, s.true_peak_db, s.loudness_range_lu, s.encoder_headroom_db
+        )
+        aac = AacEncoding(s.audio_bitrate, s.audio_sample_rate)
         style = self._caption_style(plan)
         track = work / "track.wav"
         if plan.audio_mode == "soundtrack":
@@ -570,6 +595,7 @@ class VideoComposer:
                 target=target,
                 sample_rate=s.audio_sample_rate,
                 timeout_s=s.ffmpeg_timeout_s,
+                encoding=aac,
             )
             # No speech to follow: each scene's text is shown across its scene.
             cues: list[Cue] = []
@@ -629,6 +655,7 @@ class VideoComposer:
             target=target,
             sample_rate=s.audio_sample_rate,
             timeout_s=s.ffmpeg_timeout_s,
+            encoding=aac,
         )
         return timeline, cues, counts
 
@@ -746,7 +773,12 @@ class VideoComposer:
             raise RuntimeError(f"encoder wrote {actual}, expected {expected}")
 
     def _store(
-        self, plan: ComposePlan, made: _Artifacts, work: Path, counts: NarrationCounts
+        self,
+        plan: ComposePlan,
+        made: _Artifacts,
+        work: Path,
+        counts: NarrationCounts,
+        warnings: tuple[str, ...] = (),
     ) -> ComposeResult:
         """Store every artifact, or none: a failed upload removes what was stored."""
         stored: list[str] = []
@@ -788,6 +820,7 @@ class VideoComposer:
             fps=plan.fps,
             narration_synthesized=counts.synthesized,
             narration_cached=counts.cached,
+            warnings=warnings,
         )
 
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storyreel.compose_options import ComposeOptions
-from storyreel.errors import InvalidInput
+from storyreel.errors import InvalidInput, StoryreelError
+from storyreel.ids import shown
 from storyreel.storage import FileStore
 from storyreel_composer.composer import ComposeResult, Scene, VideoComposer
 from storyreel_composer.settings import ComposerSettings
@@ -83,6 +84,15 @@ def narration_lines(narration: Path | None, count: int) -> list[str]:
     return [line.strip() for line in lines]
 
 
+def _said_of_files(message: str, names: dict[str, str]) -> str:
+    """``message`` with each stored object's URI replaced by the user's file it holds
+    (``audio_uri <uri>`` becomes ``--audio <file>``): no path of the private store,
+    which is gone once the command ends, reaches the user."""
+    for uri, name in names.items():
+        message = message.replace(f"audio_uri {uri}", f"--audio {name}").replace(uri, name)
+    return message
+
+
 def compose_files(
     images_dir: Path,
     output: Path,
@@ -124,11 +134,18 @@ def compose_files(
             store.put_file(f"jobs/local/audio/audio{audio.suffix[:10]}", audio) if audio else None
         )
         composer = VideoComposer(store, synthesizer, settings)
-        result = asyncio.run(
-            composer.compose(
-                "local", scenes, audio_uri, fps=fps, width=width, height=height, options=options
+        # The composer names the objects of the private store; the user knows the files.
+        names = {s.image_uri: shown(str(path)) for s, path in zip(scenes, images, strict=True)}
+        if audio_uri:
+            names[audio_uri] = shown(str(audio))
+        try:
+            result = asyncio.run(
+                composer.compose(
+                    "local", scenes, audio_uri, fps=fps, width=width, height=height, options=options
+                )
             )
-        )
+        except StoryreelError as exc:
+            raise type(exc)(_said_of_files(exc.message, names)) from None
         output.parent.mkdir(parents=True, exist_ok=True)
         stem = output.with_suffix("")
 

@@ -70,6 +70,9 @@ _CORRUPT_RE = re.compile(
     r"|header missing|truncat|partial file|filesize and duration do not match",
     re.IGNORECASE,
 )
+# ffmpeg recognised the container only by a guess (a low probe score): what follows the
+# few bytes it matched is not the format's (a truncated or damaged file, or not media).
+_MISDETECTED_RE = re.compile(r"detected only with low score of \d+, misdetection possible")
 # A decoded duration this much shorter than the header's means missing data.
 _TRUNCATION_TOLERANCE_S = 0.5
 _TRUNCATION_TOLERANCE_FRACTION = 0.02
@@ -105,6 +108,11 @@ def probe(
     if formats and "not on whitelist" in header.stderr:
         raise UnsupportedContainer("it is in a container that may not be read here")
     info = _parse_header(header.stderr)
+    if _MISDETECTED_RE.search(header.stderr):
+        raise MediaError(
+            f"it is truncated or damaged: ffmpeg recognises it as {info.container or 'media'} "
+            "only by a guess (too little of it is that format's data)"
+        )
     if not decode or not (info.has_audio or info.has_video):
         return info
 

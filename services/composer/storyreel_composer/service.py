@@ -62,6 +62,7 @@ class ComposerServicer(composer_pb2_grpc.ComposerServiceServicer):
             fps=result.fps,
             narration_synthesized=result.narration_synthesized,
             narration_cached=result.narration_cached,
+            warnings=result.warnings,
         )
 
     async def ListVoices(

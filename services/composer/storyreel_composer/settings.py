@@ -101,6 +101,10 @@ class ComposerSettings(ServiceSettings):
     caption_max_lines: int = Field(default=2, ge=1, le=4)
     # Characters per caption line at most, for reading speed.
     caption_max_chars: int = Field(default=42, ge=8)
+    # Shortest time a caption stays on screen, in seconds: shorter cues are merged
+    # or run on into the time after them; narration too long for its audio at
+    # this pace is shown in part, with a warning.
+    caption_min_duration_s: float = Field(default=0.8, ge=0, le=5)
     caption_margin: float = Field(default=0.05, ge=0, le=0.3)
     caption_portrait_bottom_margin: float = Field(default=0.18, ge=0, le=0.5)
 
@@ -123,7 +127,9 @@ class ComposerSettings(ServiceSettings):
     silent_scene_s: float = Field(default=3.0, gt=0)
 
     # Sound. Every video is normalised to `loudness_lufs` integrated loudness
-    # (EBU R128) with true peaks below `true_peak_db`. Music under narration
+    # (EBU R128) with true peaks below `true_peak_db`, both as measured on the
+    # encoded AAC track; the limiter first aims `encoder_headroom_db` below the
+    # ceiling, for the peaks the AAC encoder adds. Music under narration
     # plays `music_level_lu` below the narration, drops a further
     # `music_duck_db` while the narrator speaks (ramping over `duck_ramp_s`;
     # pauses shorter than `duck_hold_s` stay ducked), and fades out over the
@@ -131,6 +137,7 @@ class ComposerSettings(ServiceSettings):
     loudness_lufs: float = Field(default=-16.0, ge=-70, le=-5)
     true_peak_db: float = Field(default=-1.5, ge=-9, le=0)
     loudness_range_lu: float = Field(default=11.0, ge=1, le=50)
+    encoder_headroom_db: float = Field(default=1.5, ge=0, le=6)
     music_level_lu: float = Field(default=-8.0, le=0)
     music_duck_db: float = Field(default=-12.0, le=0)
     duck_ramp_s: float = Field(default=0.25, ge=0.01)

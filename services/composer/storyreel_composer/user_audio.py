@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storyreel.errors import InvalidInput
+from storyreel.limits import AUDIO_FORMATS_TEXT
 from storyreel_composer.probe import (
     MediaError,
     MediaInfo,
@@ -25,7 +26,8 @@ from storyreel_composer.probe import (
 )
 
 #: ffmpeg demuxers a user's audio may be read with: wav, mp3, ogg (Vorbis, Opus),
-#: flac, MP4 audio (m4a) and raw AAC (ADTS), the formats the gateway accepts.
+#: flac, MP4 audio (m4a), raw AAC (ADTS) and WebM/Matroska, the formats of
+#: :data:`storyreel.limits.AUDIO_FORMATS` (what the gateway accepts too).
 AUDIO_DEMUXERS: tuple[str, ...] = (
     "wav",
     "mp3",
@@ -38,10 +40,9 @@ AUDIO_DEMUXERS: tuple[str, ...] = (
     "3g2",
     "mj2",
     "aac",
+    "matroska",
+    "webm",
 )
-
-#: The same formats, as callers know them.
-AUDIO_FORMATS = "wav, mp3, ogg, flac, m4a or aac"
 
 #: Object-key prefix of uploads: the only objects ProbeAudio reads.
 UPLOADS_PREFIX = "uploads/"
@@ -95,7 +96,7 @@ def check_audio_file(path: Path, uri: str, *, max_audio_s: float, timeout_s: flo
     except UnsupportedContainer:
         raise InvalidInput(
             f"audio_uri {uri} is not usable audio: it is not in a supported format "
-            f"({AUDIO_FORMATS}; playlists are never read)"
+            f"({AUDIO_FORMATS_TEXT}; playlists are never read)"
         ) from None
     except MediaError as exc:
         raise InvalidInput(f"audio_uri {uri} is not usable audio: {exc}") from None

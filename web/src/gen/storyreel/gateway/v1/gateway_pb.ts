@@ -534,7 +534,8 @@ export type UploadAudioRequest = Message<"storyreel.gateway.v1.UploadAudioReques
    */
   payload: {
     /**
-     * First message: the original file name (used only for its extension).
+     * First message: the original file name (informative only: the format is
+     * read from the content; a refusal names the file by it).
      *
      * @generated from field: string filename = 1;
      */
@@ -1465,8 +1466,13 @@ export const StoryReelService: GenService<{
   },
   /**
    * Uploads an audio track in chunks (client streaming), bounded in size.
-   * The first message carries the file name, the rest carry bytes. Returns
-   * the URI to pass as CreateVideoRequest.audio_uri.
+   * The first message carries the file name, the rest carry bytes. The
+   * formats: wav, mp3, ogg, flac, m4a, aac or webm (recognised by content,
+   * not by name; ogg and webm with Vorbis or Opus, m4a is MP4 audio, aac raw
+   * ADTS). The composer then reads the whole file: anything else, and damaged
+   * audio (truncated, corrupt, or recognised only by a guess), is
+   * INVALID_ARGUMENT naming the file by its file name, and nothing is kept.
+   * Returns the URI to pass as CreateVideoRequest.audio_uri.
    *
    * @generated from rpc storyreel.gateway.v1.StoryReelService.UploadAudio
    */
