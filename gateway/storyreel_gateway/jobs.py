@@ -466,14 +466,7 @@ class JobRecord(BaseModel):
         elif seed == 0:  # 0: back to the seed derived from the job's
             self.seed_overrides.pop(index, None)
         self.images = [i for i in self.images if i.index != index]
-        self.video_uri = ""
-        self.captions_srt_uri = self.captions_vtt_uri = ""
-        self.poster_uri = self.contact_sheet_uri = ""
-        self.state = JobState.QUEUED
-        self.error = None
-        self.cancel_requested = False
-        self.generation += 1
-        self.updated_at = now()
+        self._start_new_run()
         return scene
 
 
