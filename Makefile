@@ -40,9 +40,14 @@ NPM_CI      := npm ci --ignore-scripts --no-audit --no-fund
 # toolchain in web/, and the headless Chromium its browser tests drive (tests/web/).
 STUDIO_DIR  := gateway/storyreel_gateway/studio
 BROWSER_PKG := tests/web
+# Caption fonts for scripts the packaged font lacks (CJK; emoji in outline), as the composer
+# image installs them: Debian's own packages, downloaded and unpacked here (no root, no
+# install), for the caption tests (tests/composer/test_scripts.py).
+CAPTION_FONTS_DIR := build/caption-fonts
+CAPTION_FONT_DEBS := fonts-noto-cjk fonts-symbola
 
 .PHONY: help venv proto models run serve test test-fast lint format lock clean up down \
-	buf node-client proto-check proto-baseline studio studio-deps browser \
+	buf node-client proto-check proto-baseline studio studio-deps browser caption-fonts \
 	api-key internal-token checkov
 
 help:
@@ -111,6 +116,18 @@ $(STAMPS)/browser: $(BROWSER_PKG)/package-lock.json $(BROWSER_PKG)/chromium.mjs
 	node $(BROWSER_PKG)/chromium.mjs
 	@touch $@
 
+caption-fonts: $(STAMPS)/caption-fonts
+$(STAMPS)/caption-fonts:
+	@mkdir -p $(STAMPS)
+	rm -rf $(CAPTION_FONTS_DIR) build/caption-font-debs
+	mkdir -p $(CAPTION_FONTS_DIR) build/caption-font-debs
+	cd build/caption-font-debs && apt-get download $(CAPTION_FONT_DEBS)
+	for deb in build/caption-font-debs/*.deb; do dpkg-deb -x $$deb build/caption-font-debs/root; done
+	find build/caption-font-debs/root \( -name 'NotoSansCJK-Bold.ttc' -o -name 'Symbola*.ttf' \) \
+		-exec cp {} $(CAPTION_FONTS_DIR)/ \;
+	rm -rf build/caption-font-debs
+	@touch $@
+
 # The contracts pass buf lint and break nothing against the last release's
 # (protos/baseline.binpb; docs/clients.md, "Compatibility").
 proto-check: $(STAMPS)/buf
@@ -140,10 +157,10 @@ run: proto models
 serve: proto models
 	$(BIN)/storyreel serve
 
-test: proto models checkov proto-check node-client studio-deps browser
+test: proto models checkov proto-check node-client studio-deps browser caption-fonts
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: proto models checkov $(STAMPS)/buf $(STAMPS)/studio-deps
+test-fast: proto models checkov $(STAMPS)/buf $(STAMPS)/studio-deps caption-fonts
 	$(BIN)/pytest -m "not model and not e2e" $(PYTEST_ARGS)
 
 lint: venv
@@ -192,5 +209,5 @@ $(CHECKOV_VENV)/bin/checkov: $(CHECKOV_REQUIREMENTS)
 
 clean:
 	rm -rf $(STAMPS) $(MODELS) data out tools/buf/node_modules $(NODE_CLIENT)/node_modules \
-		web/node_modules $(BROWSER_PKG)/node_modules
+		web/node_modules $(BROWSER_PKG)/node_modules $(CAPTION_FONTS_DIR)
 	rm -rf $(addprefix $(GEN_DIR)/storyreel/,llm diffusion composer types gateway)

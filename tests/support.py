@@ -28,6 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("STORYREEL_MODELS_DIR", REPO / "models"))
 #: The Kubernetes overlays under deploy/, one folder each.
 OVERLAYS_DIR = REPO / "deploy" / "k8s" / "overlays"
+# Debian's Noto Sans CJK and Symbola, unpacked by `make caption-fonts` (the composer image
+# installs the same packages).
+CAPTION_FONTS_DIR = REPO / "build" / "caption-fonts"
 S3_ACCESS_KEY = "storyreel-test"
 S3_SECRET_KEY = "storyreel-test-secret"
 S3_ENDPOINT = "127.0.0.1:8333"

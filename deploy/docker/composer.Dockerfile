@@ -25,6 +25,14 @@ RUN pip install --no-cache-dir -c constraints.txt grpcio-tools \
 FROM python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1
 RUN groupadd --system --gid 10001 storyreel \
  && useradd --system --uid 10001 --gid storyreel --home-dir /tmp --shell /usr/sbin/nologin storyreel
+# Caption fonts for the scripts the packaged DejaVu Sans lacks, found under /usr/share/fonts
+# (storyreel_composer.typefaces): Noto Sans CJK (Chinese, Japanese, Korean), Noto's core
+# families (Devanagari, Thai, Bengali, Ethiopic and more) and Symbola (emoji in outline:
+# libass, which burns the captions, draws no colour glyphs).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends \
+      fonts-noto-cjk=1:20220127+repack1-1 fonts-noto-core=20201225-1 fonts-symbola=2.60-1.1 \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
 # Per-request working files go to /tmp (an emptyDir under a read-only root in Kubernetes).
 ENV PATH=/opt/venv/bin:$PATH \

@@ -12,6 +12,7 @@ from storyreel_composer.captions import CaptionStyle, caption_style
 from storyreel_composer.composer import VideoComposer
 from storyreel_composer.settings import PACKAGED_FONT, ComposerSettings
 from storyreel_composer.tts import NarrationSynthesizer
+from storyreel_composer.typefaces import font_chain
 from support import lavfi_media
 
 from storyreel.storage import FileStore
@@ -61,7 +62,7 @@ def style_for() -> Callable[..., CaptionStyle]:
     """``style_for(width, height, **change)``: the caption style of a frame, with the
     composer's default caption settings but for ``change``."""
     defaults = dict(
-        font_path=PACKAGED_FONT,
+        fonts=font_chain(PACKAGED_FONT, (), ()),
         font_scale=0.055,
         outline_scale=0.09,
         max_lines=2,

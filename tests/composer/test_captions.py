@@ -3,7 +3,6 @@ timed, written as valid SubRip and WebVTT, and burned in legibly."""
 
 from __future__ import annotations
 
-import shutil
 import wave
 from pathlib import Path
 
@@ -12,8 +11,8 @@ import pytest
 from PIL import ImageFont
 from storyreel_composer.captions import (
     Cue,
+    burn,
     chunk,
-    drawtext_filters,
     split_sentences,
     spread,
     to_srt,
@@ -121,8 +120,6 @@ def test_burned_captions_have_a_dark_outline_and_show_only_during_their_cue(
         wav.writeframes(b"\0\0" * 22050 * 2)
     style = style_for(width, height)
     cue = Cue(0.5, 1.5, ("Legible on white",))
-    (tmp_path / "cue.txt").write_text(cue.text)
-    shutil.copyfile(PACKAGED_FONT, tmp_path / "font.ttf")
     timeline = Timeline(fps, (20,))
     plan = FilterPlan(
         width=width,
@@ -134,7 +131,7 @@ def test_burned_captions_have_a_dark_outline_and_show_only_during_their_cue(
         moves=(None,),
         total_frames=20,
         audio="track.wav",
-        captions=tuple(drawtext_filters([cue], style, "font.ttf", ["cue.txt"])),
+        captions=(burn([cue], style, tmp_path),),
     )
     video = encode(plan, tmp_path, timeout_s=60)
     raw = ffmpeg_decode(video, "-f", "rawvideo", "-pix_fmt", "gray")

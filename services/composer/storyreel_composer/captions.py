@@ -1,14 +1,18 @@
-"""Captions: narration split into short, word-wrapped cues, timed to the speech.
+"""Captions: narration split into short, wrapped cues, timed to the speech.
 
-The same cues are burned into the picture (ffmpeg ``drawtext`` with the
-packaged font and an outline) and written as SubRip and WebVTT sidecars.
-Lines are wrapped with the font's real glyph widths, so a burned caption never
-leaves the safe area.
+The same cues are burned into the picture and written as SubRip and WebVTT
+sidecars. Burned captions are drawn by libass (ffmpeg's ``ass`` filter, the
+renderer mpv and VLC use) from an ASS script (:func:`to_ass`): HarfBuzz shapes
+every script, FriBidi orders right-to-left text, and each character is drawn
+by the first font of the composer's chain that has it
+(:mod:`storyreel_composer.typefaces`). Lines are wrapped with those fonts'
+real glyph widths, so a burned caption never leaves the safe area, and break
+where each script allows (Unicode line breaking, UAX #14: between words, and
+between CJK characters but never before closing punctuation).
 
-Cue text is narration, never markup, so the sidecars escape it; the burned
-captions get the text verbatim (``drawtext`` reads it from a file with
-``expansion=none``), so the escaping below happens only in :func:`to_srt` and
-:func:`to_vtt`, never on a :class:`Cue`.
+Cue text is narration, never markup. The sidecars escape it as below; the
+ASS script escapes it its own way (:func:`ass_text`); a :class:`Cue` always
+holds the text as written.
 
 In both files a cue's text is split at every line break it holds and blank
 lines are dropped (a blank line ends a cue); a cue left with no text is not
@@ -40,15 +44,24 @@ from what follows them by an invisible U+2060 WORD JOINER:
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from functools import cache
 from pathlib import Path
 
-from PIL import ImageFont
+from uniseg.graphemecluster import grapheme_clusters
+from uniseg.linebreak import line_break_units
 
-# Whitespace after . ! ? or …, or after one of them and a closing quote or bracket.
-_SENTENCE_END = re.compile(r"(?:(?<=[.!?…])|(?<=[.!?…][\"'”’)\]]))\s+")
+from storyreel_composer.typefaces import Face, FontChain
+
+# Whitespace after . ! ? or …, or after one of them and a closing quote or bracket;
+# or right after a full-width 。！？ (and its closing quote or bracket), spaces or not.
+_CLOSERS = "」』）】〉》〕］”’"
+_SENTENCE_END = re.compile(
+    r"(?:(?<=[.!?…])|(?<=[.!?…][\"'”’)\]]))\s+"
+    rf"|(?<=[。！？])(?![{_CLOSERS}。！？])\s*"
+    rf"|(?<=[。！？][{_CLOSERS}])\s*"
+)
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,8 @@ class Cue:
 class CaptionStyle:
     """How captions look in a frame of a given size (all sizes in pixels)."""
 
-    font_path: Path
+    fonts: FontChain
+    #: The caption font's em size in pixels.
     font_size: int
     outline: int
     max_width: int
@@ -76,26 +90,24 @@ class CaptionStyle:
     #: Characters per line, for reading speed, whatever the frame's width.
     max_chars: int
     bottom: int
-    line_spacing: int
+    #: The frame the captions are drawn on.
+    frame_width: int
+    frame_height: int
 
     @property
-    def font(self) -> ImageFont.FreeTypeFont:
-        return _font(self.font_path, self.font_size)
+    def ass_size(self) -> float:
+        """The font size libass is given for an em of ``font_size`` pixels."""
+        return self.font_size / self.fonts.primary.em_per_size
 
     def width_of(self, text: str) -> float:
-        return self.font.getlength(text) + 2 * self.outline
-
-
-@cache
-def _font(path: Path, size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(str(path), size)
+        return self.fonts.width(text, self.ass_size) + 2 * self.outline
 
 
 def caption_style(
     width: int,
     height: int,
     *,
-    font_path: Path,
+    fonts: FontChain,
     font_scale: float,
     outline_scale: float,
     max_lines: int,
@@ -113,14 +125,15 @@ def caption_style(
     font_size = max(8, round(short * font_scale))
     bottom = portrait_bottom_margin if height > width else margin
     return CaptionStyle(
-        font_path=Path(font_path),
+        fonts=fonts,
         font_size=font_size,
         outline=max(1, round(font_size * outline_scale)) if outline_scale > 0 else 0,
         max_width=max(1, round(width * (1 - 2 * margin))),
         max_lines=max_lines,
         max_chars=max_chars,
         bottom=round(height * bottom),
-        line_spacing=round(font_size * 0.15),
+        frame_width=width,
+        frame_height=height,
     )
 
 
@@ -130,37 +143,69 @@ def split_sentences(text: str) -> list[str]:
     return [part.strip() for part in _SENTENCE_END.split(text) if part.strip()]
 
 
+def break_units(text: str) -> list[str]:
+    """``text`` cut where a line may break (UAX #14), each unit with its trailing space.
+
+    Words in scripts written with spaces; single characters (with the
+    punctuation that must stay beside them) in Chinese and Japanese.
+    """
+    return [unit for unit in line_break_units(" ".join(text.split())) if unit.strip()]
+
+
+def _too_long(line: str, style: CaptionStyle) -> bool:
+    return style.width_of(line) > style.max_width or len(line) > style.max_chars
+
+
 def wrap(text: str, style: CaptionStyle) -> list[str]:
-    """Lines of ``text`` no wider than the style allows (a longer word is split)."""
+    """Lines of ``text`` no wider than the style allows, broken where the script
+    allows (a unit longer than a line is split between its graphemes)."""
     lines: list[str] = []
     current = ""
-    for word in text.split():
-        for piece in _split_long_word(word, style):
-            candidate = f"{current} {piece}" if current else piece
-            too_long = (
-                style.width_of(candidate) > style.max_width or len(candidate) > style.max_chars
-            )
-            if current and too_long:
-                lines.append(current)
+    for unit in break_units(text):
+        for piece in _split_long_unit(unit, style):
+            candidate = current + piece
+            if current and _too_long(candidate.rstrip(), style):
+                lines.append(current.rstrip())
                 current = piece
             else:
                 current = candidate
-    if current:
-        lines.append(current)
+    if current.strip():
+        lines.append(current.rstrip())
     return lines
 
 
-def _split_long_word(word: str, style: CaptionStyle) -> list[str]:
+def _split_long_unit(unit: str, style: CaptionStyle) -> list[str]:
+    if not _too_long(unit.rstrip(), style):
+        return [unit]
     pieces, current = [], ""
-    for char in word:
-        candidate = current + char
-        if current and (
-            style.width_of(candidate) > style.max_width or len(candidate) > style.max_chars
-        ):
+    for cluster in grapheme_clusters(unit):
+        candidate = current + cluster
+        if current and _too_long(candidate.rstrip(), style):
             pieces.append(current)
             current = ""
-        current += char
+        current += cluster
     return [*pieces, current] if current else pieces
+
+
+def _spaceless(char: str) -> bool:
+    """Whether ``char`` belongs to a script written without spaces between words
+    (Chinese, Japanese, their full-width punctuation; not Korean, which uses spaces)."""
+    code = ord(char)
+    hangul = 0xAC00 <= code <= 0xD7AF or 0x1100 <= code <= 0x11FF or 0x3130 <= code <= 0x318F
+    return not hangul and unicodedata.east_asian_width(char) in "WF"
+
+
+def join_text(parts: Sequence[str]) -> str:
+    """Pieces of a text (lines, units) joined back: with a space between them,
+    except where the text on either side is written without spaces."""
+    text = ""
+    for part in (part.strip() for part in parts):
+        if not part:
+            continue
+        if text and not (_spaceless(text[-1]) or _spaceless(part[0])):
+            text += " "
+        text += part
+    return text
 
 
 def chunk(text: str, style: CaptionStyle) -> list[tuple[str, ...]]:
@@ -171,34 +216,34 @@ def chunk(text: str, style: CaptionStyle) -> list[tuple[str, ...]]:
     """
     cues: list[tuple[str, ...]] = []
     for sentence in split_sentences(text):
-        words = sentence.split()
+        units = break_units(sentence)
         count = -(-len(wrap(sentence, style)) // style.max_lines)
         while True:
-            groups = [_balance(" ".join(g), style) for g in _even_groups(words, count)]
-            if all(len(lines) <= style.max_lines for lines in groups) or count >= len(words):
+            groups = [_balance("".join(g).strip(), style) for g in _even_groups(units, count)]
+            if all(len(lines) <= style.max_lines for lines in groups) or count >= len(units):
                 break
             count += 1
-        cues.extend(tuple(lines) for lines in groups)
+        cues.extend(tuple(lines) for lines in groups if lines)
     return cues
 
 
-def _even_groups(words: list[str], count: int) -> list[list[str]]:
-    """``words`` cut into ``count`` runs of similar character length."""
-    total = sum(len(word) + 1 for word in words)
+def _even_groups(units: list[str], count: int) -> list[list[str]]:
+    """``units`` cut into ``count`` runs of similar character length."""
+    total = sum(len(unit) for unit in units)
     groups: list[list[str]] = [[]]
     done = 0
-    for index, word in enumerate(words):
+    for index, unit in enumerate(units):
         remaining_groups = count - len(groups)
-        remaining_words = len(words) - index
+        remaining_units = len(units) - index
         boundary = total * len(groups) / count
         if (
             groups[-1]
             and remaining_groups > 0
-            and (done + (len(word) + 1) / 2 > boundary or remaining_words <= remaining_groups)
+            and (done + len(unit) / 2 > boundary or remaining_units <= remaining_groups)
         ):
             groups.append([])
-        groups[-1].append(word)
-        done += len(word) + 1
+        groups[-1].append(unit)
+        done += len(unit)
     return groups
 
 
@@ -300,26 +345,137 @@ def to_vtt(cues: Sequence[Cue]) -> str:
     return "\n".join(blocks)
 
 
-def drawtext_filters(
-    cues: Sequence[Cue], style: CaptionStyle, font_name: str, text_names: Sequence[str]
-) -> list[str]:
-    """One ``drawtext`` filter per cue, shown on the frames of its time span.
+_ASS_ESCAPES = str.maketrans({"{": "\\{", "}": "\\}", "\\": "\\\u2060"})
+_STRONG = {"L": False, "R": True, "AL": True}
+_ISOLATE_RTL, _POP_ISOLATE = "\u2067", "\u2069"
 
-    ``font_name`` and ``text_names`` are plain file names (the render runs in
-    the directory holding them), so nothing in the filter needs escaping; the
-    text is read from the files verbatim (no ``%{...}`` expansion).
-    """
-    filters = []
-    for cue, name in zip(cues, text_names, strict=True):
-        filters.append(
-            f"drawtext=fontfile={font_name}:textfile={name}:expansion=none"
-            f":fontsize={style.font_size}:fontcolor=white"
-            f":borderw={style.outline}:bordercolor=black"
-            f":text_align=C:line_spacing={style.line_spacing}"
-            f":x=(w-text_w)/2:y=h-{style.bottom}-text_h"
-            f":enable='gte(t,{cue.start_s:.6f})*lt(t,{cue.end_s:.6f})'"
+
+def ass_text(text: str) -> str:
+    """``text`` as libass draws it, verbatim: ``{`` and ``}`` escaped (no override
+    block can open) and a word joiner after each backslash (no ``\\N``, ``\\h``
+    or ``\\n`` escape can form)."""
+    return text.translate(_ASS_ESCAPES)
+
+
+def is_rtl(line: str) -> bool:
+    """Whether ``line`` reads right to left: its first strong character is
+    right-to-left (the paragraph rule of the Unicode bidirectional algorithm)."""
+    for char in line:
+        strong = _STRONG.get(unicodedata.bidirectional(char))
+        if strong is not None:
+            return strong
+    return False
+
+
+def _family(face: Face) -> str:
+    """``face``'s family as an ASS style or ``\\fn`` tag names it (no separators)."""
+    return "".join(char for char in face.family if char not in "{}\\,\n\r")
+
+
+def _ass_time(seconds: float) -> str:
+    cs = max(0, round(seconds * 100))
+    hours, cs = divmod(cs, 360_000)
+    minutes, cs = divmod(cs, 6000)
+    secs, cs = divmod(cs, 100)
+    return f"{hours}:{minutes:02d}:{secs:02d}.{cs:02d}"
+
+
+def _ass_line(line: str, fonts: FontChain) -> str:
+    """One caption line: each run in its face (``\\fn``), right-to-left lines isolated
+    as such, so that their punctuation lands at their start whatever surrounds them."""
+    text, family = "", fonts.primary.family
+    for run in fonts.runs(line):
+        if run.face.family != family:
+            family = run.face.family
+            text += "{\\fn" + _family(run.face) + "}"
+        text += ass_text(run.text)
+    if text and is_rtl(line):
+        text = f"{_ISOLATE_RTL}{text}{_POP_ISOLATE}"
+    return text
+
+
+@dataclass(frozen=True)
+class AssScript:
+    """Burned captions: the ASS script and the font files it names."""
+
+    text: str
+    font_files: tuple[Path, ...]
+
+
+def to_ass(cues: Sequence[Cue], style: CaptionStyle) -> AssScript:
+    """The ASS script that burns ``cues`` in ``style``: white text with a black
+    outline, centred at the bottom of the safe area, lines as wrapped; characters
+    no font has are left out (:meth:`FontChain.missing` names them)."""
+    fonts = style.fonts
+    primary = fonts.primary
+    margin = max(0, (style.frame_width - style.max_width) // 2)
+    bold = -1 if "bold" in primary.style.lower() else 0
+    italic = -1 if {"italic", "oblique"} & set(primary.style.lower().split()) else 0
+    header = [
+        "[Script Info]",
+        "ScriptType: v4.00+",
+        f"PlayResX: {style.frame_width}",
+        f"PlayResY: {style.frame_height}",
+        "WrapStyle: 2",
+        "ScaledBorderAndShadow: yes",
+        "YCbCr Matrix: None",
+        "",
+        "[V4+ Styles]",
+        "Format: Name, Fontname, Fontsize, PrimaryColour, SecondaryColour, OutlineColour, "
+        "BackColour, Bold, Italic, Underline, StrikeOut, ScaleX, ScaleY, Spacing, Angle, "
+        "BorderStyle, Outline, Shadow, Alignment, MarginL, MarginR, MarginV, Encoding",
+        f"Style: Caption,{_family(primary)},{style.ass_size:.3f},"
+        f"&H00FFFFFF,&H00FFFFFF,&H00000000,&H00000000,{bold},{italic},0,0,100,100,0,0,"
+        f"1,{style.outline},0,2,{margin},{margin},{style.bottom},1",
+        "",
+        "[Events]",
+        "Format: Layer, Start, End, Style, Name, MarginL, MarginR, MarginV, Effect, Text",
+    ]
+    events = []
+    faces = {primary.path: None}
+    for cue in cues:
+        lines = [_ass_line(line, fonts) for line in cue.lines]
+        lines = [line for line in lines if line]
+        if not lines:
+            continue
+        for line in cue.lines:
+            faces.update(dict.fromkeys(run.face.path for run in fonts.runs(line)))
+        events.append(
+            f"Dialogue: 0,{_ass_time(cue.start_s)},{_ass_time(cue.end_s)},Caption,,0,0,0,,"
+            + "\\N".join(lines)
         )
-    return filters
+    return AssScript("\n".join([*header, *events]) + "\n", tuple(faces))
+
+
+#: The burned captions' script and the folder of the fonts it names, in the render's folder.
+CAPTION_SCRIPT = "captions.ass"
+CAPTION_FONTS = "caption-fonts"
+
+
+def burn(cues: Sequence[Cue], style: CaptionStyle, folder: Path) -> str:
+    """Write the ASS script of ``cues`` into ``folder`` with links to the fonts it
+    uses (libass loads every font in its fonts folder, so only those), and return
+    the ``ass`` filter that burns it (plain names: the render runs in ``folder``,
+    so nothing in the filter needs escaping), shaped by HarfBuzz."""
+    script = to_ass(cues, style)
+    (folder / CAPTION_SCRIPT).write_text(script.text, encoding="utf-8")
+    (folder / CAPTION_FONTS).mkdir()
+    for number, path in enumerate(script.font_files, start=1):
+        (folder / CAPTION_FONTS / f"font-{number:02d}{path.suffix}").symlink_to(path.resolve())
+    return f"ass={CAPTION_SCRIPT}:fontsdir={CAPTION_FONTS}:shaping=complex"
+
+
+def missing_glyphs_warning(cues: Sequence[Cue], fonts: FontChain, shown: int = 8) -> str:
+    """A warning naming the characters of ``cues`` no installed font has, else ""."""
+    missing = fonts.missing("".join(cue.text for cue in cues))
+    if not missing:
+        return ""
+    names = ", ".join(f"U+{ord(char):04X}" for char in missing[:shown])
+    more = f" and {len(missing) - shown} more" if len(missing) > shown else ""
+    return (
+        f"captions: no installed font has {names}{more}; left out of the burned "
+        "captions (the SRT and VTT files keep them)"
+    )
 
 
 def readable(
@@ -375,7 +531,7 @@ def _merge_short(cues: list[Cue], style: CaptionStyle, min_s: float) -> list[Cue
             first, second = cues[min(i, j)], cues[max(i, j)]
             if second.start_s - first.end_s > min_s:
                 continue
-            lines = tuple(_balance(" ".join((*first.lines, *second.lines)), style))
+            lines = tuple(_balance(join_text((*first.lines, *second.lines)), style))
             if len(lines) <= style.max_lines:
                 length = cues[j].end_s - cues[j].start_s
                 options.append((length, min(i, j), Cue(first.start_s, second.end_s, lines)))

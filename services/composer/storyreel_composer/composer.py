@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -55,9 +54,10 @@ from storyreel_composer.audio import (
 )
 from storyreel_composer.captions import (
     Cue,
+    burn,
     caption_style,
     chunk,
-    drawtext_filters,
+    missing_glyphs_warning,
     readable,
     spread,
     to_srt,
@@ -84,6 +84,7 @@ from storyreel_composer.timeline import (
     shots,
 )
 from storyreel_composer.tts import NarrationSynthesizer, Speech, VoiceCatalog
+from storyreel_composer.typefaces import font_chain
 from storyreel_composer.user_audio import UPLOADS_PREFIX, AudioFacts, check_audio_file
 
 log = logging.getLogger(__name__)
@@ -464,6 +465,9 @@ class VideoComposer:
             voiced = time.perf_counter()
 
             made = self._encode(plan, timeline, cues, canvas_size, work)
+            if plan.captions == "burned":
+                warning = missing_glyphs_warning(cues, self._caption_style(plan).fonts)
+                warnings += [warning] if warning else []
             self._check_output(made.video, plan)
             encoded = time.perf_counter()
             result = self._store(plan, made, work, counts, tuple(warnings))
@@ -694,7 +698,11 @@ class VideoComposer:
         return caption_style(
             plan.width,
             plan.height,
-            font_path=s.caption_font_path,
+            fonts=font_chain(
+                s.caption_font_path,
+                tuple(s.caption_fallback_fonts),
+                tuple(s.caption_font_dirs),
+            ),
             font_scale=s.caption_font_scale,
             outline_scale=s.caption_outline_scale,
             max_lines=s.caption_max_lines,
@@ -719,14 +727,9 @@ class VideoComposer:
             else [None] * count
         )
         fade = round(plan.crossfade_s * plan.fps) if plan.transition == "crossfade" else 0
-        drawtext: list[str] = []
+        burned: list[str] = []
         if plan.captions == "burned" and cues:
-            font = "caption-font" + s.caption_font_path.suffix
-            shutil.copyfile(s.caption_font_path, work / font)
-            names = [f"cue-{n:04d}.txt" for n in range(1, len(cues) + 1)]
-            for cue, name in zip(cues, names, strict=True):
-                (work / name).write_text(cue.text, encoding="utf-8")
-            drawtext = drawtext_filters(cues, self._caption_style(plan), font, names)
+            burned = [burn(cues, self._caption_style(plan), work)]
         filter_plan = FilterPlan(
             width=plan.width,
             height=plan.height,
@@ -738,7 +741,7 @@ class VideoComposer:
             total_frames=timeline.total_frames,
             audio="track.wav",
             video=VIDEO_NAME,
-            captions=tuple(drawtext),
+            captions=tuple(burned),
             encoding=Encoding(
                 s.x264_preset, s.x264_crf, s.audio_bitrate, s.audio_sample_rate, s.encode_threads
             ),

@@ -4,7 +4,7 @@ The per-frame work (Ken Burns moves, crossfades, captions, encoding) runs
 inside ffmpeg's filters: Python only describes it. Each scene's picture is
 fitted to the frame once, in Python, and handed to ffmpeg as raw RGB, which
 decodes once and feeds ``zoompan`` (the move), ``xfade`` (the crossfade or
-the cut), then ``drawtext`` (the captions), then libx264. The graph has one
+the cut), then ``ass`` (the captions, drawn by libass), then libx264. The graph has one
 output: an extra output (a poster branch, say) makes ffmpeg queue frames for
 the whole video, so the poster and contact sheet are drawn apart (:mod:`.stills`).
 
@@ -51,7 +51,7 @@ class FilterPlan:
     total_frames: int
     audio: str
     video: str = "video.mp4"
-    #: ``drawtext`` filters of the burned captions, applied in order.
+    #: Filters burning the captions (:func:`.captions.burn`), applied in order.
     captions: tuple[str, ...] = ()
     encoding: Encoding = field(default_factory=Encoding)
 

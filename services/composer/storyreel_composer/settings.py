@@ -103,6 +103,14 @@ class ComposerSettings(ServiceSettings):
     caption_max_chars: int = Field(default=42, ge=8)
     # Shortest time a caption stays on screen, in seconds: shorter cues are merged
     # or run on into the time after them; narration too long for its audio at
+    # Fonts for the characters the caption font lacks (CJK, emoji, other scripts):
+    # `caption_fallback_fonts` first, in order, then every font under
+    # `caption_font_dirs` (storyreel_composer.typefaces). A character no font has is
+    # left out of the burned captions, with a warning.
+    caption_fallback_fonts: list[Path] = Field(default_factory=list)
+    caption_font_dirs: list[Path] = Field(
+        default_factory=lambda: [Path("/usr/share/fonts"), Path("/usr/local/share/fonts")]
+    )
     # this pace is shown in part, with a warning.
     caption_min_duration_s: float = Field(default=0.8, ge=0, le=5)
     caption_margin: float = Field(default=0.05, ge=0, le=0.3)
