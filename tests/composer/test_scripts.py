@@ -305,3 +305,12 @@ async def test_without_fallback_fonts_cjk_captions_are_left_out_and_said_to_be(
     audio_uri = file_store.put_file("uploads/tenant/x/music.wav", audio)
     result = await composer.compose("job-no-cjk", [Scene(images[0], "灯塔。")], audio_uri)
     assert len(result.warnings) == 1 and "U+706F" in result.warnings[0]
+
+
+def test_override_tags_and_escapes_in_narration_are_drawn_as_written(tmp_path, chain, style):
+    # Unescaped, libass would draw "Big" four times larger, break the line and hide "{x}".
+    text = r"{\fs80}Big \N {x} \\h"
+    frame = fill(burned_frame(tmp_path, style, text))
+    literal = likeness(frame, drawn([(chain.primary, text)], style))
+    obeyed = likeness(frame, drawn([(chain.primary, "Big ")], style))
+    assert literal > 0.55 and literal > obeyed + 0.15, (literal, obeyed)
