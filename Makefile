@@ -40,11 +40,11 @@ NPM_CI      := npm ci --ignore-scripts --no-audit --no-fund
 # toolchain in web/, and the headless Chromium its browser tests drive (tests/web/).
 STUDIO_DIR  := gateway/storyreel_gateway/studio
 BROWSER_PKG := tests/web
-# Caption fonts for scripts the packaged font lacks (CJK; emoji in outline), as the composer
-# image installs them: Debian's own packages, downloaded and unpacked here (no root, no
-# install), for the caption tests (tests/composer/test_scripts.py).
+# Caption fonts for scripts the packaged font lacks (CJK, Devanagari, Thai; emoji in outline),
+# from the Debian packages the composer image installs, downloaded and unpacked here (no
+# root, nothing installed), for the caption tests (tests/composer/test_scripts.py).
 CAPTION_FONTS_DIR := build/caption-fonts
-CAPTION_FONT_DEBS := fonts-noto-cjk fonts-symbola
+CAPTION_FONT_DEBS := fonts-noto-cjk fonts-noto-core fonts-symbola
 
 .PHONY: help venv proto models run serve test test-fast lint format lock clean up down \
 	buf node-client proto-check proto-baseline studio studio-deps browser caption-fonts \
@@ -123,7 +123,8 @@ $(STAMPS)/caption-fonts:
 	mkdir -p $(CAPTION_FONTS_DIR) build/caption-font-debs
 	cd build/caption-font-debs && apt-get download $(CAPTION_FONT_DEBS)
 	for deb in build/caption-font-debs/*.deb; do dpkg-deb -x $$deb build/caption-font-debs/root; done
-	find build/caption-font-debs/root \( -name 'NotoSansCJK-Bold.ttc' -o -name 'Symbola*.ttf' \) \
+	find build/caption-font-debs/root \( -name 'NotoSansCJK-Bold.ttc' -o -name 'Symbola*.ttf' \
+		-o -name 'NotoSansDevanagari-Bold.ttf' -o -name 'NotoSansThai-Bold.ttf' \) \
 		-exec cp {} $(CAPTION_FONTS_DIR)/ \;
 	rm -rf build/caption-font-debs
 	@touch $@

@@ -7,8 +7,9 @@ shaping through raqm) in the font the caption must use, and with what a wrong
 result would look like (the caption font's empty boxes, a right-to-left line
 laid out left to right). The right one must match, and match better.
 
-The fallback fonts are Debian's Noto Sans CJK and Symbola, as the composer
-image installs them, unpacked into build/caption-fonts by `make caption-fonts`.
+The fallback fonts are Debian's Noto Sans CJK, Devanagari and Thai and Symbola,
+from the packages the composer image installs, unpacked into build/caption-fonts
+by `make caption-fonts`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from storyreel_composer.captions import (
     Cue,
     burn,
@@ -48,14 +49,19 @@ KOREAN = "안녕하세요 세계."
 HEBREW = "שלום עולם."
 ARABIC = "مرحبا بالعالم."
 EMOJI = "Party \U0001f389"  # PARTY POPPER: not in DejaVu Sans, in Symbola
+HINDI = "क्षत्रिय किताब"  # a conjunct (क्ष) and a vowel sign drawn before its consonant (कि)
+THAI = "สวัสดีครับ"
 
 
 @pytest.fixture(scope="module")
 def chain() -> FontChain:
     fonts = sorted(path.name for path in CAPTION_FONTS_DIR.glob("*"))
-    assert fonts == ["NotoSansCJK-Bold.ttc", "Symbola_hint.ttf"], (
-        f"{CAPTION_FONTS_DIR} must hold the fallback fonts: run `make caption-fonts`"
-    )
+    assert fonts == [
+        "NotoSansCJK-Bold.ttc",
+        "NotoSansDevanagari-Bold.ttf",
+        "NotoSansThai-Bold.ttf",
+        "Symbola_hint.ttf",
+    ], f"{CAPTION_FONTS_DIR} must hold the fallback fonts: run `make caption-fonts`"
     return font_chain(PACKAGED_FONT, (), (CAPTION_FONTS_DIR,))
 
 
@@ -140,6 +146,8 @@ def fill(frame: np.ndarray) -> np.ndarray:
         (KOREAN, "Noto Sans CJK KR"),
         (HEBREW, "DejaVu Sans"),
         (ARABIC, "DejaVu Sans"),
+        (HINDI, "Noto Sans Devanagari"),
+        (THAI, "Noto Sans Thai"),
     ],
 )
 def test_each_script_is_drawn_by_a_font_that_has_it(chain, text, family):
@@ -314,3 +322,24 @@ def test_override_tags_and_escapes_in_narration_are_drawn_as_written(tmp_path, c
     literal = likeness(frame, drawn([(chain.primary, text)], style))
     obeyed = likeness(frame, drawn([(chain.primary, "Big ")], style))
     assert literal > 0.55 and literal > obeyed + 0.15, (literal, obeyed)
+
+
+def test_indic_text_is_shaped_conjuncts_and_reordered_vowel_signs(
+    tmp_path, chain, style, frames_dir
+):
+    frame = fill(burned_frame(tmp_path, style, HINDI, frames_dir / "hindi.png"))
+    face = chain.runs(HINDI)[0].face
+    font = face.font(style.ass_size * face.em_per_size)
+    shaped = np.asarray(_draw(font, HINDI, ImageFont.Layout.RAQM)) > 128
+    unshaped = np.asarray(_draw(font, HINDI, ImageFont.Layout.BASIC)) > 128
+    right, wrong = likeness(frame, shaped), likeness(frame, unshaped)
+    print(f"likeness {HINDI!r}: shaped {right:.2f}, unshaped {wrong:.2f}")
+    assert right > 0.55 and right > wrong + 0.1, (right, wrong)
+
+
+def _draw(font: ImageFont.FreeTypeFont, text: str, layout: ImageFont.Layout) -> Image.Image:
+    """``text`` drawn white on black with ``font`` laid out by ``layout``."""
+    font = ImageFont.truetype(font.path, font.size, index=font.index, layout_engine=layout)
+    image = Image.new("L", (WIDTH * 2, HEIGHT), 0)
+    ImageDraw.Draw(image).text((10, HEIGHT * 0.7), text, fill=255, font=font, anchor="ls")
+    return image

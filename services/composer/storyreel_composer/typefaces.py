@@ -13,8 +13,8 @@ machine. So the composer decides, in a fixed order, and tells libass by name
 3. every other font file under ``caption_font_dirs`` (``/usr/share/fonts`` and
    ``/usr/local/share/fonts`` by default, where Debian's ``fonts-noto-cjk``,
    ``fonts-symbola`` and ``fonts-noto-core`` put theirs), bold faces first,
-   then by file name; a file is read only when an earlier one lacks a
-   character.
+   then sans-serif ones, then by file name; a file is read only when an
+   earlier one lacks a character.
 
 A character no font has is left out of the burned captions (it would be an
 empty box) and reported (:meth:`FontChain.missing`); the SubRip and WebVTT
@@ -130,7 +130,8 @@ def _faces_of(path: Path) -> list[Face]:
 
 
 def _font_files(directories: Iterable[Path]) -> list[Path]:
-    """Font files under ``directories``: bold ones first, then by name."""
+    """Font files under ``directories``: bold ones first, sans-serif ones first
+    (as captions are), then by name."""
     found = {
         path.resolve()
         for directory in directories
@@ -138,7 +139,14 @@ def _font_files(directories: Iterable[Path]) -> list[Path]:
         for path in directory.rglob("*")
         if path.suffix.lower() in FONT_SUFFIXES and path.is_file()
     }
-    return sorted(found, key=lambda path: ("bold" not in path.name.lower(), path.name))
+    return sorted(
+        found,
+        key=lambda path: (
+            "bold" not in path.name.lower(),
+            "sans" not in path.name.lower() or "mono" in path.name.lower(),
+            path.name,
+        ),
+    )
 
 
 class FontChain:
