@@ -52,7 +52,7 @@ from pathlib import Path
 from uniseg.graphemecluster import grapheme_clusters
 from uniseg.linebreak import line_break_units
 
-from storyreel_composer.typefaces import Face, FontChain
+from storyreel_composer.typefaces import Face, FontChain, is_hangul
 
 # Whitespace after . ! ? or …, or after one of them and a closing quote or bracket;
 # or right after a full-width 。！？ (and its closing quote or bracket), spaces or not.
@@ -190,9 +190,7 @@ def _split_long_unit(unit: str, style: CaptionStyle) -> list[str]:
 def _spaceless(char: str) -> bool:
     """Whether ``char`` belongs to a script written without spaces between words
     (Chinese, Japanese, their full-width punctuation; not Korean, which uses spaces)."""
-    code = ord(char)
-    hangul = 0xAC00 <= code <= 0xD7AF or 0x1100 <= code <= 0x11FF or 0x3130 <= code <= 0x318F
-    return not hangul and unicodedata.east_asian_width(char) in "WF"
+    return not is_hangul(char) and unicodedata.east_asian_width(char) in "WF"
 
 
 def join_text(parts: Sequence[str]) -> str:

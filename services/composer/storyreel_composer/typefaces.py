@@ -248,13 +248,22 @@ def _is_space_or_punctuation(char: str) -> bool:
     return unicodedata.category(char)[0] in "ZP"
 
 
+def is_kana(char: str) -> bool:
+    code = ord(char)
+    return 0x3040 <= code <= 0x30FF or 0x31F0 <= code <= 0x31FF
+
+
+def is_hangul(char: str) -> bool:
+    code = ord(char)
+    return 0xAC00 <= code <= 0xD7AF or 0x1100 <= code <= 0x11FF or 0x3130 <= code <= 0x318F
+
+
 def text_region(text: str) -> str:
     """The CJK region ``text`` reads as: JP with kana, KR with Hangul, else SC."""
     for char in text:
-        code = ord(char)
-        if 0x3040 <= code <= 0x30FF or 0x31F0 <= code <= 0x31FF:
+        if is_kana(char):
             return "JP"
-        if 0xAC00 <= code <= 0xD7AF or 0x1100 <= code <= 0x11FF or 0x3130 <= code <= 0x318F:
+        if is_hangul(char):
             return "KR"
     return "SC"
 
