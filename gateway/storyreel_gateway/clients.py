@@ -189,6 +189,7 @@ class ComposerClient:
         return VoiceList(
             names=tuple(voice.name for voice in response.voices),
             default=response.default_voice,
+            languages={voice.name: voice.language for voice in response.voices},
         )
 
     async def probe_audio(self, uri: str) -> ProbedAudio:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from storyreel.compose_options import ComposeOptions
-from storyreel.errors import StoryreelError
+from storyreel.errors import StoryreelError, UpstreamFailed
 from storyreel.frames import nearest_aspect
 from storyreel.logs import job_id_var
 from storyreel.retries import RetryPolicy
@@ -52,6 +52,7 @@ from storyreel_gateway.jobs import (
     EventKind,
     JobError,
     JobRecord,
+    JobSpec,
     JobState,
     SceneImage,
     Stage,
@@ -194,6 +195,11 @@ def split_scenes(scenes: list[SceneToRender], parts: int) -> list[list[SceneToRe
     return [sorted(b, key=lambda s: s.index) for b in bins if b]
 
 
+#: Admission's check that a voice speaks a written storyboard's language
+#: (:meth:`storyreel_gateway.admission.Admission.check_narration_language`).
+NarrationCheck = Callable[[JobSpec, Storyboard], Awaitable[None]]
+
+
 class JobPipeline:
     """Moves a job through its stages and records every transition."""
 
@@ -205,6 +211,7 @@ class JobPipeline:
         compose: ComposeStage,
         render_settings: RenderSettings,
         retry: RetryPolicy,
+        narration_check: NarrationCheck | None = None,
     ) -> None:
         self.jobs = jobs
         self.story = story
@@ -213,6 +220,8 @@ class JobPipeline:
         self.render_settings = render_settings
         # Transient stage failures, bounded by time (GatewaySettings.retry_policy).
         self.retry = retry
+        # Run before any image is drawn (the JobRunner gives its admission's); None: none.
+        self.narration_check = narration_check
 
     @classmethod
     def from_settings(
@@ -369,6 +378,7 @@ class JobPipeline:
         record.set_storyboard(storyboard)
 
     async def _render(self, record: JobRecord) -> None:
+        await self._check_narration(record)
         board = record.storyboard
         cast = {c.name for c in (board.characters if board else ()) if c.appearance}
         requests = [
@@ -405,6 +415,21 @@ class JobPipeline:
                 "INTERNAL",
                 "render finished without scenes " + ", ".join(str(s.index) for s in still_missing),
             )
+
+    async def _check_narration(self, record: JobRecord) -> None:
+        """A voice must speak the storyboard's language before any GPU time is spent on it.
+
+        A generated storyboard's language is known only now (one edited in review too):
+        the job fails with the check's own error (FAILED_PRECONDITION: no voice speaks
+        it; INVALID_ARGUMENT: the job's voice speaks another), its storyboard kept to
+        read. A voice list that cannot be had now is retried as a transient failure.
+        """
+        if self.narration_check is None or record.storyboard is None:
+            return
+        try:
+            await self.narration_check(record.spec, record.storyboard)
+        except UpstreamFailed as exc:
+            raise StageFailed(exc.status, exc.message) from None
 
     def _render_options(
         self, record: JobRecord, scenes: list[SceneToRender]

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 from storyreel.errors import FailedPrecondition, InvalidInput, NotFound
 from storyreel.ids import new_job_id
 from storyreel.image_prompts import PromptTooLong, reassemble_prompts
+from storyreel.narration_language import load_detector
 from storyreel.storage import READ_CHUNK_BYTES, ArtifactReader, ArtifactStore
 from storyreel.storyboard import Storyboard
 from storyreel_gateway.admission import (
@@ -69,15 +70,25 @@ class JobRunner:
         self.pipeline = pipeline
         voices = VoiceCatalog(composer) if composer is not None else None
         self.admission = Admission(settings, store, voices, jobs)
+        if voices is not None and pipeline.narration_check is None:
+            # A generated storyboard's language is known only once it is written: the
+            # pipeline checks it with the same rule before drawing anything.
+            pipeline.narration_check = self.admission.check_narration_language
         self.replica = Replica(settings, jobs, pipeline, store, instance_id)
         self.uploads = Uploads(settings, store, jobs, self.replica.instance_id, composer)
         self._housekeeping: asyncio.Task[None] | None = None
+        self._detector: asyncio.Task[None] | None = None
 
     @property
     def instance_id(self) -> str:
         return self.replica.instance_id
 
     async def start(self) -> None:
+        # The language model admission uses (about a second) loads in the background, so
+        # that start-up does not wait for it; a CreateVideo that needs it first waits.
+        self._detector = asyncio.create_task(
+            asyncio.to_thread(load_detector), name="load-language-model"
+        )
         self.uploads.open()
         await self.jobs.listen()
         await self.replica.start()
@@ -88,6 +99,9 @@ class JobRunner:
         self.replica.stop_claiming()
 
     async def close(self, release: bool = True) -> None:
+        if self._detector is not None:
+            await asyncio.gather(self._detector, return_exceptions=True)
+            self._detector = None
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             await asyncio.gather(self._housekeeping, return_exceptions=True)
@@ -309,6 +323,8 @@ class JobRunner:
         except PromptTooLong as exc:
             raise InvalidInput(f"storyboard.{exc}") from None
         self.admission.check_edited_storyboard(board)
+        # Its language as at CreateVideo: a voice of the composer's must speak it.
+        await self.admission.check_narration_language(current.spec, board)
         # Reference images, checked as at CreateVideo (the job's consistency mode).
         edited_spec = current.spec.model_copy(update={"storyboard": board})
         self.admission.check_references(edited_spec, tenant)
@@ -335,6 +351,9 @@ class JobRunner:
         """
         current = await self.get(tenant, job_id)
         await self.admission.check_voice(current.spec.voice)
+        if current.storyboard is not None:
+            # The written story's language, before anything is drawn for it.
+            await self.admission.check_narration_language(current.spec, current.storyboard)
 
         def change(record: JobRecord) -> bool:
             if record.state is not JobState.REVIEW:

@@ -904,7 +904,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--music", action="store_true", help="narrate, with --audio played under it as music"
     )
-    gen.add_argument("--voice", default="", help="narration voice name")
+    gen.add_argument(
+        "--voice", default="", help="narration voice name (default: one of the story's language)"
+    )
     gen.add_argument("--idempotency-key", default="", help="retry-safe key for this request")
     gen.add_argument(
         "--review",
@@ -1005,7 +1007,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--motion", choices=list(compose_options.MOTIONS))
     comp.add_argument("--seed", type=int, default=0, help="seed of the Ken Burns moves")
     comp.add_argument("--captions", choices=list(options.CAPTIONS))
-    comp.add_argument("--voice", default="", help="narration voice name")
+    comp.add_argument(
+        "--voice", default="", help="narration voice name (default: one of the story's language)"
+    )
     comp.add_argument("--rate", type=float, default=0.0, help="speaking rate (1 = normal)")
     comp.add_argument("-o", "--output", type=Path, default=Path("storyreel.mp4"))
     comp.set_defaults(func=cmd_compose)

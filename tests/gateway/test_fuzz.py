@@ -113,7 +113,13 @@ KINDS = {
 #: message is refused so). RESOURCE_EXHAUSTED on any call for a message over the size limit
 #: is checked apart; DEADLINE_EXCEEDED only for an upload stream that went idle.
 DOCUMENTED = {
-    "CreateVideo": {Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED, Code.ALREADY_EXISTS},
+    # FAILED_PRECONDITION: a prompt clearly in a language no voice speaks ("日本語の物語").
+    "CreateVideo": {
+        Code.INVALID_ARGUMENT,
+        Code.RESOURCE_EXHAUSTED,
+        Code.ALREADY_EXISTS,
+        Code.FAILED_PRECONDITION,
+    },
     "GetJob": {Code.NOT_FOUND, Code.INVALID_ARGUMENT},
     "WatchJob": {Code.NOT_FOUND, Code.INVALID_ARGUMENT},
     "UploadAudio": {Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED, Code.DEADLINE_EXCEEDED},

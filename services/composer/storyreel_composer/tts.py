@@ -9,13 +9,14 @@ import logging
 import threading
 import time
 import wave
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from storyreel.errors import InvalidInput, NotReady
+from storyreel.narration_language import choose_voice, load_detector, narration_text
 from storyreel_composer.captions import split_sentences
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class NarrationSynthesizer:
             settings.voice_model_path,
             settings.voice_config_path,
             name="joe",
-            more_voices=settings.voices,
+            more_voices={**settings.folder_voices, **settings.voices},
             sentence_pause_s=settings.sentence_pause_s,
         )
         synthesizer.default_voice = settings.default_voice
@@ -159,9 +160,28 @@ class NarrationSynthesizer:
             raise InvalidInput(f"voice {name!r} is not one of {', '.join(self.voice_names)}")
         return name
 
+    def voice_for(self, voice: str | None, narrations: Sequence[str]) -> str:
+        """The voice that speaks ``narrations``: ``voice`` (None or empty: one is chosen).
+
+        The shared rule, :func:`storyreel.narration_language.choose_voice`, over this
+        composer's voices and their config languages: with no voice named, the default
+        when it speaks the narration's language, else one that does; FailedPrecondition
+        when the narration is clearly in a language no voice speaks; InvalidInput for an
+        unknown name, or a named voice that clearly speaks another language than the
+        narration's. Narration too short or mixed to tell keeps the named or default voice.
+        """
+        self.check_voice(voice)  # an unknown name first, whatever the language
+        languages = {info.name: info.language for info in self.catalog().voices}
+        return choose_voice(
+            narration_text(narrations), languages, self.default_voice, requested=voice or ""
+        )
+
     def load(self) -> None:
-        """Load every voice model (blocking; about a second each on CPU)."""
+        """Load every voice model (blocking; about a second each on CPU), and the model
+        that tells the narration's language (:meth:`voice_for`)."""
         from piper import PiperVoice
+
+        load_detector()
 
         for name, (model, config) in self._files.items():
             started = time.perf_counter()

@@ -123,7 +123,9 @@ export type CreateVideoRequest = Message<"storyreel.gateway.v1.CreateVideoReques
   audioMode: AudioMode;
 
   /**
-   * Narration voice; empty selects the composer's default. At most 64 characters.
+   * Narration voice; empty selects one that speaks the story's language (the
+   * composer's default when it does, or when the language is unclear). At
+   * most 64 characters.
    *
    * @generated from field: string voice = 15;
    */
@@ -1430,7 +1432,12 @@ export const StoryReelService: GenService<{
   /**
    * Starts a job and returns its id at once; the work runs in the background.
    * INVALID_ARGUMENT for a bad prompt or storyboard, scene count, size or
-   * audio URI.
+   * audio URI, or a voice that clearly speaks another language than the
+   * story's. FAILED_PRECONDITION when the story (the prompt, or the
+   * storyboard's narration) is clearly in a language no narration voice
+   * speaks, unless audio_uri is the whole sound track (nothing is spoken);
+   * a generated story found to be in such a language fails the job so
+   * before any image is drawn.
    *
    * @generated from rpc storyreel.gateway.v1.StoryReelService.CreateVideo
    */
