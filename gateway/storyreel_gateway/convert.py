@@ -163,6 +163,7 @@ def job_to_proto(
         review=spec.review,
         narration_synthesized=record.narration_synthesized,
         narration_cached=record.narration_cached,
+        warnings=record.compose_warnings,
     )
     for stage in record.stages:
         job.stages.add(

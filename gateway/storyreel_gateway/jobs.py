@@ -228,7 +228,7 @@ class JobRecord(BaseModel):
     narration_synthesized: int = 0
     narration_cached: int = 0
     # Of the latest composition: the composer's warnings, told in the compose stage's
-    # STAGE_FINISHED event.
+    # STAGE_FINISHED event and as Job.warnings (cleared when a new run starts).
     compose_warnings: list[str] = Field(default_factory=list)
     # Every artifact of every run, oldest first (the current ones included).
     versions: list[ArtifactVersion] = Field(default_factory=list)
@@ -386,6 +386,7 @@ class JobRecord(BaseModel):
         self.video_uri = ""
         self.captions_srt_uri = self.captions_vtt_uri = ""
         self.poster_uri = self.contact_sheet_uri = ""
+        self.compose_warnings = []
         self.state = JobState.QUEUED
         self.error = None
         self.cancel_requested = False

@@ -230,9 +230,11 @@ def _stage_times(job, timed: set[int]) -> list[str]:
 
 
 def _final(job, job_id: str) -> None:
-    """Raise CliError unless the job is DONE."""
+    """Raise CliError unless the job is DONE; a done job's warnings go to stderr."""
     pb = _pb()
     if job.state == pb.JOB_STATE_DONE:
+        for warning in job.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         return
     if job.state == pb.JOB_STATE_FAILED:
         stage = _name(pb.Stage, job.error.stage, "STAGE_")
@@ -385,6 +387,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row(f"stage {name}", f"{state} {stage.duration_s:.1f} s")
     if job.state == pb.JOB_STATE_FAILED:
         table.add_row("error", f"{job.error.code}: {job.error.message}")
+    for warning in job.warnings:
+        table.add_row("warning", warning)
     if job.video_url:
         table.add_row("video", job.video_url)
     for label, artifact in (

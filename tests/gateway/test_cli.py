@@ -283,3 +283,32 @@ async def test_upload_image_prints_the_uri_of_a_reference_picture_and_refuses_te
     code, stdout, stderr = await _run("upload-image", str(text), "--gateway", gateway.address)
     assert code == 2 and stdout == ""
     assert "upload refused" in stderr
+
+
+async def test_what_to_know_of_a_video_is_printed_after_it_and_in_its_status(
+    gateway, upstream, tmp_path: Path
+):
+    said = "captions: no installed font has U+1FAE8; left out of the burned captions"
+    upstream.compose_warnings = [said]
+    code, _, stderr = await _run(
+        "generate", "a fox", "--gateway", gateway.address, "-o", str(tmp_path / "w.mp4")
+    )
+    assert code == 0, stderr
+    assert f"warning: {said}" in stderr
+    job_id = await _job(gateway)
+    from storyreel.gateway.v1 import gateway_pb2 as pb
+
+    job = (await gateway.GetJob(pb.GetJobRequest(job_id=job_id))).job
+    assert list(job.warnings) == [said]
+    code, _, stderr = await _run("status", job_id, "--gateway", gateway.address)
+    # A row of its own (the table wraps long text).
+    assert code == 0 and re.search(r"warning\s.*captions: no installed font has U\+1FAE8", stderr)
+    # A new run starts without the last video's warnings; its own replace them.
+    upstream.compose_warnings = ["scene 1 image is only 16x12 pixels"]
+    await gateway.RegenerateScene(pb.RegenerateSceneRequest(job_id=job_id, index=1, seed=7))
+    job = (await gateway.GetJob(pb.GetJobRequest(job_id=job_id))).job
+    assert list(job.warnings) in ([], ["scene 1 image is only 16x12 pixels"])
+    async for _ in gateway.WatchJob(pb.WatchJobRequest(job_id=job_id)):
+        pass
+    job = (await gateway.GetJob(pb.GetJobRequest(job_id=job_id))).job
+    assert list(job.warnings) == ["scene 1 image is only 16x12 pixels"]

@@ -122,6 +122,8 @@ async def test_a_tiny_scene_image_is_warned_of_in_the_jobs_events(
     assert [line.split(" is only ")[0] for line in said] == ["scene 1 image", "scene 2 image"]
     assert all("16x12 pixels" in line and "10.0 times" in line for line in said), said
     assert not any("jobs/" in line or "://" in line for line in said), said
+    # And in the job itself (Job.warnings), as GetJob gives it.
+    assert list(events[-1].job.warnings) == said
 
 
 @pytest.mark.parametrize("xing", [True, False], ids=["with-xing-header", "without"])

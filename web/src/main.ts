@@ -269,7 +269,8 @@ function eventText(event: WatchJobResponse): string {
     case EventKind.STAGE_STARTED:
       return `Stage ${STAGE_NAMES[event.stage]} started.`;
     case EventKind.STAGE_FINISHED:
-      return `Stage ${STAGE_NAMES[event.stage]} finished.`;
+      // The compose stage tells what to know of the video (Job.warnings) as its message.
+      return `Stage ${STAGE_NAMES[event.stage]} finished.${event.message ? ` ${event.message}` : ""}`;
     case EventKind.SCENE_RENDERED:
       return `Scene ${event.sceneIndex} drawn.`;
     case EventKind.RETRYING:
@@ -587,6 +588,7 @@ async function renderResult(job: Job): Promise<void> {
   const section = $("result");
   if (!current) return;
   renderVersions(job);
+  renderWarnings(job.warnings);
   // While a new run composes another version, the one shown stays (and plays).
   if (!job.videoUri || current.videoUri === job.videoUri) {
     section.hidden = current.videoUri === "";
@@ -595,6 +597,13 @@ async function renderResult(job: Job): Promise<void> {
   current.videoUri = job.videoUri;
   await showVideo(job, job.videoUri, job.captionsVtt?.uri ?? "", job.captionsSrt?.uri ?? "",
     job.poster?.uri ?? "", job.contactSheet?.uri ?? "");
+}
+
+/** What to know of the latest video (captions shown in part, characters no font has...). */
+function renderWarnings(warnings: string[]): void {
+  const list = $("warnings");
+  list.replaceChildren(...warnings.map((warning) => el("li", {}, warning)));
+  list.hidden = warnings.length === 0;
 }
 
 async function showVideo(
