@@ -3,7 +3,6 @@ timed, written as valid SubRip and WebVTT, and burned in legibly."""
 
 from __future__ import annotations
 
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from storyreel_composer.captions import (
 from storyreel_composer.filtergraph import FilterPlan, encode
 from storyreel_composer.settings import PACKAGED_FONT, ComposerSettings
 from storyreel_composer.timeline import Timeline, shots
-from support import ffmpeg_decode
+from support import ffmpeg_decode, wav_bytes
 
 TEXT = (
     "A lighthouse keeper watches the grey sea every night, counting the waves that roll in "
@@ -113,11 +112,7 @@ def test_burned_captions_have_a_dark_outline_and_show_only_during_their_cue(
     # A near-white picture: white letters are legible only through their outline.
     width, height, fps = 320, 180, 10
     (tmp_path / "canvas.rgb").write_bytes(bytes([235]) * (width * height * 3))
-    with wave.open(str(tmp_path / "track.wav"), "wb") as wav:
-        wav.setframerate(22050)
-        wav.setsampwidth(2)
-        wav.setnchannels(1)
-        wav.writeframes(b"\0\0" * 22050 * 2)
+    (tmp_path / "track.wav").write_bytes(wav_bytes(2.0, 22050))
     style = style_for(width, height)
     cue = Cue(0.5, 1.5, ("Legible on white",))
     timeline = Timeline(fps, (20,))

@@ -14,7 +14,6 @@ by `make caption-fonts`.
 
 from __future__ import annotations
 
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ from storyreel_composer.settings import PACKAGED_FONT, ComposerSettings
 from storyreel_composer.timeline import Timeline, shots
 from storyreel_composer.tts import NarrationSynthesizer
 from storyreel_composer.typefaces import Face, FontChain, font_chain
-from support import CAPTION_FONTS_DIR, ffmpeg_decode
+from support import CAPTION_FONTS_DIR, ffmpeg_decode, wav_bytes
 
 WIDTH, HEIGHT, FPS = 640, 360, 10
 BACKGROUND = 110
@@ -81,11 +80,7 @@ def burned_frame(folder: Path, style, line: str, keep: Path | None = None) -> np
     """The grey frame at 1 s of a 2 s video whose one caption is ``line`` (also
     written to ``keep`` as a PNG)."""
     (folder / "canvas.rgb").write_bytes(bytes([BACKGROUND]) * (WIDTH * HEIGHT * 3))
-    with wave.open(str(folder / "track.wav"), "wb") as wav:
-        wav.setframerate(22050)
-        wav.setsampwidth(2)
-        wav.setnchannels(1)
-        wav.writeframes(b"\0\0" * 22050 * 2)
+    (folder / "track.wav").write_bytes(wav_bytes(2.0, 22050))
     plan = FilterPlan(
         width=WIDTH,
         height=HEIGHT,
@@ -262,18 +257,23 @@ def test_long_chinese_narration_makes_cues_of_at_most_the_style_lines(chain, sty
     assert "".join("".join(lines) for lines in cues) == text
 
 
-async def test_the_composer_draws_with_its_font_settings_and_reports_what_no_font_has(
-    file_store, images, make_audio, tmp_path
-):
+def composer_with_fonts(file_store, tmp_path: Path, font_dirs: list[Path]) -> VideoComposer:
+    """A composer of small videos whose captions fall back on the fonts in ``font_dirs``."""
     settings = ComposerSettings(
         port=0,
         default_width=320,
         default_height=180,
         default_fps=10,
         work_dir=tmp_path / "work",
-        caption_font_dirs=[CAPTION_FONTS_DIR],
+        caption_font_dirs=font_dirs,
     )
-    composer = VideoComposer(file_store, NarrationSynthesizer.from_settings(settings), settings)
+    return VideoComposer(file_store, NarrationSynthesizer.from_settings(settings), settings)
+
+
+async def test_the_composer_draws_with_its_font_settings_and_reports_what_no_font_has(
+    file_store, images, make_audio, tmp_path
+):
+    composer = composer_with_fonts(file_store, tmp_path, [CAPTION_FONTS_DIR])
     audio = make_audio("music.wav", "sine=frequency=440:sample_rate=22050", 4.0)
     audio_uri = file_store.put_file("uploads/tenant/x/music.wav", audio)
     scenes = [Scene(images[0], "灯塔的看守人。"), Scene(images[1], "Hello \U0001fae8 world.")]
@@ -300,15 +300,7 @@ async def test_the_composer_draws_with_its_font_settings_and_reports_what_no_fon
 async def test_without_fallback_fonts_cjk_captions_are_left_out_and_said_to_be(
     file_store, images, make_audio, tmp_path
 ):
-    settings = ComposerSettings(
-        port=0,
-        default_width=320,
-        default_height=180,
-        default_fps=10,
-        work_dir=tmp_path / "work",
-        caption_font_dirs=[],
-    )
-    composer = VideoComposer(file_store, NarrationSynthesizer.from_settings(settings), settings)
+    composer = composer_with_fonts(file_store, tmp_path, [])
     audio = make_audio("music.wav", "sine=frequency=440:sample_rate=22050", 2.0)
     audio_uri = file_store.put_file("uploads/tenant/x/music.wav", audio)
     result = await composer.compose("job-no-cjk", [Scene(images[0], "灯塔。")], audio_uri)
