@@ -335,3 +335,10 @@ def _draw(font: ImageFont.FreeTypeFont, text: str, layout: ImageFont.Layout) -> 
     image = Image.new("L", (WIDTH * 2, HEIGHT), 0)
     ImageDraw.Draw(image).text((10, HEIGHT * 0.7), text, fill=255, font=font, anchor="ls")
     return image
+
+
+def test_a_caption_line_holds_half_as_many_full_width_characters_as_letters(chain, style_for):
+    style = style_for(1920, 1080, fonts=chain)  # wide enough that only the count limits
+    lines = wrap("灯" * 60, style)
+    assert [len(line) for line in lines] == [21, 21, 18]
+    assert [len(line) for line in wrap("a" * 100, style)] == [42, 42, 16]

@@ -87,7 +87,8 @@ class CaptionStyle:
     outline: int
     max_width: int
     max_lines: int
-    #: Characters per line, for reading speed, whatever the frame's width.
+    #: Characters per line, for reading speed, whatever the frame's width (a full-width
+    #: CJK character counts as two: :func:`reading_length`).
     max_chars: int
     bottom: int
     #: The frame the captions are drawn on.
@@ -153,7 +154,13 @@ def break_units(text: str) -> list[str]:
 
 
 def _too_long(line: str, style: CaptionStyle) -> bool:
-    return style.width_of(line) > style.max_width or len(line) > style.max_chars
+    return style.width_of(line) > style.max_width or reading_length(line) > style.max_chars
+
+
+def reading_length(text: str) -> int:
+    """``text``'s length as captions count it for reading speed: a full-width (CJK)
+    character counts twice, so a line holds about 21 of them where it holds 42 letters."""
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
 
 
 def wrap(text: str, style: CaptionStyle) -> list[str]:

@@ -114,7 +114,8 @@ class ComposerSettings(ServiceSettings):
     caption_font_scale: float = Field(default=0.055, gt=0, le=0.2)
     caption_outline_scale: float = Field(default=0.09, ge=0, le=0.5)
     caption_max_lines: int = Field(default=2, ge=1, le=4)
-    # Characters per caption line at most, for reading speed.
+    # Characters per caption line at most, for reading speed (a full-width CJK
+    # character counts as two).
     caption_max_chars: int = Field(default=42, ge=8)
     # Shortest time a caption stays on screen, in seconds: shorter cues are merged
     # or run on into the time after them; narration too long for its audio at
