@@ -74,10 +74,22 @@ def inspect_image(path: Path, max_pixels: int) -> ImageFacts:
                     f"the limit is {max_pixels} pixels"
                 )
             image.load()
+        if sniffed == "png":
+            # A PNG decodes without its last chunks: its structure is read to IEND, every
+            # chunk's CRC checked, so that a cut-off file is refused, not half-accepted.
+            with Image.open(path, formats=["PNG"]) as image:
+                image.verify()
     except InvalidInput:
         raise
     except Image.DecompressionBombError as exc:
-        raise InvalidInput(f"the image is too large to decode: {exc}") from None
+        raise InvalidInput(f"the image is too large to decode: {_told(exc, path)}") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
-        raise InvalidInput(f"the image cannot be decoded ({exc})") from None
+        raise InvalidInput(
+            f"the image is truncated or damaged and cannot be decoded ({_told(exc, path)})"
+        ) from None
     return ImageFacts(sniffed, width, height)
+
+
+def _told(error: BaseException, path: Path) -> str:
+    """Pillow's reason, without the gateway's own spool path, in at most 160 characters."""
+    return str(error).replace(str(path), "the upload")[:160]

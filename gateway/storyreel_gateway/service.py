@@ -104,29 +104,15 @@ class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
         """Stores a client-streamed audio file after checking its size and format."""
         # The caller's file name, once the first message is read: a refusal names it.
         names: list[str] = []
-
-        async def chunks():
-            first = True
-            async for message in request_iterator:
-                kind = message.WhichOneof("payload")
-                if first and kind != "filename":
-                    raise InvalidInput("the first UploadAudio message must carry the filename")
-                if not first and kind != "chunk":
-                    raise InvalidInput("only the first UploadAudio message may carry a filename")
-                first = False
-                if kind == "chunk":
-                    yield message.chunk
-                else:
-                    names.append(message.filename)
-
+        chunks = _upload_chunks(request_iterator, "UploadAudio", names)
         stored = await self.runner.upload_audio(
-            tenant_var.get(), chunks(), filename=lambda: names[0] if names else ""
+            tenant_var.get(), chunks, filename=lambda: names[0] if names else ""
         )
         return upload_to_proto(stored)
 
     async def UploadImage(self, request_iterator, context):
         """Stores a client-streamed reference image after checking its format and size."""
-        chunks = _upload_chunks(request_iterator, "UploadImage")
+        chunks = _upload_chunks(request_iterator, "UploadImage", [])
         stored = await self.runner.upload_image(tenant_var.get(), chunks)
         return image_upload_to_proto(stored)
 
@@ -145,8 +131,14 @@ class StoryReelServicer(gateway_pb2_grpc.StoryReelServiceServicer):
             reader.close()
 
 
-async def _upload_chunks(request_iterator, method: str) -> AsyncIterator[bytes]:
-    """The chunks of an upload stream whose first message carries the file name."""
+async def _upload_chunks(request_iterator, method: str, names: list[str]) -> AsyncIterator[bytes]:
+    """The chunks of an upload stream whose first message carries the file name (kept in
+    ``names``).
+
+    A stream gRPC itself ended (a message over the size limit: the caller already has
+    RESOURCE_EXHAUSTED) reads here as if it had ended well; gRPC cancels the call at once,
+    and the upload (:func:`storyreel_gateway.uploads._idle_limited`) keeps nothing.
+    """
     first = True
     async for message in request_iterator:
         kind = message.WhichOneof("payload")
@@ -157,6 +149,8 @@ async def _upload_chunks(request_iterator, method: str) -> AsyncIterator[bytes]:
         first = False
         if kind == "chunk":
             yield message.chunk
+        else:
+            names.append(message.filename)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

@@ -397,11 +397,18 @@ def _refusal(message: str, uri: str, filename: str = "") -> str:
 
 
 async def _idle_limited(chunks: AsyncIterable[bytes], idle_s: float) -> AsyncIterator[bytes]:
-    """The chunks, cut off with DeadlineExceeded when none arrives for ``idle_s``."""
+    """The chunks, cut off with DeadlineExceeded when none arrives for ``idle_s``.
+
+    ``asyncio.timeout``, not ``wait_for``: the chunk is read in the caller's own task, so a
+    cancellation of the call (gRPC cancels it when a message is over its size limit, just
+    as the stream reads as ended) is never lost to a read that finished at the same time,
+    and the part received is never stored.
+    """
     iterator = aiter(chunks)
     while True:
         try:
-            chunk = await asyncio.wait_for(anext(iterator), idle_s)
+            async with asyncio.timeout(idle_s):
+                chunk = await anext(iterator)
         except StopAsyncIteration:
             return
         except TimeoutError:
