@@ -342,3 +342,16 @@ def test_a_caption_line_holds_half_as_many_full_width_characters_as_letters(chai
     lines = wrap("灯" * 60, style)
     assert [len(line) for line in lines] == [21, 21, 18]
     assert [len(line) for line in wrap("a" * 100, style)] == [42, 42, 16]
+
+
+def test_a_damaged_font_on_the_machine_is_skipped_and_a_bad_caption_font_refused_at_start(
+    tmp_path,
+):
+    fonts = tmp_path / "fonts"
+    fonts.mkdir()
+    (fonts / "Broken-Bold.ttf").write_bytes(b"\x00\x01\x00\x00" + b"\xff" * 200)
+    (fonts / "Symbola_hint.ttf").symlink_to(CAPTION_FONTS_DIR / "Symbola_hint.ttf")
+    chain = FontChain(PACKAGED_FONT, (), (fonts,))
+    assert [run.face.family for run in chain.runs(EMOJI)] == ["DejaVu Sans", "Symbola"]
+    with pytest.raises(ValueError, match="not a font libass can draw"):
+        ComposerSettings(caption_font_path=fonts / "Broken-Bold.ttf")

@@ -11,6 +11,7 @@ from pydantic_settings import SettingsConfigDict
 from storyreel.limits import MAX_SCENES, MIN_SCENES
 from storyreel.options import AspectName, CaptionsName, ResolutionName
 from storyreel.settings import ServiceSettings
+from storyreel_composer.typefaces import font_chain
 
 #: The caption font shipped inside this package (DejaVu Sans Bold, license beside it).
 PACKAGED_FONT = Path(__file__).resolve().parent / "fonts" / "DejaVuSans-Bold.ttf"
@@ -215,6 +216,12 @@ class ComposerSettings(ServiceSettings):
                 f"crossfade_s={self.crossfade_s} must be within "
                 f"{self.min_crossfade_s}..{self.max_crossfade_s}"
             )
+        # The caption font must be one libass can draw: refused at start, not mid-video.
+        font_chain(
+            self.caption_font_path,
+            tuple(self.caption_fallback_fonts),
+            tuple(self.caption_font_dirs),
+        )
         if not self.min_speaking_rate <= 1.0 <= self.max_speaking_rate:
             raise ValueError("the speaking rate limits must include 1")
         named = [*self.folder_voices, *self.voices]

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
 
-from fontTools.ttLib import TTCollection, TTFont, TTLibError
+from fontTools.ttLib import TTCollection, TTFont
 from PIL import ImageFont
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,13 @@ def _pil_font(path: Path, index: int, size: int) -> ImageFont.FreeTypeFont:
 
 @cache
 def _coverage(path: Path, index: int) -> frozenset[int]:
-    with TTFont(path, fontNumber=index, lazy=True) as font:
-        cmap = font.getBestCmap() or {}
+    """The characters a face has (none if its character map cannot be read)."""
+    try:
+        with TTFont(path, fontNumber=index, lazy=True) as font:
+            cmap = font.getBestCmap() or {}
+    except Exception as error:  # a damaged font on the machine must not stop a video
+        log.warning("caption font %s: character map unreadable: %s", path.name, error)
+        return frozenset()
     return frozenset(cmap)
 
 
@@ -124,7 +129,7 @@ def _faces_of(path: Path) -> list[Face]:
             if family and height > 0:
                 faces.append(Face(path, index, family, style or "", units / height))
         return faces
-    except (OSError, TTLibError, KeyError, AttributeError) as error:
+    except Exception as error:  # a damaged font on the machine must not stop a video
         log.warning("caption font %s cannot be used: %s", path.name, error)
         return []
 
