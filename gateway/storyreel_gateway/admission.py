@@ -61,7 +61,7 @@ from storyreel.errors import (
     StoryreelError,
     UpstreamFailed,
 )
-from storyreel.narration_language import choose_voice, detect_language, narration_text
+from storyreel.narration_language import detect_language, narration_text, voice_for_language
 from storyreel.prompts import check_prompt
 from storyreel.seeds import MAX_SEED, choose_seed
 from storyreel.storage import ArtifactStore
@@ -231,14 +231,13 @@ class Admission:
             subject = "the storyboard's narration"
         else:
             text, subject = spec.prompt, "the prompt"
-        # The composer is asked only about a language that is clear (the rule checks again).
-        if await asyncio.to_thread(detect_language, text) is None:
+        # The composer is asked only about a language that is clear.
+        language = await asyncio.to_thread(detect_language, text)
+        if language is None:
             return
         known = await self.voices.get()
         languages = {name: known.languages.get(name, "") for name in known.names}
-        await asyncio.to_thread(
-            choose_voice, text, languages, known.default, spec.voice, subject=subject
-        )
+        voice_for_language(language, languages, known.default, spec.voice, subject=subject)
 
     async def _check_audio(self, spec: JobSpec, tenant: str) -> None:
         """The upload must exist; as the whole sound track it must give each scene a frame."""

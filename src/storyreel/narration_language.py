@@ -166,6 +166,18 @@ def choose_voice(
     Unknown names are not checked here: callers check them against the same list first.
     """
     language = detect_language(text) if text.strip() else None
+    return voice_for_language(language, voices, default, requested, subject=subject)
+
+
+def voice_for_language(
+    language: str | None,
+    voices: Mapping[str, str],
+    default: str,
+    requested: str = "",
+    *,
+    subject: str = "the narration",
+) -> str:
+    """:func:`choose_voice` for a story whose language is already told (None: unclear)."""
     spoken = {name: voice_language(code) for name, code in voices.items()}
     if language is None or not any(spoken.values()):
         return requested or default

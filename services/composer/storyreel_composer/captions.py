@@ -385,18 +385,20 @@ def _ass_time(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}.{cs:02d}"
 
 
-def _ass_line(line: str, fonts: FontChain) -> str:
-    """One caption line: each run in its face (``\\fn``), right-to-left lines isolated
-    as such, so that their punctuation lands at their start whatever surrounds them."""
-    text, family = "", fonts.primary.family
+def _ass_line(line: str, fonts: FontChain) -> tuple[str, list[Path]]:
+    """One caption line, and the font files it uses: each run in its face (``\\fn``),
+    right-to-left lines isolated as such, so that their punctuation lands at their start
+    whatever surrounds them."""
+    text, family, files = "", fonts.primary.family, []
     for run in fonts.runs(line):
         if run.face.family != family:
             family = run.face.family
             text += "{\\fn" + _family(run.face) + "}"
         text += ass_text(run.text)
+        files.append(run.face.path)
     if text and is_rtl(line):
         text = f"{_ISOLATE_RTL}{text}{_POP_ISOLATE}"
-    return text
+    return text, files
 
 
 @dataclass(frozen=True)
@@ -439,12 +441,14 @@ def to_ass(cues: Sequence[Cue], style: CaptionStyle) -> AssScript:
     events = []
     faces = {primary.path: None}
     for cue in cues:
-        lines = [_ass_line(line, fonts) for line in cue.lines]
-        lines = [line for line in lines if line]
+        lines = []
+        for line in cue.lines:
+            text, files = _ass_line(line, fonts)
+            if text:
+                lines.append(text)
+                faces.update(dict.fromkeys(files))
         if not lines:
             continue
-        for line in cue.lines:
-            faces.update(dict.fromkeys(run.face.path for run in fonts.runs(line)))
         events.append(
             f"Dialogue: 0,{_ass_time(cue.start_s)},{_ass_time(cue.end_s)},Caption,,0,0,0,,"
             + "\\N".join(lines)
